@@ -1,0 +1,112 @@
+"""Process-group helpers, the class partition, and a differentiable all-gather.
+
+Every function takes the process group explicitly (``None`` means the default group); when
+torch.distributed is not initialised they behave as a world of size 1, so the library runs
+unchanged in a single process.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed(group=None) -> bool:
+    """True when torch.distributed is initialised (the group is then usable)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank(group=None) -> int:
+    """This process's rank in ``group``, 0 when not distributed."""
+    return dist.get_rank(group) if is_distributed(group) else 0
+
+
+def get_world_size(group=None) -> int:
+    """Number of ranks in ``group``, 1 when not distributed."""
+    return dist.get_world_size(group) if is_distributed(group) else 1
+
+
+@dataclass(frozen=True)
+class ClassPartition:
+    """The rows of the ``num_classes × D`` center matrix owned by one rank.
+
+    Rank r owns ``num_local = C//N + (r < C%N)`` rows starting at
+    ``class_start = C//N*r + min(r, C%N)``: the first ``C % N`` ranks hold one row more.
+    """
+
+    num_classes: int
+    world_size: int
+    rank: int
+    class_start: int
+    num_local: int
+
+    @property
+    def class_end(self) -> int:
+        return self.class_start + self.num_local
+
+
+def class_partition(num_classes: int, world_size: int, rank: int) -> ClassPartition:
+    """Partition ``num_classes`` rows over ``world_size`` ranks; see :class:`ClassPartition`.
+
+    Raises ValueError when a rank would own no class (``num_classes < world_size``).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, {world_size})")
+    if num_classes < world_size:
+        raise ValueError(
+            f"num_classes={num_classes} is smaller than the world size {world_size}: "
+            "every rank must own at least one class center"
+        )
+    base, extra = divmod(num_classes, world_size)
+    start = base * rank + min(rank, extra)
+    return ClassPartition(num_classes, world_size, rank, start, base + (1 if rank < extra else 0))
+
+
+def partition_bounds(num_classes: int, world_size: int) -> list[tuple[int, int]]:
+    """``[(class_start, class_end)]`` of every rank, in rank order."""
+    parts = [class_partition(num_classes, world_size, r) for r in range(world_size)]
+    return [(p.class_start, p.class_end) for p in parts]
+
+
+def all_gather_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate ``tensor`` (same shape on every rank) along dim 0 in rank order. No autograd."""
+    world_size = get_world_size(group)
+    if world_size == 1:
+        return tensor
+    out = torch.empty((world_size * tensor.shape[0], *tensor.shape[1:]),
+                      dtype=tensor.dtype, device=tensor.device)
+    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """all-gather along dim 0; backward sums the gradient over ranks and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, tensor, group, grad_scale):
+        ctx.group = group
+        ctx.grad_scale = grad_scale
+        ctx.rows = tensor.shape[0]
+        return all_gather_tensor(tensor, group)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        world_size = get_world_size(ctx.group)
+        grad = grad_output.contiguous()
+        if world_size > 1:
+            local = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(local, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+            grad = local
+        if ctx.grad_scale != 1.0:
+            grad = grad * ctx.grad_scale
+        return grad, None, None
+
+
+def gather_rows(tensor: torch.Tensor, group=None, grad_scale: float = 1.0) -> torch.Tensor:
+    """Differentiable all-gather: ``[b, …]`` on each of N ranks → ``[N·b, …]`` in rank order.
+
+    Backward (a reduce-scatter): rank r receives ``grad_scale · Σ_ranks grad[r·b:(r+1)·b]``,
+    the gradient of its own rows summed over every rank's graph.
+    """
+    return _GatherRows.apply(tensor, group, float(grad_scale))
