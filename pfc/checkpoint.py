@@ -101,7 +101,9 @@ class TrainingState:
     ``deepspeed_engine`` set, the backbone, its optimizer and the engine's LR scheduler are
     saved through DeepSpeed's own checkpointing instead (``backbone``/``backbone_optimizer``
     are then ignored). ``schedulers`` maps a name to any object with
-    ``state_dict()``/``load_state_dict()``. ``progress`` (step, epoch, position in the epoch, …)
+    ``state_dict()``/``load_state_dict()``. ``deepspeed_engine`` is a
+    :class:`pfc.deepspeed_engine.DeepSpeedBackbone` (``save_checkpoint(dir, tag)``,
+    ``load_checkpoint(dir, tag)``, both collective). ``progress`` (step, epoch, position in the epoch, …)
     and ``config`` (the resolved configuration) must be JSON-ready; they are written into the
     manifest and returned by :func:`load_checkpoint`.
     """
@@ -541,8 +543,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, state: TrainingSta
     except Exception as exc:  # DCP raises on every rank when any rank fails
         raise CheckpointError(f"saving checkpoint {final} failed: {exc}") from exc
     if state.deepspeed_engine is not None:
-        _run_collectively(lambda: state.deepspeed_engine.save_checkpoint(
-            str(tmp / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False), group)
+        _run_collectively(lambda: state.deepspeed_engine.save_checkpoint(tmp / ENGINE_DIR, ENGINE_TAG), group)
 
     def publish() -> None:
         if rank != 0:
@@ -656,11 +657,7 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState, group=None) -
 
     rng_restored = _run_collectively(restore, group)
     if state.deepspeed_engine is not None:
-        def load_engine():
-            load_path, _ = state.deepspeed_engine.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG)
-            if load_path is None:
-                raise CheckpointError(f"DeepSpeed found no engine checkpoint in {path / ENGINE_DIR}")
-        _run_collectively(load_engine, group)
+        _run_collectively(lambda: state.deepspeed_engine.load_checkpoint(path / ENGINE_DIR, ENGINE_TAG), group)
     return LoadedCheckpoint(path=path, step=int(manifest["step"]), progress=manifest.get("progress", {}),
                             config=manifest.get("config", {}), saved_world_size=int(manifest["world_size"]),
                             rng_restored=bool(rng_restored))

@@ -104,6 +104,35 @@ def resolve_deepspeed_config(config: dict | str | os.PathLike, micro_batch_size:
     return resolved
 
 
+def _safe_globals() -> list:
+    """The DeepSpeed classes its ZeRO optimizer checkpoints pickle (plain data holders)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
+
+
+def _use_weights_only_loading(engine) -> None:
+    """Make the engine read its checkpoint files with ``torch.load(weights_only=True)``.
+
+    DeepSpeed's own torch checkpoint engine unpickles with ``weights_only=False``; this one
+    admits only tensors, containers and the few DeepSpeed data classes of :func:`_safe_globals`.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        return
+    allowed = _safe_globals()
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+
+
 class DeepSpeedBackbone:
     """A backbone wrapped by ``deepspeed.initialize``; see the module docstring for the step."""
 
@@ -202,6 +231,7 @@ def build_deepspeed_backbone(backbone: torch.nn.Module, config: dict | str | os.
                                            config=resolved, model_parameters=None if optimizer is not None
                                            else [p for p in backbone.parameters() if p.requires_grad],
                                            mpu=None, dist_init_required=False)
+    _use_weights_only_loading(engine)
     return DeepSpeedBackbone(engine)
 
 

@@ -21,7 +21,8 @@ from pfc.checkpoint import (
     save_checkpoint,
     validate_checkpoint,
 )
-from tests.checkpoint_standin import StandInHead
+from pfc.head import PartialFC
+from pfc.margins import ArcFace
 from tests.distributed import run_ranks
 
 NUM_CLASSES, EMBEDDING = 11, 4      # 11 % 2 != 0 and 11 % 3 != 0
@@ -35,7 +36,7 @@ def global_matrices(version: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build_state(num_classes: int = NUM_CLASSES, embedding: int = EMBEDDING, seed: int = 0) -> TrainingState:
     torch.manual_seed(seed)
-    head = StandInHead(num_classes, embedding, seed=seed)
+    head = PartialFC(num_classes, embedding, margin=ArcFace(s=8.0, m=0.3), seed=seed)
     head_optimizer = head.optimizer(lr=0.1)
     backbone = torch.nn.Linear(3, embedding)
     backbone_optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9)
@@ -48,8 +49,6 @@ def set_version(state: TrainingState, version: int) -> None:
     head = state.head
     weight, momentum = global_matrices(version)
     rows = slice(head.class_start, head.class_start + head.num_local)
-    head.weight.grad = torch.zeros_like(head.weight)
-    state.head_optimizer.step()
     with torch.no_grad():
         head.weight.copy_(weight[rows])
     state.head_optimizer.state[head.weight]["momentum_buffer"].copy_(momentum[rows])
@@ -73,6 +72,19 @@ def local_view(state: TrainingState) -> dict:
     }
 
 
+GLOBAL_BATCH = 6   # divisible by 1, 2 and 3 ranks
+
+
+def next_step_loss(state: TrainingState, rank: int, world_size: int) -> float:
+    """Loss of one more step on a fixed global batch, split evenly over the ranks."""
+    generator = torch.Generator().manual_seed(123)
+    inputs = torch.randn(GLOBAL_BATCH, 3, generator=generator)
+    labels = torch.tensor([0, 5, 6, 10, 3, 7])        # on both sides of every shard boundary
+    rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+    with torch.no_grad():
+        return float(state.head(state.backbone(inputs[rows]), labels[rows]))
+
+
 def random_draws() -> tuple:
     return torch.rand(3).tolist(), float(np.random.rand()), random.random()
 
@@ -83,6 +95,7 @@ def save_on_ranks(rank: int, world_size: int, output_dir: str) -> dict:
         set_version(state, version)
         save_checkpoint(output_dir, version, state, keep_last=2)
     saved = local_view(state)
+    saved["next_loss"] = next_step_loss(state, rank, world_size)
     after_save = random_draws()
     info = load_checkpoint(checkpoint_path(output_dir, 3), state)
     return {"saved": saved, "after_save": after_save, "after_load": random_draws(),
@@ -98,7 +111,7 @@ def load_on_ranks(rank: int, world_size: int, output_dir: str) -> dict:
         wrong_error = str(exc)
     state = build_state(seed=7)
     info = load_checkpoint(find_latest(output_dir), state)
-    return {"view": local_view(state), "step": info.step, "progress": info.progress,
+    return {"view": local_view(state), "next_loss": next_step_loss(state, rank, world_size), "step": info.step, "progress": info.progress,
             "rng_restored": info.rng_restored, "wrong_error": wrong_error}
 
 
@@ -123,6 +136,7 @@ def test_reshard_two_ranks_to_one_and_three(tmp_path):
     for result in loaded:
         assert result["step"] == 3 and result["progress"]["batch_in_epoch"] == 3
         assert not result["rng_restored"]
+        assert result["next_loss"] == pytest.approx(saved[0]["saved"]["next_loss"], rel=1e-6)
         assert "num_classes=11 but the model has num_classes=12" in result["wrong_error"]
         for key in ("backbone", "backbone_momentum", "lr", "scheduler"):
             expected, actual = saved[0]["saved"][key], result["view"][key]
@@ -137,6 +151,7 @@ def test_reshard_two_ranks_to_one_and_three(tmp_path):
     load_checkpoint(find_latest(output_dir), single)
     assert torch.equal(single.head.weight.detach(), weight)
     assert torch.equal(single.head_optimizer.state[single.head.weight]["momentum_buffer"], momentum)
+    assert next_step_loss(single, 0, 1) == pytest.approx(saved[0]["saved"]["next_loss"], rel=1e-6)
 
 
 def test_truncated_checkpoint_is_detected_and_auto_falls_back(tmp_path):
