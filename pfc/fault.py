@@ -1,0 +1,104 @@
+"""Fault handling for the training loop: stop signals and non-finite losses, decided collectively.
+
+    stop = StopSignals()                        # SIGTERM / SIGINT only set a flag
+    guard = StepGuard(max_consecutive_skips=5)
+    ...                                         # forward + backward of one step
+    decision = guard.check(loss_value, stop.requested)   # one all-reduce, same answer on every rank
+    if decision.skip: zero the gradients instead of stepping
+    if decision.stop: save a checkpoint and leave the loop (decision.reason says why)
+
+A signal or a NaN seen by one rank must change what *every* rank does at the same step, or the
+next collective hangs; hence the single all-reduce of ``[non_finite, stop_requested]`` per step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pfc.dist import get_world_size, is_distributed
+
+logger = logging.getLogger(__name__)
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGINT into a flag polled at step boundaries (previous handlers restored
+    by :meth:`restore`). A second signal of the same kind while a stop is pending raises
+    KeyboardInterrupt, so an impatient Ctrl-C still ends the process."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signal_name: str | None = None
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # handlers can only be installed from the main thread; nothing is caught then
+        for signum in signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_name == name:
+            raise KeyboardInterrupt(f"second {name}")
+        self.signal_name = name
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """What every rank does with this step: ``skip`` its update; ``stop`` after it (``reason``)."""
+
+    skip: bool
+    stop: bool
+    reason: str = ""
+
+
+class StepGuard:
+    """Collective per-step check of the loss and of pending stop requests.
+
+    ``check`` all-reduces (MAX) two flags: "my loss is not finite" and "a stop was requested
+    here". A non-finite loss on any rank skips the step on every rank and logs a warning; after
+    ``max_consecutive_skips`` skipped steps in a row (0: never) the decision is to stop.
+    ``skipped_total`` and ``consecutive`` count the skips.
+    """
+
+    def __init__(self, max_consecutive_skips: int = 5, group=None):
+        if max_consecutive_skips < 0:
+            raise ValueError(f"max_consecutive_skips={max_consecutive_skips} must be >= 0")
+        self.max_consecutive_skips = max_consecutive_skips
+        self.group = group
+        self.consecutive = 0
+        self.skipped_total = 0
+
+    def check(self, loss: float | torch.Tensor, stop_requested: bool = False, step: int | None = None) -> StepDecision:
+        """Decide this step on every rank alike (collective: every rank calls it once per step)."""
+        value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        flags = torch.tensor([0.0 if math.isfinite(value) else 1.0, 1.0 if stop_requested else 0.0])
+        if is_distributed(self.group) and get_world_size(self.group) > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        non_finite, stop = bool(flags[0] > 0), bool(flags[1] > 0)
+        where = f"step {step}: " if step is not None else ""
+        if non_finite:
+            self.consecutive += 1
+            self.skipped_total += 1
+            logger.warning("%snon-finite loss on at least one rank; skipping the update "
+                           "(%d in a row, %d in total)", where, self.consecutive, self.skipped_total)
+        else:
+            self.consecutive = 0
+        if non_finite and self.max_consecutive_skips and self.consecutive >= self.max_consecutive_skips:
+            return StepDecision(True, True, f"{where}{self.consecutive} consecutive non-finite losses "
+                                            f"(limit {self.max_consecutive_skips}); stopping")
+        if stop:
+            return StepDecision(non_finite, True, f"{where}stop requested by a signal")
+        return StepDecision(non_finite, False)

@@ -1,0 +1,123 @@
+"""DeepSpeed backbone engine on 2 CPU gloo ranks: ZeRO-1/2 losses vs DDP, and save/resume.
+
+DeepSpeed compiles its ``shm_comm`` op on the first engine start; the session fixture builds it
+once into ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) before any rank starts.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from tests.distributed import run_ranks
+
+pytestmark = pytest.mark.slow
+
+NUM_CLASSES, EMBEDDING, BATCH, STEPS = 11, 8, 4, 4
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops():
+    """Build (or load from the cache) DeepSpeed's CPU op once per session; returns the seconds."""
+    pytest.importorskip("deepspeed")
+    from pfc.deepspeed_engine import prebuild_deepspeed_ops
+
+    return prebuild_deepspeed_ops()
+
+
+def small_backbone() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 3 * 3, EMBEDDING))
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 * step + rank)
+    return (torch.randn(BATCH, 3, 8, 8, generator=generator),
+            torch.randint(0, NUM_CLASSES, (BATCH,), generator=generator))
+
+
+def build(engine: str, stage: int = 0, bf16: bool = False):
+    from pfc.head import PartialFC
+    from pfc.margins import ArcFace
+
+    backbone = small_backbone()
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    head = PartialFC(NUM_CLASSES, EMBEDDING, margin=ArcFace(s=16.0, m=0.3), sample_rate=0.5, seed=0)
+    head_optimizer = head.optimizer(lr=0.1)
+    if engine == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(backbone), optimizer, head, head_optimizer
+    from pfc.deepspeed_engine import build_deepspeed_backbone
+
+    config = {"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}
+    return build_deepspeed_backbone(backbone, config, micro_batch_size=BATCH, optimizer=optimizer), None, head, \
+        head_optimizer
+
+
+def train_steps(rank, parts, steps) -> list[float]:
+    wrapper, optimizer, head, head_optimizer = parts
+    losses = []
+    for step in steps:
+        head.set_iteration(step)
+        images, labels = batch(rank, step)
+        loss = head(wrapper(images), labels)
+        if optimizer is None:           # DeepSpeed
+            wrapper.backward(loss, head_parameters=[head.weight])
+            applied = wrapper.step()
+            wrapper.zero_grad()
+        else:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            applied = True
+        if applied:
+            head_optimizer.step()
+        head_optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def deepspeed_vs_ddp(rank: int, world_size: int, output_dir: str) -> dict:
+    from pfc.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    results = {}
+    for name, engine, stage, bf16 in (("ddp", "ddp", 0, False), ("zero1", "deepspeed", 1, False),
+                                      ("zero2", "deepspeed", 2, False), ("zero2_bf16", "deepspeed", 2, True)):
+        start = time.perf_counter()
+        parts = build(engine, stage, bf16)
+        results[name] = {"losses": train_steps(rank, parts, range(STEPS)),
+                         "head": parts[2].weight.detach().clone(), "seconds": time.perf_counter() - start}
+
+    # save after 2 steps, run 2 more; a fresh engine resumed from the checkpoint runs the same 2
+    for stage in (1, 2):
+        parts = build("deepspeed", stage)
+        train_steps(rank, parts, range(2))
+        state = TrainingState(head=parts[2], head_optimizer=parts[3], deepspeed_engine=parts[0],
+                              progress={"step": 2})
+        path = save_checkpoint(output_dir, 2 + 10 * stage, state)
+        continued = train_steps(rank, parts, range(2, STEPS))
+        fresh = build("deepspeed", stage)
+        info = load_checkpoint(path, TrainingState(head=fresh[2], head_optimizer=fresh[3], deepspeed_engine=fresh[0]))
+        resumed = train_steps(rank, fresh, range(info.progress["step"], STEPS))
+        results[f"resume_zero{stage}"] = {"continued": continued, "resumed": resumed,
+                                          "head_equal": torch.equal(parts[2].weight, fresh[2].weight)}
+    return results
+
+
+def test_deepspeed_zero_matches_ddp_and_resumes(deepspeed_ops, tmp_path):
+    results = run_ranks(deepspeed_vs_ddp, 2, str(tmp_path), timeout=400, collective_timeout=300)
+    for rank_result in results:
+        ddp = rank_result["ddp"]
+        for name in ("zero1", "zero2"):        # fp32 ZeRO: the same arithmetic as DDP
+            assert rank_result[name]["losses"] == pytest.approx(ddp["losses"], rel=1e-6, abs=1e-6), name
+            assert torch.allclose(rank_result[name]["head"], ddp["head"], rtol=1e-5, atol=1e-6), name
+        # bf16 weights and activations: agreement to bf16 precision
+        assert rank_result["zero2_bf16"]["losses"] == pytest.approx(ddp["losses"], rel=2e-2)
+        for stage in (1, 2):
+            resume = rank_result[f"resume_zero{stage}"]
+            assert resume["resumed"] == resume["continued"] and resume["head_equal"], resume
+    print("\ndeepspeed op build/load %.1f s; DDP losses %s; ZeRO-2 bf16 %s" % (
+        deepspeed_ops, results[0]["ddp"]["losses"], results[0]["zero2_bf16"]["losses"]))

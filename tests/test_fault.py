@@ -1,0 +1,41 @@
+"""Collective step decisions: a NaN or a stop signal on one rank changes every rank's step."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+from pfc.fault import StepGuard, StopSignals
+from tests.distributed import run_ranks
+
+
+def guard_decisions(rank: int, world_size: int) -> list:
+    guard = StepGuard(max_consecutive_skips=3)
+    losses = [1.0, math.nan, 2.0, math.inf, math.nan, math.nan, 1.0]
+    decisions = []
+    for step, loss in enumerate(losses):
+        mine = loss if rank == 1 else 0.5          # only rank 1 sees the bad values
+        decisions.append((guard.check(mine, step=step).skip, guard.consecutive))
+    stop = StopSignals()
+    if rank == 0:
+        os.kill(os.getpid(), signal.SIGTERM)       # handled: only sets the flag
+    decision = guard.check(0.5, stop.requested, step=len(losses))
+    stop.restore()
+    return {"decisions": decisions, "stop": (decision.skip, decision.stop, decision.reason),
+            "skipped_total": guard.skipped_total, "signal": stop.signal_name}
+
+
+def test_nan_and_signal_decisions_are_collective():
+    results = run_ranks(guard_decisions, 2)
+    for result in results:
+        assert result["decisions"] == [(False, 0), (True, 1), (False, 0), (True, 1), (True, 2), (True, 3), (False, 0)]
+        assert result["skipped_total"] == 4
+        assert result["stop"] == (False, True, "step 7: stop requested by a signal")
+    assert results[0]["signal"] == "SIGTERM" and results[1]["signal"] is None
+
+
+def test_consecutive_skips_stop_the_run():
+    guard = StepGuard(max_consecutive_skips=2)
+    assert not guard.check(float("nan")).stop
+    decision = guard.check(float("nan"), step=9)
+    assert decision.skip and decision.stop and "2 consecutive non-finite losses" in decision.reason
