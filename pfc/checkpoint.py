@@ -120,8 +120,9 @@ class TrainingState:
 
 @dataclasses.dataclass
 class LoadedCheckpoint:
-    """What :func:`load_checkpoint` restored: the manifest's step, progress, config, and whether
-    this rank's RNG states were restored (only when the saved world size equals the current)."""
+    """What :func:`load_checkpoint` restored: the manifest's step, progress, config, whether
+    this rank's RNG states were restored (only when the saved world size equals the current) and
+    whether the backbone optimizer state was (see :func:`load_checkpoint`)."""
 
     path: Path
     step: int
@@ -129,6 +130,7 @@ class LoadedCheckpoint:
     config: dict[str, Any]
     saved_world_size: int
     rng_restored: bool
+    backbone_optimizer_restored: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,14 +599,38 @@ def _placeholders(metadata, manifest: dict, head, rank: int, world_size: int, pa
     return tree
 
 
+def _deepspeed_module_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The backbone weights from DeepSpeed's model-states file (read with ``weights_only=True``)."""
+    files = sorted((path / ENGINE_DIR / ENGINE_TAG).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"checkpoint {path} has no DeepSpeed model states under {ENGINE_DIR}/{ENGINE_TAG}")
+    try:
+        payload = torch.load(files[0], map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {files[0]}: {exc}") from exc
+    if not isinstance(payload, dict) or "module" not in payload:
+        raise CheckpointError(f"{files[0]} holds no 'module' weights")
+    return payload["module"]
+
+
 def load_checkpoint(path: str | os.PathLike, state: TrainingState, group=None) -> LoadedCheckpoint:
     """Restore ``state`` in place from the checkpoint at ``path``, resharding the head's rows.
 
     Collective. The head's rows and their optimizer state are re-partitioned by the head's
-    current partition, whatever world size saved them. Raises CheckpointError (on every rank)
-    when the checkpoint is incomplete, corrupt, or made for another ``num_classes`` or embedding
-    size, or for the other backbone engine (DDP vs DeepSpeed). RNG states are restored only
-    when the saved world size equals the current one (see ``rng_restored``).
+    current partition, whatever world size saved them; schedulers, progress and config are
+    restored as saved; RNG states only when the saved world size equals the current one.
+    The backbone:
+
+    - DDP checkpoint → DDP run: weights and optimizer state, any world size;
+    - DeepSpeed → DeepSpeed, same world size: DeepSpeed's own load (weights, ZeRO optimizer
+      partitions, engine state);
+    - DeepSpeed → DeepSpeed on another world size, DDP → DeepSpeed, DeepSpeed → DDP: the weights
+      only (ZeRO-1/2 optimizer partitions cannot be re-partitioned by DeepSpeed, and the two
+      engines' optimizer states have different layouts); the backbone optimizer starts fresh
+      and ``backbone_optimizer_restored`` is False. DeepSpeed bf16 weights are bf16.
+
+    Raises CheckpointError (on every rank) when the checkpoint is incomplete, corrupt, or made
+    for another ``num_classes`` or embedding size.
     """
     path = Path(path)
     rank, world_size = get_rank(group), get_world_size(group)
@@ -618,17 +644,16 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState, group=None) -
     if manifest["embedding_size"] != embedding_size:
         problems.append(f"embedding_size={manifest['embedding_size']} but the model has "
                         f"embedding_size={embedding_size}")
-    engine = "deepspeed" if state.deepspeed_engine is not None else "ddp"
-    if manifest.get("engine", "ddp") != engine:
-        problems.append(f"its backbone was saved by the {manifest.get('engine')} engine, this run uses {engine} "
-                        "(see README 'DeepSpeed' for converting)")
     _agree(f"checkpoint {path}: " + "; ".join(problems) if problems else None, group)
+    saved_engine = manifest.get("engine", "ddp")
+    engine = "deepspeed" if state.deepspeed_engine is not None else "ddp"
+    same_world = manifest["world_size"] == world_size
 
     reader = _SafeFileSystemReader(path / STATE_DIR)
     metadata = _run_collectively(reader.read_metadata, group)
     parts = {"head", "head_optimizer", "schedulers", "rng"}
-    if state.deepspeed_engine is None:
-        parts |= {"backbone", "backbone_optimizer"}
+    if saved_engine == "ddp":
+        parts |= {"backbone", "backbone_optimizer"} if engine == "ddp" else {"backbone"}
     tree, rows = _row_shard_items(_placeholders(metadata, manifest, head, rank, world_size, parts))
     try:
         with _single_process_quiet():
@@ -637,27 +662,38 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState, group=None) -
     except Exception as exc:  # DCP raises on every rank when any rank fails
         raise CheckpointError(f"loading checkpoint {path} failed: {exc}") from exc
 
-    def restore() -> bool:
+    def restore() -> tuple[bool, bool]:
         head.load_state_dict(tree["head"])
         state.head_optimizer.load_state_dict(_with_int_keys(tree["head_optimizer"]))
         for name, scheduler in state.schedulers.items():
             if name not in tree.get("schedulers", {}):
                 raise CheckpointError(f"checkpoint {path} has no state for scheduler {name!r}")
             scheduler.load_state_dict(tree["schedulers"][name])
-        if state.deepspeed_engine is None:
+        optimizer_restored = False
+        if engine == "ddp":
+            weights = tree.get("backbone") if saved_engine == "ddp" else _deepspeed_module_weights(path)
             if state.backbone is not None:
-                state.backbone.load_state_dict(tree["backbone"])
-            if state.backbone_optimizer is not None:
+                state.backbone.load_state_dict(weights)
+            if state.backbone_optimizer is not None and saved_engine == "ddp":
                 state.backbone_optimizer.load_state_dict(_with_int_keys(tree["backbone_optimizer"]))
+                optimizer_restored = True
+        elif saved_engine == "ddp":
+            state.deepspeed_engine.load_module_weights(tree["backbone"])
         rng = tree.get("rng", {}).get(f"rank{rank}")
-        if rng is not None and manifest["world_size"] == world_size:
+        if rng is not None and same_world:
             _set_rng_state(rng)
-            return True
-        return False
+            return True, optimizer_restored
+        return False, optimizer_restored
 
-    rng_restored = _run_collectively(restore, group)
-    if state.deepspeed_engine is not None:
-        _run_collectively(lambda: state.deepspeed_engine.load_checkpoint(path / ENGINE_DIR, ENGINE_TAG), group)
+    rng_restored, optimizer_restored = _run_collectively(restore, group)
+    if engine == "deepspeed" and saved_engine == "deepspeed":
+        _run_collectively(lambda: state.deepspeed_engine.load_checkpoint(
+            path / ENGINE_DIR, ENGINE_TAG, module_only=not same_world), group)
+        optimizer_restored = same_world
+    if not optimizer_restored and rank == 0 and (state.backbone_optimizer is not None or engine == "deepspeed"):
+        logger.warning("checkpoint %s (%s, %d ranks) resumed on %s with %d ranks: backbone weights restored, "
+                       "its optimizer state starts fresh", path, saved_engine, manifest["world_size"], engine,
+                       world_size)
     return LoadedCheckpoint(path=path, step=int(manifest["step"]), progress=manifest.get("progress", {}),
                             config=manifest.get("config", {}), saved_world_size=int(manifest["world_size"]),
-                            rng_restored=bool(rng_restored))
+                            rng_restored=bool(rng_restored), backbone_optimizer_restored=bool(optimizer_restored))

@@ -200,11 +200,21 @@ class DeepSpeedBackbone:
         """DeepSpeed's own (collective) save of module, ZeRO optimizer partitions, scheduler."""
         self.engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
 
-    def load_checkpoint(self, directory: str | os.PathLike, tag: str) -> None:
-        """DeepSpeed's own (collective) load; ValueError when the engine state is not there."""
-        load_path, _ = self.engine.load_checkpoint(str(directory), tag=tag)
+    def load_checkpoint(self, directory: str | os.PathLike, tag: str, module_only: bool = False) -> None:
+        """DeepSpeed's own (collective) load; ``module_only`` loads the weights only (and
+        refreshes ZeRO's fp32 master copies), e.g. on another world size, where DeepSpeed cannot
+        re-partition ZeRO-1/2 optimizer state. ValueError when the engine state is not there."""
+        load_path, _ = self.engine.load_checkpoint(str(directory), tag=tag, load_module_only=module_only,
+                                                   load_optimizer_states=not module_only,
+                                                   load_lr_scheduler_states=not module_only)
         if load_path is None:
             raise ValueError(f"no DeepSpeed engine checkpoint {tag!r} in {directory}")
+
+    def load_module_weights(self, state_dict: dict) -> None:
+        """Put backbone weights (e.g. from a DDP checkpoint) into the engine, fp32 masters included."""
+        self.engine.module.load_state_dict(state_dict)
+        if hasattr(self.engine.optimizer, "refresh_fp32_params"):
+            self.engine.optimizer.refresh_fp32_params()
 
 
 def build_deepspeed_backbone(backbone: torch.nn.Module, config: dict | str | os.PathLike, *,

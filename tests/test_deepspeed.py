@@ -98,12 +98,30 @@ def deepspeed_vs_ddp(rank: int, world_size: int, output_dir: str) -> dict:
         state = TrainingState(head=parts[2], head_optimizer=parts[3], deepspeed_engine=parts[0],
                               progress={"step": 2})
         path = save_checkpoint(output_dir, 2 + 10 * stage, state)
+        saved_weights = {k: v.clone() for k, v in parts[0].module.state_dict().items()}
         continued = train_steps(rank, parts, range(2, STEPS))
         fresh = build("deepspeed", stage)
         info = load_checkpoint(path, TrainingState(head=fresh[2], head_optimizer=fresh[3], deepspeed_engine=fresh[0]))
         resumed = train_steps(rank, fresh, range(info.progress["step"], STEPS))
         results[f"resume_zero{stage}"] = {"continued": continued, "resumed": resumed,
                                           "head_equal": torch.equal(parts[2].weight, fresh[2].weight)}
+
+    # engine changes carry the weights (not the optimizer state): DeepSpeed → DDP, DDP → DeepSpeed
+    ddp = build("ddp")
+    info = load_checkpoint(path, TrainingState(head=ddp[2], head_optimizer=ddp[3], backbone=ddp[0].module,
+                                               backbone_optimizer=ddp[1]))
+    from_deepspeed = all(torch.equal(saved_weights[k], v) for k, v in ddp[0].module.state_dict().items())
+    train_steps(rank, ddp, range(2))
+    ddp_path = save_checkpoint(output_dir, 100, TrainingState(head=ddp[2], head_optimizer=ddp[3],
+                                                              backbone=ddp[0].module, backbone_optimizer=ddp[1]))
+    zero = build("deepspeed", 2)
+    info_zero = load_checkpoint(ddp_path, TrainingState(head=zero[2], head_optimizer=zero[3], deepspeed_engine=zero[0]))
+    from_ddp = all(torch.equal(ddp[0].module.state_dict()[k], v) for k, v in zero[0].module.state_dict().items())
+    next_ddp, next_zero = train_steps(rank, ddp, [5]), train_steps(rank, zero, [5])
+    results["engine_change"] = {"from_deepspeed": from_deepspeed, "from_ddp": from_ddp,
+                                "optimizer_restored": (info.backbone_optimizer_restored,
+                                                       info_zero.backbone_optimizer_restored),
+                                "next_losses": (next_ddp, next_zero)}
     return results
 
 
@@ -119,5 +137,8 @@ def test_deepspeed_zero_matches_ddp_and_resumes(deepspeed_ops, tmp_path):
         for stage in (1, 2):
             resume = rank_result[f"resume_zero{stage}"]
             assert resume["resumed"] == resume["continued"] and resume["head_equal"], resume
+        change = rank_result["engine_change"]
+        assert change["from_deepspeed"] and change["from_ddp"] and change["optimizer_restored"] == (False, False)
+        assert change["next_losses"][0] == pytest.approx(change["next_losses"][1], rel=1e-6)
     print("\ndeepspeed op build/load %.1f s; DDP losses %s; ZeRO-2 bf16 %s" % (
         deepspeed_ops, results[0]["ddp"]["losses"], results[0]["zero2_bf16"]["losses"]))
