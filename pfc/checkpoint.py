@@ -253,8 +253,8 @@ class _RowShardLoadPlanner(DefaultLoadPlanner):
     """DCP load planner: each row-sharded tensor reads its rows from the overlapping saved chunks
     (DCP's resharding); non-tensor values are unpickled with ``weights_only=True``."""
 
-    def __init__(self, rows: dict[str, tuple[int, int]]):
-        super().__init__()
+    def __init__(self, rows: dict[str, tuple[int, int]], flatten_state_dict: bool = True):
+        super().__init__(flatten_state_dict=flatten_state_dict)
         self.rows = rows
 
     def create_local_plan(self) -> LoadPlan:
@@ -597,6 +597,30 @@ def _placeholders(metadata, manifest: dict, head, rank: int, world_size: int, pa
             value = torch.empty(stored.size, dtype=stored.properties.dtype)
         set_element(tree, path, value)
     return tree
+
+
+def read_checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's DCP state as full (unsharded) tensors, by flattened name
+    (``head.weight`` is the whole ``num_classes × D`` matrix). One process; for inspection,
+    conversion and tests. The DeepSpeed engine part is not included."""
+    path = Path(path)
+    manifest = validate_checkpoint(path)
+    row_sharded = set(manifest.get("row_sharded", ()))
+    metadata = _SafeFileSystemReader(path / STATE_DIR).read_metadata()
+    flat, rows = {}, {}
+    for fqn, stored in metadata.state_dict_metadata.items():
+        if isinstance(stored, BytesStorageMetadata):
+            continue
+        flat[fqn] = torch.empty(stored.size, dtype=stored.properties.dtype)
+        if fqn in row_sharded:
+            rows[fqn] = (0, int(stored.size[0]))
+    planner = _RowShardLoadPlanner(rows, flatten_state_dict=False)
+    try:
+        with _single_process_quiet():
+            dcp.load(flat, storage_reader=_SafeFileSystemReader(path / STATE_DIR), planner=planner, no_dist=True)
+    except Exception as exc:
+        raise CheckpointError(f"reading checkpoint {path} failed: {exc}") from exc
+    return flat
 
 
 def _deepspeed_module_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from pfc.checkpoint import (
     find_latest,
     list_checkpoints,
     load_checkpoint,
+    read_checkpoint_tensors,
     resolve_resume,
     save_checkpoint,
     validate_checkpoint,
@@ -146,6 +147,10 @@ def test_reshard_two_ranks_to_one_and_three(tmp_path):
                 assert all(torch.equal(e, a) for e, a in zip(expected, actual))
             else:
                 assert actual == expected
+
+    tensors = read_checkpoint_tensors(find_latest(output_dir))
+    assert torch.equal(tensors["head.weight"], weight)
+    assert torch.equal(tensors["head_optimizer.state.0.momentum_buffer"], momentum)
 
     single = build_state(seed=5)              # one process, no process group
     load_checkpoint(find_latest(output_dir), single)
