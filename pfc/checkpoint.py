@@ -101,7 +101,9 @@ class TrainingState:
     ``deepspeed_engine`` set, the backbone, its optimizer and the engine's LR scheduler are
     saved through DeepSpeed's own checkpointing instead (``backbone``/``backbone_optimizer``
     are then ignored). ``schedulers`` maps a name to any object with
-    ``state_dict()``/``load_state_dict()``. ``deepspeed_engine`` is a
+    ``state_dict()``/``load_state_dict()`` (LR schedulers, a GradScaler); a LambdaLR keeps its
+    current lambda objects on load (the schedule follows the current config, e.g. a longer
+    ``max_steps``) and gets its step counters back. ``deepspeed_engine`` is a
     :class:`pfc.deepspeed_engine.DeepSpeedBackbone` (``save_checkpoint(dir, tag)``,
     ``load_checkpoint(dir, tag)``, both collective). ``progress`` (step, epoch, position in the epoch, …)
     and ``config`` (the resolved configuration) must be JSON-ready; they are written into the
@@ -692,7 +694,10 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState, group=None) -
         for name, scheduler in state.schedulers.items():
             if name not in tree.get("schedulers", {}):
                 raise CheckpointError(f"checkpoint {path} has no state for scheduler {name!r}")
-            scheduler.load_state_dict(tree["schedulers"][name])
+            saved = dict(tree["schedulers"][name])
+            if "lr_lambdas" in saved:  # LambdaLR: keep the current schedule objects (config may extend it)
+                saved["lr_lambdas"] = scheduler.state_dict()["lr_lambdas"]
+            scheduler.load_state_dict(saved)
         optimizer_restored = False
         if engine == "ddp":
             weights = tree.get("backbone") if saved_engine == "ddp" else _deepspeed_module_weights(path)

@@ -98,9 +98,10 @@ def resolve_deepspeed_config(config: dict | str | os.PathLike, micro_batch_size:
         if str(resolved["optimizer"].get("type", "")).lower() in ("adam", "adamw"):
             params.setdefault("torch_adam", True)
     stage = int(resolved.get("zero_optimization", {}).get("stage", 0))
-    if stage not in (0, 1, 2):
-        raise ValueError(f"ZeRO stage {stage} is not supported for the backbone (use 0, 1 or 2): stage 3 partitions "
-                         "parameters, which the trainer's direct use of the module does not handle")
+    if stage not in (1, 2):
+        raise ValueError(f"ZeRO stage {stage} is not supported for the backbone (use 1 or 2): stage 0 is plain "
+                         "data parallelism (use engine ddp), stage 3 partitions the parameters, which the trainer's "
+                         "direct use of the module (evaluation, export) does not handle")
     return resolved
 
 
@@ -189,7 +190,8 @@ class DeepSpeedBackbone:
 
     def step(self) -> bool:
         """One optimizer step of the engine (at an accumulation boundary); False when DeepSpeed
-        skipped it (fp16 overflow, decided on all ranks alike): skip the head's step too."""
+        skipped it: ZeRO-1/2 skip a step whose gradients hold inf/NaN (fp16 overflow, or a
+        non-finite gradient norm in fp32/bf16), decided on all ranks alike: skip the head's too."""
         self.engine.step()
         return bool(self.engine.was_step_applied())
 
