@@ -226,7 +226,9 @@ class _RowShardSavePlanner(DefaultSavePlanner):
     """
 
     def __init__(self, rows: dict[str, tuple[int, int]]):
-        super().__init__()
+        # Replicated values are written by rank 0: buffers such as BatchNorm statistics may differ
+        # between ranks, and rank 0's are the ones DDP broadcasts.
+        super().__init__(dedup_save_to_lowest_rank=True)
         self.rows = rows
 
     def create_local_plan(self) -> SavePlan:

@@ -12,8 +12,10 @@ next collective hangs; hence the single all-reduce of ``[non_finite, stop_reques
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import math
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -24,6 +26,27 @@ import torch.distributed as dist
 from pfc.dist import get_world_size, is_distributed
 
 logger = logging.getLogger(__name__)
+
+
+def init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """``dist.init_process_group`` from torchrun's environment, safe across torchrun restarts.
+
+    After a restart (``--max-restarts``), torchrun's workers reuse the agent's TCPStore, where the
+    previous attempt's keys (e.g. gloo's peer addresses) are still present; a new worker may read
+    a dead peer's address and fail with "connectFullMesh … Connection refused". The group is
+    therefore created on a store namespaced by ``TORCHELASTIC_RESTART_COUNT``. Outside torchrun
+    (no restart count) this is plain ``init_process_group(backend)`` with the env:// method.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=not agent_store)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"pfc/attempt_{attempt}", store), rank=rank,
+                            world_size=world_size, timeout=timeout)
 
 
 class StopSignals:
