@@ -16,8 +16,11 @@ optimizer, engine LR scheduler). DeepSpeed averages the backbone gradients over 
 DDP, so the head's gradient convention (x.grad = N·∂loss/∂x_r) gives the exact gradient.
 
 On CPU the engine runs with DeepSpeed's ``cpu`` accelerator over the gloo group that is
-already initialised; its first start compiles DeepSpeed's ``shm_comm`` op with g++ into
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), later starts load the cache.
+already initialised. DeepSpeed's communication backend would compile its ``shm_comm`` op with g++
+on the first engine start (30–100 s on 2 cores; cached in ``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``). That op only serves DeepSpeed's *inference* all-reduce
+(tensor-parallel inference layers), never training, so pfc marks it unavailable before the
+engine starts unless ``build_cpu_comm_op=True``; all collectives then go through the gloo group.
 """
 from __future__ import annotations
 
@@ -222,13 +225,15 @@ class DeepSpeedBackbone:
 def build_deepspeed_backbone(backbone: torch.nn.Module, config: dict | str | os.PathLike, *,
                              micro_batch_size: int, grad_accumulation: int = 1, grad_clip: float = 0.0,
                              optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None,
-                             group=None) -> DeepSpeedBackbone:
+                             group=None, build_cpu_comm_op: bool = False) -> DeepSpeedBackbone:
     """Wrap ``backbone`` with ``deepspeed.initialize`` (torch.distributed must be initialised).
 
     ``config`` is a DeepSpeed config dict or JSON file (ZeRO stage, bf16/fp16, …); batch size,
     accumulation and clipping come from the trainer (see :func:`resolve_deepspeed_config`).
     ``optimizer``: a torch optimizer over ``backbone.parameters()`` (or None to let the config
     build one). ``lr_scheduler`` is stepped by DeepSpeed after every applied step.
+    ``build_cpu_comm_op``: let DeepSpeed compile its CPU inference all-reduce op (see the module
+    docstring); training does not use it.
     """
     import torch.distributed as dist
 
@@ -237,6 +242,8 @@ def build_deepspeed_backbone(backbone: torch.nn.Module, config: dict | str | os.
     if "LOCAL_RANK" not in os.environ:
         raise ValueError("LOCAL_RANK is not set: DeepSpeed needs it (torchrun sets it; set it when launching otherwise)")
     deepspeed = _import_deepspeed()
+    if not build_cpu_comm_op and not torch.cuda.is_available():
+        _skip_cpu_comm_op()
     resolved = resolve_deepspeed_config(config, micro_batch_size, grad_accumulation, grad_clip,
                                         dist.get_world_size(group), has_client_optimizer=optimizer is not None)
     engine, _, _, _ = deepspeed.initialize(model=backbone, optimizer=optimizer, lr_scheduler=lr_scheduler,
@@ -247,22 +254,13 @@ def build_deepspeed_backbone(backbone: torch.nn.Module, config: dict | str | os.
     return DeepSpeedBackbone(engine)
 
 
-def prebuild_deepspeed_ops() -> float:
-    """Compile (or load from the cache) DeepSpeed's CPU ``shm_comm`` op; returns the seconds taken.
-
-    DeepSpeed builds it on every first engine start in a process; calling this once (e.g. in a
-    test session fixture, in one process) fills ``TORCH_EXTENSIONS_DIR`` so that the ranks only
-    load it. No-op on GPU machines.
-    """
-    import time
-
-    start = time.perf_counter()
-    if torch.cuda.is_available():
-        return 0.0
-    _import_deepspeed()
+def _skip_cpu_comm_op() -> None:
+    """Tell DeepSpeed its CPU ``shm_comm`` op is unavailable, so that starting its communication
+    backend does not compile it (DeepSpeed keeps the probe result in one module-level dict, read
+    when the backend starts; an unavailable op makes it use the process group only)."""
+    import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is not None:
-        builder.load(verbose=False)
-    return time.perf_counter() - start
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
