@@ -136,3 +136,25 @@ def test_deepspeed_zero_matches_ddp_and_resumes(tmp_path, monkeypatch):
         assert change["from_deepspeed"] and change["from_ddp"] and change["optimizer_restored"] == (False, False)
         assert change["next_losses"][0] == pytest.approx(change["next_losses"][1], rel=1e-6)
     print("\nDDP losses %s; ZeRO-2 bf16 %s" % (results[0]["ddp"]["losses"], results[0]["zero2_bf16"]["losses"]))
+
+
+def test_deepspeed_config_is_resolved_against_the_trainer_config(tmp_path):
+    from pfc.deepspeed_engine import resolve_deepspeed_config
+
+    resolved = resolve_deepspeed_config({"zero_optimization": {"stage": 2}}, micro_batch_size=8, grad_accumulation=2,
+                                        grad_clip=5.0, world_size=4)
+    assert (resolved["train_micro_batch_size_per_gpu"], resolved["gradient_accumulation_steps"],
+            resolved["gradient_clipping"], resolved["train_batch_size"]) == (8, 2, 5.0, 64)
+    assert resolved["zero_allow_untested_optimizer"] is True
+    config_file = tmp_path / "ds.json"
+    config_file.write_text('{"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 16}')
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu=16, the trainer config says 8"):
+        resolve_deepspeed_config(str(config_file), micro_batch_size=8)
+    with pytest.raises(ValueError, match="ZeRO stage 3 is not supported"):
+        resolve_deepspeed_config({"zero_optimization": {"stage": 3}}, micro_batch_size=8)
+    with pytest.raises(ValueError, match="does not exist"):
+        resolve_deepspeed_config(str(tmp_path / "missing.json"), micro_batch_size=8)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="fp16 needs a GPU"):
+            resolve_deepspeed_config({"zero_optimization": {"stage": 1}, "fp16": {"enabled": True}},
+                                     micro_batch_size=8)
