@@ -94,20 +94,20 @@ class CheckpointError(ValueError):
 class TrainingState:
     """Everything a checkpoint saves and restores; the objects are updated in place on load.
 
-    ``head`` is a PartialFC-like module (``weight`` [num_local, D], ``class_start``,
-    ``num_local``, ``num_classes``, ``embedding_size``); its state tensors and the
-    ``head_optimizer`` state tensors with the shape of ``head.weight`` are row-sharded, the rest
-    is replicated. ``backbone`` is the bare module (not the DDP wrapper). With
-    ``deepspeed_engine`` set, the backbone, its optimizer and the engine's LR scheduler are
-    saved through DeepSpeed's own checkpointing instead (``backbone``/``backbone_optimizer``
-    are then ignored). ``schedulers`` maps a name to any object with
-    ``state_dict()``/``load_state_dict()`` (LR schedulers, a GradScaler); a LambdaLR keeps its
-    current lambda objects on load (the schedule follows the current config, e.g. a longer
-    ``max_steps``) and gets its step counters back. ``deepspeed_engine`` is a
-    :class:`pfc.deepspeed_engine.DeepSpeedBackbone` (``save_checkpoint(dir, tag)``,
-    ``load_checkpoint(dir, tag)``, both collective). ``progress`` (step, epoch, position in the epoch, …)
-    and ``config`` (the resolved configuration) must be JSON-ready; they are written into the
-    manifest and returned by :func:`load_checkpoint`.
+    - ``head``: a PartialFC-like module (``weight`` [num_local, D], ``class_start``,
+      ``num_local``, ``num_classes``, ``embedding_size``). Its state tensors and the
+      ``head_optimizer`` state tensors of ``head.weight``'s shape are row-sharded (resharded on
+      load), the rest is replicated.
+    - ``backbone``: the bare module (not the DDP wrapper), with ``backbone_optimizer``.
+    - ``deepspeed_engine``: a :class:`pfc.deepspeed_engine.DeepSpeedBackbone`; when set, the
+      backbone and its optimizer are saved by DeepSpeed's own (collective)
+      ``save_checkpoint(dir, tag)`` / ``load_checkpoint(dir, tag)`` and ``backbone`` /
+      ``backbone_optimizer`` are ignored.
+    - ``schedulers``: name → any object with ``state_dict()``/``load_state_dict()`` (LR
+      schedulers, a GradScaler). A LambdaLR keeps its current lambda objects on load, so the
+      schedule follows the current config (e.g. a longer ``max_steps``); its counters are restored.
+    - ``progress`` (step, epoch, position in the epoch, …) and ``config`` (the resolved
+      configuration): JSON-ready dicts, written into the manifest, returned by :func:`load_checkpoint`.
     """
 
     head: torch.nn.Module
