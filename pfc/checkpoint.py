@@ -71,7 +71,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, WriteItem, WriteItemType, TensorWriteData
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from pfc.dist import class_partition, get_rank, get_world_size, is_distributed
+from pfc.dist import get_rank, get_world_size, is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -564,6 +564,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, state: TrainingSta
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": _file_sizes(tmp),
         }
+        for written in (tmp / ENGINE_DIR).rglob("*"):  # DCP fsyncs its files, DeepSpeed does not
+            if written.is_file():
+                with open(written, "rb+") as stream:
+                    os.fsync(stream.fileno())
         partial = tmp / (MANIFEST_NAME + ".partial")
         with open(partial, "w") as stream:
             json.dump(manifest, stream, indent=1, sort_keys=True)
@@ -581,10 +585,10 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, state: TrainingSta
     return final
 
 
-def _placeholders(metadata, manifest: dict, head, rank: int, world_size: int, parts: set[str]) -> dict[str, Any]:
-    """A nested state dict shaped like the saved one, with empty tensors to load into."""
+def _placeholders(metadata, manifest: dict, head, rank: int, parts: set[str]) -> dict[str, Any]:
+    """A nested state dict shaped like the saved one, with empty tensors to load into; the
+    row-sharded ones hold this rank's rows under the head's current partition."""
     row_sharded = set(manifest.get("row_sharded", ()))
-    partition = class_partition(int(head.num_classes), world_size, rank)
     tree: dict[str, Any] = {}
     for fqn, stored in metadata.state_dict_metadata.items():
         path = metadata.planner_data[fqn]
@@ -595,8 +599,8 @@ def _placeholders(metadata, manifest: dict, head, rank: int, world_size: int, pa
         if isinstance(stored, BytesStorageMetadata):
             value: Any = None
         elif fqn in row_sharded:
-            local = torch.empty((partition.num_local, *stored.size[1:]), dtype=stored.properties.dtype)
-            value = RowShard(local, partition.class_start, int(stored.size[0]))
+            local = torch.empty((int(head.num_local), *stored.size[1:]), dtype=stored.properties.dtype)
+            value = RowShard(local, int(head.class_start), int(stored.size[0]))
         else:
             value = torch.empty(stored.size, dtype=stored.properties.dtype)
         set_element(tree, path, value)
@@ -682,7 +686,7 @@ def load_checkpoint(path: str | os.PathLike, state: TrainingState, group=None) -
     parts = {"head", "head_optimizer", "schedulers", "rng"}
     if saved_engine == "ddp":
         parts |= {"backbone", "backbone_optimizer"} if engine == "ddp" else {"backbone"}
-    tree, rows = _row_shard_items(_placeholders(metadata, manifest, head, rank, world_size, parts))
+    tree, rows = _row_shard_items(_placeholders(metadata, manifest, head, rank, parts))
     try:
         with _single_process_quiet():
             dcp.load(tree, storage_reader=_SafeFileSystemReader(path / STATE_DIR),
