@@ -541,7 +541,7 @@ def save_checkpoint(output_dir: str | os.PathLike, step: int, state: TrainingSta
 
     _run_collectively(check_visible, group)
 
-    tree, rows = _row_shard_items(_saveable_state(state, rank))
+    tree, rows = _run_collectively(lambda: _row_shard_items(_saveable_state(state, rank)), group)
     try:
         with _single_process_quiet():
             dcp.save(tree, storage_writer=dcp.FileSystemWriter(tmp / STATE_DIR, thread_count=1),
