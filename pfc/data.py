@@ -17,8 +17,9 @@ Within one epoch no sample is read by two ranks or two workers, and every worker
 its batch quota, so ``len(loader) = B`` on every rank whatever the shard count, world size and
 worker count. A worker reads its range shard by shard (skipping, without decoding, the samples
 before its start inside the first shard); when corrupt samples or a damaged tar leave it short,
-it tops up its quota with the positions that follow its range (cyclically) — those are then seen
-twice in that epoch, the price of keeping the counts equal. Within a worker, samples pass a
+it tops up its quota with the positions that follow its range (cyclically, around again if need
+be) — those are then seen twice in that epoch, the price of keeping the counts equal; only data
+with no readable sample at all is an error. Within a worker, samples pass a
 seeded shuffle buffer; horizontal flips are drawn from (seed, epoch, rank, worker).
 
 Corrupt samples (undecodable or wrong-size JPEG, missing member, non-integer label, unreadable
@@ -27,6 +28,7 @@ outside [0, num_classes) is a data error and raises ValueError.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from dataclasses import dataclass
@@ -105,8 +107,12 @@ class SkipCounter:
     def __init__(self):
         self.pending = 0
 
-    def skip(self, url: str, key: str, reason: str) -> None:
-        logger.warning("skipping sample %s of shard %s: %s", key, url, reason)
+    def skip(self, url: str, key: str | None, reason: str) -> None:
+        """Log and count one skipped sample (``key`` None: the unreadable rest of a shard)."""
+        if key is None:
+            logger.warning("skipping the rest of shard %s: %s", url, reason)
+        else:
+            logger.warning("skipping sample %s of shard %s: %s", key, url, reason)
         self.pending += 1
 
     def take(self) -> int:
@@ -123,8 +129,7 @@ def read_pieces(urls: list[str], pieces, counter: SkipCounter) -> Iterator[dict]
         url = urls[shard]
 
         def on_error(exc: Exception, url: str = url) -> bool:
-            counter.skip(url, "?", f"tar error, rest of the shard skipped: {type(exc).__name__}: "
-                                   f"{exc.args[0] if exc.args else exc}")
+            counter.skip(url, None, f"tar error: {type(exc).__name__}: {exc.args[0] if exc.args else exc}")
             return True
 
         samples = wds.tariterators.tarfile_samples([{"url": url}], handler=on_error)
@@ -165,17 +170,16 @@ def decode_samples(samples, image_size: tuple[int, int], num_classes: int,
         yield pixels, label
 
 
-def take_exactly(samples, count: int, where: str) -> Iterator:
-    """The first ``count`` items of ``samples``; ValueError if the stream ends before."""
-    produced = 0
-    if count <= 0:
-        return
-    for item in samples:
-        yield item
-        produced += 1
-        if produced == count:
-            return
-    raise ValueError(f"{where}: only {produced} readable samples in the whole dataset, needed {count}")
+def repeat_passes(make_pass, where: str) -> Iterator:
+    """Chain passes ``make_pass()``, ``make_pass()``, ... forever; ValueError if a whole pass is empty
+    (no readable sample anywhere, so no quota could ever be met)."""
+    while True:
+        produced = 0
+        for item in make_pass():
+            produced += 1
+            yield item
+        if produced == 0:
+            raise ValueError(f"{where}: no readable sample in the whole dataset")
 
 
 def shuffle_buffer(items, buffer_size: int, rng: random.Random) -> Iterator:
@@ -254,14 +258,15 @@ class ShardStream(IterableDataset):
         order = epoch_shard_order(len(spec.urls), spec.seed, spec.epoch)
         urls = [spec.urls[i] for i in order]
         counts = [spec.counts[i] for i in order]
-        # Own range first, then (only if corrupt samples leave the quota short) the rest of the
-        # epoch sequence once around.
+        # Own range first, then (only if corrupt samples leave the quota short) the positions
+        # after it, once around the epoch sequence and further if the data is that damaged.
         pieces = shard_pieces(counts, start, sum(counts))
         counter = SkipCounter()
         stream_seed = [spec.seed, spec.epoch, spec.rank, worker]
-        raw = read_pieces(urls, pieces, counter)
-        decoded = decode_samples(raw, spec.image_size, spec.num_classes, counter)
-        exact = take_exactly(decoded, quota, f"rank {spec.rank} worker {worker}")
+        where = f"rank {spec.rank} worker {worker}"
+        decoded = repeat_passes(lambda: decode_samples(read_pieces(urls, pieces, counter), spec.image_size,
+                                                       spec.num_classes, counter), where)
+        exact = itertools.islice(decoded, quota)
         mixed = shuffle_buffer(exact, spec.shuffle_buffer, random.Random(str(stream_seed)))
         yield from collate_batches(mixed, spec.batch_size, spec.image_size, spec.augment,
                                    np.random.default_rng(stream_seed), counter)
