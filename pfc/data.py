@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pfc.manifest import read_manifest as _read_manifest
 from pfc.manifest import shard_urls
+from pfc.tarstream import TarDamage, iter_samples
 
 logger = logging.getLogger(__name__)
 
@@ -121,58 +122,26 @@ class SkipCounter:
 
 
 def read_pieces(urls: list[str], pieces, counter: SkipCounter) -> Iterator[dict]:
-    """Raw webdataset samples ({"__key__", "__url__", "jpg", "cls", ...}) of each (shard, skip, take)
-    piece; a tar that cannot be opened or read further is reported to ``counter`` and left."""
+    """Raw samples ({"__key__", "__url__", "jpg": bytes, "cls": bytes, ...}) of each
+    (shard, skip, take) piece, read with :mod:`pfc.tarstream` from streams webdataset's ``gopen``
+    opens; a shard that cannot be opened or read further is reported to ``counter`` and left."""
     import webdataset as wds
 
     for shard, skip, take in pieces:
         url = urls[shard]
-
-        def on_error(exc: Exception, url: str = url) -> bool:
-            counter.skip(url, None, f"tar error: {type(exc).__name__}: {exc.args[0] if exc.args else exc}")
-            return True
-
-        samples = wds.tariterators.tarfile_samples([{"url": url}], handler=on_error)
-        for index, sample in enumerate(samples):
-            if index < skip:
-                continue
-            if index >= skip + take:
-                break
-            yield sample
-
-
-def decode_samples(samples, image_size: tuple[int, int], num_classes: int,
-                   counter: SkipCounter) -> Iterator[tuple[np.ndarray, int]]:
-    """(RGB uint8 [H, W, 3], label) per raw sample, decoded with simplejpeg; corrupt ones skipped."""
-    for sample in samples:
-        url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
-        if "jpg" not in sample or "cls" not in sample:
-            counter.skip(url, key, f"members {sorted(k for k in sample if not k.startswith('__'))}, "
-                                   f"expected jpg and cls")
-            continue
         try:
-            label = int(sample["cls"].decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            counter.skip(url, key, f"label {sample['cls'][:20]!r} is not an integer")
-            continue
-        if not 0 <= label < num_classes:
-            raise ValueError(f"sample {key} of shard {url} has label {label} outside [0, {num_classes}); "
-                             f"the shards do not match the manifest's num_classes")
-        try:
-            pixels = simplejpeg.decode_jpeg(sample["jpg"], colorspace="RGB")
-        except ValueError as exc:
-            counter.skip(url, key, f"JPEG does not decode ({exc})")
-            continue
-        if pixels.shape[:2] != image_size:
-            counter.skip(url, key, f"image is {pixels.shape[1]}x{pixels.shape[0]}, "
-                                   f"expected {image_size[1]}x{image_size[0]}")
-            continue
-        yield pixels, label
+            with wds.gopen(url) as stream:
+                for index, sample in enumerate(iter_samples(stream, url, skip)):
+                    if index >= take:
+                        break
+                    yield sample
+        except (TarDamage, OSError, ValueError, UnicodeDecodeError) as exc:
+            counter.skip(url, None, f"{type(exc).__name__}: {exc}")
 
 
 def repeat_passes(make_pass, where: str) -> Iterator:
     """Chain passes ``make_pass()``, ``make_pass()``, ... forever; ValueError if a whole pass is empty
-    (no readable sample anywhere, so no quota could ever be met)."""
+    (nothing readable anywhere, so no quota could ever be met)."""
     while True:
         produced = 0
         for item in make_pass():
@@ -196,27 +165,74 @@ def shuffle_buffer(items, buffer_size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
-def collate_batches(samples, batch_size: int, image_size: tuple[int, int], flip: bool,
-                    rng: np.random.Generator, counter: SkipCounter) -> Iterator[tuple]:
-    """Group decoded samples into (images float32 [b, 3, H, W] in [-1, 1], labels int64 [b], skipped)
-    where ``skipped`` is the number of samples skipped since the previous batch. With ``flip``,
-    each image is mirrored left-right with probability 1/2."""
+def _label(sample: dict, num_classes: int, counter: SkipCounter) -> int | None:
+    url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+    if "jpg" not in sample or "cls" not in sample:
+        counter.skip(url, key, f"members {sorted(k for k in sample if not k.startswith('__'))}, expected jpg and cls")
+        return None
+    try:
+        label = int(sample["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        counter.skip(url, key, f"label {sample['cls'][:20]!r} is not an integer")
+        return None
+    if not 0 <= label < num_classes:
+        raise ValueError(f"sample {key} of shard {url} has label {label} outside [0, {num_classes}); "
+                         f"the shards do not match the manifest's num_classes")
+    return label
+
+
+def decode_into(sample: dict, out: np.ndarray, counter: SkipCounter) -> bool:
+    """Decode the sample's JPEG (simplejpeg, RGB) straight into ``out`` [H, W, 3] uint8; False
+    (and counted) when it does not decode or has another size."""
+    url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(sample["jpg"])
+        if (height, width) != out.shape[:2]:
+            counter.skip(url, key, f"image is {width}x{height}, expected {out.shape[1]}x{out.shape[0]}")
+            return False
+        simplejpeg.decode_jpeg(sample["jpg"], colorspace="RGB", buffer=out)
+    except ValueError as exc:
+        counter.skip(url, key, f"JPEG does not decode ({exc})")
+        return False
+    return True
+
+
+def assemble_batches(samples, quota: int, batch_size: int, image_size: tuple[int, int], num_classes: int,
+                     flip: bool, rng: np.random.Generator, counter: SkipCounter, give_up_after: int) -> Iterator[tuple]:
+    """Decode raw samples into batches until ``quota`` good samples are out (corrupt ones are
+    skipped). Yields (images float32 [b, 3, H, W] in [-1, 1], labels int64 [b], skipped since the
+    previous batch). ``images`` is a channels-last view of one contiguous [b, H, W, 3] buffer
+    (``images.is_contiguous(memory_format=torch.channels_last)``), which saves a transposing copy;
+    with ``flip`` each image is mirrored left-right with probability 1/2. ValueError after
+    ``give_up_after`` bad samples in a row (nothing decodes)."""
     height, width = image_size
     pixels = np.empty((batch_size, height, width, 3), dtype=np.uint8)
     labels = np.empty(batch_size, dtype=np.int64)
-    filled = 0
-    for image, label in samples:
+    filled = produced = bad_in_a_row = 0
+    if quota <= 0:
+        return
+    for sample in samples:
+        label = _label(sample, num_classes, counter)
+        if label is None or not decode_into(sample, pixels[filled], counter):
+            bad_in_a_row += 1
+            if bad_in_a_row > give_up_after:
+                raise ValueError(f"no readable sample in the whole dataset ({bad_in_a_row} bad in a row, "
+                                 f"last: {sample.get('__key__')} of {sample.get('__url__')})")
+            continue
+        bad_in_a_row = 0
         if flip and rng.random() < 0.5:
-            pixels[filled] = image[:, ::-1]
-        else:
-            pixels[filled] = image
+            image = torch.from_numpy(pixels[filled])
+            image.copy_(image.flip(1))
         labels[filled] = label
         filled += 1
+        produced += 1
         if filled == batch_size:
-            images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+            images = torch.from_numpy(pixels).to(torch.float32)
             images.mul_(1.0 / 127.5).sub_(1.0)   # in place: no second batch-sized buffer
-            yield images, torch.from_numpy(labels.copy()), counter.take()
+            yield images.permute(0, 3, 1, 2), torch.from_numpy(labels.copy()), counter.take()
             filled = 0
+        if produced == quota:
+            return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,18 +274,18 @@ class ShardStream(IterableDataset):
         order = epoch_shard_order(len(spec.urls), spec.seed, spec.epoch)
         urls = [spec.urls[i] for i in order]
         counts = [spec.counts[i] for i in order]
-        # Own range first, then (only if corrupt samples leave the quota short) the positions
-        # after it, once around the epoch sequence and further if the data is that damaged.
-        pieces = shard_pieces(counts, start, sum(counts))
+        # Own range first (shuffled), then — only if corrupt samples leave the quota short —
+        # the positions after it, around the epoch sequence as often as needed.
         counter = SkipCounter()
         stream_seed = [spec.seed, spec.epoch, spec.rank, worker]
-        where = f"rank {spec.rank} worker {worker}"
-        decoded = repeat_passes(lambda: decode_samples(read_pieces(urls, pieces, counter), spec.image_size,
-                                                       spec.num_classes, counter), where)
-        exact = itertools.islice(decoded, quota)
-        mixed = shuffle_buffer(exact, spec.shuffle_buffer, random.Random(str(stream_seed)))
-        yield from collate_batches(mixed, spec.batch_size, spec.image_size, spec.augment,
-                                   np.random.default_rng(stream_seed), counter)
+        total = sum(counts)
+        own = read_pieces(urls, shard_pieces(counts, start, quota), counter)
+        mixed = shuffle_buffer(own, spec.shuffle_buffer, random.Random(str(stream_seed)))
+        top_up = repeat_passes(lambda: read_pieces(urls, shard_pieces(counts, start + quota, total), counter),
+                               f"rank {spec.rank} worker {worker}")
+        yield from assemble_batches(itertools.chain(mixed, top_up), quota, spec.batch_size, spec.image_size,
+                                    spec.num_classes, spec.augment, np.random.default_rng(stream_seed),
+                                    counter, give_up_after=total)
 
 
 class FaceLoader:

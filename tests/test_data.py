@@ -1,5 +1,6 @@
 """The loader: equal batch counts for any shard layout, disjoint ranks, reshuffle, flips, corrupt
 samples, manifest errors; the multi-rank checks run on real gloo ranks with 2 workers each."""
+import io
 import json
 import os
 import tarfile
@@ -228,3 +229,38 @@ def test_pipe_urls_run_only_when_allowed(tmp_path, small_set):
     (tmp_path / "dataset.json").write_text(json.dumps(manifest))
     loader = make_loader(str(tmp_path), 4, 0, 1, 0, seed=0, epoch=0, allow_pipe=True)
     assert sum(1 for _ in loader) == 5 == len(loader) and loader.stats["skipped"] == 0
+
+
+# ------------------------------------------------------------------------------------ tar reader
+
+def test_tar_reader_matches_tarfile_including_pax_and_long_names(tmp_path):
+    from pfc.tarstream import TarDamage, iter_samples
+
+    path = str(tmp_path / "mixed.tar")
+    members = [("a/k1.jpg", b"x" * 700), ("a/k1.cls", b"3"), ("k2.jpg", b""), ("k2.cls", b"4"),
+               ("d" * 120 + "/k3.jpg", b"long name"), ("k4.seg.png", "ünï".encode()), ("k4.cls", b"5")]
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        with tarfile.open(path, "w", format=fmt) as archive:
+            folder = tarfile.TarInfo("a")
+            folder.type = tarfile.DIRTYPE   # a non-file entry, skipped
+            archive.addfile(folder)
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mtime = 1.5   # float mtime: PAX writes a pax header per member
+                archive.addfile(info, io.BytesIO(data))
+        with open(path, "rb") as stream:
+            samples = list(iter_samples(stream, "u"))
+        assert [s["__key__"] for s in samples] == ["a/k1", "k2", "d" * 120 + "/k3", "k4"]
+        assert samples[0]["jpg"] == b"x" * 700 and samples[1] == {"__key__": "k2", "__url__": "u", "jpg": b"", "cls": b"4"}
+        assert samples[3]["seg.png"] == "ünï".encode()
+        with open(path, "rb") as stream:
+            assert [s["__key__"] for s in iter_samples(stream, "u", skip=2)] == ["d" * 120 + "/k3", "k4"]
+    data = open(path, "rb").read()
+    for cut in (len(data) // 2, 700):
+        with pytest.raises(TarDamage):
+            list(iter_samples(io.BytesIO(data[:cut]), "u"))
+    damaged = bytearray(data)
+    damaged[0] ^= 1
+    with pytest.raises(TarDamage, match="checksum"):
+        list(iter_samples(io.BytesIO(bytes(damaged)), "u"))

@@ -1,0 +1,116 @@
+"""Data pipeline throughput: the loader per worker process against the JPEG decode floor, the
+decoder choice, and the packer.
+
+    OMP_NUM_THREADS=1 python bench/data.py [--ids 100 --per 30 --batch 128 --repeats 3]
+
+Builds synthetic faces (tools/make_synthetic.py's generator), packs them (timed), then times over
+the same shard bytes: (1) bare decode loops, simplejpeg and PIL, in one process — the floor;
+(2) the full loader (tar read, decode, shuffle, flip, collate, float conversion) in-process
+(num_workers=0) and with one worker process (num_workers=1, the per-worker rate). Best of
+``--repeats`` runs each, interleaved, since the machine may be shared. Prints one table.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+from pfc.data import make_loader
+from pfc.packing import FolderSource, PackOptions, pack
+from pfc.synthetic import write_synthetic
+
+
+def shard_jpegs(root: str) -> list[bytes]:
+    blobs = []
+    for name in sorted(os.listdir(root)):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(root, name)) as archive:
+                blobs += [archive.extractfile(m).read() for m in archive if m.name.endswith(".jpg")]
+    return blobs
+
+
+def decode_simplejpeg(blobs):
+    for blob in blobs:
+        simplejpeg.decode_jpeg(blob, colorspace="RGB")
+
+
+def decode_pil(blobs):
+    for blob in blobs:
+        with Image.open(io.BytesIO(blob)) as image:
+            np.asarray(image.convert("RGB"))
+
+
+def run_loader(root, batch, workers, epoch):
+    loader = make_loader(root, batch_size=batch, rank=0, world_size=1, num_workers=workers, seed=0,
+                         epoch=epoch, augment=True)
+    count = 0
+    for images, labels in loader:
+        count += len(labels)
+    return count
+
+
+def best_rate(fn, count_fn, repeats):
+    best = 0.0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        count = count_fn(fn())
+        best = max(best, count / (time.perf_counter() - started))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ids", type=int, default=100)
+    parser.add_argument("--per", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source_dir, shards = os.path.join(tmp, "faces"), os.path.join(tmp, "shards")
+        write_synthetic(source_dir, args.ids, args.per, seed=0, landmarks=True)
+        images = args.ids * args.per
+        started = time.perf_counter()
+        pack(FolderSource(source_dir), shards, PackOptions(shard_size=1000, progress=False))
+        pack_rate = images / (time.perf_counter() - started)
+        started = time.perf_counter()
+        pack(FolderSource(source_dir), os.path.join(tmp, "aligned"),
+             PackOptions(shard_size=1000, progress=False, landmarks=os.path.join(source_dir, "landmarks.csv")))
+        align_rate = images / (time.perf_counter() - started)
+
+        blobs = shard_jpegs(shards)
+        rates = {"simplejpeg": 0.0, "pil": 0.0, "loader0": 0.0, "loader1": 0.0}
+        for repeat in range(args.repeats):
+            rates["simplejpeg"] = max(rates["simplejpeg"], best_rate(lambda: decode_simplejpeg(blobs) or len(blobs),
+                                                                     lambda n: n, 1))
+            rates["pil"] = max(rates["pil"], best_rate(lambda: decode_pil(blobs) or len(blobs), lambda n: n, 1))
+            rates["loader0"] = max(rates["loader0"], best_rate(lambda: run_loader(shards, args.batch, 0, repeat),
+                                                               lambda n: n, 1))
+            rates["loader1"] = max(rates["loader1"], best_rate(lambda: run_loader(shards, args.batch, 1, repeat),
+                                                               lambda n: n, 1))
+
+    floor = rates["simplejpeg"]
+    print(f"{images} synthetic 112x112 JPEG faces (q95, mean {np.mean([len(b) for b in blobs]) / 1024:.1f} KiB), "
+          f"batch {args.batch}, best of {args.repeats}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
+    print(f"| {'what':<58} | {'images/s':>9} | {'vs floor':>8} |")
+    print(f"|{'-' * 60}|{'-' * 11}|{'-' * 10}|")
+    rows = [("decode floor: bare simplejpeg loop, 1 process", floor),
+            ("bare PIL decode loop, 1 process", rates["pil"]),
+            ("loader, num_workers=0 (everything in 1 process)", rates["loader0"]),
+            ("loader, num_workers=1 (per worker process)", rates["loader1"]),
+            ("packer, folder of 112x112 JPEGs (kept as is), 1 worker", pack_rate),
+            ("packer, folder + --landmarks (align, re-encode), 1 worker", align_rate)]
+    for name, rate in rows:
+        ratio = f"{rate / floor:.2f}" if "loader" in name or "PIL" in name else ""
+        print(f"| {name:<58} | {rate:>9.0f} | {ratio:>8} |")
+
+
+if __name__ == "__main__":
+    main()
