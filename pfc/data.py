@@ -186,13 +186,12 @@ def decode_into(sample: dict, out: np.ndarray, counter: SkipCounter) -> bool:
     (and counted) when it does not decode or has another size."""
     url, key = sample.get("__url__", "?"), sample.get("__key__", "?")
     try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(sample["jpg"])
-        if (height, width) != out.shape[:2]:
-            counter.skip(url, key, f"image is {width}x{height}, expected {out.shape[1]}x{out.shape[0]}")
-            return False
-        simplejpeg.decode_jpeg(sample["jpg"], colorspace="RGB", buffer=out)
-    except ValueError as exc:
-        counter.skip(url, key, f"JPEG does not decode ({exc})")
+        decoded = simplejpeg.decode_jpeg(sample["jpg"], colorspace="RGB", buffer=out)
+    except ValueError as exc:   # also: an image larger than ``out``
+        counter.skip(url, key, f"JPEG does not decode at {out.shape[1]}x{out.shape[0]} ({exc})")
+        return False
+    if decoded.shape != out.shape:
+        counter.skip(url, key, f"image is {decoded.shape[1]}x{decoded.shape[0]}, expected {out.shape[1]}x{out.shape[0]}")
         return False
     return True
 
@@ -200,17 +199,16 @@ def decode_into(sample: dict, out: np.ndarray, counter: SkipCounter) -> bool:
 def assemble_batches(samples, quota: int, batch_size: int, image_size: tuple[int, int], num_classes: int,
                      flip: bool, rng: np.random.Generator, counter: SkipCounter, give_up_after: int) -> Iterator[tuple]:
     """Decode raw samples into batches until ``quota`` good samples are out (corrupt ones are
-    skipped). Yields (images float32 [b, 3, H, W] in [-1, 1], labels int64 [b], skipped since the
-    previous batch). ``images`` is a channels-last view of one contiguous [b, H, W, 3] buffer
-    (``images.is_contiguous(memory_format=torch.channels_last)``), which saves a transposing copy;
-    with ``flip`` each image is mirrored left-right with probability 1/2. ValueError after
+    skipped). Yields (pixels uint8 [b, H, W, 3], labels int64 [b], skipped since the previous
+    batch); with ``flip`` each image is mirrored left-right with probability 1/2. ValueError after
     ``give_up_after`` bad samples in a row (nothing decodes)."""
     height, width = image_size
-    pixels = np.empty((batch_size, height, width, 3), dtype=np.uint8)
-    labels = np.empty(batch_size, dtype=np.int64)
-    filled = produced = bad_in_a_row = 0
     if quota <= 0:
         return
+    pixels = np.empty((batch_size, height, width, 3), dtype=np.uint8)
+    labels = np.empty(batch_size, dtype=np.int64)
+    flips = rng.random(batch_size) < 0.5 if flip else None
+    filled = produced = bad_in_a_row = 0
     for sample in samples:
         label = _label(sample, num_classes, counter)
         if label is None or not decode_into(sample, pixels[filled], counter):
@@ -220,19 +218,34 @@ def assemble_batches(samples, quota: int, batch_size: int, image_size: tuple[int
                                  f"last: {sample.get('__key__')} of {sample.get('__url__')})")
             continue
         bad_in_a_row = 0
-        if flip and rng.random() < 0.5:
+        if flip and flips[filled]:
             image = torch.from_numpy(pixels[filled])
             image.copy_(image.flip(1))
         labels[filled] = label
         filled += 1
         produced += 1
         if filled == batch_size:
-            images = torch.from_numpy(pixels).to(torch.float32)
-            images.mul_(1.0 / 127.5).sub_(1.0)   # in place: no second batch-sized buffer
-            yield images.permute(0, 3, 1, 2), torch.from_numpy(labels.copy()), counter.take()
+            yield torch.from_numpy(pixels), torch.from_numpy(labels), counter.take()
+            pixels = np.empty((batch_size, height, width, 3), dtype=np.uint8)
+            labels = np.empty(batch_size, dtype=np.int64)
+            flips = rng.random(batch_size) < 0.5 if flip else None
             filled = 0
         if produced == quota:
             return
+
+
+def to_float_images(pixels: torch.Tensor, device=None) -> torch.Tensor:
+    """uint8 [b, H, W, 3] → float32 [b, 3, H, W] in [-1, 1] (x / 127.5 − 1) on ``device``.
+
+    The result is a channels-last view of one contiguous [b, H, W, 3] buffer
+    (``images.is_contiguous(memory_format=torch.channels_last)``): convolutions take it as is,
+    and it saves a transposing copy; call ``.contiguous()`` for the NCHW layout.
+    """
+    if device is not None:
+        pixels = pixels.to(device, non_blocking=True)   # uint8: a quarter of the float bytes
+    images = pixels.to(torch.float32)
+    images.mul_(1.0 / 127.5).sub_(1.0)   # in place: no second batch-sized buffer
+    return images.permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,8 +308,9 @@ class FaceLoader:
     ``set_epoch(e)`` selects the shuffle of epoch ``e`` for the next iteration.
     """
 
-    def __init__(self, spec: LoaderSpec, num_workers: int, prefetch_factor: int | None):
+    def __init__(self, spec: LoaderSpec, num_workers: int, prefetch_factor: int | None, device=None):
         self.spec = spec
+        self.device = device
         self.num_workers = num_workers
         self.prefetch_factor = prefetch_factor
         self.stats = {"skipped": 0}
@@ -314,19 +328,24 @@ class FaceLoader:
     def __iter__(self):
         loader = DataLoader(ShardStream(self.spec), batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None)
-        for images, labels, skipped in loader:
+        for pixels, labels, skipped in loader:
             self.stats["skipped"] += int(skipped)
-            yield images, labels
+            if self.device is not None:
+                labels = labels.to(self.device, non_blocking=True)
+            yield to_float_images(pixels, self.device), labels
 
 
 def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: int, num_workers: int,
                 seed: int, epoch: int, augment: bool = True, allow_pipe: bool = False,
-                shuffle_buffer_size: int = 1000, prefetch_factor: int | None = 2) -> FaceLoader:
+                shuffle_buffer_size: int = 1000, prefetch_factor: int | None = 2, device=None) -> FaceLoader:
     """The training batches of ``rank`` of ``world_size`` for one epoch (see the module docstring).
 
     Yields (images float32 [batch_size, 3, H, W] in [-1, 1], labels int64 [batch_size]);
     ``len(loader) = num_samples // (world_size · batch_size)`` on every rank. ``augment`` flips
-    images horizontally with probability 1/2. Shard locations are local paths or URLs webdataset
+    images horizontally with probability 1/2. Workers decode to uint8 and the float conversion
+    runs where the batch is consumed, on ``device`` if given (a quarter of the bytes to move, and
+    on a GPU the conversion is nearly free); images are channels-last views (see
+    :func:`to_float_images`). Shard locations are local paths or URLs webdataset
     opens; ``pipe:`` URLs (shell commands) only with ``allow_pipe=True``. Raises ValueError for a
     missing/malformed manifest, an empty shard list, a missing local shard, bad arguments, or a
     dataset smaller than one batch per rank.
@@ -346,4 +365,4 @@ def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: i
     if batches_per_rank(manifest["num_samples"], batch_size, world_size) == 0:
         raise ValueError(f"{manifest['num_samples']} samples are fewer than one batch of {batch_size} "
                          f"per rank for {world_size} ranks")
-    return FaceLoader(spec, num_workers, prefetch_factor)
+    return FaceLoader(spec, num_workers, prefetch_factor, device)

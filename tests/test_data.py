@@ -261,6 +261,11 @@ def test_tar_reader_matches_tarfile_including_pax_and_long_names(tmp_path):
         with pytest.raises(TarDamage):
             list(iter_samples(io.BytesIO(data[:cut]), "u"))
     damaged = bytearray(data)
-    damaged[0] ^= 1
+    damaged[257] ^= 1   # the magic
     with pytest.raises(TarDamage, match="checksum"):
+        list(iter_samples(io.BytesIO(bytes(damaged)), "u"))
+    damaged = bytearray(data)
+    header = next(o for o in range(0, len(data), 512) if data[o:o + 9] == b"a/k1.jpg\0")
+    damaged[header + 124:header + 136] = b"00000000077\0"   # a wrong size: the next header is off
+    with pytest.raises(TarDamage):
         list(iter_samples(io.BytesIO(bytes(damaged)), "u"))
