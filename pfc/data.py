@@ -2,7 +2,7 @@
 
     loader = make_loader("data/shards", batch_size=128, rank=r, world_size=N, num_workers=4,
                          seed=0, epoch=e)
-    for images, labels in loader:      # float32 [b, 3, H, W] in [-1, 1], int64 [b]
+    for images, labels in loader:      # float32 [b, 3, H, W] in [-1, 1] (channels-last), int64 [b]
         ...
     len(loader)                          # batches per rank this epoch, the same on every rank
     loader.stats                         # {"skipped": corrupt samples/tar errors skipped so far}
@@ -21,6 +21,10 @@ it tops up its quota with the positions that follow its range (cyclically, aroun
 be) — those are then seen twice in that epoch, the price of keeping the counts equal; only data
 with no readable sample at all is an error. Within a worker, samples pass a
 seeded shuffle buffer; horizontal flips are drawn from (seed, epoch, rank, worker).
+
+Work split: DataLoader workers read, shuffle, decode (simplejpeg, straight into the batch) and
+flip, and hand over uint8 [b, H, W, 3] batches; the conversion to float happens where the batch
+is consumed (on ``device`` when given), so workers move a quarter of the bytes.
 
 Corrupt samples (undecodable or wrong-size JPEG, missing member, non-integer label, unreadable
 tar) are skipped with a warning naming the shard and key and counted in ``loader.stats``; a label
@@ -275,6 +279,7 @@ class ShardStream(IterableDataset):
         self.spec = spec
 
     def batches(self) -> int:
+        """Batches this rank yields per epoch (see :func:`batches_per_rank`)."""
         return batches_per_rank(sum(self.spec.counts), self.spec.batch_size, self.spec.world_size)
 
     def __iter__(self):

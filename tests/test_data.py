@@ -154,8 +154,9 @@ def test_loader_values_determinism_and_flips(small_set):
     import simplejpeg
 
     root, images = small_set
-    plain = list(make_loader(root, 4, 0, 1, 0, seed=0, epoch=0, augment=False))
+    plain = list(make_loader(root, 4, 0, 1, 0, seed=0, epoch=0, augment=False, device="cpu"))
     assert len(plain) == 5
+    assert plain[0][0].shape == (4, 3, 112, 112) and plain[0][0].is_contiguous(memory_format=torch.channels_last)
     for batch, labels in plain:
         assert batch.min() >= -1 and batch.max() <= 1
         for image, label in zip(batch, labels):
