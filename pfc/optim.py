@@ -1,0 +1,125 @@
+"""Row-sparse SGD for the class centers.
+
+Partial FC touches only the sampled rows of the center matrix each step. ``SparseRowSGD``
+updates exactly those rows (weights and momentum of every other row stay bit-identical) and
+never materialises a dense gradient; its work and memory traffic scale with the sampled rows.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class SparseRowSGD(torch.optim.Optimizer):
+    """SGD with momentum and weight decay, applied row by row to the rows that have a gradient.
+
+    For every row ``j`` present in ``p.grad`` (a sparse COO tensor over rows, or dense = all rows):
+
+        d_j = grad_j + weight_decay · w_j
+        v_j = momentum · v_j + d_j           (v starts at 0, as torch.optim.SGD's first step)
+        w_j = w_j − lr · v_j
+
+    With a dense gradient this is bit-identical to ``torch.optim.SGD(lr, momentum,
+    weight_decay=weight_decay)``. Duplicate rows in an uncoalesced sparse gradient (gradient
+    accumulation) are summed first. The momentum buffer is allocated eagerly as
+    ``state[p]["momentum_buffer"]`` (dense, same shape as ``p``); ``momentum_dtype`` may store it
+    in a narrower type (e.g. ``torch.bfloat16`` halves the optimizer memory; the update is then
+    computed in the parameter's dtype and rounded when stored).
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 momentum_dtype: torch.dtype | None = None, chunk_rows: int = 1024):
+        if not lr >= 0:
+            raise ValueError(f"learning rate {lr} must be >= 0")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum {momentum} outside [0, 1)")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay {weight_decay} must be >= 0")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows {chunk_rows} must be >= 1")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.momentum_dtype = momentum_dtype
+        self.chunk_rows = chunk_rows
+        self._scratch_blocks: dict = {}
+        for group in self.param_groups:
+            for param in group["params"]:
+                if group["momentum"]:
+                    self.state[param]["momentum_buffer"] = torch.zeros_like(
+                        param, dtype=momentum_dtype or param.dtype, memory_format=torch.contiguous_format)
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.momentum_dtype is not None:  # the base class casts state to the parameter dtype
+            for state in self.state.values():
+                if "momentum_buffer" in state:
+                    state["momentum_buffer"] = state["momentum_buffer"].to(self.momentum_dtype)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                self._update(param, group)
+        return loss
+
+    def _update(self, param, group):
+        rows, values = _row_gradient(param.grad)
+        buffer = self.state[param].get("momentum_buffer")
+        num_rows = values.shape[0]
+        for start in range(0, num_rows, self.chunk_rows):
+            stop = min(start + self.chunk_rows, num_rows)
+            if rows is None:  # dense: update views in place
+                self._update_rows(param[start:stop], None if buffer is None else buffer[start:stop],
+                                  values[start:stop], group)
+                continue
+            index = rows[start:stop]
+            weight_rows = torch.index_select(param, 0, index, out=self._scratch("weight", stop - start, param))
+            buffer_rows = None if buffer is None else torch.index_select(
+                buffer, 0, index, out=self._scratch("momentum", stop - start, buffer))
+            self._update_rows(weight_rows, buffer_rows, values[start:stop], group)
+            param[index] = weight_rows
+            if buffer is not None:
+                buffer[index] = buffer_rows
+
+    def _scratch(self, name, rows, like):
+        """A reused ``[rows, …]`` block (fresh memory would page-fault on every step)."""
+        key = (name, like.dtype, like.device, like.shape[1:])
+        block = self._scratch_blocks.get(key)
+        if block is None or block.shape[0] < rows:
+            block = like.new_empty((max(rows, self.chunk_rows), *like.shape[1:]))
+            self._scratch_blocks[key] = block
+        return block[:rows]
+
+    def _update_rows(self, weight, buffer, grad, group):
+        step = grad
+        if group["weight_decay"]:
+            step = torch.add(grad, weight, alpha=group["weight_decay"], out=self._scratch("step", len(grad), grad))
+        if buffer is None:
+            weight.add_(step, alpha=-group["lr"])
+            return
+        if buffer.dtype == weight.dtype:
+            buffer.mul_(group["momentum"]).add_(step)
+            weight.add_(buffer, alpha=-group["lr"])
+        else:
+            velocity = self._scratch("velocity", len(buffer), weight)
+            velocity.copy_(buffer).mul_(group["momentum"]).add_(step)
+            buffer.copy_(velocity)
+            weight.add_(velocity, alpha=-group["lr"])
+
+
+def _row_gradient(grad: torch.Tensor):
+    """``(rows, values)`` of a row gradient: rows ``None`` for a dense one. A sparse gradient whose
+    rows are already strictly increasing (the head's, even after autograd drops the coalesced
+    flag) is used as it is; anything else is coalesced, summing duplicate rows."""
+    if not grad.is_sparse:
+        return None, grad
+    if not grad.is_coalesced() and grad.sparse_dim() == 1:
+        rows = grad._indices()[0]
+        if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+            return rows, grad._values()
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
