@@ -104,6 +104,10 @@ class FolderSource:
         with open(os.path.join(self.root, ref), "rb") as stream:
             return stream.read()
 
+    def __getstate__(self):
+        # Packing workers only read; the item list (millions of entries) stays in the parent.
+        return {"root": self.root}
+
 
 class RecordSource:
     """Images in ``PREFIX.rec``/``PREFIX.idx``; class k is the k-th smallest distinct RecordIO label.
@@ -139,9 +143,8 @@ class RecordSource:
         return unpack_record(self._records.read(int(ref)))[1]
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_records"] = None
-        return state
+        # Packing workers only read: no item list, no open file handle.
+        return {"prefix": self.prefix, "_records": None}
 
 
 def _progress(iterable, enabled: bool, description: str, total: int | None = None):

@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import pickle
 import struct
 import tarfile
 
@@ -107,6 +108,8 @@ def test_rec_pack_round_trip(rec_dataset, tmp_path):
     prefix, images, labels = rec_dataset
     source = RecordSource(prefix)
     assert source.classes == ["10", "20", "30"]
+    clone = pickle.loads(pickle.dumps(source))   # what packing workers receive: no item list
+    assert clone.read("2") == source.read("2") and not hasattr(clone, "items")
     summary = pack(source, str(tmp_path / "out"), PackOptions(shard_size=2, progress=False))
     assert [ref for ref, _ in summary.skipped] == ["4"]
     samples, manifest = read_all_samples(str(tmp_path / "out"))
