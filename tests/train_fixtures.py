@@ -1,40 +1,24 @@
-"""Training-test fixtures: a tiny webdataset shard set and a small trainer config for it."""
+"""Training-test fixtures: a tiny shard set (small images, many steps per second) and a trainer config."""
 from __future__ import annotations
 
-import io
-import json
-import os
-import tarfile
-
 import numpy as np
-import simplejpeg
+
+from tests.data_fixtures import jpeg, write_shard_set
 
 
 def write_shards(root: str, num_classes: int = 12, per_class: int = 8, image_size: int = 16,
                  samples_per_shard: int = 20, seed: int = 0) -> str:
-    """Write ``num_classes × per_class`` JPEG samples into tar shards under ``root``; returns ``root``."""
+    """``num_classes × per_class`` JPEGs of ``image_size``² (a grey level per class plus noise) in
+    shards of ``samples_per_shard``; returns ``root``."""
     rng = np.random.default_rng(seed)
-    os.makedirs(root, exist_ok=True)
     labels = rng.permutation(np.repeat(np.arange(num_classes), per_class))
-    shards = []
-    for start in range(0, len(labels), samples_per_shard):
-        name = f"shard-{len(shards):06d}.tar"
-        chunk = labels[start:start + samples_per_shard]
-        with tarfile.open(os.path.join(root, name), "w") as tar:
-            for offset, label in enumerate(chunk):
-                base = np.full((image_size, image_size, 3), 20 * (label % 12), dtype=np.uint8)
-                noise = rng.integers(0, 40, size=base.shape, dtype=np.uint8)
-                members = {"jpg": simplejpeg.encode_jpeg(np.ascontiguousarray(base + noise), quality=95),
-                           "cls": str(int(label)).encode()}
-                for ext, payload in members.items():
-                    info = tarfile.TarInfo(f"{start + offset:08d}.{ext}")
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-        shards.append({"name": name, "num_samples": int(len(chunk))})
-    manifest = {"format": "pfc-shards-1", "num_classes": num_classes, "num_samples": int(len(labels)),
-                "image_size": [image_size, image_size], "shards": shards, "source": "tests"}
-    with open(os.path.join(root, "dataset.json"), "w") as handle:
-        json.dump(manifest, handle)
+    samples = []
+    for index, label in enumerate(labels):
+        pixels = np.full((image_size, image_size, 3), 20 * (label % 12), dtype=np.uint8)
+        pixels += rng.integers(0, 40, size=pixels.shape, dtype=np.uint8)
+        samples.append((f"{index:08d}", {"jpg": jpeg(pixels), "cls": str(int(label)).encode()}))
+    shards = [samples[start:start + samples_per_shard] for start in range(0, len(samples), samples_per_shard)]
+    write_shard_set(root, shards, num_classes, size=(image_size, image_size))
     return root
 
 
