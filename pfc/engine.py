@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -352,8 +353,8 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
     while state.step < state.total_steps:
         loader = iter(build_loader(config, runtime, state.epoch))
         steps_this_epoch = min(steps_per_epoch, state.total_steps - state.step)
-        bar = tqdm(total=steps_this_epoch, desc=f"epoch {state.epoch}", disable=not runtime.is_main,
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(total=steps_this_epoch, desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False,
+                   disable=not (runtime.is_main and sys.stderr.isatty()))
         for _ in range(steps_this_epoch):
             # ---- one optimizer step over grad_accumulation micro-batches
             state.head.set_iteration(state.step)
@@ -380,6 +381,7 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
                 state.batch_in_epoch += 1
                 for key, value in state.head.last_stats.items():
                     window["stats"][key] = window["stats"].get(key, 0.0) + value / config.grad_accumulation
+            lr_used = state.backbone_optimizer.param_groups[0]["lr"]
             optimizer_step(state, config)
             state.step += 1
             last_loss = step_loss
@@ -392,7 +394,7 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
                 elapsed = time.perf_counter() - window["start"]
                 record = {"step": state.step, "epoch": state.epoch, "loss": window["loss"] / window["count"]}
                 record.update({key: value / window["count"] for key, value in window["stats"].items()})
-                record["lr"] = state.backbone_optimizer.param_groups[0]["lr"]
+                record["lr"] = lr_used
                 record["samples_per_s"] = samples_per_step * window["count"] / max(elapsed, 1e-9)
                 record["eta_s"] = (state.total_steps - state.step) * elapsed / window["count"]
                 logger.log_train(record, write=tqdm.write)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -36,9 +37,12 @@ def main(argv: list[str]) -> int:
     size = meta["image_size"]
     example = torch.rand(2, 3, size, size) * 2 - 1
     temporary = f"{output}.tmp"
-    torch.onnx.export(model, (example,), temporary, input_names=["images"], output_names=["embedding"],
-                      dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
-                      opset_version=args.opset, dynamo=False)
+    with warnings.catch_warnings():
+        # the TorchScript exporter is deprecated; the torch.export one needs onnxscript (not a dependency)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (example,), temporary, input_names=["images"], output_names=["embedding"],
+                          dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
+                          opset_version=args.opset, dynamo=False)
     os.replace(temporary, output)
     print(f"wrote {output} ({meta['network']}, input [batch, 3, {size}, {size}], embedding {meta['embedding_size']})")
     try:
