@@ -69,6 +69,11 @@ def partition_bounds(num_classes: int, world_size: int) -> list[tuple[int, int]]
     return [(p.class_start, p.class_end) for p in parts]
 
 
+# torch ≥ 2.11 renames the flat-tensor collectives; older releases have only the old names
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def all_gather_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Concatenate ``tensor`` (same shape on every rank) along dim 0 in rank order. No autograd."""
     world_size = get_world_size(group)
@@ -76,7 +81,7 @@ def all_gather_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:
         return tensor
     out = torch.empty((world_size * tensor.shape[0], *tensor.shape[1:]),
                       dtype=tensor.dtype, device=tensor.device)
-    dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+    _all_gather_flat(out, tensor.contiguous(), group=group)
     return out
 
 
@@ -96,7 +101,7 @@ class _GatherRows(torch.autograd.Function):
         grad = grad_output.contiguous()
         if world_size > 1:
             local = torch.empty((ctx.rows, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(local, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+            _reduce_scatter_flat(local, grad, op=dist.ReduceOp.SUM, group=ctx.group)
             grad = local
         if ctx.grad_scale != 1.0:
             grad = grad * ctx.grad_scale
@@ -110,3 +115,10 @@ def gather_rows(tensor: torch.Tensor, group=None, grad_scale: float = 1.0) -> to
     the gradient of its own rows summed over every rank's graph.
     """
     return _GatherRows.apply(tensor, group, float(grad_scale))
+
+
+def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """In-place all-reduce of ``tensor`` over ``group``; a no-op in a world of size 1."""
+    if get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor

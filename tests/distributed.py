@@ -9,6 +9,7 @@ within ``timeout`` seconds is killed and reported as a hang.
 from __future__ import annotations
 
 import datetime
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -36,7 +37,10 @@ def _worker(fn, rank, world_size, init_file, results, args, timeout_s, threads):
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
+        # as bytes: tensors sent through a queue live in shared memory that dies with this process
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException as exc:  # reported to the parent, never swallowed
         results.put((rank, False, (type(exc).__name__, str(exc), traceback.format_exc())))
     finally:
@@ -76,6 +80,10 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, collective_tim
                         raise RuntimeError(f"ranks {dead} died with exit codes "
                                            f"{[procs[r].exitcode for r in dead]}") from None
                     continue
+                if ok:
+                    import torch
+
+                    value = torch.load(io.BytesIO(value), weights_only=True)
                 outcome[rank] = (ok, value)
         finally:
             for p in procs:

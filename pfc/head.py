@@ -1,0 +1,334 @@
+"""PartialFC: the model-parallel margin-softmax head over sharded class centers.
+
+Data flow of one step on N ranks with b rows each (B = N·b):
+
+1. inputs are checked collectively (shapes, dtypes, label range), so every rank raises the
+   same error instead of hanging in a collective;
+2. the normalised features and the labels are all-gathered: ``X̂ [B, D]``, ``Y [B]``;
+3. each rank samples its centers: every positive (a label in ``Y`` it owns) plus
+   ``⌈ρ·C_r⌉ − #positives`` others drawn uniformly (none when ρ = 1);
+4. :func:`sharded_margin_softmax` computes the exact softmax cross-entropy over all ranks'
+   sampled centers with the margin on the target logit.
+
+Gradient convention (it makes DDP's averaging of the backbone exact): the returned loss is the
+mean over the B gathered rows, identical on every rank; ``weight.grad = ∂loss/∂W_r`` (a sparse
+COO tensor over the sampled rows when ρ < 1, dense when ρ = 1); ``x.grad`` on rank r is
+``N · ∂loss/∂x_r``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pfc.dist import all_gather_tensor, all_reduce_, class_partition, gather_rows, get_rank, get_world_size
+from pfc.margins import ArcFace, Margin
+from pfc.optim import SparseRowSGD
+
+_NORM_EPS = 1e-12
+_INIT_BLOCK_ROWS = 4096
+
+
+def init_centers(num_classes: int, embedding_size: int, class_start: int, num_local: int,
+                 seed: int = 0, std: float = 0.01, dtype=torch.float32) -> torch.Tensor:
+    """Rows ``[class_start, class_start + num_local)`` of a ``num_classes × D`` matrix drawn from
+    ``N(0, std²)``. Rows are generated in fixed global blocks seeded by ``(seed, block)``, so the
+    full matrix is the same whatever the world size (a 2-rank run and a 1-rank run start equal).
+    """
+    out = torch.empty(num_local, embedding_size, dtype=dtype)
+    generator = torch.Generator()
+    first_block = class_start // _INIT_BLOCK_ROWS
+    last_block = (class_start + num_local - 1) // _INIT_BLOCK_ROWS
+    for block in range(first_block, last_block + 1):
+        block_start = block * _INIT_BLOCK_ROWS
+        block_rows = min(_INIT_BLOCK_ROWS, num_classes - block_start)
+        generator.manual_seed(int(np.random.SeedSequence([seed, block]).generate_state(1)[0]))
+        values = torch.randn(block_rows, embedding_size, generator=generator, dtype=torch.float32)
+        lo, hi = max(block_start, class_start), min(block_start + block_rows, class_start + num_local)
+        out[lo - class_start:hi - class_start] = values[lo - block_start:hi - block_start] * std
+    return out
+
+
+def sample_classes(labels: torch.Tensor, class_start: int, num_local: int, sample_rate: float,
+                   generator: torch.Generator | None = None):
+    """Choose this rank's centers for one step and remap the labels to them.
+
+    ``labels`` are the gathered global labels ``[B]``. Returns ``(index, target)``: ``index`` the
+    sorted local rows sampled (``None`` when every row is used), ``target[i]`` the position of
+    row i's class in the sampled set, or −1 when another rank owns it. Every local positive is
+    kept; the number sampled is ``max(⌈ρ·C_r⌉, #positives)``, the rest drawn uniformly without
+    replacement from the other local classes.
+    """
+    local = labels - class_start
+    owned = (local >= 0) & (local < num_local)
+    if sample_rate >= 1.0:
+        return None, torch.where(owned, local, torch.full_like(local, -1))
+    positives = torch.unique(local[owned])
+    num_sample = max(math.ceil(sample_rate * num_local - 1e-9), positives.numel())
+    if num_sample >= num_local:
+        index = torch.arange(num_local, device=labels.device)
+    else:
+        score = torch.rand(num_local, generator=generator, device=labels.device)
+        score[positives] = 2.0  # above every uniform draw: positives are always taken
+        index = torch.topk(score, num_sample, sorted=False).indices.sort().values
+    target = torch.full_like(local, -1)
+    target[owned] = torch.searchsorted(index, local[owned])
+    return index, target
+
+
+def _center_rows(weight, index, start, stop):
+    return weight[start:stop] if index is None else weight.index_select(0, index[start:stop])
+
+
+class _ShardedMarginSoftmax(torch.autograd.Function):
+    """Exact softmax cross-entropy over sharded, sampled class centers (two collectives)."""
+
+    @staticmethod
+    def forward(ctx, features, weight, index, target, margin, group, chunk_rows):
+        num_rows = features.shape[0]
+        num_sampled = weight.shape[0] if index is None else index.numel()
+
+        # cosines, classes-major [S, B] so that every chunk of centers is a contiguous block;
+        # computed as (X̂·Wᵀ) scaled by 1/‖w‖ so no normalised copy of W is ever made
+        logits = features.new_empty(num_sampled, num_rows)
+        inv_norm = features.new_empty(num_sampled)
+        for start in range(0, num_sampled, chunk_rows):
+            stop = min(start + chunk_rows, num_sampled)
+            rows = _center_rows(weight, index, start, stop)
+            torch.linalg.vector_norm(rows, dim=1, out=inv_norm[start:stop])
+            torch.mm(rows, features.t(), out=logits[start:stop])
+            logits[start:stop].mul_(inv_norm[start:stop].clamp_min_(_NORM_EPS).reciprocal_()[:, None])
+        logits.clamp_(-1.0, 1.0)
+
+        # margin on the target logits this rank owns, then the scale s
+        owned_rows = (target >= 0).nonzero().squeeze(1)
+        owned_cols = target[owned_rows]
+        cos_target = logits[owned_cols, owned_rows]
+        margin_value, margin_grad = margin.target_logit(cos_target)
+        logits.mul_(margin.s)
+        logits[owned_cols, owned_rows] = margin.s * margin_value
+
+        # 1. logits max over all ranks (no gradient flows through it)
+        row_max = logits.max(dim=0).values
+        all_reduce_(row_max, dist.ReduceOp.MAX, group)
+
+        # 2. target logits (with and without margin; zero where another rank owns the class)
+        target_logit = logits.new_zeros(num_rows)
+        target_logit[owned_rows] = margin.s * margin_value
+        raw_target_logit = logits.new_zeros(num_rows)
+        raw_target_logit[owned_rows] = margin.s * cos_target
+
+        # 3. sum of exps, one SUM all-reduce together with the target logits
+        logits.sub_(row_max).exp_()  # in place: only the softmax is needed from here on
+        reduced = torch.cat([logits.sum(dim=0), target_logit, raw_target_logit])
+        all_reduce_(reduced, dist.ReduceOp.SUM, group)
+        sum_exp, target_logit, raw_target_logit = reduced.split(num_rows)
+
+        # 4. loss = logsumexp − z_y, mean over the gathered rows
+        loss = (sum_exp.log() + row_max - target_logit).mean()
+        logits.div_(sum_exp)  # in place: the softmax probabilities, kept for the backward
+        correct = (target_logit >= row_max) | (raw_target_logit >= row_max)
+
+        ctx.save_for_backward(features, weight, index, logits, inv_norm, owned_rows, owned_cols, margin_grad)
+        ctx.scale = margin.s
+        ctx.chunk_rows = chunk_rows
+        ctx.weight_needs_grad = weight.requires_grad
+        accuracy = correct.to(features.dtype).mean()
+        ctx.mark_non_differentiable(accuracy)
+        return loss, accuracy
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_accuracy):
+        features, weight, index, probs, inv_norm, owned_rows, owned_cols, margin_grad = ctx.saved_tensors
+        num_sampled, num_rows = probs.shape
+
+        # ∂loss/∂cos: s·(softmax − onehot)/B, times dz_y/dc on the target entries
+        grad_cos = probs  # in place: the probabilities are not needed again
+        grad_cos[owned_cols, owned_rows] -= 1.0
+        grad_cos.mul_(grad_loss * ctx.scale / num_rows)
+        grad_cos[owned_cols, owned_rows] *= margin_grad
+
+        grad_features = torch.zeros_like(features)
+        grad_values = features.new_empty(num_sampled, features.shape[1]) if ctx.weight_needs_grad else None
+        for start in range(0, num_sampled, ctx.chunk_rows):
+            stop = min(start + ctx.chunk_rows, num_sampled)
+            rows = _center_rows(weight, index, start, stop)
+            inv = inv_norm[start:stop, None]
+            chunk_grad = grad_cos[start:stop]
+            if grad_values is not None:
+                # A = Gᵀ·X̂; through the normalisation ŵ = w·r: ∂/∂w = r·(A − ŵ(ŵ·A))
+                grad_rows = grad_values[start:stop]
+                torch.mm(chunk_grad, features, out=grad_rows)
+                projection = torch.linalg.vecdot(grad_rows, rows)[:, None] * inv * inv
+                grad_rows.addcmul_(rows, projection, value=-1.0).mul_(inv)
+            chunk_grad.mul_(inv)  # in place: G·r, for ∂/∂X̂ = Σ_j G_j r_j w_j
+            grad_features.addmm_(chunk_grad.t(), rows)
+
+        grad_weight = None
+        if grad_values is not None:
+            if index is None:
+                grad_weight = grad_values
+            else:
+                grad_weight = torch.sparse_coo_tensor(index[None], grad_values, weight.shape,
+                                                      is_coalesced=True, check_invariants=False)
+        return grad_features, grad_weight, None, None, None, None, None
+
+
+def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
+                           target: torch.Tensor, margin: Margin, group=None, chunk_rows: int = 8192):
+    """Margin softmax cross-entropy over class centers sharded across the ranks of ``group``.
+
+    Args:
+        features: ``[B, D]`` normalised features, the same on every rank (the gathered batch).
+        weight: ``[C_r, D]`` this rank's centers (unnormalised).
+        index: ``[S]`` sorted local rows taking part this step, or ``None`` for all ``C_r``.
+        target: ``[B]`` position of each row's class in this rank's sampled set, −1 elsewhere.
+        margin: applied to the target cosine; logits are then scaled by ``margin.s``.
+
+    Returns ``(loss, accuracy)``: ``loss = mean_i(logsumexp_j z_ij − z_i,y)`` over all ranks'
+    sampled centers, identical on every rank; accuracy is the share of rows whose target cosine
+    is the largest sampled logit. Two collectives (MAX of the row max, one SUM); the backward
+    needs none and yields ``∂loss/∂features`` from this rank's shard only (sum over ranks for
+    the total) and ``∂loss/∂weight`` (sparse COO over ``index`` when given).
+    """
+    return _ShardedMarginSoftmax.apply(features, weight, index, target, margin, group, chunk_rows)
+
+
+_DTYPE_CODES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
+                torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPE_CODES[code]).replace("torch.", "") if 0 <= code < len(_DTYPE_CODES) else "other"
+
+
+class PartialFC(nn.Module):
+    """Sharded class centers with Partial-FC sampling and an exact distributed margin softmax.
+
+    Rank r of N owns rows ``[class_start, class_start + num_local)`` of the ``C × D`` center
+    matrix, ``num_local = C//N + (r < C%N)``. ``forward(x, labels)`` takes this rank's
+    embeddings ``[b, D]`` and global labels ``[b]`` and returns the loss (the same scalar on
+    every rank); see the module docstring for the gradient convention. ``sample_rate`` ρ < 1
+    samples ``max(⌈ρ·C_r⌉, #positives)`` centers per rank per step in training mode (all
+    centers in eval mode); the sample is reproducible from ``(seed, rank, iteration)``.
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: Margin | None = None,
+                 sample_rate: float = 1.0, group=None, seed: int = 0, init_std: float = 0.01,
+                 chunk_rows: int = 8192, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate={sample_rate} outside (0, 1]")
+        if embedding_size < 1:
+            raise ValueError(f"embedding_size={embedding_size} must be >= 1")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
+        self.group = group
+        self.rank = get_rank(group)
+        self.world_size = get_world_size(group)
+        partition = class_partition(num_classes, self.world_size, self.rank)
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.class_start = partition.class_start
+        self.num_local = partition.num_local
+        self.margin = margin if margin is not None else ArcFace()
+        self.sample_rate = float(sample_rate)
+        self.seed = seed
+        self.chunk_rows = chunk_rows
+        self.weight = nn.Parameter(init_centers(num_classes, embedding_size, self.class_start,
+                                                self.num_local, seed, init_std, dtype).to(device))
+        self.iteration = 0
+        self._forwards_this_iteration = 0
+        self._stats: dict[str, torch.Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+                f"rows=[{self.class_start}, {self.class_start + self.num_local}), "
+                f"sample_rate={self.sample_rate}, margin={self.margin}")
+
+    def set_iteration(self, iteration: int) -> None:
+        """Set the training iteration: seeds the sampling and advances the margin's schedule."""
+        self.iteration = int(iteration)
+        self._forwards_this_iteration = 0
+        self.margin.set_iteration(iteration)
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """Parts of the last forward as floats: ``ce`` (the cross-entropy), ``accuracy``
+        (share of the gathered batch whose target is the top sampled logit), and the
+        regularisers' terms when enabled. Reading it synchronises with the device."""
+        return {name: float(value) for name, value in self._stats.items()}
+
+    def optimizer(self, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
+                  **options) -> SparseRowSGD:
+        """The center optimizer: SGD that updates only the rows sampled this step
+        (see :class:`pfc.optim.SparseRowSGD`)."""
+        return SparseRowSGD([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay, **options)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss of this step; ``x [b, D]`` this rank's embeddings, ``labels [b]`` global ids."""
+        self._check_inputs(x, labels)
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            features = F.normalize(x.to(self.weight.dtype), dim=1, eps=_NORM_EPS)
+            features = gather_rows(features, self.group, grad_scale=self.world_size)
+            labels = all_gather_tensor(labels.to(self.weight.device, torch.int64), self.group)
+            index, target = self._sample(labels)
+            loss, accuracy = sharded_margin_softmax(features, self.weight, index, target, self.margin,
+                                                    self.group, self.chunk_rows)
+        self._stats = {"ce": loss.detach(), "accuracy": accuracy}
+        return loss
+
+    def _sample(self, labels):
+        if not self.training or self.sample_rate >= 1.0:
+            return sample_classes(labels, self.class_start, self.num_local, 1.0)
+        generator = torch.Generator(device=self.weight.device)
+        generator.manual_seed(int(np.random.SeedSequence(
+            [self.seed, self.rank, self.iteration, self._forwards_this_iteration]).generate_state(1)[0]))
+        self._forwards_this_iteration += 1
+        return sample_classes(labels, self.class_start, self.num_local, self.sample_rate, generator)
+
+    def _check_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """Gather a few facts about every rank's inputs and raise the same error on all ranks."""
+        def code(dtype):
+            return _DTYPE_CODES.index(dtype) if dtype in _DTYPE_CODES else -1
+
+        integer_labels = not labels.dtype.is_floating_point and labels.dtype != torch.bool
+        has_labels = integer_labels and labels.numel() > 0
+        facts = torch.tensor([
+            x.dim(), x.shape[0] if x.dim() else -1, x.shape[-1] if x.dim() else -1, code(x.dtype),
+            labels.dim(), labels.shape[0] if labels.dim() else -1, code(labels.dtype), int(integer_labels),
+            int(labels.min()) if has_labels else 0, int(labels.max()) if has_labels else 0,
+        ], dtype=torch.int64, device=self.weight.device)
+        table = all_gather_tensor(facts[None], self.group).tolist()
+
+        problems = []
+        for rank, (x_dim, rows, width, x_code, label_dim, label_rows, label_code, is_int, low, high) in enumerate(table):
+            where = f"rank {rank}: " if self.world_size > 1 else ""
+            if x_dim != 2:
+                problems.append(f"{where}embeddings must be [batch, {self.embedding_size}], got a {x_dim}-d tensor")
+            elif width != self.embedding_size:
+                problems.append(f"{where}embedding width {width} does not match embedding_size={self.embedding_size}")
+            elif rows == 0:
+                problems.append(f"{where}empty batch")
+            if _dtype_name(x_code) not in ("float32", "float64", "float16", "bfloat16"):
+                problems.append(f"{where}embeddings must be floating point, got {_dtype_name(x_code)}")
+            if not is_int:
+                problems.append(f"{where}labels must be an integer tensor, got {_dtype_name(label_code)}")
+            elif label_dim != 1 or label_rows != rows:
+                problems.append(f"{where}labels must have shape [{rows}] to match the embeddings")
+            elif low < 0 or high >= self.num_classes:
+                bad = low if low < 0 else high
+                problems.append(f"{where}label {bad} outside [0, {self.num_classes})")
+        if not problems:
+            sizes = [row[1] for row in table]
+            if len(set(sizes)) > 1:
+                problems.append(f"batch sizes differ across ranks: {sizes}; every rank must pass the same batch size")
+            dtypes = [_dtype_name(row[3]) for row in table]
+            if len(set(dtypes)) > 1:
+                problems.append(f"embedding dtypes differ across ranks: {dtypes}")
+        if problems:
+            raise ValueError("PartialFC input: " + "; ".join(problems))

@@ -1,0 +1,217 @@
+"""PartialFC on real multi-process gloo groups against a single-process float64 reference."""
+import math
+import time
+
+import pytest
+import torch
+
+from pfc.dist import partition_bounds
+from pfc.head import PartialFC, init_centers, sample_classes
+from pfc.margins import ArcFace, CombinedMargin, CosFace, SphereFace
+from tests.distributed import run_ranks
+from tests.reference import reference_loss, relative_error
+
+NUM_CLASSES, DIM, BATCH, SEED = 23, 16, 6, 7
+MARGINS = {
+    "combined": lambda: CombinedMargin(s=64.0, m1=1.2, m2=0.3, m3=0.2),
+    "arc": lambda: ArcFace(s=64.0, m=0.5),
+    "cos": lambda: CosFace(s=30.0, m=0.35),
+    "sphere": lambda: SphereFace(s=30.0, m=4),
+}
+SPHERE_ITERATION = 100
+
+
+def _labels(pattern, world_size, num_classes, batch, seed):
+    """Gathered labels [N·b]: every shard boundary present, or all owned by the last rank."""
+    generator = torch.Generator().manual_seed(seed)
+    bounds = partition_bounds(num_classes, world_size)
+    total = world_size * batch
+    if pattern == "boundaries":
+        edges = sorted({c for start, end in bounds for c in (start, end - 1)})
+        rest = torch.randint(0, num_classes, (total - len(edges),), generator=generator)
+        labels = torch.cat([torch.tensor(edges), rest])
+        return labels[torch.randperm(total, generator=generator)]
+    start, end = bounds[-1]
+    return torch.randint(start, end, (total,), generator=generator)
+
+
+def _features(world_size, batch, dim, seed):
+    return torch.randn(world_size * batch, dim, generator=torch.Generator().manual_seed(seed + 1))
+
+
+def _exact_worker(rank, world_size, cases):
+    results = []
+    for margin_name, pattern in cases:
+        labels = _labels(pattern, world_size, NUM_CLASSES, BATCH, SEED)[rank * BATCH:(rank + 1) * BATCH]
+        x = _features(world_size, BATCH, DIM, SEED)[rank * BATCH:(rank + 1) * BATCH].clone().requires_grad_()
+        margin = MARGINS[margin_name]()
+        head = PartialFC(NUM_CLASSES, DIM, margin=margin, sample_rate=1.0, seed=SEED)
+        head.set_iteration(SPHERE_ITERATION)
+        loss = head(x, labels)
+        loss.backward()
+        assert not head.weight.grad.is_sparse
+        results.append(dict(loss=loss.item(), x_grad=x.grad, weight_grad=head.weight.grad,
+                            class_start=head.class_start, num_local=head.num_local, stats=head.last_stats))
+    return results
+
+
+CASES = [(name, pattern) for name in MARGINS for pattern in ("boundaries", "one_owner")]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_full_softmax_equals_float64_reference(world_size):
+    per_rank = run_ranks(_exact_worker, world_size, CASES)
+    centers = init_centers(NUM_CLASSES, DIM, 0, NUM_CLASSES, SEED).double().requires_grad_()
+    for case_index, (margin_name, pattern) in enumerate(CASES):
+        margin = MARGINS[margin_name]()
+        margin.set_iteration(SPHERE_ITERATION)
+        features = _features(world_size, BATCH, DIM, SEED).double().requires_grad_()
+        labels = _labels(pattern, world_size, NUM_CLASSES, BATCH, SEED)
+        centers.grad = None
+        expected = reference_loss(features, labels, centers, margin)
+        expected.backward()
+        for rank in range(world_size):
+            got = per_rank[rank][case_index]
+            where = f"{margin_name}/{pattern} rank {rank}/{world_size}"
+            assert got["loss"] == pytest.approx(expected.item(), rel=1e-5), where
+            assert got["stats"]["ce"] == pytest.approx(got["loss"]), where
+            rows = slice(rank * BATCH, (rank + 1) * BATCH)
+            # x.grad on rank r is N · ∂loss/∂x_r
+            assert relative_error(got["x_grad"], world_size * features.grad[rows]) < 1e-5, where
+            centers_rows = slice(got["class_start"], got["class_start"] + got["num_local"])
+            assert relative_error(got["weight_grad"], centers.grad[centers_rows]) < 1e-5, where
+        # every rank returns the same scalar
+        assert len({per_rank[r][case_index]["loss"] for r in range(world_size)}) == 1
+
+
+SAMPLED_CLASSES, SAMPLE_RATE = 50, 0.3
+
+
+def _sampled_worker(rank, world_size):
+    margin = ArcFace(s=64.0, m=0.5)
+    labels_all = torch.randint(0, SAMPLED_CLASSES, (world_size * BATCH,), generator=torch.Generator().manual_seed(5))
+    labels = labels_all[rank * BATCH:(rank + 1) * BATCH]
+    x = _features(world_size, BATCH, DIM, 11)[rank * BATCH:(rank + 1) * BATCH].clone().requires_grad_()
+    head = PartialFC(SAMPLED_CLASSES, DIM, margin=margin, sample_rate=SAMPLE_RATE, seed=SEED)
+    optimizer = head.optimizer(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    optimizer.state[head.weight]["momentum_buffer"].normal_()  # untouched rows must keep any state
+    head.set_iteration(3)
+    loss = head(x, labels)
+    loss.backward()
+    grad = head.weight.grad
+    assert grad.is_sparse
+    sampled_local = grad.coalesce().indices()[0]
+    weight_before = head.weight.detach().clone()
+    momentum_before = optimizer.state[head.weight]["momentum_buffer"].clone()
+    optimizer.step()
+    unsampled = torch.ones(head.num_local, dtype=torch.bool)
+    unsampled[sampled_local] = False
+    momentum_after = optimizer.state[head.weight]["momentum_buffer"]
+    unchanged = dict(
+        weight=torch.equal(head.weight.detach()[unsampled], weight_before[unsampled]),
+        momentum=torch.equal(momentum_after[unsampled], momentum_before[unsampled]),
+        sampled_moved=bool((head.weight.detach()[sampled_local] != weight_before[sampled_local]).any(dim=1).all()),
+    )
+    # the same (seed, rank, iteration) reproduces the sample; another iteration changes it
+    again = PartialFC(SAMPLED_CLASSES, DIM, margin=margin, sample_rate=SAMPLE_RATE, seed=SEED)
+    again.set_iteration(3)
+    again(x.detach(), labels).backward()
+    other = PartialFC(SAMPLED_CLASSES, DIM, margin=margin, sample_rate=SAMPLE_RATE, seed=SEED)
+    other.set_iteration(4)
+    other(x.detach(), labels).backward()
+    return dict(loss=loss.item(), x_grad=x.grad, weight_grad=grad.to_dense(), sampled=sampled_local + head.class_start,
+                class_start=head.class_start, num_local=head.num_local, unchanged=unchanged,
+                same_again=torch.equal(again.weight.grad.coalesce().indices()[0], sampled_local),
+                other_iteration=other.weight.grad.coalesce().indices()[0] + head.class_start)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sampled_softmax_equals_reference_on_the_sampled_classes(world_size):
+    per_rank = run_ranks(_sampled_worker, world_size)
+    labels = torch.randint(0, SAMPLED_CLASSES, (world_size * BATCH,), generator=torch.Generator().manual_seed(5))
+    sampled = torch.cat([r["sampled"] for r in per_rank])
+    for r in per_rank:
+        positives = {int(c) for c in labels if r["class_start"] <= c < r["class_start"] + r["num_local"]}
+        assert positives <= set(r["sampled"].tolist())
+        assert len(r["sampled"]) == max(math.ceil(SAMPLE_RATE * r["num_local"]), len(positives))
+        assert r["unchanged"] == dict(weight=True, momentum=True, sampled_moved=True)
+        assert r["same_again"]
+    assert not all(torch.equal(r["sampled"], r["other_iteration"]) for r in per_rank)
+
+    centers = init_centers(SAMPLED_CLASSES, DIM, 0, SAMPLED_CLASSES, SEED).double()
+    subset = centers[sampled].clone().requires_grad_()
+    remapped = torch.searchsorted(sampled, labels)
+    features = _features(world_size, BATCH, DIM, 11).double().requires_grad_()
+    expected = reference_loss(features, remapped, subset, ArcFace(s=64.0, m=0.5))
+    expected.backward()
+    offset = 0
+    for rank, r in enumerate(per_rank):
+        assert r["loss"] == pytest.approx(expected.item(), rel=1e-5)
+        rows = slice(rank * BATCH, (rank + 1) * BATCH)
+        assert relative_error(r["x_grad"], world_size * features.grad[rows]) < 1e-5
+        count = len(r["sampled"])
+        local_rows = r["sampled"] - r["class_start"]
+        assert relative_error(r["weight_grad"][local_rows], subset.grad[offset:offset + count]) < 1e-5
+        untouched = torch.ones(r["num_local"], dtype=torch.bool)
+        untouched[local_rows] = False
+        assert torch.count_nonzero(r["weight_grad"][untouched]) == 0
+        offset += count
+
+
+def test_sample_classes_counts_and_remap():
+    labels = torch.tensor([3, 3, 10, 12, 40])
+    generator = torch.Generator().manual_seed(0)
+    index, target = sample_classes(labels, class_start=2, num_local=20, sample_rate=0.1, generator=generator)
+    assert index.tolist() == [1, 8, 10]  # three positives beat ⌈0.1·20⌉ = 2
+    assert target.tolist() == [0, 0, 1, 2, -1]
+    index, _ = sample_classes(labels, class_start=2, num_local=20, sample_rate=0.5, generator=generator)
+    assert len(index) == 10 and {1, 8, 10} <= set(index.tolist()) and index.tolist() == sorted(index.tolist())
+
+
+def _bad_input_worker(rank, world_size):
+    messages = {}
+
+    def attempt(name, build):
+        start = time.monotonic()
+        try:
+            build()
+        except ValueError as exc:
+            messages[name] = (str(exc), time.monotonic() - start)
+        else:
+            messages[name] = (None, time.monotonic() - start)
+
+    head = PartialFC(10, 8, sample_rate=0.5)
+    good_x, good_y = torch.randn(4, 8), torch.randint(0, 10, (4,))
+    attempt("label_high", lambda: head(good_x, torch.tensor([0, 1, 2, 10]) if rank == 1 else good_y))
+    attempt("label_negative", lambda: head(good_x, torch.tensor([-1, 1, 2, 3]) if rank == 0 else good_y))
+    attempt("batch_sizes", lambda: head(torch.randn(4 + rank, 8), torch.zeros(4 + rank, dtype=torch.long)))
+    attempt("dtypes", lambda: head(good_x.double() if rank == 1 else good_x, good_y))
+    attempt("width", lambda: head(torch.randn(4, 7) if rank == 0 else good_x, good_y))
+    attempt("float_labels", lambda: head(good_x, good_y.float()))
+    attempt("few_classes", lambda: PartialFC(1, 8))
+    attempt("sample_rate_zero", lambda: PartialFC(10, 8, sample_rate=0.0))
+    attempt("sample_rate_big", lambda: PartialFC(10, 8, sample_rate=1.5))
+    # after all that the group still works
+    loss = head(good_x, good_y)
+    return messages, loss.item()
+
+
+def test_bad_inputs_raise_clear_errors_on_every_rank():
+    results = run_ranks(_bad_input_worker, 2, timeout=90)
+    expected = {
+        "label_high": "rank 1: label 10 outside [0, 10)",
+        "label_negative": "rank 0: label -1 outside [0, 10)",
+        "batch_sizes": "batch sizes differ across ranks: [4, 5]",
+        "dtypes": "embedding dtypes differ across ranks: ['float32', 'float64']",
+        "width": "rank 0: embedding width 7 does not match embedding_size=8",
+        "float_labels": "labels must be an integer tensor, got float32",
+        "few_classes": "num_classes=1 is smaller than the world size 2",
+        "sample_rate_zero": "sample_rate=0.0 outside (0, 1]",
+        "sample_rate_big": "sample_rate=1.5 outside (0, 1]",
+    }
+    for rank, (messages, loss) in enumerate(results):
+        for name, fragment in expected.items():
+            message, seconds = messages[name]
+            assert message is not None and fragment in message, (rank, name, message)
+            assert seconds < 5, (rank, name, seconds)
+        assert math.isfinite(loss)
