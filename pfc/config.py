@@ -27,8 +27,10 @@ class MarginConfig:
     """Margin on the target logit; see DESIGN.md "Margins".
 
     ``kind="combined"``: cos(m1·θ + m2) − m3, scaled by s (ArcFace = (1, 0.5, 0), CosFace = (1, 0, 0.4)).
-    ``kind="sphereface"``: multiplicative margin m1 with λ-annealing
+    ``kind="sphereface"``: multiplicative margin m1 (an integer) with λ-annealing
     λ = max(base·(1 + gamma·iteration)^(−power), lambda_min).
+    ``fallback="insightface"``: ArcFace past θ + m2 > π uses c − m2·sin(m2) instead of the capped
+    angle; ``straight_through``: margin in the forward value only, gradient that of s·c.
     """
 
     kind: str = "combined"
@@ -40,6 +42,8 @@ class MarginConfig:
     gamma: float = 0.12
     power: float = 1.0
     lambda_min: float = 5.0
+    fallback: str = "cap"
+    straight_through: bool = False
 
 
 @dataclass
@@ -193,7 +197,8 @@ def validate(config: TrainConfig) -> None:
     for cls_name, obj in (("", config), ("margin.", config.margin)):
         for name, annotation in _field_types(type(obj)).items():
             _check_type(cls_name + name, getattr(obj, name), annotation)
-    choices = {"margin.kind": (config.margin.kind, MARGIN_KINDS), "optimizer": (config.optimizer, OPTIMIZERS),
+    choices = {"margin.kind": (config.margin.kind, MARGIN_KINDS),
+               "margin.fallback": (config.margin.fallback, ("cap", "insightface")), "optimizer": (config.optimizer, OPTIMIZERS),
                "lr_schedule": (config.lr_schedule, LR_SCHEDULES), "precision": (config.precision, PRECISIONS)}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
@@ -207,6 +212,8 @@ def validate(config: TrainConfig) -> None:
     for name in non_negative:
         if getattr(config, name) < 0:
             raise ValueError(f"config field {name!r} must be ≥ 0, got {getattr(config, name)}")
+    if config.margin.kind == "sphereface" and (config.margin.m1 != int(config.margin.m1) or config.margin.m1 < 1):
+        raise ValueError(f"config field 'margin.m1': SphereFace needs a positive integer, got {config.margin.m1}")
     if not 0.0 < config.sample_rate <= 1.0:
         raise ValueError(f"config field 'sample_rate' must be in (0, 1], got {config.sample_rate}")
     if not 0.0 <= config.dropout < 1.0:

@@ -83,19 +83,20 @@ def build_margin(config: TrainConfig):
 
     margin = config.margin
     if margin.kind == "sphereface":
-        return margins.SphereFace(s=margin.s, m=margin.m1, base=margin.base, gamma=margin.gamma,
-                                  power=margin.power, lambda_min=margin.lambda_min)
-    return margins.CombinedMargin(s=margin.s, m1=margin.m1, m2=margin.m2, m3=margin.m3)
+        return margins.SphereFace(s=margin.s, m=int(margin.m1), base=margin.base, gamma=margin.gamma,
+                                  power=margin.power, lambda_min=margin.lambda_min,
+                                  straight_through=margin.straight_through)
+    return margins.CombinedMargin(s=margin.s, m1=margin.m1, m2=margin.m2, m3=margin.m3,
+                                  fallback=margin.fallback, straight_through=margin.straight_through)
 
 
 def build_head(config: TrainConfig, runtime: Runtime) -> nn.Module:
     """PartialFC over ``config.num_classes`` centers, sharded over the default group."""
     from pfc.head import PartialFC
 
-    head = PartialFC(num_classes=config.num_classes, embedding_size=config.embedding_size,
+    return PartialFC(num_classes=config.num_classes, embedding_size=config.embedding_size,
                      margin=build_margin(config), sample_rate=config.sample_rate, group=None,
-                     seed=config.seed)
-    return head.to(runtime.device)
+                     seed=config.seed, device=runtime.device)
 
 
 def wrap_backbone(backbone: nn.Module, runtime: Runtime) -> nn.Module:
@@ -166,6 +167,8 @@ def build_train_state(config: TrainConfig, runtime: Runtime, image_size: int, st
     backbone_optimizer = build_backbone_optimizer(config, model)
     head_optimizer = head.optimizer(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     total_steps = config.max_steps or config.num_epochs * steps_per_epoch
+    if config.warmup_steps >= total_steps:
+        raise ValueError(f"warmup_steps={config.warmup_steps} must be smaller than the {total_steps} training steps")
     schedule = LRSchedule(total_steps, config.warmup_steps, config.lr_schedule, config.lr_power,
                           config.min_lr / config.lr)
     use_scaler = config.precision == "fp16" and runtime.device.type == "cuda"
