@@ -34,9 +34,9 @@ def phase_timed_loop(config, runtime, steps: int, warmup: int) -> dict:
     import torch.distributed as dist
 
     from pfc.data import read_manifest
-    from pfc.engine import build_loader, build_train_state, optimizer_step
+    from pfc.engine import build_loader, build_train_state, manifest_image_size, optimizer_step
 
-    image_size = int(read_manifest(config.data).get("image_size", 112))
+    image_size = manifest_image_size(read_manifest(config.data))
     loader = build_loader(config, runtime, epoch=0)
     state = build_train_state(config, runtime, image_size, len(loader))
     model, head = state.model, state.head

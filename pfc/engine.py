@@ -313,6 +313,16 @@ def load_backbone(path: str, device="cpu") -> tuple[nn.Module, dict]:
 
 # --------------------------------------------------------------------------------- the loop
 
+def manifest_image_size(manifest: dict) -> int:
+    """Side of the square training images from dataset.json's ``image_size`` ([H, W] or an int)."""
+    size = manifest.get("image_size", 112)
+    if isinstance(size, (list, tuple)):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ValueError(f"dataset.json image_size {size} is not square; the backbones need H = W")
+        size = size[0]
+    return int(size)
+
+
 def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
     """Train per ``config``; returns (on every rank) ``{"steps", "final_loss", "eval": [...]}``.
 
@@ -327,7 +337,7 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
         raise ValueError("no training data: set --data DIR (a folder with dataset.json and the shards)")
     manifest = read_manifest(config.data)
     config = apply_manifest(config, manifest, os.path.join(config.data, "dataset.json"))
-    image_size = int(manifest.get("image_size", 112))
+    image_size = manifest_image_size(manifest)
     val_sets = load_val_sets(config, runtime)
     output = config.output
     if runtime.is_main:
