@@ -1,7 +1,7 @@
-"""A small, fast CPU network for the demo and the tests (≈ 10 M multiply-adds at 112×112).
+"""A small, fast CPU network for the demo and the tests (≈ 12 M multiply-adds at 112×112).
 
-Four stride-2 conv-BN-PReLU stages (16, 32, 64, 96 channels) with a residual 3×3 unit on the
-last two, then the same BN → dropout → FC → BN embedding layer as the IResNet.
+Four stride-2 conv-BN-PReLU stages (16, 32, 64, 128 channels), a residual 3×3 unit on the last
+(7×7) stage, then the same BN → dropout → FC → BN embedding layer as the IResNet.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class _Residual(nn.Module):
 class TinyFaceNet(nn.Module):
     """image [b,3,S,S] → embedding [b,D]; meant for CPU demos, not for accuracy."""
 
-    WIDTHS = (16, 32, 64, 96)
+    WIDTHS = (16, 32, 64, 128)
 
     def __init__(self, embedding_size: int = 128, dropout: float = 0.0, image_size: int = 112):
         super().__init__()
@@ -31,7 +31,7 @@ class TinyFaceNet(nn.Module):
         in_channels = 3
         for index, width in enumerate(self.WIDTHS):
             layers.append(conv_bn(in_channels, width, 3, 2))
-            if index >= 2:
+            if index == len(self.WIDTHS) - 1:
                 layers.append(_Residual(width))
             in_channels = width
         self.body = nn.Sequential(*layers)
