@@ -80,62 +80,117 @@ def sample_classes(labels: torch.Tensor, class_start: int, num_local: int, sampl
     return index, target
 
 
-def _center_rows(weight, index, start, stop):
-    return weight[start:stop] if index is None else weight.index_select(0, index[start:stop])
+def _storage_users(tensor: torch.Tensor) -> int | None:
+    """How many tensors share ``tensor``'s storage (None where torch does not tell)."""
+    counter = getattr(torch._C, "_storage_Use_Count", None)
+    return None if counter is None else counter(tensor.untyped_storage()._cdata)
+
+
+class _Workspace:
+    """Scratch blocks reused across chunks and steps (fresh memory costs a page fault per 4 KiB).
+
+    The center-gradient block is handed out as ``weight.grad``; it is reused by a later
+    backward only when nothing else holds its storage any more (after ``zero_grad``).
+    """
+
+    def __init__(self):
+        self.blocks: dict[str, torch.Tensor] = {}
+        self.gradient_block: torch.Tensor | None = None
+        self.gradient_users: int | None = None
+
+    def gradient(self, rows, like):
+        """A ``[rows, D]`` block for the center gradient, recycled when provably unshared."""
+        block = self.gradient_block
+        reusable = (block is not None and block.shape[0] >= rows and block.shape[1:] == like.shape[1:]
+                    and block.dtype == like.dtype and block.device == like.device
+                    and self.gradient_users is not None and _storage_users(block) == self.gradient_users)
+        if not reusable:
+            block = like.new_empty((rows, *like.shape[1:]))
+            self.gradient_block, self.gradient_users = block, _storage_users(block)
+        return block if block.shape[0] == rows else block[:rows]
+
+    def get(self, name, rows, like):
+        block = self.blocks.get(name)
+        if block is None or block.shape[0] < rows or block.shape[1:] != like.shape[1:] \
+                or block.dtype != like.dtype or block.device != like.device:
+            block = like.new_empty((rows, *like.shape[1:]))
+            self.blocks[name] = block
+        return block[:rows]
+
+
+def _center_rows(weight, index, start, stop, workspace):
+    if index is None:
+        return weight[start:stop]
+    return torch.index_select(weight, 0, index[start:stop], out=workspace.get("rows", stop - start, weight))
 
 
 class _ShardedMarginSoftmax(torch.autograd.Function):
     """Exact softmax cross-entropy over sharded, sampled class centers (two collectives)."""
 
     @staticmethod
-    def forward(ctx, features, weight, index, target, margin, group, chunk_rows):
+    def forward(ctx, features, weight, index, target, margin, group, chunk_rows, workspace):
         num_rows = features.shape[0]
         num_sampled = weight.shape[0] if index is None else index.numel()
+        scale = margin.s
 
-        # cosines, classes-major [S, B] so that every chunk of centers is a contiguous block;
-        # computed as (X̂·Wᵀ) scaled by 1/‖w‖ so no normalised copy of W is ever made
-        logits = features.new_empty(num_sampled, num_rows)
-        inv_norm = features.new_empty(num_sampled)
-        for start in range(0, num_sampled, chunk_rows):
-            stop = min(start + chunk_rows, num_sampled)
-            rows = _center_rows(weight, index, start, stop)
-            torch.linalg.vector_norm(rows, dim=1, out=inv_norm[start:stop])
-            torch.mm(rows, features.t(), out=logits[start:stop])
-            logits[start:stop].mul_(inv_norm[start:stop].clamp_min_(_NORM_EPS).reciprocal_()[:, None])
-        logits.clamp_(-1.0, 1.0)
-
-        # margin on the target logits this rank owns, then the scale s
         owned_rows = (target >= 0).nonzero().squeeze(1)
         owned_cols = target[owned_rows]
-        cos_target = logits[owned_cols, owned_rows]
-        margin_value, margin_grad = margin.target_logit(cos_target)
-        logits.mul_(margin.s)
-        logits[owned_cols, owned_rows] = margin.s * margin_value
+        cos_target = features.new_empty(owned_rows.numel())
+        margin_value = features.new_empty(owned_rows.numel())
+        margin_grad = features.new_empty(owned_rows.numel())
+
+        # One pass over chunks of centers. Logits are kept classes-major [S, B] (every chunk a
+        # contiguous block) as z = s·cos with the margin at the targets; cos = (W·X̂ᵀ)/‖w‖ so no
+        # normalised copy of W is made. The local log-sum-exp is accumulated online.
+        logits = features.new_empty(num_sampled, num_rows)
+        inv_norm = features.new_empty(num_sampled)
+        local_max = features.new_full((num_rows,), -math.inf)
+        local_sum = features.new_zeros(num_rows)
+        for start in range(0, num_sampled, chunk_rows):
+            stop = min(start + chunk_rows, num_sampled)
+            rows = _center_rows(weight, index, start, stop, workspace)
+            chunk = logits[start:stop]
+            inv = torch.linalg.vector_norm(rows, dim=1, out=inv_norm[start:stop])
+            inv.clamp_min_(_NORM_EPS).reciprocal_()
+            torch.mm(rows, features.t(), out=chunk)
+            chunk.mul_(inv[:, None]).clamp_(-1.0, 1.0)
+            in_chunk = (owned_cols >= start) & (owned_cols < stop)
+            cols, batch_rows = owned_cols[in_chunk] - start, owned_rows[in_chunk]
+            cos_target[in_chunk] = chunk[cols, batch_rows]
+            value, grad = margin.target_logit(cos_target[in_chunk])
+            margin_value[in_chunk], margin_grad[in_chunk] = value, grad
+            chunk.mul_(scale)
+            chunk[cols, batch_rows] = scale * value
+            chunk_max = torch.maximum(chunk.amax(dim=0), local_max)
+            local_sum.mul_(torch.exp(local_max - chunk_max))
+            local_max = chunk_max
+            shifted = torch.sub(chunk, local_max, out=workspace.get("softmax", stop - start, logits))
+            local_sum += shifted.exp_().sum(dim=0)
 
         # 1. logits max over all ranks (no gradient flows through it)
-        row_max = logits.max(dim=0).values
+        row_max = local_max.clone()
         all_reduce_(row_max, dist.ReduceOp.MAX, group)
 
-        # 2. target logits (with and without margin; zero where another rank owns the class)
+        # 2. sum of exps rescaled to the global max, and the target logits (with and without
+        #    margin; zero where another rank owns the class): one SUM all-reduce
         target_logit = logits.new_zeros(num_rows)
-        target_logit[owned_rows] = margin.s * margin_value
+        target_logit[owned_rows] = scale * margin_value
         raw_target_logit = logits.new_zeros(num_rows)
-        raw_target_logit[owned_rows] = margin.s * cos_target
-
-        # 3. sum of exps, one SUM all-reduce together with the target logits
-        logits.sub_(row_max).exp_()  # in place: only the softmax is needed from here on
-        reduced = torch.cat([logits.sum(dim=0), target_logit, raw_target_logit])
+        raw_target_logit[owned_rows] = scale * cos_target
+        sum_exp = local_sum * torch.exp(local_max - row_max)
+        reduced = torch.cat([sum_exp, target_logit, raw_target_logit])
         all_reduce_(reduced, dist.ReduceOp.SUM, group)
         sum_exp, target_logit, raw_target_logit = reduced.split(num_rows)
 
-        # 4. loss = logsumexp − z_y, mean over the gathered rows
+        # 3. loss = logsumexp − z_y, mean over the gathered rows
         loss = (sum_exp.log() + row_max - target_logit).mean()
-        logits.div_(sum_exp)  # in place: the softmax probabilities, kept for the backward
         correct = (target_logit >= row_max) | (raw_target_logit >= row_max)
 
-        ctx.save_for_backward(features, weight, index, logits, inv_norm, owned_rows, owned_cols, margin_grad)
-        ctx.scale = margin.s
+        ctx.save_for_backward(features, weight, index, logits, inv_norm, row_max, sum_exp.log(), owned_rows,
+                              owned_cols, cos_target - margin_value, margin_grad)
+        ctx.scale = scale
         ctx.chunk_rows = chunk_rows
+        ctx.workspace = workspace
         ctx.weight_needs_grad = weight.requires_grad
         accuracy = correct.to(features.dtype).mean()
         ctx.mark_non_differentiable(accuracy)
@@ -143,30 +198,43 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_accuracy):
-        features, weight, index, probs, inv_norm, owned_rows, owned_cols, margin_grad = ctx.saved_tensors
-        num_sampled, num_rows = probs.shape
-
-        # ∂loss/∂cos: s·(softmax − onehot)/B, times dz_y/dc on the target entries
-        grad_cos = probs  # in place: the probabilities are not needed again
-        grad_cos[owned_cols, owned_rows] -= 1.0
-        grad_cos.mul_(grad_loss * ctx.scale / num_rows)
-        grad_cos[owned_cols, owned_rows] *= margin_grad
+        (features, weight, index, logits, inv_norm, row_max, log_sum, owned_rows, owned_cols,
+         target_shift, margin_grad) = ctx.saved_tensors
+        num_sampled, num_rows = logits.shape
+        scale, workspace = ctx.scale, ctx.workspace
+        # G = ∂loss/∂cos = c·(softmax − onehot) with c = s·grad/B, softmax = exp(z − max − log Σ);
+        # for c > 0 the factor folds into the exponent: c·softmax = exp(z − max − (log Σ − log c)).
+        # The max is subtracted on its own first: z − max is exact where it matters (near 0).
+        coefficient = grad_loss * scale / num_rows
+        fold = bool(coefficient > 0)
+        shift = log_sum - torch.log(coefficient) if fold else log_sum
 
         grad_features = torch.zeros_like(features)
-        grad_values = features.new_empty(num_sampled, features.shape[1]) if ctx.weight_needs_grad else None
+        grad_values = workspace.gradient(num_sampled, features) if ctx.weight_needs_grad else None
         for start in range(0, num_sampled, ctx.chunk_rows):
             stop = min(start + ctx.chunk_rows, num_sampled)
-            rows = _center_rows(weight, index, start, stop)
+            rows = _center_rows(weight, index, start, stop, workspace)
             inv = inv_norm[start:stop, None]
-            chunk_grad = grad_cos[start:stop]
+            logits_chunk = logits[start:stop]
+            grad_cos = torch.sub(logits_chunk, row_max, out=workspace.get("softmax", stop - start, logits))
+            grad_cos.sub_(shift).exp_()
+            if not fold:
+                grad_cos.mul_(coefficient)
+            in_chunk = (owned_cols >= start) & (owned_cols < stop)
+            cols, batch_rows = owned_cols[in_chunk] - start, owned_rows[in_chunk]
+            grad_target = (grad_cos[cols, batch_rows] - coefficient) * margin_grad[in_chunk]
+            grad_cos[cols, batch_rows] = grad_target
+            grad_cos.mul_(inv)  # in place: G·r, the factor of both products below
             if grad_values is not None:
-                # A = Gᵀ·X̂; through the normalisation ŵ = w·r: ∂/∂w = r·(A − ŵ(ŵ·A))
+                # ∂/∂w_j = r_j·A_j − r_j²·u_j·w_j with A = Gᵀ·X̂ and u_j = Σ_i G_ji·c_ji, where
+                # c = z/s except at the targets (there the raw cosine, z/s + target_shift)
+                product = torch.mul(grad_cos, logits_chunk, out=workspace.get("product", stop - start, logits))
+                u_scaled = product.sum(dim=1).div_(scale)  # r_j·u_j
+                u_scaled.index_add_(0, cols, grad_target * inv[cols, 0] * target_shift[in_chunk])
                 grad_rows = grad_values[start:stop]
-                torch.mm(chunk_grad, features, out=grad_rows)
-                projection = torch.linalg.vecdot(grad_rows, rows)[:, None] * inv * inv
-                grad_rows.addcmul_(rows, projection, value=-1.0).mul_(inv)
-            chunk_grad.mul_(inv)  # in place: G·r, for ∂/∂X̂ = Σ_j G_j r_j w_j
-            grad_features.addmm_(chunk_grad.t(), rows)
+                torch.mm(grad_cos, features, out=grad_rows)  # r_j·A_j
+                grad_rows.addcmul_(rows, u_scaled[:, None] * inv, value=-1.0)
+            grad_features.addmm_(grad_cos.t(), rows)  # Σ_j G_j r_j w_j
 
         grad_weight = None
         if grad_values is not None:
@@ -175,11 +243,12 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             else:
                 grad_weight = torch.sparse_coo_tensor(index[None], grad_values, weight.shape,
                                                       is_coalesced=True, check_invariants=False)
-        return grad_features, grad_weight, None, None, None, None, None
+        return grad_features, grad_weight, None, None, None, None, None, None
 
 
 def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
-                           target: torch.Tensor, margin: Margin, group=None, chunk_rows: int = 8192):
+                           target: torch.Tensor, margin: Margin, group=None, chunk_rows: int = 8192,
+                           workspace: _Workspace | None = None):
     """Margin softmax cross-entropy over class centers sharded across the ranks of ``group``.
 
     Args:
@@ -195,7 +264,8 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
     needs none and yields ``∂loss/∂features`` from this rank's shard only (sum over ranks for
     the total) and ``∂loss/∂weight`` (sparse COO over ``index`` when given).
     """
-    return _ShardedMarginSoftmax.apply(features, weight, index, target, margin, group, chunk_rows)
+    return _ShardedMarginSoftmax.apply(features, weight, index, target, margin, group, chunk_rows,
+                                       workspace if workspace is not None else _Workspace())
 
 
 _DTYPE_CODES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
@@ -244,6 +314,7 @@ class PartialFC(nn.Module):
         self.iteration = 0
         self._forwards_this_iteration = 0
         self._stats: dict[str, torch.Tensor] = {}
+        self._workspace = _Workspace()
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
@@ -278,7 +349,7 @@ class PartialFC(nn.Module):
             labels = all_gather_tensor(labels.to(self.weight.device, torch.int64), self.group)
             index, target = self._sample(labels)
             loss, accuracy = sharded_margin_softmax(features, self.weight, index, target, self.margin,
-                                                    self.group, self.chunk_rows)
+                                                    self.group, self.chunk_rows, self._workspace)
         self._stats = {"ce": loss.detach(), "accuracy": accuracy}
         return loss
 

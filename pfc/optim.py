@@ -27,7 +27,7 @@ class SparseRowSGD(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 momentum_dtype: torch.dtype | None = None, chunk_rows: int = 4096):
+                 momentum_dtype: torch.dtype | None = None, chunk_rows: int = 1024):
         if not lr >= 0:
             raise ValueError(f"learning rate {lr} must be >= 0")
         if not 0 <= momentum < 1:
@@ -39,6 +39,7 @@ class SparseRowSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.momentum_dtype = momentum_dtype
         self.chunk_rows = chunk_rows
+        self._scratch_blocks: dict = {}
         for group in self.param_groups:
             for param in group["params"]:
                 if group["momentum"]:
@@ -66,12 +67,7 @@ class SparseRowSGD(torch.optim.Optimizer):
         return loss
 
     def _update(self, param, group):
-        grad = param.grad
-        if grad.is_sparse:
-            grad = grad.coalesce()
-            rows, values = grad.indices()[0], grad.values()
-        else:
-            rows, values = None, grad
+        rows, values = _row_gradient(param.grad)
         buffer = self.state[param].get("momentum_buffer")
         num_rows = values.shape[0]
         for start in range(0, num_rows, self.chunk_rows):
@@ -81,16 +77,27 @@ class SparseRowSGD(torch.optim.Optimizer):
                                   values[start:stop], group)
                 continue
             index = rows[start:stop]
-            weight_rows = param.index_select(0, index)
-            buffer_rows = None if buffer is None else buffer.index_select(0, index)
+            weight_rows = torch.index_select(param, 0, index, out=self._scratch("weight", stop - start, param))
+            buffer_rows = None if buffer is None else torch.index_select(
+                buffer, 0, index, out=self._scratch("momentum", stop - start, buffer))
             self._update_rows(weight_rows, buffer_rows, values[start:stop], group)
-            param.index_copy_(0, index, weight_rows)
+            param[index] = weight_rows
             if buffer is not None:
-                buffer.index_copy_(0, index, buffer_rows)
+                buffer[index] = buffer_rows
 
-    @staticmethod
-    def _update_rows(weight, buffer, grad, group):
-        step = grad.add(weight, alpha=group["weight_decay"]) if group["weight_decay"] else grad
+    def _scratch(self, name, rows, like):
+        """A reused ``[rows, …]`` block (fresh memory would page-fault on every step)."""
+        key = (name, like.dtype, like.device, like.shape[1:])
+        block = self._scratch_blocks.get(key)
+        if block is None or block.shape[0] < rows:
+            block = like.new_empty((max(rows, self.chunk_rows), *like.shape[1:]))
+            self._scratch_blocks[key] = block
+        return block[:rows]
+
+    def _update_rows(self, weight, buffer, grad, group):
+        step = grad
+        if group["weight_decay"]:
+            step = torch.add(grad, weight, alpha=group["weight_decay"], out=self._scratch("step", len(grad), grad))
         if buffer is None:
             weight.add_(step, alpha=-group["lr"])
             return
@@ -98,6 +105,21 @@ class SparseRowSGD(torch.optim.Optimizer):
             buffer.mul_(group["momentum"]).add_(step)
             weight.add_(buffer, alpha=-group["lr"])
         else:
-            velocity = buffer.to(weight.dtype).mul_(group["momentum"]).add_(step)
+            velocity = self._scratch("velocity", len(buffer), weight)
+            velocity.copy_(buffer).mul_(group["momentum"]).add_(step)
             buffer.copy_(velocity)
             weight.add_(velocity, alpha=-group["lr"])
+
+
+def _row_gradient(grad: torch.Tensor):
+    """``(rows, values)`` of a row gradient: rows ``None`` for a dense one. A sparse gradient whose
+    rows are already strictly increasing (the head's, even after autograd drops the coalesced
+    flag) is used as it is; anything else is coalesced, summing duplicate rows."""
+    if not grad.is_sparse:
+        return None, grad
+    if not grad.is_coalesced() and grad.sparse_dim() == 1:
+        rows = grad._indices()[0]
+        if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+            return rows, grad._values()
+    grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
