@@ -234,6 +234,34 @@ def run_verification(state: TrainState, val_sets: list[VerificationSet], config:
 
 # --------------------------------------------------------------------------------- logging
 
+class MetricsWindow:
+    """Averages of the loss and the head's stats over the steps since the last log line."""
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss, self.count, self.stats, self.start = 0.0, 0, {}, time.perf_counter()
+
+    def add(self, loss: float, stats: dict) -> None:
+        self.loss += loss
+        self.count += 1
+        for key, value in stats.items():
+            self.stats[key] = self.stats.get(key, 0.0) + value
+
+    def record(self, state: TrainState, lr: float) -> dict:
+        """The log record (step, epoch, loss, ce, accuracy, …, lr, samples/s, ETA); starts a new window."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        record = {"step": state.step, "epoch": state.epoch, "loss": self.loss / self.count}
+        record.update({key: value / self.count for key, value in self.stats.items()})
+        record["lr"] = lr
+        record["samples_per_s"] = self.samples_per_step * self.count / elapsed
+        record["eta_s"] = (state.total_steps - state.step) * elapsed / self.count
+        self._reset()
+        return record
+
+
 class TrainLogger:
     """Rank-0 logging: console lines, ``metrics.jsonl``, ``eval.jsonl`` and TensorBoard when installed."""
 
@@ -356,8 +384,7 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
     # issue 6: restore `state` (and skip state.batch_in_epoch batches) from config.resume here.
     logger = TrainLogger(output, runtime.is_main)
     eval_summaries: list[dict] = []
-    samples_per_step = config.batch_size * config.grad_accumulation * runtime.world_size
-    window = {"loss": 0.0, "count": 0, "stats": {}, "start": time.perf_counter()}
+    window = MetricsWindow(config.batch_size * config.grad_accumulation * runtime.world_size)
     train_start = time.perf_counter()
     last_loss = float("nan")
 
@@ -369,49 +396,13 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
         bar = tqdm(total=steps_this_epoch, desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False,
                    disable=not (runtime.is_main and sys.stderr.isatty()))
         for _ in range(steps_this_epoch):
-            # ---- one optimizer step over grad_accumulation micro-batches
-            state.head.set_iteration(state.step)
-            step_loss = 0.0
-            for micro in range(config.grad_accumulation):
-                try:
-                    images, labels = next(loader)
-                except StopIteration:
-                    raise RuntimeError(f"rank {runtime.rank}: the loader of epoch {state.epoch} ended after "
-                                       f"{state.batch_in_epoch} batches; it announced {batches_per_epoch}") from None
-                images = images.to(runtime.device, non_blocking=True)
-                labels = labels.to(runtime.device, non_blocking=True)
-                last_micro = micro == config.grad_accumulation - 1
-                sync = contextlib.nullcontext() if last_micro or runtime.world_size == 1 else state.backbone.no_sync()
-                with sync:
-                    with autocast_context(config, runtime):
-                        embeddings = state.backbone(images)
-                    loss = state.head(embeddings.float(), labels) / config.grad_accumulation
-                    if state.grad_scaler is not None:
-                        state.grad_scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-                step_loss += loss.item()
-                state.batch_in_epoch += 1
-                for key, value in state.head.last_stats.items():
-                    window["stats"][key] = window["stats"].get(key, 0.0) + value / config.grad_accumulation
             lr_used = state.backbone_optimizer.param_groups[0]["lr"]
-            optimizer_step(state, config)
+            last_loss, stats = train_step(state, config, runtime, loader)
             state.step += 1
-            last_loss = step_loss
-            window["loss"] += step_loss
-            window["count"] += 1
+            window.add(last_loss, stats)
             bar.update(1)
-
-            # ---- logging, verification
             if state.step % config.log_every == 0 or state.step == state.total_steps:
-                elapsed = time.perf_counter() - window["start"]
-                record = {"step": state.step, "epoch": state.epoch, "loss": window["loss"] / window["count"]}
-                record.update({key: value / window["count"] for key, value in window["stats"].items()})
-                record["lr"] = lr_used
-                record["samples_per_s"] = samples_per_step * window["count"] / max(elapsed, 1e-9)
-                record["eta_s"] = (state.total_steps - state.step) * elapsed / window["count"]
-                logger.log_train(record, write=tqdm.write)
-                window = {"loss": 0.0, "count": 0, "stats": {}, "start": time.perf_counter()}
+                logger.log_train(window.record(state, lr_used), write=tqdm.write)
             if config.eval_every and state.step % config.eval_every == 0 and state.step < state.total_steps:
                 summaries = run_verification(state, val_sets, config, runtime, image_size, output, plot=False)
                 logger.log_eval(summaries, write=tqdm.write)
@@ -432,6 +423,41 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
         print(f"trained {state.step} steps in {time.perf_counter() - train_start:.1f} s; outputs in {output}")
     logger.close()
     return {"steps": state.step, "final_loss": last_loss, "eval": summaries}
+
+
+def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader) -> tuple[float, dict]:
+    """One optimizer step over ``grad_accumulation`` micro-batches from ``loader``; returns (loss, head stats).
+
+    DDP all-reduces the backbone gradient only on the last micro-batch (``no_sync`` before it);
+    the head's gradient accumulates in its sparse rows. The loss is the mean over micro-batches.
+    """
+    state.head.set_iteration(state.step)
+    step_loss, stats = 0.0, {}
+    for micro in range(config.grad_accumulation):
+        try:
+            images, labels = next(loader)
+        except StopIteration:
+            raise RuntimeError(f"rank {runtime.rank}: the loader of epoch {state.epoch} ended after "
+                               f"{state.batch_in_epoch} batches, before the {state.steps_per_epoch} steps "
+                               "it announced") from None
+        images = images.to(runtime.device, non_blocking=True)
+        labels = labels.to(runtime.device, non_blocking=True)
+        last_micro = micro == config.grad_accumulation - 1
+        sync = contextlib.nullcontext() if last_micro or runtime.world_size == 1 else state.backbone.no_sync()
+        with sync:
+            with autocast_context(config, runtime):
+                embeddings = state.backbone(images)
+            loss = state.head(embeddings.float(), labels) / config.grad_accumulation
+            if state.grad_scaler is not None:
+                state.grad_scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        step_loss += loss.item()
+        state.batch_in_epoch += 1
+        for key, value in state.head.last_stats.items():
+            stats[key] = stats.get(key, 0.0) + value / config.grad_accumulation
+    optimizer_step(state, config)
+    return step_loss, stats
 
 
 def optimizer_step(state: TrainState, config: TrainConfig) -> None:
