@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pfc.head import PartialFC  # noqa: E402
 from pfc.margins import ArcFace  # noqa: E402
+from pfc.regularizers import MHE, AngularTriplet  # noqa: E402
 
 
 def _peak_rss_bytes() -> int:
@@ -56,7 +57,9 @@ def _worker(rank, world_size, init_file, config, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=600))
     num_classes, rate, batch, dim = config["classes"], config["rate"], config["batch"], config["dim"]
-    head = PartialFC(num_classes, dim, margin=ArcFace(), sample_rate=rate, seed=0)
+    extras = dict(mhe=MHE(weight=0.01, kernel="euclidean", power=2.0)) if config["variant"] == "mhe" else \
+        dict(triplet=AngularTriplet(weight=1.0, m=2, semihard=True)) if config["variant"] == "triplet" else {}
+    head = PartialFC(num_classes, dim, margin=ArcFace(), sample_rate=rate, seed=0, **extras)
     optimizer = head.optimizer(lr=0.1, momentum=0.9, weight_decay=5e-4, momentum_dtype=config["momentum_dtype"])
     generator = torch.Generator().manual_seed(rank)
     timings = {"forward": [], "backward": [], "optimizer": [], "step": []}
@@ -64,6 +67,9 @@ def _worker(rank, world_size, init_file, config, results):
     for step in range(config["steps"] + 1):
         x = torch.randn(batch, dim, generator=generator, requires_grad=True)
         labels = torch.randint(0, num_classes, (batch,), generator=generator)
+        if config["variant"] == "triplet":  # identities repeat across the batch: 8 samples each
+            labels = torch.randint(0, num_classes, (batch // 8,), generator=torch.Generator().manual_seed(step))
+            labels = labels.repeat_interleave(8)[torch.randperm(batch, generator=generator)]
         head.set_iteration(step)
         dist.barrier()
         t0 = time.perf_counter()
@@ -129,24 +135,27 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--momentum-dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--variants", nargs="+", choices=["plain", "mhe", "triplet"], default=["plain"],
+                        help="head alone, with MHE (euclidean, power 2), with the angular triplet")
     args = parser.parse_args(argv)
     momentum_dtype = getattr(torch, args.momentum_dtype)
     print(f"# PartialFC step, {args.world} gloo ranks x {args.threads} thread, D={args.dim}, "
           f"b={args.batch}/rank, momentum {args.momentum_dtype}, torch {torch.__version__}")
-    print("| classes | ρ | sampled/rank | forward s | backward s | optimizer s | step s | GEMM floor s "
+    print("| variant | classes | ρ | sampled/rank | forward s | backward s | optimizer s | step s | GEMM floor s "
           "| step/floor | peak RSS/rank | weights/rank | RSS/weights | torch-import RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for classes in args.classes:
         for rate in args.rates:
-            config = dict(classes=classes, rate=rate, batch=args.batch, dim=args.dim, steps=args.steps,
-                          threads=args.threads, momentum_dtype=momentum_dtype)
-            row = summarise(run_config(config, args.world))
-            mib = 2 ** 20
-            print(f"| {classes:,} | {rate} | {row['num_sampled']:,} | {row['forward']:.3f} | {row['backward']:.3f} "
-                  f"| {row['optimizer']:.3f} | {row['step']:.3f} | {row['floor']:.3f} "
-                  f"| {row['step'] / row['floor']:.2f}x | {row['peak_rss'] / mib:,.0f} MiB "
-                  f"| {row['weight_bytes'] / mib:,.0f} MiB | {row['peak_rss'] / row['weight_bytes']:.2f}x "
-                  f"| {row['baseline_rss'] / mib:,.0f} MiB |", flush=True)
+            for variant in args.variants:
+                config = dict(classes=classes, rate=rate, batch=args.batch, dim=args.dim, steps=args.steps,
+                              threads=args.threads, momentum_dtype=momentum_dtype, variant=variant)
+                row = summarise(run_config(config, args.world))
+                mib = 2 ** 20
+                print(f"| {variant} | {classes:,} | {rate} | {row['num_sampled']:,} | {row['forward']:.3f} "
+                      f"| {row['backward']:.3f} | {row['optimizer']:.3f} | {row['step']:.3f} | {row['floor']:.3f} "
+                      f"| {row['step'] / row['floor']:.2f}x | {row['peak_rss'] / mib:,.0f} MiB "
+                      f"| {row['weight_bytes'] / mib:,.0f} MiB | {row['peak_rss'] / row['weight_bytes']:.2f}x "
+                      f"| {row['baseline_rss'] / mib:,.0f} MiB |", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,10 @@ from torch import nn
 from pfc.dist import all_gather_tensor, all_reduce_, class_partition, gather_rows, get_rank, get_world_size
 from pfc.margins import ArcFace, Margin
 from pfc.optim import SparseRowSGD
+from pfc.regularizers import MHE, AngularTriplet
 
 _NORM_EPS = 1e-12
+_EXCLUDED_LOGIT = -1e30  # a filtered logit: exp() is exactly 0 and 0·(−1e30) stays finite
 _INIT_BLOCK_ROWS = 4096
 
 
@@ -128,7 +130,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
     """Exact softmax cross-entropy over sharded, sampled class centers (two collectives)."""
 
     @staticmethod
-    def forward(ctx, features, weight, index, target, margin, group, chunk_rows, workspace):
+    def forward(ctx, features, weight, index, target, margin, group, chunk_rows, workspace, filter_threshold):
         num_rows = features.shape[0]
         num_sampled = weight.shape[0] if index is None else index.numel()
         scale = margin.s
@@ -159,8 +161,12 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             cos_target[in_chunk] = chunk[cols, batch_rows]
             value, grad = margin.target_logit(cos_target[in_chunk])
             margin_value[in_chunk], margin_grad[in_chunk] = value, grad
+            noisy = chunk > filter_threshold if filter_threshold is not None else None
             chunk.mul_(scale)
             chunk[cols, batch_rows] = scale * value
+            if noisy is not None:  # inter-class filtering: non-target cosines above t leave the softmax
+                noisy[cols, batch_rows] = False
+                chunk.masked_fill_(noisy, _EXCLUDED_LOGIT)
             chunk_max = torch.maximum(chunk.amax(dim=0), local_max)
             local_sum.mul_(torch.exp(local_max - chunk_max))
             local_max = chunk_max
@@ -243,12 +249,12 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             else:
                 grad_weight = torch.sparse_coo_tensor(index[None], grad_values, weight.shape,
                                                       is_coalesced=True, check_invariants=False)
-        return grad_features, grad_weight, None, None, None, None, None, None
+        return grad_features, grad_weight, None, None, None, None, None, None, None
 
 
 def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
                            target: torch.Tensor, margin: Margin, group=None, chunk_rows: int = 8192,
-                           workspace: _Workspace | None = None):
+                           workspace: _Workspace | None = None, filter_threshold: float | None = None):
     """Margin softmax cross-entropy over class centers sharded across the ranks of ``group``.
 
     Args:
@@ -257,6 +263,8 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
         index: ``[S]`` sorted local rows taking part this step, or ``None`` for all ``C_r``.
         target: ``[B]`` position of each row's class in this rank's sampled set, −1 elsewhere.
         margin: applied to the target cosine; logits are then scaled by ``margin.s``.
+        filter_threshold: inter-class filtering; a non-target cosine above it is left out of its
+            row's softmax (treated as label noise), on every rank alike.
 
     Returns ``(loss, accuracy)``: ``loss = mean_i(logsumexp_j z_ij − z_i,y)`` over all ranks'
     sampled centers, identical on every rank; accuracy is the share of rows whose target cosine
@@ -265,7 +273,7 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
     the total) and ``∂loss/∂weight`` (sparse COO over ``index`` when given).
     """
     return _ShardedMarginSoftmax.apply(features, weight, index, target, margin, group, chunk_rows,
-                                       workspace if workspace is not None else _Workspace())
+                                       workspace if workspace is not None else _Workspace(), filter_threshold)
 
 
 _DTYPE_CODES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
@@ -285,11 +293,18 @@ class PartialFC(nn.Module):
     every rank); see the module docstring for the gradient convention. ``sample_rate`` ρ < 1
     samples ``max(⌈ρ·C_r⌉, #positives)`` centers per rank per step in training mode (all
     centers in eval mode); the sample is reproducible from ``(seed, rank, iteration)``.
+
+    Optional terms, added to the returned loss: ``mhe`` (:class:`pfc.regularizers.MHE`, weight·E
+    on the sampled centers), ``triplet`` (:class:`pfc.regularizers.AngularTriplet`, weight·term on
+    the gathered batch); ``interclass_filter=t`` leaves non-target cosines above t out of the
+    softmax (label-noise filtering as in the WebFace42M recipes), identically on every rank.
     """
 
     def __init__(self, num_classes: int, embedding_size: int, margin: Margin | None = None,
                  sample_rate: float = 1.0, group=None, seed: int = 0, init_std: float = 0.01,
-                 chunk_rows: int = 8192, dtype: torch.dtype = torch.float32, device=None):
+                 chunk_rows: int = 8192, dtype: torch.dtype = torch.float32, device=None,
+                 mhe: MHE | None = None, triplet: AngularTriplet | None = None,
+                 interclass_filter: float | None = None):
         super().__init__()
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate={sample_rate} outside (0, 1]")
@@ -297,6 +312,8 @@ class PartialFC(nn.Module):
             raise ValueError(f"embedding_size={embedding_size} must be >= 1")
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
+        if interclass_filter is not None and not -1.0 <= interclass_filter <= 1.0:
+            raise ValueError(f"interclass_filter={interclass_filter} outside [-1, 1] (it is a cosine)")
         self.group = group
         self.rank = get_rank(group)
         self.world_size = get_world_size(group)
@@ -309,12 +326,16 @@ class PartialFC(nn.Module):
         self.sample_rate = float(sample_rate)
         self.seed = seed
         self.chunk_rows = chunk_rows
+        self.mhe = mhe
+        self.triplet = triplet
+        self.interclass_filter = interclass_filter
         self.weight = nn.Parameter(init_centers(num_classes, embedding_size, self.class_start,
                                                 self.num_local, seed, init_std, dtype).to(device))
         self.iteration = 0
         self._forwards_this_iteration = 0
         self._stats: dict[str, torch.Tensor] = {}
         self._workspace = _Workspace()
+        self.last_sample: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
@@ -326,12 +347,15 @@ class PartialFC(nn.Module):
         self.iteration = int(iteration)
         self._forwards_this_iteration = 0
         self.margin.set_iteration(iteration)
+        if self.triplet is not None:
+            self.triplet.set_iteration(iteration)
 
     @property
     def last_stats(self) -> dict[str, float]:
-        """Parts of the last forward as floats: ``ce`` (the cross-entropy), ``accuracy``
-        (share of the gathered batch whose target is the top sampled logit), and the
-        regularisers' terms when enabled. Reading it synchronises with the device."""
+        """Parts of the last forward as floats: ``loss`` (the total), ``ce`` (the cross-entropy),
+        ``accuracy`` (share of the gathered batch whose target is the top sampled logit), and
+        when enabled ``mhe`` (E, unweighted), ``triplet`` (the term, unweighted) and
+        ``triplet_pairs``. Reading it synchronises with the device."""
         return {name: float(value) for name, value in self._stats.items()}
 
     def optimizer(self, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
@@ -348,9 +372,21 @@ class PartialFC(nn.Module):
             features = gather_rows(features, self.group, grad_scale=self.world_size)
             labels = all_gather_tensor(labels.to(self.weight.device, torch.int64), self.group)
             index, target = self._sample(labels)
-            loss, accuracy = sharded_margin_softmax(features, self.weight, index, target, self.margin,
-                                                    self.group, self.chunk_rows, self._workspace)
-        self._stats = {"ce": loss.detach(), "accuracy": accuracy}
+            ce, accuracy = sharded_margin_softmax(features, self.weight, index, target, self.margin, self.group,
+                                                  self.chunk_rows, self._workspace, self.interclass_filter)
+            loss = ce
+            stats = {"ce": ce.detach(), "accuracy": accuracy}
+            if self.mhe is not None:
+                energy = self.mhe.energy(self.weight, index, labels, target, self.class_start,
+                                         self.num_classes, self.group)
+                loss = loss + self.mhe.weight * energy
+                stats["mhe"] = energy.detach()
+            if self.triplet is not None:
+                triplet, pairs = self.triplet.term(features, labels, self.group)
+                loss = loss + self.triplet.weight * triplet
+                stats["triplet"], stats["triplet_pairs"] = triplet.detach(), torch.tensor(pairs)
+        self._stats = {"loss": loss.detach(), **stats}
+        self.last_sample = (index, target)
         return loss
 
     def _sample(self, labels):

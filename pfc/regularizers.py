@@ -1,0 +1,209 @@
+"""Regularisers for the Partial-FC head: MHE on the sampled centers, angular triplet on the batch.
+
+Both follow the head's gradient convention: the value returned is the same on every rank, while
+each rank back-propagates only its own share (its shard rows, its anchors), so that summed over
+ranks the gradients are exact. Collectives inside are outside autograd except where noted.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pfc.dist import all_gather_tensor, all_reduce_, gather_rows, get_rank, get_world_size
+from pfc.margins import SphereFace
+
+_KERNELS = ("euclidean", "log", "angular")
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """All-reduce SUM whose backward is the all-reduce SUM of the gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        return all_reduce_(tensor.clone(), dist.ReduceOp.SUM, group)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return all_reduce_(grad_output.clone(), dist.ReduceOp.SUM, ctx.group), None
+
+
+def _global_value(local: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``total`` as the value, ``local``'s gradient: every rank back-propagates its own share."""
+    return local + (total - local).detach()
+
+
+@dataclass
+class MHE:
+    """Minimum hyperspherical energy (SphereFace+) between each sample's class center and the
+    other sampled centers of all ranks:
+
+        E = 1/(B·(K−1)) · Σ_i Σ_{j ≠ y_i} f(ŵ_{y_i}, ŵ_j)
+
+    over the B gathered rows and the K centers sampled this step on all ranks. With
+    ``d = sqrt(2 − 2·ŵ_yᵀŵ_j + eps)`` and ``θ = acos(clamp(ŵ_yᵀŵ_j, −1 + eps, 1 − eps))``:
+    ``euclidean``: ``f = d^(−power)`` (power 1 or 2 in the paper); ``log``: ``f = −log d``;
+    ``angular``: ``f = θ^(−power)``. ``half_space=True`` also counts the reflections ``−ŵ_j``
+    (``f(ŵ_y, ŵ_j) + f(ŵ_y, −ŵ_j)``, divided by ``2·B·(K−1)``). ``unbiased=True`` weights the
+    sampled negatives of rank r by ``(C_r − P_r)/n_r`` (P_r local positives, n_r negatives drawn)
+    and uses K = C, an unbiased estimate of the full-shard energy. The head adds ``weight·E``.
+    """
+
+    weight: float = 0.01
+    kernel: str = "euclidean"
+    power: float = 2.0
+    half_space: bool = False
+    unbiased: bool = False
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.kernel not in _KERNELS:
+            raise ValueError(f"MHE kernel {self.kernel!r} is not one of {_KERNELS}")
+        if self.kernel != "log" and not self.power > 0:
+            raise ValueError(f"MHE power={self.power} must be > 0")
+        if not self.weight >= 0:
+            raise ValueError(f"MHE weight={self.weight} must be >= 0")
+        if not 0 < self.eps < 0.5:
+            raise ValueError(f"MHE eps={self.eps} outside (0, 0.5)")
+
+    def kernel_value(self, cos: torch.Tensor) -> torch.Tensor:
+        """``f`` as a function of the cosine between two unit vectors (see the class docstring)."""
+        if self.kernel == "angular":
+            theta = torch.acos(cos.clamp(-1.0 + self.eps, 1.0 - self.eps))
+            return theta.pow(-self.power)
+        squared = (2.0 - 2.0 * cos).clamp_min(0.0) + self.eps
+        if self.kernel == "log":
+            return -0.5 * torch.log(squared)
+        return squared.pow(-0.5 * self.power)
+
+    def energy(self, weight: torch.Tensor, index: torch.Tensor | None, labels: torch.Tensor,
+               target: torch.Tensor, class_start: int, num_classes: int, group=None) -> torch.Tensor:
+        """E for one step. ``weight [C_r, D]`` this rank's centers, ``index`` its sampled rows
+        (None = all), ``labels [B]`` the gathered labels, ``target [B]`` their positions in the
+        sampled set (−1 where another rank owns them). Same value on every rank."""
+        num_rows, num_local = labels.numel(), weight.shape[0]
+        local = labels - class_start
+        owned_rows = ((local >= 0) & (local < num_local)).nonzero().squeeze(1)
+        # the batch's positive centers: each owner fills its rows, one differentiable all-reduce
+        own_centers = F.normalize(F.embedding(local[owned_rows], weight, sparse=True), dim=1)
+        positive = torch.zeros(num_rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        positive = positive.index_copy(0, owned_rows, own_centers)
+        if get_world_size(group) > 1:
+            positive = _SumAcrossRanks.apply(positive, group)
+
+        sampled = weight if index is None else F.embedding(index, weight, sparse=True)
+        cos = (positive @ F.normalize(sampled, dim=1).t()).clamp(-1.0, 1.0)  # [B, S_r]
+        energy = self.kernel_value(cos)
+        if self.half_space:
+            energy = energy + self.kernel_value(-cos)
+        not_self = torch.ones_like(cos, dtype=torch.bool)
+        not_self[owned_rows, target[owned_rows]] = False  # j = y_i
+        energy = energy * not_self
+
+        num_sampled = cos.shape[1]
+        if self.unbiased and index is not None:
+            is_positive = torch.zeros(num_local, dtype=torch.bool, device=weight.device)
+            is_positive[local[owned_rows]] = True
+            sampled_positive = is_positive[index]
+            num_positive = int(is_positive.sum())
+            num_negative = num_sampled - num_positive
+            column_weight = torch.ones(num_sampled, dtype=weight.dtype, device=weight.device)
+            if num_negative > 0:
+                column_weight[~sampled_positive] = (num_local - num_positive) / num_negative
+            local_sum = (energy * column_weight).sum()
+            count = num_local
+        else:
+            local_sum = energy.sum()
+            count = num_sampled if not self.unbiased else num_local
+
+        totals = torch.stack([local_sum.detach(), local_sum.new_tensor(float(count))])
+        all_reduce_(totals, dist.ReduceOp.SUM, group)
+        total_sum, total_count = totals[0], int(round(float(totals[1])))
+        if total_count < 2:
+            raise ValueError("MHE needs at least two sampled centers in total")
+        denominator = num_rows * (total_count - 1) * (2 if self.half_space else 1)
+        return _global_value(local_sum, total_sum) / denominator
+
+
+@dataclass
+class AngularTriplet:
+    """Angular triplet loss (ATL's "easy triplet") on the gathered batch.
+
+    The batch's normalised features act as class centers. For an anchor a and each positive p
+    (another row of the same class), the candidates are p with the SphereFace margin on the
+    anchor–positive angle, ``z_p = s·ψ_λ(cos θ_ap)`` (:class:`pfc.margins.SphereFace` with
+    ``m``, λ annealed), and every negative n (a row of another class), ``z_n = s·cos θ_an``:
+
+        ℓ_ap = log(1 + Σ_n exp(z_n − z_p)),   term = mean of ℓ_ap over the kept pairs.
+
+    ``semihard=True`` keeps only pairs that are right without the margin and wrong with it:
+    ``cos θ_ap > max_n cos θ_an ≥ ψ_λ(cos θ_ap)``. As in ATL, positives and negatives are fixed
+    centers (no gradient); only the anchor is updated. Pairs need a positive and a negative in
+    the gathered batch: rows whose class appears once contribute nothing (use an
+    identity-balanced batch for a strong signal; no such sampler is provided here).
+    """
+
+    weight: float = 1.0
+    m: int = 2
+    s: float = 30.0
+    semihard: bool = True
+    base: float = 1000.0
+    gamma: float = 0.12
+    power: float = 1.0
+    lambda_min: float = 5.0
+    margin: SphereFace = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if not self.weight >= 0:
+            raise ValueError(f"AngularTriplet weight={self.weight} must be >= 0")
+        self.margin = SphereFace(s=self.s, m=self.m, base=self.base, gamma=self.gamma, power=self.power,
+                                 lambda_min=self.lambda_min)
+
+    def set_iteration(self, iteration: int) -> None:
+        """Advance the λ schedule of the margin."""
+        self.margin.set_iteration(iteration)
+
+    def term(self, features: torch.Tensor, labels: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
+        """The term on the gathered, normalised ``features [B, D]`` and ``labels [B]``; this rank's
+        anchors are its own rows. Returns ``(value, number of pairs kept on all ranks)``."""
+        world_size, rank = get_world_size(group), get_rank(group)
+        rows_per_rank = features.shape[0] // world_size
+        anchor_ids = torch.arange(rank * rows_per_rank, (rank + 1) * rows_per_rank, device=features.device)
+        anchors = features[anchor_ids]
+        cos = anchors @ features.detach().t()  # [b, B]
+        same = labels[anchor_ids, None] == labels[None, :]
+        positive = same.clone()
+        positive[torch.arange(len(anchor_ids)), anchor_ids] = False
+        negative = ~same
+        negative_cos = cos.masked_fill(~negative, -math.inf)
+        has_negative = negative.any(dim=1)
+        pair_anchor, pair_positive = (positive & has_negative[:, None]).nonzero(as_tuple=True)
+
+        pair_cos = cos[pair_anchor, pair_positive]
+        z_positive = self.s * self.margin(pair_cos)
+        hardest = negative_cos.detach().amax(dim=1)[pair_anchor]
+        keep = torch.ones_like(pair_cos, dtype=torch.bool)
+        if self.semihard:
+            keep = (pair_cos.detach() > hardest) & (z_positive.detach() / self.s <= hardest)
+        negative_lse = torch.logsumexp(self.s * negative_cos[has_negative], dim=1)
+        anchor_slot = torch.cumsum(has_negative.long(), 0) - 1
+        pair_loss = F.softplus(negative_lse[anchor_slot[pair_anchor]] - z_positive)
+        local_sum = pair_loss[keep].sum()
+
+        totals = torch.stack([local_sum.detach(), local_sum.new_tensor(float(keep.sum()))])
+        all_reduce_(totals, dist.ReduceOp.SUM, group)
+        kept = int(round(float(totals[1])))
+        return _global_value(local_sum, totals[0]) / max(kept, 1), kept
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor, group=None) -> torch.Tensor:
+        """Standalone use: ``x [b, D]`` this rank's embeddings, ``labels [b]``; gathers both and
+        returns the (unweighted) term, the same on every rank; ``x.grad`` follows the head's
+        convention (N · ∂term/∂x_r)."""
+        world_size = get_world_size(group)
+        features = gather_rows(F.normalize(x, dim=1), group, grad_scale=world_size)
+        value, _ = self.term(features, all_gather_tensor(labels, group), group)
+        return value
