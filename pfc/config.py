@@ -65,6 +65,12 @@ class TrainConfig:
     # head (Partial FC)
     margin: MarginConfig = field(default_factory=MarginConfig)
     sample_rate: float = 1.0
+    interclass_filter: float = 0.0    # > 0: leave non-target cosines above it out of the softmax
+    mhe_weight: float = 0.0           # > 0: add weight·MHE energy on the sampled centers (SphereFace+)
+    mhe_kernel: str = "euclidean"     # euclidean | log | angular
+    mhe_power: float = 2.0
+    triplet_weight: float = 0.0       # > 0: add weight·angular triplet term on the gathered batch
+    triplet_m: int = 2
     # optimisation
     batch_size: int = 128             # per rank, per micro-batch
     grad_accumulation: int = 1        # micro-batches per optimizer step
@@ -198,7 +204,8 @@ def validate(config: TrainConfig) -> None:
         for name, annotation in _field_types(type(obj)).items():
             _check_type(cls_name + name, getattr(obj, name), annotation)
     choices = {"margin.kind": (config.margin.kind, MARGIN_KINDS),
-               "margin.fallback": (config.margin.fallback, ("cap", "insightface")), "optimizer": (config.optimizer, OPTIMIZERS),
+               "margin.fallback": (config.margin.fallback, ("cap", "insightface")),
+               "mhe_kernel": (config.mhe_kernel, ("euclidean", "log", "angular")), "optimizer": (config.optimizer, OPTIMIZERS),
                "lr_schedule": (config.lr_schedule, LR_SCHEDULES), "precision": (config.precision, PRECISIONS)}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
@@ -207,7 +214,7 @@ def validate(config: TrainConfig) -> None:
     for name in positive:
         if getattr(config, name) < 1:
             raise ValueError(f"config field {name!r} must be ≥ 1, got {getattr(config, name)}")
-    non_negative = ("num_classes", "num_samples", "num_workers", "max_steps", "warmup_steps", "eval_every",
+    non_negative = ("interclass_filter", "mhe_weight", "triplet_weight", "num_classes", "num_samples", "num_workers", "max_steps", "warmup_steps", "eval_every",
                     "save_every", "grad_clip", "weight_decay", "min_lr", "momentum")
     for name in non_negative:
         if getattr(config, name) < 0:

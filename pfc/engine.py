@@ -91,12 +91,17 @@ def build_margin(config: TrainConfig):
 
 
 def build_head(config: TrainConfig, runtime: Runtime) -> nn.Module:
-    """PartialFC over ``config.num_classes`` centers, sharded over the default group."""
+    """PartialFC over ``config.num_classes`` centers, sharded over the default group, with the
+    optional regularisers (MHE, angular triplet) and inter-class filtering; a weight of 0 is off."""
     from pfc.head import PartialFC
+    from pfc.regularizers import MHE, AngularTriplet
 
+    mhe = MHE(weight=config.mhe_weight, kernel=config.mhe_kernel, power=config.mhe_power) if config.mhe_weight else None
+    triplet = AngularTriplet(weight=config.triplet_weight, m=config.triplet_m) if config.triplet_weight else None
     return PartialFC(num_classes=config.num_classes, embedding_size=config.embedding_size,
                      margin=build_margin(config), sample_rate=config.sample_rate, group=None,
-                     seed=config.seed, device=runtime.device)
+                     seed=config.seed, device=runtime.device, mhe=mhe, triplet=triplet,
+                     interclass_filter=config.interclass_filter or None)
 
 
 def wrap_backbone(backbone: nn.Module, runtime: Runtime) -> nn.Module:
