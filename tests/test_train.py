@@ -78,7 +78,8 @@ def test_two_rank_training_run(dataset, tmp_path):
 
 def test_num_classes_mismatch_stops_every_rank(dataset, tmp_path):
     result = torchrun("--data", str(dataset / "shards"), "--output", str(tmp_path / "bad"),
-                      "--num_classes", "99", "--val_pairs", "", "--max_steps", "2", check=False)
+                      "--num_classes", "99", "--val_pairs", "", "--max_steps", "2", "--warmup_steps", "0",
+                      check=False)
     assert result.returncode != 0
     for rank in (0, 1):
         assert f"error (rank {rank}): config num_classes=99 disagrees with" in result.stderr
