@@ -340,12 +340,12 @@ def _draw_roc_with_pil(results: list[VerificationResult], path: str, size: int) 
         draw.line([left, y, right, y], fill=(220, 220, 220))
         draw.text((left - 30, y - 5), f"{tenth / 10:.1f}", fill="black")
     draw.text(((left + right) // 2 - 10, bottom + 25), "FAR", fill="black")
-    draw.text((5, top), "TAR", fill="black")
+    draw.text((5, (top + bottom) // 2), "TAR", fill="black")
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
     for index, result in enumerate(results):
         colour = colours[index % len(colours)]
         points = [to_pixel(f, t) for f, t in zip(result.far, result.tar)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
-        draw.text((left + 10, top + 10 + 14 * index), f"{result.name} acc {result.accuracy:.3f}", fill=colour)
+        draw.text((left + 10, top + 10 + 14 * index), f"{result.name}: accuracy {result.accuracy:.3f}", fill=colour)
     image.save(path, format="PNG")
