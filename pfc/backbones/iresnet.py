@@ -62,9 +62,6 @@ class IResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.embedding = EmbeddingHead(in_channels, strided_size(image_size, len(stages)),
                                        embedding_size, dropout)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, 0.0, 0.1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.stages(self.stem(images)))
