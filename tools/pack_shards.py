@@ -1,0 +1,65 @@
+"""Pack face images into webdataset shards, or verify a packed shard set.
+
+    python tools/pack_shards.py folder SRC OUT [--shard-size 10000] [--workers K] [--seed S]
+                                               [--landmarks FILE] [--image-size 112]
+    python tools/pack_shards.py rec PREFIX OUT [same options]      # PREFIX.rec + PREFIX.idx
+    python tools/pack_shards.py verify OUT
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+from pfc.packing import FolderSource, PackOptions, RecordSource, pack, verify_shards
+
+
+def _add_pack_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="output directory for the shards and dataset.json")
+    parser.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    parser.add_argument("--workers", type=int, default=1, help="parallel packing processes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample shuffle across shards")
+    parser.add_argument("--landmarks", default=None,
+                        help="CSV 'relative_path,x1,y1,...,x5,y5' (record key for rec): align to the "
+                             "five-point template instead of resizing")
+    parser.add_argument("--image-size", type=int, default=112, help="output side length in pixels")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    folder = commands.add_parser("folder", help="class-per-folder tree SRC/<class>/<image>")
+    folder.add_argument("src", help="source folder")
+    _add_pack_options(folder)
+    rec = commands.add_parser("rec", help="insightface RecordIO PREFIX.rec + PREFIX.idx (no mxnet needed)")
+    rec.add_argument("prefix", help="path prefix of PREFIX.rec / PREFIX.idx")
+    _add_pack_options(rec)
+    verify = commands.add_parser("verify", help="check every sample of a packed shard set")
+    verify.add_argument("out", help="directory holding dataset.json")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "verify":
+            report = verify_shards(args.out)
+            print(report.describe())
+            return 0 if report.ok else 1
+        options = PackOptions(shard_size=args.shard_size, workers=args.workers, seed=args.seed,
+                              image_size=args.image_size, landmarks=args.landmarks,
+                              quality=args.quality, progress=not args.no_progress)
+        options.validate()
+        if args.command == "folder":
+            source = FolderSource(args.src)
+        else:
+            source = RecordSource(args.prefix, progress=not args.no_progress)
+        summary = pack(source, args.out, options)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
