@@ -192,7 +192,7 @@ def build_loader(config: TrainConfig, runtime: Runtime, epoch: int):
 
     return make_loader(config.data, batch_size=config.batch_size, rank=runtime.rank,
                        world_size=runtime.world_size, num_workers=config.num_workers,
-                       seed=config.seed, epoch=epoch, augment=config.augment)
+                       seed=config.seed, epoch=epoch, augment=config.augment, device=runtime.device)
 
 
 def autocast_context(config: TrainConfig, runtime: Runtime):
