@@ -15,6 +15,7 @@ Rank 0 prints one table. The floor is the backbone's compute alone (forward + ba
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -73,6 +74,8 @@ def phase_timed_loop(config, runtime, steps: int, warmup: int) -> dict:
         if step >= warmup:
             for phase, start, stop in zip(PHASES, marks[:-1], marks[1:]):
                 totals[phase] += stop - start
+    del batches, loader  # stop this loop's loader workers before the real trainer runs
+    gc.collect()
     return totals
 
 
