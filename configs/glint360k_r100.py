@@ -1,0 +1,20 @@
+"""CosFace IResNet-100 on Glint360K (360,232 ids, 17.09 M images), insightface's arcface_torch recipe.
+
+8 GPUs × 128; SGD lr 0.1, momentum 0.9, weight decay 1e-4, polynomial decay over 20 epochs,
+no warmup; CosFace margin (m1, m2, m3) = (1, 0, 0.4) with s = 64; full softmax (ρ = 1).
+"""
+from pfc.config import MarginConfig, TrainConfig
+
+config = TrainConfig(
+    output="runs/glint360k_r100",
+    network="iresnet100",
+    embedding_size=512,
+    margin=MarginConfig(s=64.0, m1=1.0, m2=0.0, m3=0.4),
+    sample_rate=1.0,
+    batch_size=128,
+    lr=0.1,
+    weight_decay=1e-4,
+    num_epochs=20,
+    precision="fp16",
+    eval_every=2000,
+)

@@ -1,0 +1,21 @@
+"""ArcFace IResNet-50 on MS1MV3 (93,431 ids, 5.18 M images), insightface's arcface_torch recipe.
+
+8 GPUs × 128 = 1024 images per step; SGD lr 0.1, momentum 0.9, weight decay 5e-4, polynomial
+(power 2) decay over 20 epochs without warmup, ArcFace s = 64, m = 0.5, full softmax (ρ = 1).
+torchrun --nproc_per_node=8 launch/train.py configs/ms1mv3_r50.py --data /data/ms1mv3-shards
+"""
+from pfc.config import MarginConfig, TrainConfig
+
+config = TrainConfig(
+    output="runs/ms1mv3_r50",
+    network="iresnet50",
+    embedding_size=512,
+    margin=MarginConfig(s=64.0, m1=1.0, m2=0.5, m3=0.0),
+    sample_rate=1.0,
+    batch_size=128,
+    lr=0.1,
+    weight_decay=5e-4,
+    num_epochs=20,
+    precision="fp16",
+    eval_every=2000,
+)

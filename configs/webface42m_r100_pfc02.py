@@ -1,0 +1,21 @@
+"""IResNet-100 on WebFace42M (2,059,906 ids, 42.47 M images) with Partial FC ρ = 0.2.
+
+insightface's arcface_torch wf42m_pfc02_r100 recipe: 8 GPUs × 128, SGD lr 0.1, momentum 0.9,
+weight decay 5e-4, polynomial decay over 20 epochs, no warmup, CosFace margin (1, 0, 0.4),
+s = 64, 20 % of the negative class centers sampled per step.
+"""
+from pfc.config import MarginConfig, TrainConfig
+
+config = TrainConfig(
+    output="runs/webface42m_r100_pfc02",
+    network="iresnet100",
+    embedding_size=512,
+    margin=MarginConfig(s=64.0, m1=1.0, m2=0.0, m3=0.4),
+    sample_rate=0.2,
+    batch_size=128,
+    lr=0.1,
+    weight_decay=5e-4,
+    num_epochs=20,
+    precision="fp16",
+    eval_every=10000,
+)

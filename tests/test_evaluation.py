@@ -1,0 +1,150 @@
+"""Verification protocol on constructed embeddings, the .bin reader's restricted unpickler, pairs lists."""
+import io
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pfc.backbones import build_backbone
+from pfc.evaluation import (evaluate, fold_slices, read_bin, read_pairs, roc_curve, save_roc_plot,
+                            verification_metrics)
+
+
+def pairs_at_distances(distances):
+    """Unit 2-d embedding pairs whose squared L2 distance is exactly ``distances`` (2 − 2 cos a = d)."""
+    angles = np.arccos(1.0 - np.asarray(distances, dtype=np.float64) / 2.0)
+    first = np.stack([np.ones_like(angles), np.zeros_like(angles)], axis=1)
+    second = np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    return first, second
+
+
+def test_perfectly_separable_is_100_percent():
+    rng = np.random.default_rng(0)
+    distances = np.where(np.arange(600) % 2 == 0, rng.uniform(0.0, 1.0, 600), rng.uniform(1.5, 4.0, 600))
+    first, second = pairs_at_distances(distances)
+    result = verification_metrics(first, second, np.arange(600) % 2 == 0)
+    assert result.accuracy == 1.0 and result.accuracy_std == 0.0
+    assert result.tar_at_far[1e-3] == 1.0 and result.auc == pytest.approx(1.0)
+
+
+def test_random_embeddings_are_near_chance():
+    rng = np.random.default_rng(1)
+    embeddings = rng.normal(size=(4000, 64))
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    result = verification_metrics(embeddings[:2000], embeddings[2000:], rng.random(2000) < 0.5)
+    assert 0.45 < result.accuracy < 0.55
+    assert 0.4 < result.auc < 0.6
+
+
+def test_hand_computed_folds_threshold_and_tar():
+    # 20 pairs, 10 folds of 2 (contiguous): genuine pairs at d = 0.495 except pair 6 at d = 3.0, impostors at 2.0
+    issame = np.arange(20) % 2 == 0
+    distances = np.where(issame, 0.495, 2.0)
+    distances[6] = 3.0
+    first, second = pairs_at_distances(distances)
+    result = verification_metrics(first, second, issame)
+    # fold 3 (pairs 6, 7) gets the threshold 0.50 learnt on the others and misses pair 6 → 0.5
+    assert result.fold_accuracies == [1.0, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert result.accuracy == pytest.approx(0.95) and result.accuracy_std == pytest.approx(0.15)
+    assert result.best_threshold == pytest.approx(0.50)
+    # no impostor may be accepted at FAR ≤ 1e-3: the threshold stays below 2.0 → 9 of 10 genuine pairs
+    assert result.tar_at_far[1e-3] == pytest.approx(0.9) and result.tar_at_far[1e-4] == pytest.approx(0.9)
+    summary = result.summary()
+    assert summary["tar@far=1e-3"] == pytest.approx(0.9) and summary["accuracy"] == pytest.approx(0.95)
+
+
+def test_folds_are_contiguous_first_ones_longer():
+    slices = fold_slices(23, 10)
+    assert [s.stop - s.start for s in slices] == [3, 3, 3, 2, 2, 2, 2, 2, 2, 2]
+    assert slices[0].start == 0 and slices[-1].stop == 23
+
+
+def test_roc_handles_ties():
+    far, tar, _ = roc_curve(np.array([0.1, 0.1, 0.5, 0.5]), np.array([True, False, True, False]))
+    assert list(far) == [0.0, 0.5, 1.0] and list(tar) == [0.0, 0.5, 1.0]
+
+
+class _Planted:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _jpeg(seed, size=112):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_restricted_unpickler_rejects_a_planted_os_system(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.bin"
+    images = [_jpeg(i) for i in range(20)]
+    with open(path, "wb") as handle:
+        pickle.dump((images + [_Planted(f"touch {marker}")], [True] * 10), handle, protocol=2)
+    with pytest.raises(ValueError, match=r"refusing to unpickle global '(os|posix)\.system'"):
+        read_bin(str(path))
+    assert not marker.exists()
+    other = tmp_path / "eval.bin"
+    with open(other, "wb") as handle:
+        pickle.dump((images, [True] * 10, {1, 2}), handle)
+    with pytest.raises(ValueError, match="expected a pickle of \\(images, issame\\)"):
+        read_bin(str(other))
+
+
+def _python2_bin(images, issame):
+    """A protocol-2 pickle as Python 2 writes it: images as BINSTRING (py2 str), bools as NEWTRUE/NEWFALSE."""
+    body = b"\x80\x02(("
+    for image in images:
+        body += b"T" + struct.pack("<i", len(image)) + image
+    body += b"l("
+    for flag in issame:
+        body += b"\x88" if flag else b"\x89"
+    return body + b"lt."
+
+
+def test_read_bin_python3_and_python2_pickles_then_evaluate(tmp_path):
+    images = [_jpeg(i) for i in range(20)]
+    issame = [i % 2 == 0 for i in range(10)]
+    py3 = tmp_path / "py3.bin"
+    with open(py3, "wb") as handle:
+        pickle.dump((images, issame), handle, protocol=2)  # bytes via _codecs.encode
+    py2 = tmp_path / "py2.bin"
+    py2.write_bytes(_python2_bin(images, issame))
+    for path in (py3, py2):
+        pairs = read_bin(str(path))
+        assert pairs.num_pairs == 10 and pairs.images[3] == images[3] and list(pairs.issame) == issame
+    torch.manual_seed(0)
+    result = evaluate(build_backbone("tiny", embedding_size=16), read_bin(str(py2)), batch_size=8)
+    assert 0.0 <= result.accuracy <= 1.0 and set(result.summary()) >= {"accuracy", "tar@far=1e-3", "tar@far=1e-4"}
+    png = save_roc_plot([result], str(tmp_path / "roc.png"))
+    assert Image.open(png).format == "PNG"
+
+
+def test_pairs_list_under_a_root(tmp_path):
+    for identity in range(2):
+        (tmp_path / f"id{identity}").mkdir()
+        for index in range(2):
+            (tmp_path / f"id{identity}" / f"{index}.jpg").write_bytes(_jpeg(identity * 10 + index, size=64))
+    lines = ["# comment", "id0/0.jpg id0/1.jpg 1", "", "id0/0.jpg id1/0.jpg 0"] * 5
+    pairs_file = tmp_path / "pairs.txt"
+    pairs_file.write_text("\n".join(lines) + "\n")
+    pairs = read_pairs(str(pairs_file))
+    assert pairs.num_pairs == 10 and pairs.images[0] == str(tmp_path / "id0/0.jpg")
+    result = evaluate(build_backbone("tiny", embedding_size=8, image_size=112).eval(), pairs, batch_size=4)
+    assert result.num_pairs == 10  # the 64×64 images were resized to the network's 112×112
+    bad = tmp_path / "bad.txt"
+    bad.write_text("id0/0.jpg id0/1.jpg 1\nid0/0.jpg id1/0.jpg maybe\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2: expected 'path1 path2 1\|0'"):
+        read_pairs(str(bad))
+    missing = tmp_path / "missing.txt"
+    missing.write_text("id0/0.jpg id9/0.jpg 0\n")
+    with pytest.raises(ValueError, match=r"missing.txt:1: image .*id9/0.jpg does not exist"):
+        read_pairs(str(missing))
