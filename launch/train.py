@@ -27,6 +27,13 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:  # a user error: the same clear message on every rank, no traceback
         print(f"error (rank {rank}): {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from pfc.engine import NonFiniteLossError
+
+        if not isinstance(exc, NonFiniteLossError):
+            raise
+        print(f"error (rank {rank}): {exc}", file=sys.stderr)  # a checkpoint was written
+        return 1
     finally:
         import torch.distributed as dist
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 MARGIN_KINDS = ("combined", "sphereface")
 OPTIMIZERS = ("sgd", "adamw")
+ENGINES = ("ddp", "deepspeed")
 LR_SCHEDULES = ("poly", "cosine", "constant")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -89,8 +90,13 @@ class TrainConfig:
     seed: int = 2048
     log_every: int = 10
     eval_every: int = 0               # 0: evaluate only at the end
-    save_every: int = 0               # checkpoint period in steps (issue 6); 0: none
-    resume: str = ""                  # "auto" | PATH (issue 6)
+    save_every: int = 0               # checkpoint period in steps; 0: none (a stop signal still saves)
+    resume: str = ""                  # "auto" (newest complete checkpoint in output) | PATH | "" (fresh)
+    keep_checkpoints: int = 3         # newest complete checkpoints kept in output
+    max_nonfinite_skips: int = 5      # stop (with a checkpoint) after this many non-finite losses in a row; 0: never
+    # backbone engine
+    engine: str = "ddp"               # "ddp" | "deepspeed" (ZeRO-1/2, see README "DeepSpeed")
+    deepspeed_config: str = ""        # DeepSpeed JSON file (ZeRO stage, bf16, …); "" = ZeRO-1 defaults
     val_pairs: str = ""               # pairs list ``path1 path2 1|0`` …
     val_root: str = ""                # … with paths relative to this folder (default: the list's)
     val_bins: tuple[str, ...] = ()    # insightface .bin sets (comma-separated on the command line)
@@ -206,6 +212,7 @@ def validate(config: TrainConfig) -> None:
     choices = {"margin.kind": (config.margin.kind, MARGIN_KINDS),
                "margin.fallback": (config.margin.fallback, ("cap", "insightface")),
                "mhe_kernel": (config.mhe_kernel, ("euclidean", "log", "angular")), "optimizer": (config.optimizer, OPTIMIZERS),
+               "engine": (config.engine, ENGINES),
                "lr_schedule": (config.lr_schedule, LR_SCHEDULES), "precision": (config.precision, PRECISIONS)}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
@@ -215,7 +222,7 @@ def validate(config: TrainConfig) -> None:
         if getattr(config, name) < 1:
             raise ValueError(f"config field {name!r} must be ≥ 1, got {getattr(config, name)}")
     non_negative = ("interclass_filter", "mhe_weight", "triplet_weight", "num_classes", "num_samples", "num_workers", "max_steps", "warmup_steps", "eval_every",
-                    "save_every", "grad_clip", "weight_decay", "min_lr", "momentum")
+                    "save_every", "keep_checkpoints", "max_nonfinite_skips", "grad_clip", "weight_decay", "min_lr", "momentum")
     for name in non_negative:
         if getattr(config, name) < 0:
             raise ValueError(f"config field {name!r} must be ≥ 0, got {getattr(config, name)}")

@@ -30,8 +30,10 @@ from torch import nn
 
 from pfc import dist as pfc_dist
 from pfc.backbones import build_backbone
+from pfc.checkpoint import TrainingState, load_checkpoint, resolve_resume, save_checkpoint
 from pfc.config import TrainConfig, apply_manifest, to_dict
 from pfc.evaluation import VerificationSet, evaluate, read_bin, read_pairs, save_roc_plot
+from pfc.fault import StepDecision, StepGuard, StopSignals, init_process_group
 from pfc.schedule import LRSchedule
 
 
@@ -62,8 +64,8 @@ def init_runtime(timeout_minutes: float = 30.0) -> Runtime:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        # a store namespace per torchrun restart attempt (see pfc.fault.init_process_group)
+        init_process_group("nccl" if use_cuda else "gloo", datetime.timedelta(minutes=timeout_minutes))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return Runtime(pfc_dist.get_rank(), pfc_dist.get_world_size(), local_rank, device)
 
@@ -104,11 +106,22 @@ def build_head(config: TrainConfig, runtime: Runtime) -> nn.Module:
                      interclass_filter=config.interclass_filter or None)
 
 
-def wrap_backbone(backbone: nn.Module, runtime: Runtime) -> nn.Module:
-    """Make the backbone data-parallel (DDP) when there is more than one rank.
-
-    The only place that knows about the wrapper: a DeepSpeed engine can be returned here instead.
+def wrap_backbone(backbone: nn.Module, runtime: Runtime, config: TrainConfig | None = None,
+                  optimizer: torch.optim.Optimizer | None = None):
+    """Make the backbone data-parallel: DDP when there is more than one rank, or, with
+    ``config.engine == "deepspeed"``, a :class:`pfc.deepspeed_engine.DeepSpeedBackbone` around
+    ``optimizer`` (ZeRO stage, bf16, … from ``config.deepspeed_config``, default ZeRO-1; micro
+    batch, accumulation and clipping from ``config``). The only place that knows about the wrapper.
     """
+    if config is not None and config.engine == "deepspeed":
+        from pfc.deepspeed_engine import build_deepspeed_backbone
+
+        deepspeed_config = config.deepspeed_config or {"zero_optimization": {"stage": 1}}
+        if not config.deepspeed_config and config.precision == "bf16":
+            deepspeed_config["bf16"] = {"enabled": True}
+        return build_deepspeed_backbone(backbone, deepspeed_config, micro_batch_size=config.batch_size,
+                                        grad_accumulation=config.grad_accumulation, grad_clip=config.grad_clip,
+                                        optimizer=optimizer)
     if runtime.world_size == 1:
         return backbone
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
@@ -145,6 +158,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    skipped_steps: int = 0
     grad_scaler: torch.amp.GradScaler | None = None
     extra: dict = field(default_factory=dict)
 
@@ -176,9 +190,9 @@ def build_train_state(config: TrainConfig, runtime: Runtime, image_size: int, st
         raise ValueError(f"warmup_steps={config.warmup_steps} must be smaller than the {total_steps} training steps")
     schedule = LRSchedule(total_steps, config.warmup_steps, config.lr_schedule, config.lr_power,
                           config.min_lr / config.lr)
-    use_scaler = config.precision == "fp16" and runtime.device.type == "cuda"
+    use_scaler = config.precision == "fp16" and runtime.device.type == "cuda" and config.engine == "ddp"
     return TrainState(
-        backbone=wrap_backbone(model, runtime), model=model, head=head,
+        backbone=wrap_backbone(model, runtime, config, backbone_optimizer), model=model, head=head,
         backbone_optimizer=backbone_optimizer, head_optimizer=head_optimizer,
         backbone_scheduler=torch.optim.lr_scheduler.LambdaLR(backbone_optimizer, schedule),
         head_scheduler=torch.optim.lr_scheduler.LambdaLR(head_optimizer, schedule),
@@ -344,6 +358,78 @@ def load_backbone(path: str, device="cpu") -> tuple[nn.Module, dict]:
     return model.to(device).eval(), meta
 
 
+# --------------------------------------------------------------------------------- checkpoints
+
+def uses_deepspeed(state: TrainState) -> bool:
+    """True when the backbone runs in a DeepSpeed engine (``config.engine == "deepspeed"``)."""
+    return not isinstance(state.backbone, nn.Module)
+
+
+def checkpoint_contents(state: TrainState, config: TrainConfig) -> TrainingState:
+    """What a checkpoint holds: the head shard, the backbone (DeepSpeed's own state under DeepSpeed),
+    both optimizers and LR schedules, the data position and the resolved config."""
+    deepspeed = state.backbone if uses_deepspeed(state) else None
+    schedulers = {"backbone": state.backbone_scheduler, "head": state.head_scheduler}
+    if state.grad_scaler is not None:
+        schedulers["grad_scaler"] = state.grad_scaler
+    return TrainingState(
+        head=state.head, head_optimizer=state.head_optimizer,
+        backbone=None if deepspeed else state.model,
+        backbone_optimizer=None if deepspeed else state.backbone_optimizer,
+        schedulers=schedulers, deepspeed_engine=deepspeed, config=to_dict(config),
+        progress={"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+                  "skipped_steps": state.skipped_steps})
+
+
+def save_train_checkpoint(state: TrainState, config: TrainConfig) -> str:
+    """Collective: write ``OUTPUT/checkpoint-STEP`` atomically, keep the newest ``keep_checkpoints``."""
+    return str(save_checkpoint(config.output, state.step, checkpoint_contents(state, config),
+                               keep_last=config.keep_checkpoints))
+
+
+def resume_request(config: TrainConfig) -> str:
+    """``config.resume``; after a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) an empty one means "auto"."""
+    if not config.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        return "auto"
+    return config.resume
+
+
+def restore_train_state(state: TrainState, config: TrainConfig, runtime: Runtime) -> str | None:
+    """Load the checkpoint the config asks for (if any) into ``state``; returns its path or None.
+
+    A checkpoint from another world size continues at the same number of samples into the epoch
+    (``batch_in_epoch`` scaled by old/new world size) with freshly seeded RNGs.
+    """
+    request = resume_request(config)
+    if not request:
+        return None
+    path = resolve_resume(request, config.output) if runtime.is_main else None
+    if runtime.world_size > 1:  # rank 0 decides, so every rank loads the same checkpoint
+        box = [path]
+        dist.broadcast_object_list(box, src=0)
+        path = box[0]
+    if path is None:
+        if runtime.is_main:
+            print(f"resume auto: no complete checkpoint in {config.output}; starting fresh")
+        return None
+    info = load_checkpoint(path, checkpoint_contents(state, config))
+    progress = info.progress
+    state.step, state.epoch = int(progress["step"]), int(progress["epoch"])
+    state.skipped_steps = int(progress.get("skipped_steps", 0))
+    position = int(progress["batch_in_epoch"]) * info.saved_world_size // runtime.world_size
+    position = min(position, state.steps_per_epoch * config.grad_accumulation)
+    state.batch_in_epoch = position - position % config.grad_accumulation
+    if not info.rng_restored:
+        seed_everything(config.seed + state.step, runtime.rank)
+    if runtime.is_main:
+        print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch})")
+    return str(path)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after ``max_nonfinite_skips`` consecutive non-finite losses (a checkpoint was written)."""
+
+
 # --------------------------------------------------------------------------------- the loop
 
 def manifest_image_size(manifest: dict) -> int:
@@ -386,7 +472,8 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
         raise ValueError(f"an epoch has {batches_per_epoch} batches per rank, fewer than grad_accumulation="
                          f"{config.grad_accumulation}: use more data or a smaller batch_size")
     state = build_train_state(config, runtime, image_size, steps_per_epoch)
-    # issue 6: restore `state` (and skip state.batch_in_epoch batches) from config.resume here.
+    restore_train_state(state, config, runtime)
+    stop_signals, guard, stopped = StopSignals(), StepGuard(config.max_nonfinite_skips), ""
     logger = TrainLogger(output, runtime.is_main)
     eval_summaries: list[dict] = []
     window = MetricsWindow(config.batch_size * config.grad_accumulation * runtime.world_size)
@@ -395,14 +482,17 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
 
     state.backbone.train()
     state.head.train()
-    while state.step < state.total_steps:
+    while state.step < state.total_steps and not stopped:
         loader = iter(build_loader(config, runtime, state.epoch))
-        steps_this_epoch = min(steps_per_epoch, state.total_steps - state.step)
+        for _ in range(state.batch_in_epoch):  # a resumed run: the part of the epoch already seen
+            next(loader)
+        steps_left_in_epoch = steps_per_epoch - state.batch_in_epoch // config.grad_accumulation
+        steps_this_epoch = min(steps_left_in_epoch, state.total_steps - state.step)
         bar = tqdm(total=steps_this_epoch, desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False,
                    disable=not (runtime.is_main and sys.stderr.isatty()))
         for _ in range(steps_this_epoch):
             lr_used = state.backbone_optimizer.param_groups[0]["lr"]
-            last_loss, stats = train_step(state, config, runtime, loader)
+            last_loss, stats, decision = train_step(state, config, runtime, loader, guard, stop_signals)
             state.step += 1
             window.add(last_loss, stats)
             bar.update(1)
@@ -412,11 +502,26 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
                 summaries = run_verification(state, val_sets, config, runtime, image_size, output, plot=False)
                 logger.log_eval(summaries, write=tqdm.write)
                 eval_summaries.extend(summaries)
-            # issue 6: if config.save_every and state.step % config.save_every == 0: save `state`.
+            if decision.stop:
+                stopped = decision.reason
+                break
+            if config.save_every and state.step % config.save_every == 0:
+                save_train_checkpoint(state, config)
         bar.close()
-        if steps_this_epoch == steps_per_epoch:  # the epoch ran to its end
+        if state.batch_in_epoch >= steps_per_epoch * config.grad_accumulation:  # the epoch ran to its end
             state.epoch += 1
             state.batch_in_epoch = 0
+    stop_signals.restore()
+    if stopped or config.save_every:  # at the end, and on a stop even without periodic checkpoints
+        path = save_train_checkpoint(state, config)
+        if stopped and runtime.is_main:
+            print(f"stopped at step {state.step}: {stopped}; checkpoint {path} (continue with --resume auto)")
+    if stopped and guard.consecutive:
+        raise NonFiniteLossError(f"{stopped}; the last good state is in the checkpoint of step {state.step}")
+    if stopped:
+        logger.close()
+        return {"steps": state.step, "final_loss": last_loss, "eval": [], "stopped": stopped,
+                "skipped_steps": state.skipped_steps}
 
     # ---- final verification and outputs
     summaries = run_verification(state, val_sets, config, runtime, image_size, output, plot=True)
@@ -427,14 +532,19 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
         save_backbone(state.model, config, image_size, os.path.join(output, "backbone.pt"))
         print(f"trained {state.step} steps in {time.perf_counter() - train_start:.1f} s; outputs in {output}")
     logger.close()
-    return {"steps": state.step, "final_loss": last_loss, "eval": summaries}
+    return {"steps": state.step, "final_loss": last_loss, "eval": summaries, "skipped_steps": state.skipped_steps}
 
 
-def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader) -> tuple[float, dict]:
-    """One optimizer step over ``grad_accumulation`` micro-batches from ``loader``; returns (loss, head stats).
+def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader, guard: StepGuard,
+               stop_signals: StopSignals) -> tuple[float, dict, StepDecision]:
+    """One optimizer step over ``grad_accumulation`` micro-batches from ``loader``; returns
+    (loss, head stats, the guard's decision).
 
     DDP all-reduces the backbone gradient only on the last micro-batch (``no_sync`` before it);
-    the head's gradient accumulates in its sparse rows. The loss is the mean over micro-batches.
+    DeepSpeed accumulates itself (its ``step`` after every micro-batch updates only at the
+    boundary). The head's gradient accumulates in its sparse rows. The loss is the mean over
+    micro-batches. Before the update, ``guard`` decides on every rank alike: a non-finite loss
+    on any rank skips the update; a stop signal on any rank stops after this step.
     """
     state.head.set_iteration(state.step)
     step_loss, stats = 0.0, {}
@@ -448,25 +558,61 @@ def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader)
         images = images.to(runtime.device, non_blocking=True)
         labels = labels.to(runtime.device, non_blocking=True)
         last_micro = micro == config.grad_accumulation - 1
-        sync = contextlib.nullcontext() if last_micro or runtime.world_size == 1 else state.backbone.no_sync()
-        with sync:
-            with autocast_context(config, runtime):
-                embeddings = state.backbone(images)
-            loss = state.head(embeddings.float(), labels) / config.grad_accumulation
-            if state.grad_scaler is not None:
-                state.grad_scaler.scale(loss).backward()
-            else:
-                loss.backward()
+        if uses_deepspeed(state):  # DeepSpeed divides by the accumulation steps itself
+            loss = state.head(state.backbone(images), labels)
+            state.backbone.backward(loss, head_parameters=[state.head.weight])
+            loss = loss.detach() / config.grad_accumulation
+            if not last_micro:
+                state.backbone.step()
+        else:
+            sync = contextlib.nullcontext() if last_micro or runtime.world_size == 1 else state.backbone.no_sync()
+            with sync:
+                with autocast_context(config, runtime):
+                    embeddings = state.backbone(images)
+                loss = state.head(embeddings.float(), labels) / config.grad_accumulation
+                if state.grad_scaler is not None:
+                    state.grad_scaler.scale(loss).backward()
+                else:
+                    loss.backward()
         step_loss += loss.item()
         state.batch_in_epoch += 1
         for key, value in state.head.last_stats.items():
             stats[key] = stats.get(key, 0.0) + value / config.grad_accumulation
-    optimizer_step(state, config)
-    return step_loss, stats
+    decision = guard.check(step_loss, stop_signals.requested, step=state.step)
+    if decision.skip:
+        skip_step(state)
+        state.skipped_steps += 1
+    else:
+        optimizer_step(state, config)
+    return step_loss, stats, decision
+
+
+def skip_step(state: TrainState) -> None:
+    """A skipped step (non-finite loss on some rank): drop the gradients, change no weight or
+    optimizer state, advance the LR schedules (the step index moves on)."""
+    if uses_deepspeed(state):
+        # DeepSpeed's own step keeps its counters right; ZeRO-1/2 skip the update themselves when
+        # the gradients are not finite (which a non-finite loss makes them)
+        if state.backbone.step():
+            print("warning: DeepSpeed applied the backbone update of a step whose loss was not finite "
+                  "(its gradients were)", file=sys.stderr)
+        state.backbone.zero_grad()
+    state.backbone_optimizer.zero_grad(set_to_none=True)
+    state.head_optimizer.zero_grad(set_to_none=True)
+    state.backbone_scheduler.step()
+    state.head_scheduler.step()
 
 
 def optimizer_step(state: TrainState, config: TrainConfig) -> None:
     """Clip the backbone gradient, step both optimizers, clear the gradients, advance the LR schedules."""
+    if uses_deepspeed(state):  # clipping, the backbone step and its gradients are DeepSpeed's
+        if state.backbone.step():  # False: DeepSpeed skipped it (fp16 overflow); skip the head too
+            state.head_optimizer.step()
+        state.backbone.zero_grad()
+        state.head_optimizer.zero_grad(set_to_none=True)
+        state.backbone_scheduler.step()
+        state.head_scheduler.step()
+        return
     scaler = state.grad_scaler
     if scaler is not None:
         scaler.unscale_(state.backbone_optimizer)

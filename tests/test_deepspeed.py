@@ -1,4 +1,5 @@
-"""DeepSpeed backbone engine on 2 CPU gloo ranks: ZeRO-1/2 losses vs DDP, and save/resume.
+"""DeepSpeed backbone engine on 2 CPU gloo ranks: ZeRO-1/2 losses vs DDP, save/resume, engine
+changes, and the trainer with ``engine: deepspeed`` (stopped by SIGTERM, resumed).
 
 pfc keeps DeepSpeed from compiling its CPU inference all-reduce op (``shm_comm``, 30–100 s of
 g++): the test points ``TORCH_EXTENSIONS_DIR`` at an empty folder and checks it stays empty.
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from tests.distributed import run_ranks
+from tests.train_fixtures import write_shards
 
 pytestmark = pytest.mark.slow
 
@@ -116,11 +118,64 @@ def deepspeed_vs_ddp(rank: int, world_size: int, output_dir: str) -> dict:
     return results
 
 
+def trainer_engines(rank: int, world_size: int, data: str, output_dir: str) -> dict:
+    """The trainer with ``engine: deepspeed`` (ZeRO-2 file) vs ``engine: ddp``; then a stopped and
+    resumed DeepSpeed run (checkpoint with DeepSpeed's engine state and pfc's head)."""
+    import json
+    import signal
+
+    from pfc import engine
+    from pfc.head import PartialFC
+    from tests.train_fixtures import make_config
+
+    os.environ["LOCAL_RANK"] = str(rank)       # torchrun's variable, which DeepSpeed requires
+    os.makedirs(output_dir, exist_ok=True)
+    zero2 = os.path.join(output_dir, "zero2.json")
+    if rank == 0:
+        with open(zero2, "w") as handle:
+            json.dump({"zero_optimization": {"stage": 2}}, handle)
+    torch.distributed.barrier()
+    losses = {}
+    for name, overrides in (("ddp", {}), ("deepspeed", {"engine": "deepspeed", "deepspeed_config": zero2})):
+        output = os.path.join(output_dir, name)
+        engine.train(make_config(data, output, max_steps=4, grad_clip=5.0, **overrides))
+        with open(os.path.join(output, "metrics.jsonl")) as handle:
+            losses[name] = [json.loads(line)["loss"] for line in handle]
+
+    original = PartialFC.set_iteration
+
+    def set_iteration(self, iteration):
+        if iteration == 2 and rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        original(self, iteration)
+
+    PartialFC.set_iteration = set_iteration
+    resumed_dir = os.path.join(output_dir, "deepspeed_resumed")
+    try:
+        stopped = engine.train(make_config(data, resumed_dir, max_steps=4, grad_clip=5.0, engine="deepspeed",
+                                           deepspeed_config=zero2))
+    finally:
+        PartialFC.set_iteration = original
+    resumed = engine.train(make_config(data, resumed_dir, max_steps=4, grad_clip=5.0, engine="deepspeed",
+                                       deepspeed_config=zero2, resume="auto"))
+    with open(os.path.join(resumed_dir, "metrics.jsonl")) as handle:
+        losses["deepspeed_resumed"] = [json.loads(line)["loss"] for line in handle]
+    return {"losses": losses, "stopped_at": stopped["steps"], "resumed_steps": resumed["steps"]}
+
+
+def deepspeed_suite(rank: int, world_size: int, output_dir: str, data: str) -> dict:
+    """Both checks in one process group (each spawn costs seconds of imports)."""
+    results = deepspeed_vs_ddp(rank, world_size, output_dir)
+    results["trainer"] = trainer_engines(rank, world_size, data, os.path.join(output_dir, "trainer"))
+    return results
+
+
 def test_deepspeed_zero_matches_ddp_and_resumes(tmp_path, monkeypatch):
     pytest.importorskip("deepspeed")
     extensions = tmp_path / "torch_extensions"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))     # inherited by the spawned ranks
-    results = run_ranks(deepspeed_vs_ddp, 2, str(tmp_path), timeout=400, collective_timeout=300)
+    data = write_shards(str(tmp_path / "shards"), num_classes=12, per_class=8, image_size=16)
+    results = run_ranks(deepspeed_suite, 2, str(tmp_path), data, timeout=400, collective_timeout=300)
     assert not extensions.exists() or not any(extensions.iterdir()), "DeepSpeed compiled an op"
     for rank_result in results:
         ddp = rank_result["ddp"]
@@ -137,7 +192,17 @@ def test_deepspeed_zero_matches_ddp_and_resumes(tmp_path, monkeypatch):
         assert change["next_losses"][0] == pytest.approx(change["next_losses"][1], rel=1e-6)
     print("\nDDP losses %s; ZeRO-2 bf16 %s" % (results[0]["ddp"]["losses"], results[0]["zero2_bf16"]["losses"]))
 
-
+    # through the trainer (engine: deepspeed, ZeRO-2 file, accumulation 2, clipping) vs engine: ddp
+    trainer = results[0]["trainer"]
+    losses = trainer["losses"]
+    assert len(losses["ddp"]) == 4
+    # ZeRO sums the accumulated, flattened gradients and the clipping norm in another order than
+    # DDP's buckets: float rounding, growing slowly with the steps (2e-5 relative by step 4 here)
+    assert losses["deepspeed"] == pytest.approx(losses["ddp"], rel=1e-4)
+    assert trainer["stopped_at"] == 3 and trainer["resumed_steps"] == 4
+    # the stopped run logged steps 1-3 and the resumed one step 4: the uninterrupted run's losses
+    assert losses["deepspeed_resumed"] == pytest.approx(losses["deepspeed"], rel=1e-6)
+    print("trainer losses: ddp %s, deepspeed ZeRO-2 %s" % (losses["ddp"], losses["deepspeed"]))
 def test_deepspeed_config_is_resolved_against_the_trainer_config(tmp_path):
     from pfc.deepspeed_engine import resolve_deepspeed_config
 
