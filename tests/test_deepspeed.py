@@ -6,6 +6,7 @@ g++): the test points ``TORCH_EXTENSIONS_DIR`` at an empty folder and checks it 
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -92,10 +93,13 @@ def deepspeed_vs_ddp(rank: int, world_size: int, output_dir: str) -> dict:
                               progress={"step": 2})
         path = save_checkpoint(output_dir, 2 + 10 * stage, state)
         saved_weights = {k: v.clone() for k, v in parts[0].module.state_dict().items()}
+        saved_head = parts[2].weight.detach().clone()
         continued = train_steps(rank, parts, range(2, STEPS))
         fresh = build("deepspeed", stage)
         info = load_checkpoint(path, TrainingState(head=fresh[2], head_optimizer=fresh[3], deepspeed_engine=fresh[0]))
         resumed = train_steps(rank, fresh, range(info.progress["step"], STEPS))
+        results[f"saved_zero{stage}"] = {"path": str(path), "weights": saved_weights,
+                                         "head": saved_head, "class_start": parts[2].class_start}
         results[f"resume_zero{stage}"] = {"continued": continued, "resumed": resumed,
                                           "head_equal": torch.equal(parts[2].weight, fresh[2].weight)}
 
@@ -163,6 +167,20 @@ def trainer_engines(rank: int, world_size: int, data: str, output_dir: str) -> d
     return {"losses": losses, "stopped_at": stopped["steps"], "resumed_steps": resumed["steps"]}
 
 
+def load_on_other_world_size(rank: int, world_size: int, path: str) -> dict:
+    """A ZeRO-2 checkpoint of 2 ranks on ``world_size`` ranks: DeepSpeed weights only, head resharded."""
+    from pfc.checkpoint import TrainingState, load_checkpoint
+
+    os.environ["LOCAL_RANK"] = str(rank)
+    parts = build("deepspeed", 2)
+    info = load_checkpoint(path, TrainingState(head=parts[2], head_optimizer=parts[3], deepspeed_engine=parts[0]))
+    weights = {k: v.clone() for k, v in parts[0].module.state_dict().items()}
+    head = parts[2].weight.detach().clone()
+    losses = train_steps(rank, parts, range(2, 4))          # and it trains on
+    return {"weights": weights, "head": head, "class_start": parts[2].class_start, "losses": losses,
+            "optimizer_restored": info.backbone_optimizer_restored}
+
+
 def deepspeed_suite(rank: int, world_size: int, output_dir: str, data: str) -> dict:
     """Both checks in one process group (each spawn costs seconds of imports)."""
     results = deepspeed_vs_ddp(rank, world_size, output_dir)
@@ -190,6 +208,17 @@ def test_deepspeed_zero_matches_ddp_and_resumes(tmp_path, monkeypatch):
         change = rank_result["engine_change"]
         assert change["from_deepspeed"] and change["from_ddp"] and change["optimizer_restored"] == (False, False)
         assert change["next_losses"][0] == pytest.approx(change["next_losses"][1], rel=1e-6)
+    # the ZeRO-2 checkpoint of 2 ranks on 3: backbone weights exact, optimizer state fresh, head resharded
+    saved = {rank: result["saved_zero2"] for rank, result in enumerate(results)}
+    on_three = run_ranks(load_on_other_world_size, 3, saved[0]["path"], timeout=300, collective_timeout=200)
+    saved_head = torch.cat([saved[r]["head"] for r in sorted(saved, key=lambda r: saved[r]["class_start"])])
+    loaded_head = torch.cat([r["head"] for r in sorted(on_three, key=lambda r: r["class_start"])])
+    assert torch.equal(saved_head, loaded_head)
+    for result in on_three:
+        assert not result["optimizer_restored"]
+        assert all(torch.equal(saved[0]["weights"][k], v) for k, v in result["weights"].items())
+        assert all(map(math.isfinite, result["losses"]))
+
     print("\nDDP losses %s; ZeRO-2 bf16 %s" % (results[0]["ddp"]["losses"], results[0]["zero2_bf16"]["losses"]))
 
     # through the trainer (engine: deepspeed, ZeRO-2 file, accumulation 2, clipping) vs engine: ddp
