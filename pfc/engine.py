@@ -3,14 +3,16 @@
     summary = train(load_config("configs/synthetic_cpu.py", argv))   # under torchrun, or one process
 
 One optimizer step (N ranks, ``grad_accumulation`` micro-batches of ``batch_size`` per rank):
-  for each micro-batch: x = backbone(images) (DDP; gradient all-reduce only on the last
-  micro-batch), loss = head(x, labels) / grad_accumulation, backward;
-  then clip the backbone gradient, step both optimizers, advance both LR schedules and
-  ``head.set_iteration``. The head is never wrapped in DDP: it owns its shard of the class
-  centers and does its own collectives (see pfc/head.py).
+  for each micro-batch: x = backbone(images) (DDP, gradient all-reduce only on the last
+  micro-batch; or a DeepSpeed engine), loss = head(x, labels) / grad_accumulation, backward;
+  then one collective decision (skip the update if any rank's loss is not finite, stop after
+  the step if any rank got SIGTERM/SIGINT), clip the backbone gradient, step both optimizers,
+  advance both LR schedules and ``head.set_iteration``. The head is never wrapped in DDP: it owns
+  its shard of the class centers and does its own collectives (see pfc/head.py).
 
-Everything a resume needs (issue 6) lives in :class:`TrainState`; the data-parallel wrapping is the
-one function :func:`wrap_backbone`.
+Everything a resume needs lives in :class:`TrainState` (see "checkpoints" below: saved every
+``save_every`` steps, on a stop and at the end; restored by ``resume``); the data-parallel
+wrapping is the one function :func:`wrap_backbone`.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -139,11 +141,13 @@ def build_backbone_optimizer(config: TrainConfig, backbone: nn.Module) -> torch.
 
 @dataclass
 class TrainState:
-    """Everything that changes during training, in one place, for checkpointing (issue 6).
+    """Everything that changes during training, in one place; :func:`checkpoint_contents` maps it
+    to a checkpoint (which adds every rank's RNG states).
 
-    ``backbone`` is the wrapped module (DDP or not); ``model`` the bare network whose state_dict is
-    saved. ``batch_in_epoch`` counts the micro-batches consumed in the current epoch (the data
-    position); the RNG states are those of python, numpy and torch on this rank.
+    ``backbone`` is the wrapped network (DDP, a :class:`pfc.deepspeed_engine.DeepSpeedBackbone`,
+    or the bare module on one rank); ``model`` the bare network. ``batch_in_epoch`` counts the
+    micro-batches consumed in the current epoch (the data position); ``skipped_steps`` the steps
+    whose update was skipped for a non-finite loss.
     """
 
     backbone: nn.Module
@@ -160,22 +164,6 @@ class TrainState:
     batch_in_epoch: int = 0
     skipped_steps: int = 0
     grad_scaler: torch.amp.GradScaler | None = None
-    extra: dict = field(default_factory=dict)
-
-    def rng_state(self) -> dict:
-        """Python, numpy and torch (CPU and current CUDA device) RNG states of this rank."""
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state()
-        return state
-
-    def set_rng_state(self, state: dict) -> None:
-        """Restore what :meth:`rng_state` returned."""
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
 
 
 def build_train_state(config: TrainConfig, runtime: Runtime, image_size: int, steps_per_epoch: int) -> TrainState:
