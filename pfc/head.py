@@ -126,13 +126,27 @@ def _center_rows(weight, index, start, stop, workspace):
     return torch.index_select(weight, 0, index[start:stop], out=workspace.get("rows", stop - start, weight))
 
 
+def _positive_centers(weight, index, owned_rows, owned_cols, num_rows, group):
+    """The batch's normalised class centers ``[B, D]``: each owner fills its rows, one SUM
+    all-reduce. Returns ``(centers, own_unit, own_inv_norm)`` for the owner's backward."""
+    own_local = owned_cols if index is None else index[owned_cols]
+    own = weight.index_select(0, own_local)
+    own_inv_norm = torch.linalg.vector_norm(own, dim=1).clamp_min_(_NORM_EPS).reciprocal_()
+    own_unit = own * own_inv_norm[:, None]
+    centers = weight.new_zeros(num_rows, weight.shape[1])
+    centers[owned_rows] = own_unit
+    return all_reduce_(centers, dist.ReduceOp.SUM, group), own_unit, own_inv_norm
+
+
 class _ShardedMarginSoftmax(torch.autograd.Function):
-    """Exact softmax cross-entropy over sharded, sampled class centers (two collectives)."""
+    """Exact softmax cross-entropy over sharded, sampled class centers (two collectives), with the
+    MHE energy of the same centers computed in the same pass when asked for."""
 
     @staticmethod
-    def forward(ctx, features, weight, index, target, margin, group, chunk_rows, workspace, filter_threshold):
+    def forward(ctx, features, weight, index, target, margin, group, chunk_rows, workspace, filter_threshold, mhe):
         num_rows = features.shape[0]
-        num_sampled = weight.shape[0] if index is None else index.numel()
+        num_local = weight.shape[0]
+        num_sampled = num_local if index is None else index.numel()
         scale = margin.s
 
         owned_rows = (target >= 0).nonzero().squeeze(1)
@@ -141,23 +155,39 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         margin_value = features.new_empty(owned_rows.numel())
         margin_grad = features.new_empty(owned_rows.numel())
 
+        # MHE: the positive centers join the features as a second block of the GEMM operand
+        operand, own_unit, own_inv_norm, column_weight, mhe_count = features, None, None, None, 0
+        if mhe is not None:
+            centers, own_unit, own_inv_norm = _positive_centers(weight, index, owned_rows, owned_cols,
+                                                                num_rows, group)
+            operand = torch.cat([features, centers])
+            column_weight, mhe_count = mhe.column_weights(index, owned_cols, num_local)
+        mhe_sum = features.new_zeros(())
+
         # One pass over chunks of centers. Logits are kept classes-major [S, B] (every chunk a
         # contiguous block) as z = s·cos with the margin at the targets; cos = (W·X̂ᵀ)/‖w‖ so no
         # normalised copy of W is made. The local log-sum-exp is accumulated online.
-        logits = features.new_empty(num_sampled, num_rows)
+        logits = features.new_empty(num_sampled, operand.shape[0])
         inv_norm = features.new_empty(num_sampled)
         local_max = features.new_full((num_rows,), -math.inf)
         local_sum = features.new_zeros(num_rows)
         for start in range(0, num_sampled, chunk_rows):
             stop = min(start + chunk_rows, num_sampled)
             rows = _center_rows(weight, index, start, stop, workspace)
-            chunk = logits[start:stop]
+            block = logits[start:stop]
             inv = torch.linalg.vector_norm(rows, dim=1, out=inv_norm[start:stop])
             inv.clamp_min_(_NORM_EPS).reciprocal_()
-            torch.mm(rows, features.t(), out=chunk)
-            chunk.mul_(inv[:, None]).clamp_(-1.0, 1.0)
+            torch.mm(rows, operand.t(), out=block)
+            block.mul_(inv[:, None]).clamp_(-1.0, 1.0)
+            chunk = block[:, :num_rows]
             in_chunk = (owned_cols >= start) & (owned_cols < stop)
             cols, batch_rows = owned_cols[in_chunk] - start, owned_rows[in_chunk]
+            if mhe is not None:  # Σ_{j ≠ y_i} f(ŵ_yi, ŵ_j) over this chunk's centers
+                energy = mhe.kernel_value(block[:, num_rows:])
+                energy[cols, batch_rows] = 0.0
+                if column_weight is not None:
+                    energy.mul_(column_weight[start:stop, None])
+                mhe_sum += energy.sum()
             cos_target[in_chunk] = chunk[cols, batch_rows]
             value, grad = margin.target_logit(cos_target[in_chunk])
             margin_value[in_chunk], margin_grad[in_chunk] = value, grad
@@ -170,43 +200,46 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             chunk_max = torch.maximum(chunk.amax(dim=0), local_max)
             local_sum.mul_(torch.exp(local_max - chunk_max))
             local_max = chunk_max
-            shifted = torch.sub(chunk, local_max, out=workspace.get("softmax", stop - start, logits))
+            shifted = torch.sub(chunk, local_max, out=workspace.get("softmax", stop - start, chunk))
             local_sum += shifted.exp_().sum(dim=0)
 
         # 1. logits max over all ranks (no gradient flows through it)
         row_max = local_max.clone()
         all_reduce_(row_max, dist.ReduceOp.MAX, group)
 
-        # 2. sum of exps rescaled to the global max, and the target logits (with and without
-        #    margin; zero where another rank owns the class): one SUM all-reduce
+        # 2. sum of exps rescaled to the global max, the target logits (with and without margin;
+        #    zero where another rank owns the class) and the MHE sums: one SUM all-reduce
         target_logit = logits.new_zeros(num_rows)
         target_logit[owned_rows] = scale * margin_value
         raw_target_logit = logits.new_zeros(num_rows)
         raw_target_logit[owned_rows] = scale * cos_target
         sum_exp = local_sum * torch.exp(local_max - row_max)
-        reduced = torch.cat([sum_exp, target_logit, raw_target_logit])
+        reduced = torch.cat([sum_exp, target_logit, raw_target_logit, mhe_sum[None], mhe_sum.new_full((1,), mhe_count)])
         all_reduce_(reduced, dist.ReduceOp.SUM, group)
-        sum_exp, target_logit, raw_target_logit = reduced.split(num_rows)
+        sum_exp, target_logit, raw_target_logit, mhe_total = reduced.split([num_rows, num_rows, num_rows, 2])
 
         # 3. loss = logsumexp − z_y, mean over the gathered rows
         loss = (sum_exp.log() + row_max - target_logit).mean()
         correct = (target_logit >= row_max) | (raw_target_logit >= row_max)
+        mhe_denominator = mhe.denominator(num_rows, int(round(float(mhe_total[1])))) if mhe is not None else 1.0
+        energy = mhe_total[0] / mhe_denominator
 
-        ctx.save_for_backward(features, weight, index, logits, inv_norm, row_max, sum_exp.log(), owned_rows,
-                              owned_cols, cos_target - margin_value, margin_grad)
-        ctx.scale = scale
-        ctx.chunk_rows = chunk_rows
-        ctx.workspace = workspace
+        ctx.save_for_backward(operand, weight, index, logits, inv_norm, row_max, sum_exp.log(), owned_rows,
+                              owned_cols, cos_target - margin_value, margin_grad, own_unit, own_inv_norm,
+                              column_weight)
+        ctx.scale, ctx.chunk_rows, ctx.workspace, ctx.group = scale, chunk_rows, workspace, group
+        ctx.mhe, ctx.mhe_denominator, ctx.num_rows = mhe, mhe_denominator, num_rows
         ctx.weight_needs_grad = weight.requires_grad
         accuracy = correct.to(features.dtype).mean()
         ctx.mark_non_differentiable(accuracy)
-        return loss, accuracy
+        return loss, accuracy, energy
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_accuracy):
-        (features, weight, index, logits, inv_norm, row_max, log_sum, owned_rows, owned_cols,
-         target_shift, margin_grad) = ctx.saved_tensors
-        num_sampled, num_rows = logits.shape
+    def backward(ctx, grad_loss, _grad_accuracy, grad_energy):
+        (operand, weight, index, logits, inv_norm, row_max, log_sum, owned_rows, owned_cols,
+         target_shift, margin_grad, own_unit, own_inv_norm, column_weight) = ctx.saved_tensors
+        num_sampled = logits.shape[0]
+        num_rows, mhe = ctx.num_rows, ctx.mhe
         scale, workspace = ctx.scale, ctx.workspace
         # G = ∂loss/∂cos = c·(softmax − onehot) with c = s·grad/B, softmax = exp(z − max − log Σ);
         # for c > 0 the factor folds into the exponent: c·softmax = exp(z − max − (log Σ − log c)).
@@ -214,15 +247,18 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         coefficient = grad_loss * scale / num_rows
         fold = bool(coefficient > 0)
         shift = log_sum - torch.log(coefficient) if fold else log_sum
+        mhe_coefficient = grad_energy / ctx.mhe_denominator if mhe is not None else None
 
-        grad_features = torch.zeros_like(features)
-        grad_values = workspace.gradient(num_sampled, features) if ctx.weight_needs_grad else None
+        grad_operand = torch.zeros_like(operand)
+        grad_values = workspace.gradient(num_sampled, operand) if ctx.weight_needs_grad else None
         for start in range(0, num_sampled, ctx.chunk_rows):
             stop = min(start + ctx.chunk_rows, num_sampled)
             rows = _center_rows(weight, index, start, stop, workspace)
             inv = inv_norm[start:stop, None]
-            logits_chunk = logits[start:stop]
-            grad_cos = torch.sub(logits_chunk, row_max, out=workspace.get("softmax", stop - start, logits))
+            block = logits[start:stop]
+            grad_block = workspace.get("grad", stop - start, logits)
+            grad_cos = grad_block[:, :num_rows]
+            torch.sub(block[:, :num_rows], row_max, out=grad_cos)
             grad_cos.sub_(shift).exp_()
             if not fold:
                 grad_cos.mul_(coefficient)
@@ -230,17 +266,34 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             cols, batch_rows = owned_cols[in_chunk] - start, owned_rows[in_chunk]
             grad_target = (grad_cos[cols, batch_rows] - coefficient) * margin_grad[in_chunk]
             grad_cos[cols, batch_rows] = grad_target
-            grad_cos.mul_(inv)  # in place: G·r, the factor of both products below
+            if mhe is not None:
+                grad_energy_block = grad_block[:, num_rows:]
+                torch.mul(mhe.kernel_grad(block[:, num_rows:]), mhe_coefficient, out=grad_energy_block)
+                grad_energy_block[cols, batch_rows] = 0.0
+                if column_weight is not None:
+                    grad_energy_block.mul_(column_weight[start:stop, None])
+            grad_block.mul_(inv)  # in place: G·r, the factor of both products below
             if grad_values is not None:
-                # ∂/∂w_j = r_j·A_j − r_j²·u_j·w_j with A = Gᵀ·X̂ and u_j = Σ_i G_ji·c_ji, where
-                # c = z/s except at the targets (there the raw cosine, z/s + target_shift)
-                product = torch.mul(grad_cos, logits_chunk, out=workspace.get("product", stop - start, logits))
-                u_scaled = product.sum(dim=1).div_(scale)  # r_j·u_j
+                # ∂/∂w_j = r_j·A_j − r_j²·u_j·w_j with A = Gᵀ·[X̂; P̂] and u_j = Σ_i G_ji·c_ji, where
+                # c = z/s in the softmax block except at the targets (there the raw cosine,
+                # z/s + target_shift), and the cosine itself in the MHE block
+                product = torch.mul(grad_block, block, out=workspace.get("product", stop - start, logits))
+                u_scaled = product[:, :num_rows].sum(dim=1).div_(scale)  # r_j·u_j
+                if mhe is not None:
+                    u_scaled += product[:, num_rows:].sum(dim=1)
                 u_scaled.index_add_(0, cols, grad_target * inv[cols, 0] * target_shift[in_chunk])
                 grad_rows = grad_values[start:stop]
-                torch.mm(grad_cos, features, out=grad_rows)  # r_j·A_j
+                torch.mm(grad_block, operand, out=grad_rows)  # r_j·A_j
                 grad_rows.addcmul_(rows, u_scaled[:, None] * inv, value=-1.0)
-            grad_features.addmm_(grad_cos.t(), rows)  # Σ_j G_j r_j w_j
+            grad_operand.addmm_(grad_block.t(), rows)  # Σ_j G_j r_j w_j
+
+        if mhe is not None and grad_values is not None:
+            # the positive centers: every rank's share summed, then through p̂ = w·r to the owner's
+            # row, which is in this rank's sampled set at position target
+            grad_centers = all_reduce_(grad_operand[num_rows:].contiguous(), dist.ReduceOp.SUM, ctx.group)
+            own_grad = grad_centers[owned_rows]
+            own_grad.sub_(own_unit * (own_grad * own_unit).sum(dim=1, keepdim=True)).mul_(own_inv_norm[:, None])
+            grad_values.index_add_(0, owned_cols, own_grad)
 
         grad_weight = None
         if grad_values is not None:
@@ -249,12 +302,13 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             else:
                 grad_weight = torch.sparse_coo_tensor(index[None], grad_values, weight.shape,
                                                       is_coalesced=True, check_invariants=False)
-        return grad_features, grad_weight, None, None, None, None, None, None, None
+        return grad_operand[:num_rows], grad_weight, None, None, None, None, None, None, None, None
 
 
 def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
                            target: torch.Tensor, margin: Margin, group=None, chunk_rows: int = 8192,
-                           workspace: _Workspace | None = None, filter_threshold: float | None = None):
+                           workspace: _Workspace | None = None, filter_threshold: float | None = None,
+                           mhe: MHE | None = None):
     """Margin softmax cross-entropy over class centers sharded across the ranks of ``group``.
 
     Args:
@@ -265,15 +319,18 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
         margin: applied to the target cosine; logits are then scaled by ``margin.s``.
         filter_threshold: inter-class filtering; a non-target cosine above it is left out of its
             row's softmax (treated as label noise), on every rank alike.
+        mhe: the MHE energy of the sampled centers (:class:`pfc.regularizers.MHE`), computed in
+            the same pass.
 
-    Returns ``(loss, accuracy)``: ``loss = mean_i(logsumexp_j z_ij − z_i,y)`` over all ranks'
-    sampled centers, identical on every rank; accuracy is the share of rows whose target cosine
-    is the largest sampled logit. Two collectives (MAX of the row max, one SUM); the backward
+    Returns ``(loss, accuracy, energy)``: ``loss = mean_i(logsumexp_j z_ij − z_i,y)`` over all
+    ranks' sampled centers, identical on every rank; accuracy is the share of rows whose target
+    cosine is the largest sampled logit; energy the MHE value (0 without ``mhe``). Two collectives (MAX of the row max, one SUM); the backward
     needs none and yields ``∂loss/∂features`` from this rank's shard only (sum over ranks for
     the total) and ``∂loss/∂weight`` (sparse COO over ``index`` when given).
     """
     return _ShardedMarginSoftmax.apply(features, weight, index, target, margin, group, chunk_rows,
-                                       workspace if workspace is not None else _Workspace(), filter_threshold)
+                                       workspace if workspace is not None else _Workspace(), filter_threshold,
+                                       mhe)
 
 
 _DTYPE_CODES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
@@ -372,13 +429,12 @@ class PartialFC(nn.Module):
             features = gather_rows(features, self.group, grad_scale=self.world_size)
             labels = all_gather_tensor(labels.to(self.weight.device, torch.int64), self.group)
             index, target = self._sample(labels)
-            ce, accuracy = sharded_margin_softmax(features, self.weight, index, target, self.margin, self.group,
-                                                  self.chunk_rows, self._workspace, self.interclass_filter)
+            ce, accuracy, energy = sharded_margin_softmax(
+                features, self.weight, index, target, self.margin, self.group, self.chunk_rows, self._workspace,
+                self.interclass_filter, self.mhe)
             loss = ce
             stats = {"ce": ce.detach(), "accuracy": accuracy}
             if self.mhe is not None:
-                energy = self.mhe.energy(self.weight, index, labels, target, self.class_start,
-                                         self.num_classes, self.group)
                 loss = loss + self.mhe.weight * energy
                 stats["mhe"] = energy.detach()
             if self.triplet is not None:

@@ -19,19 +19,6 @@ from pfc.margins import SphereFace
 _KERNELS = ("euclidean", "log", "angular")
 
 
-class _SumAcrossRanks(torch.autograd.Function):
-    """All-reduce SUM whose backward is the all-reduce SUM of the gradients."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        return all_reduce_(tensor.clone(), dist.ReduceOp.SUM, group)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        return all_reduce_(grad_output.clone(), dist.ReduceOp.SUM, ctx.group), None
-
-
 def _global_value(local: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     """``total`` as the value, ``local``'s gradient: every rank back-propagates its own share."""
     return local + (total - local).detach()
@@ -50,7 +37,12 @@ class MHE:
     ``angular``: ``f = θ^(−power)``. ``half_space=True`` also counts the reflections ``−ŵ_j``
     (``f(ŵ_y, ŵ_j) + f(ŵ_y, −ŵ_j)``, divided by ``2·B·(K−1)``). ``unbiased=True`` weights the
     sampled negatives of rank r by ``(C_r − P_r)/n_r`` (P_r local positives, n_r negatives drawn)
-    and uses K = C, an unbiased estimate of the full-shard energy. The head adds ``weight·E``.
+    and uses K = C, an unbiased estimate of the full-shard energy. The head adds ``weight·E``,
+    computed inside its sharded softmax (:func:`pfc.head.sharded_margin_softmax`): the batch's
+    positive centers are gathered with one all-reduce, each rank evaluates the kernel against its
+    own sampled shard in the same GEMM as the logits, the energy rides on the softmax's SUM
+    all-reduce, and the positive centers' gradient returns to their owners with one all-reduce in
+    the backward.
     """
 
     weight: float = 0.01
@@ -71,62 +63,54 @@ class MHE:
             raise ValueError(f"MHE eps={self.eps} outside (0, 0.5)")
 
     def kernel_value(self, cos: torch.Tensor) -> torch.Tensor:
-        """``f`` as a function of the cosine between two unit vectors (see the class docstring)."""
-        if self.kernel == "angular":
-            theta = torch.acos(cos.clamp(-1.0 + self.eps, 1.0 - self.eps))
-            return theta.pow(-self.power)
-        squared = (2.0 - 2.0 * cos).clamp_min(0.0) + self.eps
-        if self.kernel == "log":
-            return -0.5 * torch.log(squared)
-        return squared.pow(-0.5 * self.power)
+        """``f`` as a function of the cosine between two unit vectors (half-space included)."""
+        value = self._kernel(cos, want_grad=False)
+        return value + self._kernel(-cos, want_grad=False) if self.half_space else value
 
-    def energy(self, weight: torch.Tensor, index: torch.Tensor | None, labels: torch.Tensor,
-               target: torch.Tensor, class_start: int, num_classes: int, group=None) -> torch.Tensor:
-        """E for one step. ``weight [C_r, D]`` this rank's centers, ``index`` its sampled rows
-        (None = all), ``labels [B]`` the gathered labels, ``target [B]`` their positions in the
-        sampled set (−1 where another rank owns them). Same value on every rank."""
-        num_rows, num_local = labels.numel(), weight.shape[0]
-        local = labels - class_start
-        owned_rows = ((local >= 0) & (local < num_local)).nonzero().squeeze(1)
-        # the batch's positive centers: each owner fills its rows, one differentiable all-reduce
-        own_centers = F.normalize(F.embedding(local[owned_rows], weight, sparse=True), dim=1)
-        positive = torch.zeros(num_rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        positive = positive.index_copy(0, owned_rows, own_centers)
-        if get_world_size(group) > 1:
-            positive = _SumAcrossRanks.apply(positive, group)
+    def kernel_grad(self, cos: torch.Tensor) -> torch.Tensor:
+        """``df/dcos`` in closed form (zero where the cosine is clamped); half-space included."""
+        grad = self._kernel(cos, want_grad=True)
+        return grad - self._kernel(-cos, want_grad=True) if self.half_space else grad
 
-        sampled = weight if index is None else F.embedding(index, weight, sparse=True)
-        cos = (positive @ F.normalize(sampled, dim=1).t()).clamp(-1.0, 1.0)  # [B, S_r]
-        energy = self.kernel_value(cos)
-        if self.half_space:
-            energy = energy + self.kernel_value(-cos)
-        not_self = torch.ones_like(cos, dtype=torch.bool)
-        not_self[owned_rows, target[owned_rows]] = False  # j = y_i
-        energy = energy * not_self
+    def _kernel(self, cos, want_grad):
+        if self.kernel == "angular":  # f = θ^−p, df/dc = p·θ^(−p−1)/sqrt(1 − c²)
+            inside = (cos > -1.0 + self.eps) & (cos < 1.0 - self.eps)
+            clamped = cos.clamp(-1.0 + self.eps, 1.0 - self.eps)
+            theta = torch.acos(clamped)
+            if not want_grad:
+                return theta.pow(-self.power)
+            return self.power * theta.pow(-self.power - 1) * torch.rsqrt(1.0 - clamped * clamped) * inside
+        gap = 2.0 - 2.0 * cos  # d² = gap + eps
+        squared = gap.clamp_min(0.0) + self.eps
+        if self.kernel == "log":  # f = −½·log d², df/dc = 1/d²
+            return -0.5 * torch.log(squared) if not want_grad else squared.reciprocal() * (gap > 0)
+        # euclidean: f = (d²)^(−p/2), df/dc = p·(d²)^(−p/2 − 1)
+        if not want_grad:
+            return squared.pow(-0.5 * self.power)
+        return self.power * squared.pow(-0.5 * self.power - 1.0) * (gap > 0)
 
-        num_sampled = cos.shape[1]
-        if self.unbiased and index is not None:
-            is_positive = torch.zeros(num_local, dtype=torch.bool, device=weight.device)
-            is_positive[local[owned_rows]] = True
-            sampled_positive = is_positive[index]
-            num_positive = int(is_positive.sum())
-            num_negative = num_sampled - num_positive
-            column_weight = torch.ones(num_sampled, dtype=weight.dtype, device=weight.device)
-            if num_negative > 0:
-                column_weight[~sampled_positive] = (num_local - num_positive) / num_negative
-            local_sum = (energy * column_weight).sum()
-            count = num_local
-        else:
-            local_sum = energy.sum()
-            count = num_sampled if not self.unbiased else num_local
-
-        totals = torch.stack([local_sum.detach(), local_sum.new_tensor(float(count))])
-        all_reduce_(totals, dist.ReduceOp.SUM, group)
-        total_sum, total_count = totals[0], int(round(float(totals[1])))
-        if total_count < 2:
+    def denominator(self, num_rows: int, num_centers: int) -> float:
+        """``B·(K−1)``, doubled with ``half_space``."""
+        if num_centers < 2:
             raise ValueError("MHE needs at least two sampled centers in total")
-        denominator = num_rows * (total_count - 1) * (2 if self.half_space else 1)
-        return _global_value(local_sum, total_sum) / denominator
+        return num_rows * (num_centers - 1) * (2 if self.half_space else 1)
+
+    def column_weights(self, index: torch.Tensor | None, positive_columns: torch.Tensor, num_local: int):
+        """``(weights [S] or None, count)``: the per-column factor of this rank's sampled centers and
+        the number of centers this rank contributes to K (see ``unbiased``)."""
+        if index is None:
+            return None, num_local
+        num_sampled = index.numel()
+        if not self.unbiased:
+            return None, num_sampled
+        is_positive = torch.zeros(num_sampled, dtype=torch.bool, device=index.device)
+        is_positive[positive_columns] = True
+        num_positive = int(is_positive.sum())
+        num_negative = num_sampled - num_positive
+        weights = torch.ones(num_sampled, device=index.device)
+        if num_negative > 0:
+            weights[~is_positive] = (num_local - num_positive) / num_negative
+        return weights, num_local
 
 
 @dataclass
