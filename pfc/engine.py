@@ -121,6 +121,8 @@ def wrap_backbone(backbone: nn.Module, runtime: Runtime, config: TrainConfig | N
         deepspeed_config = config.deepspeed_config or {"zero_optimization": {"stage": 1}}
         if not config.deepspeed_config and config.precision == "bf16":
             deepspeed_config["bf16"] = {"enabled": True}
+        if not config.deepspeed_config and config.precision == "fp16" and runtime.device.type == "cuda":
+            deepspeed_config["fp16"] = {"enabled": True}
         return build_deepspeed_backbone(backbone, deepspeed_config, micro_batch_size=config.batch_size,
                                         grad_accumulation=config.grad_accumulation, grad_clip=config.grad_clip,
                                         optimizer=optimizer)
