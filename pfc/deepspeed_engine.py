@@ -126,7 +126,9 @@ def _use_weights_only_loading(engine) -> None:
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        return
+        raise ValueError(f"DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__} is not supported: "
+                         "pfc reads engine checkpoints only with torch.load(weights_only=True); remove the "
+                         "'checkpoint' engine settings from the DeepSpeed config")
     allowed = _safe_globals()
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
