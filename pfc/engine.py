@@ -32,7 +32,7 @@ from torch import nn
 
 from pfc import dist as pfc_dist
 from pfc.backbones import build_backbone
-from pfc.checkpoint import TrainingState, load_checkpoint, resolve_resume, save_checkpoint
+from pfc.checkpoint import CheckpointError, TrainingState, load_checkpoint, resolve_resume, save_checkpoint
 from pfc.config import TrainConfig, apply_manifest, to_dict
 from pfc.evaluation import VerificationSet, evaluate, read_bin, read_pairs, save_roc_plot
 from pfc.fault import StepDecision, StepGuard, StopSignals, init_process_group
@@ -393,11 +393,18 @@ def restore_train_state(state: TrainState, config: TrainConfig, runtime: Runtime
     request = resume_request(config)
     if not request:
         return None
-    path = resolve_resume(request, config.output) if runtime.is_main else None
-    if runtime.world_size > 1:  # rank 0 decides, so every rank loads the same checkpoint
-        box = [path]
+    path, error = None, None
+    if runtime.is_main:  # rank 0 decides, so every rank loads the same checkpoint
+        try:
+            path = resolve_resume(request, config.output)
+        except CheckpointError as exc:
+            error = str(exc)
+    if runtime.world_size > 1:
+        box = [path, error]
         dist.broadcast_object_list(box, src=0)
-        path = box[0]
+        path, error = box
+    if error:
+        raise CheckpointError(error)  # on every rank
     if path is None:
         if runtime.is_main:
             print(f"resume auto: no complete checkpoint in {config.output}; starting fresh")

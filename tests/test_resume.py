@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,10 +48,16 @@ def straight_and_stopped(rank: int, world_size: int, data: str, straight: str, s
     return summary
 
 
-def resume_and_nan(rank: int, world_size: int, data: str, stopped: str, nan_run: str) -> dict:
+def resume_and_nan(rank: int, world_size: int, data: str, stopped: str, nan_run: str, corrupt: str) -> dict:
     from pfc import engine
+    from pfc.checkpoint import CheckpointError
     from pfc.head import PartialFC
 
+    try:
+        engine.train(make_config(data, nan_run, resume=corrupt))
+        corrupt_error = None
+    except CheckpointError as exc:
+        corrupt_error = str(exc)
     resumed = engine.train(make_config(data, stopped, resume="auto"))
     original = PartialFC.forward
     bad_iterations = {1, 4, 5, 6}
@@ -67,7 +74,7 @@ def resume_and_nan(rank: int, world_size: int, data: str, stopped: str, nan_run:
         nan_error = str(exc)
     finally:
         PartialFC.forward = original
-    return {"resumed": resumed, "nan_error": nan_error}
+    return {"resumed": resumed, "nan_error": nan_error, "corrupt_error": corrupt_error}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +90,14 @@ def test_stopped_and_resumed_run_equals_straight_run_and_nan_steps_are_skipped(s
     progress = json.loads((checkpoint_path(stopped, STOP_AT + 1) / "pfc_checkpoint.json").read_text())["progress"]
     assert progress == {"step": 4, "epoch": 0, "batch_in_epoch": 8, "skipped_steps": 0}
 
-    second = run_ranks(resume_and_nan, 2, shard_set, stopped, nan_run, timeout=300)   # a new process group
+    corrupt = tmp_path / "corrupt" / "checkpoint-00000004"       # a copy with a truncated data file
+    shutil.copytree(checkpoint_path(stopped, STOP_AT + 1), corrupt)
+    data_file = next((corrupt / "state").glob("*.distcp"))
+    data_file.write_bytes(data_file.read_bytes()[:-1])
+
+    second = run_ranks(resume_and_nan, 2, shard_set, stopped, nan_run, str(corrupt), timeout=300)  # a new group
+    for result in second:   # --resume PATH of a truncated checkpoint: the same clear error on every rank
+        assert "is corrupt" in result["corrupt_error"] and "truncated" in result["corrupt_error"]
     assert all(result["resumed"]["steps"] == TOTAL_STEPS for result in second)
     expected = read_checkpoint_tensors(checkpoint_path(straight, TOTAL_STEPS))
     actual = read_checkpoint_tensors(checkpoint_path(stopped, TOTAL_STEPS))
