@@ -242,7 +242,8 @@ def build_deepspeed_backbone(backbone: torch.nn.Module, config: dict | str | os.
     if not dist.is_initialized():
         raise ValueError("the DeepSpeed engine needs an initialised process group (launch with torchrun)")
     if "LOCAL_RANK" not in os.environ:
-        raise ValueError("LOCAL_RANK is not set: DeepSpeed needs it (torchrun sets it; set it when launching otherwise)")
+        raise ValueError("LOCAL_RANK is not set: DeepSpeed needs it (torchrun sets it; set it when "
+                         "launching otherwise)")
     deepspeed = _import_deepspeed()
     if not build_cpu_comm_op and not torch.cuda.is_available():
         _skip_cpu_comm_op()

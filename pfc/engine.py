@@ -479,36 +479,38 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
 
     state.backbone.train()
     state.head.train()
-    while state.step < state.total_steps and not stopped:
-        loader = iter(build_loader(config, runtime, state.epoch))
-        for _ in range(state.batch_in_epoch):  # a resumed run: the part of the epoch already seen
-            next(loader)
-        steps_left_in_epoch = steps_per_epoch - state.batch_in_epoch // config.grad_accumulation
-        steps_this_epoch = min(steps_left_in_epoch, state.total_steps - state.step)
-        bar = tqdm(total=steps_this_epoch, desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False,
-                   disable=not (runtime.is_main and sys.stderr.isatty()))
-        for _ in range(steps_this_epoch):
-            lr_used = state.backbone_optimizer.param_groups[0]["lr"]
-            last_loss, stats, decision = train_step(state, config, runtime, loader, guard, stop_signals)
-            state.step += 1
-            window.add(last_loss, stats)
-            bar.update(1)
-            if state.step % config.log_every == 0 or state.step == state.total_steps:
-                logger.log_train(window.record(state, lr_used), write=tqdm.write)
-            if config.eval_every and state.step % config.eval_every == 0 and state.step < state.total_steps:
-                summaries = run_verification(state, val_sets, config, runtime, image_size, output, plot=False)
-                logger.log_eval(summaries, write=tqdm.write)
-                eval_summaries.extend(summaries)
-            if decision.stop:
-                stopped = decision.reason
-                break
-            if config.save_every and state.step % config.save_every == 0:
-                save_train_checkpoint(state, config)
-        bar.close()
-        if state.batch_in_epoch >= steps_per_epoch * config.grad_accumulation:  # the epoch ran to its end
-            state.epoch += 1
-            state.batch_in_epoch = 0
-    stop_signals.restore()
+    try:
+        while state.step < state.total_steps and not stopped:
+            loader = iter(build_loader(config, runtime, state.epoch))
+            for _ in range(state.batch_in_epoch):  # a resumed run: the part of the epoch already seen
+                next(loader)
+            steps_left_in_epoch = steps_per_epoch - state.batch_in_epoch // config.grad_accumulation
+            steps_this_epoch = min(steps_left_in_epoch, state.total_steps - state.step)
+            bar = tqdm(total=steps_this_epoch, desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False,
+                       disable=not (runtime.is_main and sys.stderr.isatty()))
+            for _ in range(steps_this_epoch):
+                lr_used = state.backbone_optimizer.param_groups[0]["lr"]
+                last_loss, stats, decision = train_step(state, config, runtime, loader, guard, stop_signals)
+                state.step += 1
+                window.add(last_loss, stats)
+                bar.update(1)
+                if state.step % config.log_every == 0 or state.step == state.total_steps:
+                    logger.log_train(window.record(state, lr_used), write=tqdm.write)
+                if config.eval_every and state.step % config.eval_every == 0 and state.step < state.total_steps:
+                    summaries = run_verification(state, val_sets, config, runtime, image_size, output, plot=False)
+                    logger.log_eval(summaries, write=tqdm.write)
+                    eval_summaries.extend(summaries)
+                if decision.stop:
+                    stopped = decision.reason
+                    break
+                if config.save_every and state.step % config.save_every == 0:
+                    save_train_checkpoint(state, config)
+            bar.close()
+            if state.batch_in_epoch >= steps_per_epoch * config.grad_accumulation:  # the epoch ran to its end
+                state.epoch += 1
+                state.batch_in_epoch = 0
+    finally:
+        stop_signals.restore()
     if stopped or config.save_every:  # at the end, and on a stop even without periodic checkpoints
         path = save_train_checkpoint(state, config)
         if stopped and runtime.is_main:

@@ -112,8 +112,8 @@ def load_on_ranks(rank: int, world_size: int, output_dir: str) -> dict:
         wrong_error = str(exc)
     state = build_state(seed=7)
     info = load_checkpoint(find_latest(output_dir), state)
-    return {"view": local_view(state), "next_loss": next_step_loss(state, rank, world_size), "step": info.step, "progress": info.progress,
-            "rng_restored": info.rng_restored, "wrong_error": wrong_error}
+    return {"view": local_view(state), "next_loss": next_step_loss(state, rank, world_size), "step": info.step,
+            "progress": info.progress, "rng_restored": info.rng_restored, "wrong_error": wrong_error}
 
 
 def assemble(views: list[dict], key: str) -> torch.Tensor:

@@ -85,7 +85,8 @@ def shard_set(tmp_path_factory):
 def test_stopped_and_resumed_run_equals_straight_run_and_nan_steps_are_skipped(shard_set, tmp_path):
     straight, stopped, nan_run = (str(tmp_path / name) for name in ("straight", "stopped", "nan"))
     first = run_ranks(straight_and_stopped, 2, shard_set, straight, stopped, timeout=300)
-    assert all(summary["steps"] == STOP_AT + 1 and "stop requested by a signal" in summary["stopped"] for summary in first)
+    for summary in first:
+        assert summary["steps"] == STOP_AT + 1 and "stop requested by a signal" in summary["stopped"]
     assert find_latest(stopped) == checkpoint_path(stopped, STOP_AT + 1)
     progress = json.loads((checkpoint_path(stopped, STOP_AT + 1) / "pfc_checkpoint.json").read_text())["progress"]
     assert progress == {"step": 4, "epoch": 0, "batch_in_epoch": 8, "skipped_steps": 0}
