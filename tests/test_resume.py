@@ -146,7 +146,9 @@ def test_sigkill_under_torchrun_restarts_and_resumes(shard_set, tmp_path):
         workers[0].kill()                                   # SIGKILL, mid-training
         agent.wait(timeout=240)
     finally:
-        if agent.poll() is None:
+        if agent.poll() is None:  # a hang: end the workers too, not only the agent
+            for process in psutil.Process(agent.pid).children(recursive=True):
+                process.kill()
             agent.kill()
         log.close()
         out = log_path.read_text()
