@@ -82,34 +82,38 @@ def sample_classes(labels: torch.Tensor, class_start: int, num_local: int, sampl
     return index, target
 
 
-def _storage_users(tensor: torch.Tensor) -> int | None:
-    """How many tensors share ``tensor``'s storage (None where torch does not tell)."""
+def _storage_users(storage) -> int | None:
+    """How many holders an untyped storage has (None where torch does not tell)."""
     counter = getattr(torch._C, "_storage_Use_Count", None)
-    return None if counter is None else counter(tensor.untyped_storage()._cdata)
+    return None if counter is None else counter(storage._cdata)
 
 
 class _Workspace:
     """Scratch blocks reused across chunks and steps (fresh memory costs a page fault per 4 KiB).
 
-    The center-gradient block is handed out as ``weight.grad``; it is reused by a later
-    backward only when nothing else holds its storage any more (after ``zero_grad``).
+    The center-gradient block is handed out as ``weight.grad``; a later backward reuses its
+    memory only when nothing else holds it any more (after ``zero_grad``). Only the storage is
+    kept here, so that autograd can adopt each step's gradient tensor without copying it.
     """
 
     def __init__(self):
         self.blocks: dict[str, torch.Tensor] = {}
-        self.gradient_block: torch.Tensor | None = None
+        self.gradient_storage = None
         self.gradient_users: int | None = None
 
     def gradient(self, rows, like):
-        """A ``[rows, D]`` block for the center gradient, recycled when provably unshared."""
-        block = self.gradient_block
-        reusable = (block is not None and block.shape[0] >= rows and block.shape[1:] == like.shape[1:]
-                    and block.dtype == like.dtype and block.device == like.device
-                    and self.gradient_users is not None and _storage_users(block) == self.gradient_users)
-        if not reusable:
-            block = like.new_empty((rows, *like.shape[1:]))
-            self.gradient_block, self.gradient_users = block, _storage_users(block)
-        return block if block.shape[0] == rows else block[:rows]
+        """A fresh ``[rows, D]`` tensor for the center gradient, on recycled memory when unshared."""
+        shape = (rows, *like.shape[1:])
+        needed = math.prod(shape) * like.element_size()
+        storage = self.gradient_storage
+        if (storage is not None and storage.nbytes() >= needed and storage.device == like.device
+                and self.gradient_users is not None and _storage_users(storage) == self.gradient_users):
+            return like.new_empty(0).set_(storage, 0, shape)
+        block = like.new_empty(shape)
+        self.gradient_storage = block.untyped_storage()
+        users = _storage_users(self.gradient_storage)
+        self.gradient_users = None if users is None else users - 1  # the holders besides ``block``
+        return block
 
     def get(self, name, rows, like):
         block = self.blocks.get(name)

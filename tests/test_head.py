@@ -215,3 +215,22 @@ def test_bad_inputs_raise_clear_errors_on_every_rank():
             assert message is not None and fragment in message, (rank, name, message)
             assert seconds < 5, (rank, name, seconds)
         assert math.isfinite(loss)
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.2])
+def test_recycled_gradient_memory_never_overwrites_a_kept_gradient(sample_rate):
+    head = PartialFC(200, 8, sample_rate=sample_rate)
+    optimizer = head.optimizer()
+    labels = torch.randint(0, 200, (6,))
+    head(torch.randn(6, 8), labels).backward()
+    kept = head.weight.grad
+    snapshot = kept.to_dense().clone() if kept.is_sparse else kept.clone()
+    optimizer.step()
+    optimizer.zero_grad()  # the user still holds the old gradient
+    head.set_iteration(1)
+    head(torch.randn(6, 8), labels).backward()
+    assert torch.equal(kept.to_dense() if kept.is_sparse else kept, snapshot)
+    del kept
+    optimizer.zero_grad()
+    head(torch.randn(6, 8), labels).backward()  # now the memory may be reused; results stay right
+    assert torch.isfinite(head.weight.grad.to_dense() if head.weight.grad.is_sparse else head.weight.grad).all()
