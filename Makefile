@@ -21,7 +21,9 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) bench/head.py
+	THP_MEM_ALLOC_ENABLE=1 OMP_NUM_THREADS=1 $(PY) bench/head.py
+	THP_MEM_ALLOC_ENABLE=1 OMP_NUM_THREADS=1 $(PY) bench/head.py --classes 1000000 --rates 0.1 --variants plain mhe triplet
+	OMP_NUM_THREADS=1 $(PY) bench/data.py
 	$(PY) bench/train.py
 
 # The demo: synthetic identities (train + disjoint held-out set with a pairs list) → shards →
