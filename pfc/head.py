@@ -359,6 +359,10 @@ class PartialFC(nn.Module):
     on the sampled centers), ``triplet`` (:class:`pfc.regularizers.AngularTriplet`, weight·term on
     the gathered batch); ``interclass_filter=t`` leaves non-target cosines above t out of the
     softmax (label-noise filtering as in the WebFace42M recipes), identically on every rank.
+
+    After a forward, ``last_stats`` holds its parts as floats and ``last_sample`` the
+    ``(index, target)`` of :func:`sample_classes` (which local rows took part, where each row's
+    class sits among them).
     """
 
     def __init__(self, num_classes: int, embedding_size: int, margin: Margin | None = None,
