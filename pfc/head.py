@@ -29,6 +29,7 @@ from pfc.dist import all_gather_tensor, all_reduce_, class_partition, gather_row
 from pfc.margins import ArcFace, Margin
 from pfc.optim import SparseRowSGD
 from pfc.regularizers import MHE, AngularTriplet
+from pfc.scratch import ScratchBlocks
 
 _NORM_EPS = 1e-12
 _EXCLUDED_LOGIT = -1e30  # a filtered logit: exp() is exactly 0 and 0·(−1e30) stays finite
@@ -88,8 +89,8 @@ def _storage_users(storage) -> int | None:
     return None if counter is None else counter(storage._cdata)
 
 
-class _Workspace:
-    """Scratch blocks reused across chunks and steps (fresh memory costs a page fault per 4 KiB).
+class _Workspace(ScratchBlocks):
+    """Scratch blocks reused across chunks and steps, and the center-gradient memory.
 
     The center-gradient block is handed out as ``weight.grad``; a later backward reuses its
     memory only when nothing else holds it any more (after ``zero_grad``). Only the storage is
@@ -97,7 +98,7 @@ class _Workspace:
     """
 
     def __init__(self):
-        self.blocks: dict[str, torch.Tensor] = {}
+        super().__init__()
         self.gradient_storage = None
         self.gradient_users: int | None = None
 
@@ -114,14 +115,6 @@ class _Workspace:
         users = _storage_users(self.gradient_storage)
         self.gradient_users = None if users is None else users - 1  # the holders besides ``block``
         return block
-
-    def get(self, name, rows, like):
-        block = self.blocks.get(name)
-        if block is None or block.shape[0] < rows or block.shape[1:] != like.shape[1:] \
-                or block.dtype != like.dtype or block.device != like.device:
-            block = like.new_empty((rows, *like.shape[1:]))
-            self.blocks[name] = block
-        return block[:rows]
 
 
 def _center_rows(weight, index, start, stop, workspace):

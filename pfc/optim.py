@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from pfc.scratch import ScratchBlocks
+
 
 class SparseRowSGD(torch.optim.Optimizer):
     """SGD with momentum and weight decay, applied row by row to the rows that have a gradient.
@@ -39,7 +41,7 @@ class SparseRowSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.momentum_dtype = momentum_dtype
         self.chunk_rows = chunk_rows
-        self._scratch_blocks: dict = {}
+        self._scratch = ScratchBlocks(min_rows=chunk_rows)
         for group in self.param_groups:
             for param in group["params"]:
                 if group["momentum"]:
@@ -77,27 +79,18 @@ class SparseRowSGD(torch.optim.Optimizer):
                                   values[start:stop], group)
                 continue
             index = rows[start:stop]
-            weight_rows = torch.index_select(param, 0, index, out=self._scratch("weight", stop - start, param))
+            weight_rows = torch.index_select(param, 0, index, out=self._scratch.get("weight", stop - start, param))
             buffer_rows = None if buffer is None else torch.index_select(
-                buffer, 0, index, out=self._scratch("momentum", stop - start, buffer))
+                buffer, 0, index, out=self._scratch.get("momentum", stop - start, buffer))
             self._update_rows(weight_rows, buffer_rows, values[start:stop], group)
             param[index] = weight_rows
             if buffer is not None:
                 buffer[index] = buffer_rows
 
-    def _scratch(self, name, rows, like):
-        """A reused ``[rows, …]`` block (fresh memory would page-fault on every step)."""
-        key = (name, like.dtype, like.device, like.shape[1:])
-        block = self._scratch_blocks.get(key)
-        if block is None or block.shape[0] < rows:
-            block = like.new_empty((max(rows, self.chunk_rows), *like.shape[1:]))
-            self._scratch_blocks[key] = block
-        return block[:rows]
-
     def _update_rows(self, weight, buffer, grad, group):
         step = grad
         if group["weight_decay"]:
-            step = torch.add(grad, weight, alpha=group["weight_decay"], out=self._scratch("step", len(grad), grad))
+            step = torch.add(grad, weight, alpha=group["weight_decay"], out=self._scratch.get("step", len(grad), grad))
         if buffer is None:
             weight.add_(step, alpha=-group["lr"])
             return
@@ -105,7 +98,7 @@ class SparseRowSGD(torch.optim.Optimizer):
             buffer.mul_(group["momentum"]).add_(step)
             weight.add_(buffer, alpha=-group["lr"])
         else:
-            velocity = self._scratch("velocity", len(buffer), weight)
+            velocity = self._scratch.get("velocity", len(buffer), weight)
             velocity.copy_(buffer).mul_(group["momentum"]).add_(step)
             buffer.copy_(velocity)
             weight.add_(velocity, alpha=-group["lr"])
