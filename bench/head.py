@@ -87,8 +87,9 @@ def _worker(rank, world_size, init_file, config, results):
         timings["optimizer"].append(t3 - t2)
         timings["step"].append(t3 - t0)
     peak_rss = _peak_rss_bytes()  # before the floor's own buffers
-    if rate < 1:
-        num_sampled = max(int(-(-rate * head.num_local // 1)), 1)
+    index, _ = head.last_sample
+    if index is not None:
+        num_sampled = index.numel()  # what the head sampled in the last step
     floor = _gemm_floor(batch * world_size, dim, num_sampled)
     local_weight_bytes = head.weight.numel() * head.weight.element_size()
     results.put(dict(rank=rank, timings=timings, floor=floor, peak_rss=peak_rss,
