@@ -1,16 +1,18 @@
 """Data pipeline throughput: the loader per worker process against the JPEG decode floor, the
 decoder choice, and the packer.
 
-    OMP_NUM_THREADS=1 python bench/data.py [--ids 100 --per 30 --batch 128 --repeats 3]
+    OMP_NUM_THREADS=1 python bench/data.py [--ids 200 --per 30 --batch 128 --repeats 3]
 
 Builds synthetic faces (pfc/synthetic.py), packs them (timed: JPEGs kept as they are, and with
 --landmarks alignment + re-encoding), then times over the same shard bytes:
 (1) bare decode loops in one process, simplejpeg (the floor) and PIL (the alternative);
-(2) exactly the work one DataLoader worker does — read, shuffle, decode, flip, batch into uint8 —
-    run in this process: the per-worker rate the ">= 90 % of the floor" target is about;
-(3) the whole loader with num_workers=0 (adds the float conversion, done where batches are
-    consumed) and num_workers=1 (adds the shared-memory hand-off between processes), over the
-    whole epoch and after the first batch (without the worker start-up).
+(2) exactly the work one DataLoader worker does — read, shuffle, decode, batch into uint8, draw
+    the flips — run in this process;
+(3) the whole loader with num_workers=0 (adds the flips and the float conversion, done where
+    batches are consumed) and num_workers=1 (one worker process beside the consumer: adds the
+    hand-off between processes), over the whole epoch and after the first batch (without the
+    worker start-up). The last is the loader's rate per worker process that the ">= 90 % of the
+    floor" target is about.
 Best of --repeats runs each, interleaved, since the machine may be shared. Prints one table.
 """
 from __future__ import annotations
@@ -68,12 +70,12 @@ def loader_rates(root, batch, workers, epoch) -> tuple[float, float]:
 
 
 def worker_rate(root, batch) -> float:
-    """images/s of exactly the work one DataLoader worker does (read, shuffle, decode, flip,
-    batch into uint8), run in this process: ``ShardStream`` iterated directly."""
+    """images/s of exactly the work one DataLoader worker does (read, shuffle, decode, batch into
+    uint8, draw the flips), run in this process: ``ShardStream`` iterated directly."""
     loader = make_loader(root, batch_size=batch, rank=0, world_size=1, num_workers=0, seed=0, epoch=0)
     stream = ShardStream(loader.spec)
     started = time.perf_counter()
-    count = sum(len(labels) for _, labels, _ in stream)
+    count = sum(len(batch[1]) for batch in stream)
     return count / (time.perf_counter() - started)
 
 
@@ -85,7 +87,7 @@ def decode_rate(fn, blobs) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ids", type=int, default=100)
+    parser.add_argument("--ids", type=int, default=200)
     parser.add_argument("--per", type=int, default=30)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -122,8 +124,8 @@ def main() -> None:
     print(f"|{'-' * 68}|{'-' * 11}|{'-' * 10}|")
     rows = [("decode floor: bare simplejpeg loop, 1 process", floor),
             ("bare PIL decode loop, 1 process", rates["pil"]),
-            ("worker pipeline (read, shuffle, decode, flip, batch) in 1 process", rates["worker"]),
-            ("loader, num_workers=0, whole epoch, incl. float conversion", rates["loader0"]),
+            ("worker's work (read, shuffle, decode, batch) in 1 process", rates["worker"]),
+            ("loader, num_workers=0, whole epoch, incl. flips + float conversion", rates["loader0"]),
             ("loader, num_workers=1, whole epoch (incl. worker start)", rates["loader1"]),
             ("loader, num_workers=1, after the first batch", rates["loader1_steady"]),
             ("packer, folder of 112x112 JPEGs (kept as is), 1 worker", pack_rate),

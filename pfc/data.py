@@ -22,9 +22,12 @@ be) — those are then seen twice in that epoch, the price of keeping the counts
 with no readable sample at all is an error. Within a worker, samples pass a
 seeded shuffle buffer; horizontal flips are drawn from (seed, epoch, rank, worker).
 
-Work split: DataLoader workers read, shuffle, decode (simplejpeg, straight into the batch) and
-flip, and hand over uint8 [b, H, W, 3] batches; the conversion to float happens where the batch
-is consumed (on ``device`` when given), so workers move a quarter of the bytes.
+Work split: DataLoader workers read, shuffle, decode (simplejpeg, straight into a batch buffer in
+shared memory that is reused once the consumer is done with it: the hand-off to the main
+process copies nothing, see :mod:`pfc.handoff`) and draw the flips; they hand
+over uint8 [b, H, W, 3] batches with a flip mask. The flip and the conversion to float happen
+where the batch is consumed (on ``device`` when given): workers move a quarter of the bytes and
+do nothing but parse and decode.
 
 Corrupt samples (undecodable or wrong-size JPEG, missing member, non-integer label, unreadable
 tar) are skipped with a warning naming the shard and key and counted in ``loader.stats``; a label
@@ -43,6 +46,7 @@ import simplejpeg
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pfc.handoff import BatchBuffers, ReceivedBatches, release
 from pfc.manifest import read_manifest as _read_manifest
 from pfc.manifest import shard_urls
 from pfc.tarstream import TarDamage, iter_samples
@@ -174,10 +178,11 @@ def _label(sample: dict, num_classes: int, counter: SkipCounter) -> int | None:
     if "jpg" not in sample or "cls" not in sample:
         counter.skip(url, key, f"members {sorted(k for k in sample if not k.startswith('__'))}, expected jpg and cls")
         return None
+    text = bytes(sample["cls"])
     try:
-        label = int(sample["cls"].decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        counter.skip(url, key, f"label {sample['cls'][:20]!r} is not an integer")
+        label = int(text)   # ASCII digits, surrounding whitespace allowed
+    except ValueError:
+        counter.skip(url, key, f"label {text[:20]!r} is not an integer")
         return None
     if not 0 <= label < num_classes:
         raise ValueError(f"sample {key} of shard {url} has label {label} outside [0, {num_classes}); "
@@ -201,17 +206,24 @@ def decode_into(sample: dict, out: np.ndarray, counter: SkipCounter) -> bool:
 
 
 def assemble_batches(samples, quota: int, batch_size: int, image_size: tuple[int, int], num_classes: int,
-                     flip: bool, rng: np.random.Generator, counter: SkipCounter, give_up_after: int) -> Iterator[tuple]:
+                     flip: bool, rng: np.random.Generator, counter: SkipCounter, give_up_after: int,
+                     shared: bool = False, worker: int = 0) -> Iterator[tuple]:
     """Decode raw samples into batches until ``quota`` good samples are out (corrupt ones are
-    skipped). Yields (pixels uint8 [b, H, W, 3], labels int64 [b], skipped since the previous
-    batch); with ``flip`` each image is mirrored left-right with probability 1/2. ValueError after
-    ``give_up_after`` bad samples in a row (nothing decodes)."""
+    skipped). Yields (pixels, labels int64 ndarray [b], flips bool ndarray [b] or None, skipped
+    since the previous batch): ``pixels`` is a uint8 tensor [b, H, W, 3], or with ``shared`` (in
+    DataLoader worker ``worker``) a handle to a reused shared buffer that the consumer opens
+    with :class:`pfc.handoff.ReceivedBatches` and releases once done (see :mod:`pfc.handoff`).
+    The small parts are arrays, which DataLoader pickles by value rather than putting each in a
+    shared-memory segment of its own. With ``flip``, ``flips`` marks the images (each with
+    probability 1/2) that :func:`to_float_images` mirrors left-right where the batch is
+    consumed. ValueError after ``give_up_after`` bad samples in a row (nothing decodes)."""
     height, width = image_size
     if quota <= 0:
         return
-    pixels = np.empty((batch_size, height, width, 3), dtype=np.uint8)
+    buffers = BatchBuffers((batch_size, height, width, 3), shared, worker)
+    batch, handle = buffers.acquire()
+    pixels = batch.numpy()
     labels = np.empty(batch_size, dtype=np.int64)
-    flips = rng.random(batch_size) < 0.5 if flip else None
     filled = produced = bad_in_a_row = 0
     for sample in samples:
         label = _label(sample, num_classes, counter)
@@ -222,24 +234,23 @@ def assemble_batches(samples, quota: int, batch_size: int, image_size: tuple[int
                                  f"last: {sample.get('__key__')} of {sample.get('__url__')})")
             continue
         bad_in_a_row = 0
-        if flip and flips[filled]:
-            image = torch.from_numpy(pixels[filled])
-            image.copy_(image.flip(1))
         labels[filled] = label
         filled += 1
         produced += 1
         if filled == batch_size:
-            yield torch.from_numpy(pixels), torch.from_numpy(labels), counter.take()
-            pixels = np.empty((batch_size, height, width, 3), dtype=np.uint8)
-            labels = np.empty(batch_size, dtype=np.int64)
             flips = rng.random(batch_size) < 0.5 if flip else None
+            yield handle, labels, flips, counter.take()
+            batch, handle = buffers.acquire()
+            pixels = batch.numpy()
+            labels = np.empty(batch_size, dtype=np.int64)
             filled = 0
         if produced == quota:
             return
 
 
-def to_float_images(pixels: torch.Tensor, device=None) -> torch.Tensor:
-    """uint8 [b, H, W, 3] → float32 [b, 3, H, W] in [-1, 1] (x / 127.5 − 1) on ``device``.
+def to_float_images(pixels: torch.Tensor, device=None, flips: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [b, H, W, 3] → float32 [b, 3, H, W] in [-1, 1] (x / 127.5 − 1) on ``device``;
+    image i mirrored left-right where ``flips[i]`` (bool [b]) is True.
 
     The result is a channels-last view of one contiguous [b, H, W, 3] buffer
     (``images.is_contiguous(memory_format=torch.channels_last)``): convolutions take it as is,
@@ -248,6 +259,14 @@ def to_float_images(pixels: torch.Tensor, device=None) -> torch.Tensor:
     if device is not None:
         pixels = pixels.to(device, non_blocking=True)   # uint8: a quarter of the float bytes
     images = pixels.to(torch.float32)
+    if flips is not None and images.device.type == "cpu":
+        # One image at a time, only the flipped ones: on a CPU a batched torch.where over
+        # flip() costs ~5x the conversion itself.
+        for index in flips.nonzero().flatten().tolist():
+            images[index] = images[index].flip(1)
+    elif flips is not None:
+        flips = flips.to(images.device, non_blocking=True).view(-1, 1, 1, 1)
+        images = torch.where(flips, images.flip(2), images)
     images.mul_(1.0 / 127.5).sub_(1.0)   # in place: no second batch-sized buffer
     return images.permute(0, 3, 1, 2)
 
@@ -303,7 +322,12 @@ class ShardStream(IterableDataset):
                                f"rank {spec.rank} worker {worker}")
         yield from assemble_batches(itertools.chain(mixed, top_up), quota, spec.batch_size, spec.image_size,
                                     spec.num_classes, spec.augment, np.random.default_rng(stream_seed),
-                                    counter, give_up_after=total)
+                                    counter, give_up_after=total, shared=info is not None, worker=worker)
+
+
+def _as_is(batch):
+    """DataLoader's collate step: none (its default would turn arrays into tensors)."""
+    return batch
 
 
 class FaceLoader:
@@ -331,13 +355,19 @@ class FaceLoader:
         self.spec = LoaderSpec(**{**self.spec.__dict__, "epoch": int(epoch)})
 
     def __iter__(self):
-        loader = DataLoader(ShardStream(self.spec), batch_size=None, num_workers=self.num_workers,
+        loader = DataLoader(ShardStream(self.spec), batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None)
-        for pixels, labels, skipped in loader:
+        received = ReceivedBatches()
+        for handle, labels, flips, skipped in loader:
+            pixels, busy = received.open(handle)
             self.stats["skipped"] += int(skipped)
+            labels = torch.from_numpy(labels)
             if self.device is not None:
                 labels = labels.to(self.device, non_blocking=True)
-            yield to_float_images(pixels, self.device), labels
+            flips = torch.from_numpy(flips) if flips is not None else None
+            images = to_float_images(pixels, self.device, flips)   # a copy: pixels are free again
+            release(busy)
+            yield images, labels
 
 
 def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: int, num_workers: int,

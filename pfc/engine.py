@@ -35,7 +35,7 @@ from pfc.backbones import build_backbone
 from pfc.checkpoint import CheckpointError, TrainingState, load_checkpoint, resolve_resume, save_checkpoint
 from pfc.config import TrainConfig, apply_manifest, to_dict
 from pfc.evaluation import VerificationSet, evaluate, read_bin, read_pairs, save_roc_plot
-from pfc.fault import StepDecision, StepGuard, StopSignals, init_process_group
+from pfc.fault import StepDecision, StepGuard, StopSignals, agree_on_error, init_process_group
 from pfc.schedule import LRSchedule
 
 
@@ -58,7 +58,8 @@ class Runtime:
 def init_runtime(timeout_minutes: float = 30.0) -> Runtime:
     """Join the torchrun process group when launched by torchrun (RANK/WORLD_SIZE set), else run alone.
 
-    Backend: NCCL with one GPU per local rank when CUDA is available, gloo on CPU otherwise.
+    Backend: NCCL with one GPU per local rank when CUDA is available (with gloo beside it for CPU
+    tensors), gloo on CPU otherwise.
     An already initialised default group is reused.
     """
     use_cuda = torch.cuda.is_available()
@@ -67,7 +68,8 @@ def init_runtime(timeout_minutes: float = 30.0) -> Runtime:
         torch.cuda.set_device(local_rank)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         # a store namespace per torchrun restart attempt (see pfc.fault.init_process_group)
-        init_process_group("nccl" if use_cuda else "gloo", datetime.timedelta(minutes=timeout_minutes))
+        # With CUDA, NCCL for GPU tensors and gloo for the few CPU ones (the per-step fault flags)
+        init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", datetime.timedelta(minutes=timeout_minutes))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return Runtime(pfc_dist.get_rank(), pfc_dist.get_world_size(), local_rank, device)
 
@@ -548,12 +550,15 @@ def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader,
     state.head.set_iteration(state.step)
     step_loss, stats = 0.0, {}
     for micro in range(config.grad_accumulation):
+        error = None
         try:
             images, labels = next(loader)
         except StopIteration:
-            raise RuntimeError(f"rank {runtime.rank}: the loader of epoch {state.epoch} ended after "
-                               f"{state.batch_in_epoch} batches, before the {state.steps_per_epoch} steps "
-                               "it announced") from None
+            error = RuntimeError(f"the loader of epoch {state.epoch} ended after {state.batch_in_epoch} "
+                                 f"batches, before the {state.steps_per_epoch} steps it announced")
+        except Exception as exc:  # a data error (e.g. a label outside [0, num_classes)): raised on all ranks
+            error = exc
+        agree_on_error(error, f"loading batch {state.batch_in_epoch} of epoch {state.epoch}")
         images = images.to(runtime.device, non_blocking=True)
         labels = labels.to(runtime.device, non_blocking=True)
         last_micro = micro == config.grad_accumulation - 1

@@ -1,9 +1,19 @@
 """A lean sequential reader of webdataset tar shards: samples as {"__key__", "__url__", ext: bytes}.
 
 Why not ``tarfile`` (through webdataset's ``tarfile_samples``): on 112x112 faces it measured
-~57 µs per sample against ~6 µs here — 20–40 % of a JPEG decode, which the loader's
-"≥ 90 % of the decode floor" target cannot afford. Streams are still opened by webdataset's
-``gopen`` (local paths, URLs, ``pipe:``), and shards are still written by its ``TarWriter``.
+~57 µs per sample against ~3 µs here — a JPEG decode takes ~120 µs, so ``tarfile`` alone would
+cap the loader near 0.68 of the decode floor, against a target of 0.90. Streams are still opened
+by webdataset's ``gopen`` (local paths, URLs, ``pipe:``), and shards are still written by its
+``TarWriter``.
+
+A regular file is memory-mapped: headers are parsed in place and members are zero-copy
+``memoryview`` slices of the map (the decoder reads the page cache directly; measured 0.92 of
+the decode floor for the whole worker against 0.89 when copying). Any other stream (pipes,
+URLs) is read into one reused buffer (``readinto``, 1 MiB at a time); each member is then a
+``bytes`` copy of its own. Either way a member is a bytes-like object (``bytes(member)`` for a
+``bytes``). A shard must not be truncated in place while it is being read (the packer only ever
+renames complete shards into place): reading a mapped page past a shrunken file's end raises
+SIGBUS.
 
 Handles POSIX ustar / GNU / pax members: regular files ('0', '\\0'), pax per-file headers ('x',
 ``path`` and ``size``), GNU long names ('L'); other entries are skipped. Samples are grouped like
@@ -12,12 +22,17 @@ webdataset does: key = the member path up to the first '.' of its file name, ext
 """
 from __future__ import annotations
 
+import mmap
+import os
+import stat
 from typing import Iterator
 
 import numpy as np
 
 BLOCK = 512
+CHUNK = 1 << 20
 ZERO_BLOCK = bytes(BLOCK)
+_FILE, _PAX, _LONG_NAME = ord("0"), ord("x"), ord("L")   # type flags; "\0" is a file too
 
 
 class TarDamage(ValueError):
@@ -25,14 +40,15 @@ class TarDamage(ValueError):
 
 
 def _number(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:   # GNU base-256 for large values
+    """A numeric header field: octal text, or GNU base-256 (top bit set) for large values."""
+    if field[:1] and field[0] & 0x80:
         value = int.from_bytes(field[1:], "big")
         return value - (1 << (8 * len(field) - 8)) if field[0] & 0x40 else value
-    text = field.split(b"\0", 1)[0].strip()
+    text = bytes(field).split(b"\0", 1)[0].strip()
     try:
         return int(text, 8) if text else 0
     except ValueError:
-        raise TarDamage(f"bad number {field!r} in a tar header") from None
+        raise TarDamage(f"bad number {bytes(field)!r} in a tar header") from None
 
 
 def _checksum_ok(header: bytes) -> bool:
@@ -53,104 +69,148 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return records
 
 
-class _Chunks:
-    """Reads a stream in large chunks and hands out slices (fewer calls than reading per member)."""
+class _Mapped:
+    """The whole of a regular file, memory-mapped: a window [start, end) that never needs filling."""
 
-    def __init__(self, stream, chunk_size: int = 1 << 22):
-        self.stream, self.chunk_size = stream, chunk_size
-        self.buffer, self.position = b"", 0
+    def __init__(self, stream):
+        self.map = mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ)
+        self.data, self.view = self.map, memoryview(self.map)
+        self.start, self.end = stream.tell(), len(self.map)
 
-    def take(self, size: int) -> bytes:
-        """The next ``size`` bytes (fewer only at the end of the stream)."""
-        start, end = self.position, self.position + size
-        if end > len(self.buffer):
-            self._fill(size)
-            start, end = 0, size
-        self.position = min(end, len(self.buffer))
-        return self.buffer[start:end]
+    def fill(self, size: int) -> bool:
+        return self.end - self.start >= size
 
     def skip(self, size: int) -> None:
-        """Pass over ``size`` bytes; TarDamage if the stream ends first."""
-        if self.position + size <= len(self.buffer):
-            self.position += size
+        if self.start + size > self.end:
+            raise TarDamage("tar stream ends inside a member")
+        self.start += size
+
+    def member(self, size: int) -> memoryview:
+        return self.view[self.start:self.start + size]
+
+
+class _Buffer:
+    """A window [start, end) of the stream held in one reused bytearray."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.data = bytearray(CHUNK)
+        self.start = self.end = 0
+        self.readinto = getattr(stream, "readinto", None)
+
+    def fill(self, size: int) -> bool:
+        """Make ``size`` bytes available from ``start`` (moving what is left to the front, growing
+        the buffer for a member larger than it); False if the stream ends first."""
+        left = self.end - self.start
+        if self.start:
+            self.data[:left] = self.data[self.start:self.end]
+            self.start, self.end = 0, left
+        if size > len(self.data):
+            self.data.extend(bytes(size - len(self.data)))
+        view = memoryview(self.data)
+        while self.end < size:
+            if self.readinto is not None:
+                count = self.readinto(view[self.end:]) or 0
+            else:
+                chunk = self.stream.read(len(self.data) - self.end)
+                count = len(chunk)
+                view[self.end:self.end + count] = chunk
+            if count == 0:
+                return False
+            self.end += count
+        return True
+
+    def skip(self, size: int) -> None:
+        """Pass over ``size`` bytes (seeking where the stream can); TarDamage if it ends first."""
+        if self.start + size <= self.end:
+            self.start += size
             return
-        size -= len(self.buffer) - self.position
-        self.buffer, self.position = b"", 0
+        size -= self.end - self.start
+        self.start = self.end = 0
         try:
             self.stream.seek(size, 1)
             return
         except (AttributeError, OSError, ValueError):   # not seekable (pipes, sockets)
             pass
         while size > 0:
-            chunk = self.stream.read(min(size, self.chunk_size))
+            chunk = self.stream.read(min(size, CHUNK))
             if not chunk:
                 raise TarDamage("tar stream ends inside a member")
             size -= len(chunk)
 
-    def _fill(self, size: int) -> None:
-        rest = self.buffer[self.position:]
-        parts, have = [rest], len(rest)
-        while have < size:
-            chunk = self.stream.read(max(self.chunk_size, size - have))
-            if not chunk:
-                break
-            parts.append(chunk)
-            have += len(chunk)
-        self.buffer, self.position = b"".join(parts), 0
+    def member(self, size: int) -> bytes:
+        return bytes(memoryview(self.data)[self.start:self.start + size])
 
 
-def iter_members(stream, skip_data=None) -> Iterator[tuple[str, bytes | None]]:
-    """(path, data) of each regular file member; ``skip_data(path)`` True → data not read (None)."""
-    chunks = _Chunks(stream)
+def _window(stream):
+    """A memory map of a non-empty regular file, else a reused read buffer over the stream."""
+    try:
+        if stat.S_ISREG(os.fstat(stream.fileno()).st_mode) and os.fstat(stream.fileno()).st_size > stream.tell():
+            return _Mapped(stream)
+    except (AttributeError, OSError, ValueError):   # no file descriptor, or it cannot be mapped
+        pass
+    return _Buffer(stream)
+
+
+def iter_members(stream, skip_data=None) -> Iterator[tuple[str, bytes | memoryview | None]]:
+    """(path, data) of each regular file member; ``skip_data(path)`` True → data not read (None).
+    ``data`` is a zero-copy memoryview for a memory-mapped file, else ``bytes``."""
+    buffer = _window(stream)
     long_name = None
     pax: dict[str, str] = {}
     while True:
-        header = chunks.take(BLOCK)
-        if not header or header == ZERO_BLOCK:
-            return
-        if len(header) < BLOCK:
+        if buffer.end - buffer.start < BLOCK and not buffer.fill(BLOCK):
+            if buffer.end == buffer.start:
+                return
             raise TarDamage("tar stream ends inside a header")
+        header = bytes(buffer.data[buffer.start:buffer.start + BLOCK])
+        buffer.start += BLOCK
+        if header[0] == 0 and header == ZERO_BLOCK:
+            return   # end-of-archive block
         # ustar/GNU headers (all that tarfile and webdataset write) are recognised by their magic;
-        # the byte-sum checksum costs ~40 % of this reader's time, so only magic-less (v7)
+        # the byte-sum checksum would cost ~40 % of this reader's time, so only magic-less (v7)
         # headers pay it. A damaged header still fails: a bad size or a lost alignment makes the
         # next header lack the magic.
-        if header[257:262] != b"ustar" and not _checksum_ok(header):
+        ustar = header.startswith(b"ustar", 257)
+        if not ustar and not _checksum_ok(header):
             raise TarDamage("bad tar header (no ustar magic, wrong checksum)")
-        kind = header[156:157]
-        size = _number(header[124:136])
-        if "size" in pax:
+        kind = header[156]
+        try:
+            size = int(header[124:135], 8)   # the usual 11 octal digits; anything else: _number
+        except ValueError:
+            size = _number(header[124:136])
+        if pax and "size" in pax:
             size = int(pax["size"])
         if size < 0:
             raise TarDamage(f"negative member size {size}")
-        padding = (-size) % BLOCK
-        if kind in (b"x", b"L"):
-            data = chunks.take(size)
-            if len(data) < size:
-                raise TarDamage("tar stream ends inside a member")
-            chunks.skip(padding)
-            if kind == b"x":
-                pax = _pax_records(data)
-            else:
-                long_name = data.split(b"\0", 1)[0].decode("utf-8")
-            continue
-        if kind not in (b"0", b"\0"):
-            chunks.skip(size + padding)
+        padded = size + (-size) % BLOCK
+        if kind == _FILE or kind == 0:
+            name_end = header.find(b"\0", 0, 100)
+            path = header[:name_end if name_end >= 0 else 100].decode("utf-8")
+            if ustar and header[345] != 0 and header.startswith(b"ustar\0", 257):   # POSIX prefix
+                prefix_end = header.find(b"\0", 345, 500)
+                path = header[345:prefix_end if prefix_end >= 0 else 500].decode("utf-8") + "/" + path
+            if pax or long_name:
+                path = pax.get("path") or long_name or path
+                long_name, pax = None, {}
+            if skip_data is not None and skip_data(path):
+                buffer.skip(padded)
+                yield path, None
+                continue
+        elif kind != _PAX and kind != _LONG_NAME:
+            buffer.skip(padded)
             long_name, pax = None, {}
             continue
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-        if header[257:263] == b"ustar\0" and header[345:346] != b"\0":   # POSIX name prefix
-            name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
-        path = pax.get("path") or long_name or name
-        long_name, pax = None, {}
-        if skip_data is not None and skip_data(path):
-            chunks.skip(size + padding)
-            yield path, None
-            continue
-        data = chunks.take(size)
-        if len(data) < size:
+        if buffer.end - buffer.start < padded and not buffer.fill(padded):
             raise TarDamage("tar stream ends inside a member")
-        chunks.skip(padding)
-        yield path, data
+        member = buffer.member(size)
+        buffer.start += padded
+        if kind == _PAX:
+            pax = _pax_records(bytes(member))
+        elif kind == _LONG_NAME:
+            long_name = bytes(member).split(b"\0", 1)[0].decode("utf-8")
+        else:
+            yield path, member
 
 
 def split_key(path: str) -> tuple[str, str]:

@@ -270,3 +270,67 @@ def test_tar_reader_matches_tarfile_including_pax_and_long_names(tmp_path):
     damaged[header + 124:header + 136] = b"00000000077\0"   # a wrong size: the next header is off
     with pytest.raises(TarDamage):
         list(iter_samples(io.BytesIO(bytes(damaged)), "u"))
+
+
+def test_shared_batch_buffers_are_sent_once_and_reused_only_after_release():
+    from pfc.handoff import BatchBuffers, ReceivedBatches, release
+
+    buffers, received = BatchBuffers((2, 4, 4, 3), shared=True, worker=1, keep=2), ReceivedBatches()
+    first, handle = buffers.acquire()
+    assert first.is_shared() and first.shape == (2, 4, 4, 3) and len(handle.new) == 1
+    pixels, first_busy = received.open(handle)
+    assert pixels.data_ptr() == first.data_ptr() and first_busy.item() == 1
+    second, handle = buffers.acquire()   # the first is still busy: a new one
+    assert second.data_ptr() != first.data_ptr()
+    received.open(handle)
+    release(first_busy)
+    again, handle = buffers.acquire()   # reused, and named by its id only
+    assert again.data_ptr() == first.data_ptr() and handle.new == [] and handle.buffer_id == 0
+    assert received.open(handle)[0].data_ptr() == first.data_ptr() and first_busy.item() == 1
+    # never released: after `keep` buffers the oldest is dropped (not overwritten), and the
+    # consumer is told to forget it
+    third, handle = buffers.acquire()
+    assert third.data_ptr() not in (first.data_ptr(), second.data_ptr()) and handle.dropped == [0]
+    received.open(handle)
+    assert sorted(received.buffers) == [(1, 1), (1, 2)] and len(buffers.pool) == 2
+    plain, handle = BatchBuffers((2, 4, 4, 3), shared=False).acquire()
+    assert handle is plain and not plain.is_shared() and received.open(handle) == (plain, None)
+
+
+def test_flips_are_applied_where_the_batch_is_consumed():
+    from pfc.data import to_float_images
+
+    pixels = torch.randint(0, 256, (3, 5, 7, 3), dtype=torch.uint8)
+    flips = torch.tensor([True, False, True])
+    images = to_float_images(pixels, flips=flips)
+    expected = pixels.float().div(127.5).sub(1).permute(0, 3, 1, 2)
+    expected[flips] = expected[flips].flip(3)
+    assert torch.allclose(images, expected, atol=1e-6)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(to_float_images(pixels), pixels.float().div(127.5).sub(1).permute(0, 3, 1, 2), atol=1e-6)
+
+
+def test_tar_reader_mapped_and_streamed_agree_across_chunk_boundaries(tmp_path):
+    """Members straddling the 1 MiB read buffer, one larger than it, through both paths: a mapped
+    regular file (zero-copy views) and a stream without a file descriptor (copies)."""
+    from pfc.tarstream import iter_samples
+
+    rng = np.random.default_rng(0)
+    sizes = [300_000] * 7 + [1_500_000, 17, 0, 5000]
+    path = str(tmp_path / "big.tar")
+    expected = []
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as archive:
+        for index, size in enumerate(sizes):
+            data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+            for name, payload in ((f"s{index:03d}.jpg", data), (f"s{index:03d}.cls", str(index).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+            expected.append({"__key__": f"s{index:03d}", "__url__": "u", "jpg": data, "cls": str(index).encode()})
+    with open(path, "rb") as stream:
+        mapped = list(iter_samples(stream, "u"))
+    streamed = list(iter_samples(io.BytesIO(open(path, "rb").read()), "u"))
+    assert isinstance(mapped[0]["jpg"], memoryview) and isinstance(streamed[0]["jpg"], bytes)
+    assert mapped == expected and streamed == expected
+    with open(path, "rb") as stream:
+        assert [s["__key__"] for s in iter_samples(stream, "u", skip=8)] == ["s008", "s009", "s010"]

@@ -39,3 +39,22 @@ def test_consecutive_skips_stop_the_run():
     assert not guard.check(float("nan")).stop
     decision = guard.check(float("nan"), step=9)
     assert decision.skip and decision.stop and "2 consecutive non-finite losses" in decision.reason
+
+
+def errors_agreed(rank: int, world_size: int) -> list:
+    from pfc.fault import agree_on_error
+
+    outcomes = []
+    for step in range(3):
+        error = ValueError("label 12 outside [0, 10)") if rank == 1 and step == 1 else None
+        try:
+            agree_on_error(error, f"loading batch {step}")
+            outcomes.append("ok")
+        except ValueError as exc:   # a ValueError everywhere, since the failing rank's was one
+            outcomes.append(str(exc))
+    return outcomes
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank():
+    for outcomes in run_ranks(errors_agreed, 3, timeout=60):
+        assert outcomes == ["ok", "loading batch 1 failed on rank 1: ValueError: label 12 outside [0, 10)", "ok"]

@@ -84,3 +84,23 @@ def test_num_classes_mismatch_stops_every_rank(dataset, tmp_path):
     for rank in (0, 1):
         assert f"error (rank {rank}): config num_classes=99 disagrees with" in result.stderr
     assert not (tmp_path / "bad" / "backbone.pt").exists()
+
+
+def test_data_error_on_one_rank_stops_every_rank(dataset, tmp_path):
+    """A label outside [0, num_classes) raises in the loader of the rank that reads it; the
+    trainer turns that into the same error on every rank instead of leaving the others waiting."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(dataset / "shards", shards)
+    manifest = json.loads((shards / "dataset.json").read_text())
+    manifest["num_classes"] = 12   # labels 12..15 are now out of range
+    (shards / "dataset.json").write_text(json.dumps(manifest))
+    classes = (shards / "classes.txt").read_text().splitlines()[:12]
+    (shards / "classes.txt").write_text("\n".join(classes) + "\n")
+    result = torchrun("--data", str(shards), "--output", str(tmp_path / "bad"), "--val_pairs", "",
+                      "--max_steps", "4", "--warmup_steps", "0", "--batch_size", "16", check=False)
+    assert result.returncode != 0
+    assert "outside [0, 12)" in result.stderr
+    for rank in (0, 1):
+        assert f"error (rank {rank}): loading batch 0 of epoch 0 failed on rank" in result.stderr, result.stderr[-3000:]
