@@ -22,7 +22,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	THP_MEM_ALLOC_ENABLE=1 OMP_NUM_THREADS=1 $(PY) bench/head.py
-	THP_MEM_ALLOC_ENABLE=1 OMP_NUM_THREADS=1 $(PY) bench/head.py --classes 1000000 --rates 0.1 --variants plain mhe triplet
+	THP_MEM_ALLOC_ENABLE=1 OMP_NUM_THREADS=1 $(PY) bench/head.py --classes 1000000 --rates 0.1 --variants plain mhe triplet --update backward
+	THP_MEM_ALLOC_ENABLE=1 OMP_NUM_THREADS=1 $(PY) bench/head.py --classes 1000000 --rates 0.1 1.0 --update backward --momentum-dtype bfloat16
 	OMP_NUM_THREADS=1 $(PY) bench/data.py
 	$(PY) bench/train.py
 

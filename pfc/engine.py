@@ -176,13 +176,17 @@ def build_train_state(config: TrainConfig, runtime: Runtime, image_size: int, st
     model = build_backbone(config.network, config.embedding_size, config.dropout, image_size).to(runtime.device)
     head = build_head(config, runtime)
     backbone_optimizer = build_backbone_optimizer(config, model)
-    head_optimizer = head.optimizer(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    use_scaler = config.precision == "fp16" and runtime.device.type == "cuda" and config.engine == "ddp"
+    # the centers' update inside the head's backward (no stored gradient, four random passes over
+    # the sampled rows instead of six) needs the head's loss backpropagated unscaled and undivided
+    update_in_backward = config.grad_accumulation == 1 and not use_scaler and config.engine == "ddp"
+    head_optimizer = head.optimizer(lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                                    update_in_backward=update_in_backward)
     total_steps = config.max_steps or config.num_epochs * steps_per_epoch
     if config.warmup_steps >= total_steps:
         raise ValueError(f"warmup_steps={config.warmup_steps} must be smaller than the {total_steps} training steps")
     schedule = LRSchedule(total_steps, config.warmup_steps, config.lr_schedule, config.lr_power,
                           config.min_lr / config.lr)
-    use_scaler = config.precision == "fp16" and runtime.device.type == "cuda" and config.engine == "ddp"
     return TrainState(
         backbone=wrap_backbone(model, runtime, config, backbone_optimizer), model=model, head=head,
         backbone_optimizer=backbone_optimizer, head_optimizer=head_optimizer,

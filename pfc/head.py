@@ -13,7 +13,8 @@ Data flow of one step on N ranks with b rows each (B = N·b):
 Gradient convention (it makes DDP's averaging of the backbone exact): the returned loss is the
 mean over the B gathered rows, identical on every rank; ``weight.grad = ∂loss/∂W_r`` (a sparse
 COO tensor over the sampled rows when ρ < 1, dense when ρ = 1); ``x.grad`` on rank r is
-``N · ∂loss/∂x_r``.
+``N · ∂loss/∂x_r``. With ``head.optimizer(update_in_backward=True)`` the backward applies the
+optimizer to the sampled rows itself instead, and ``weight.grad`` stays None.
 """
 from __future__ import annotations
 
@@ -101,6 +102,7 @@ class _Workspace(ScratchBlocks):
         super().__init__()
         self.gradient_storage = None
         self.gradient_users: int | None = None
+        self.kept_token = 0   # which forward the kept rows belong to
 
     def gradient(self, rows, like):
         """A fresh ``[rows, D]`` tensor for the center gradient, on recycled memory when unshared."""
@@ -140,7 +142,8 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
     MHE energy of the same centers computed in the same pass when asked for."""
 
     @staticmethod
-    def forward(ctx, features, weight, index, target, margin, group, chunk_rows, workspace, filter_threshold, mhe):
+    def forward(ctx, features, weight, index, target, margin, group, chunk_rows, workspace, filter_threshold, mhe,
+                optimizer):
         num_rows = features.shape[0]
         num_local = weight.shape[0]
         num_sampled = num_local if index is None else index.numel()
@@ -166,11 +169,20 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         # normalised copy of W is made. The local log-sum-exp is accumulated online.
         logits = features.new_empty(num_sampled, operand.shape[0])
         inv_norm = features.new_empty(num_sampled)
+        # Updating in the backward: the sampled rows gathered here are kept for the backward and
+        # the update (one random pass over W instead of three; no gradient is stored instead)
+        kept = None
+        if optimizer is not None and index is not None and weight.requires_grad:
+            kept = workspace.get("kept_rows", num_sampled, weight)
+            workspace.kept_token += 1
         local_max = features.new_full((num_rows,), -math.inf)
         local_sum = features.new_zeros(num_rows)
         for start in range(0, num_sampled, chunk_rows):
             stop = min(start + chunk_rows, num_sampled)
-            rows = _center_rows(weight, index, start, stop, workspace)
+            if kept is not None:
+                rows = torch.index_select(weight, 0, index[start:stop], out=kept[start:stop])
+            else:
+                rows = _center_rows(weight, index, start, stop, workspace)
             block = logits[start:stop]
             inv = torch.linalg.vector_norm(rows, dim=1, out=inv_norm[start:stop])
             inv.clamp_min_(_NORM_EPS).reciprocal_()
@@ -227,6 +239,8 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         ctx.scale, ctx.chunk_rows, ctx.workspace, ctx.group = scale, chunk_rows, workspace, group
         ctx.mhe, ctx.mhe_denominator, ctx.num_rows = mhe, mhe_denominator, num_rows
         ctx.weight_needs_grad = weight.requires_grad
+        ctx.optimizer, ctx.kept, ctx.kept_token = optimizer, kept, workspace.kept_token
+        ctx.loss = loss.detach() if optimizer is not None else None
         accuracy = correct.to(features.dtype).mean()
         ctx.mark_non_differentiable(accuracy)
         return loss, accuracy, energy
@@ -246,11 +260,23 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         shift = log_sum - torch.log(coefficient) if fold else log_sum
         mhe_coefficient = grad_energy / ctx.mhe_denominator if mhe is not None else None
 
+        optimizer = ctx.optimizer if ctx.weight_needs_grad else None
+        if optimizer is not None and float(grad_loss) != 1.0:
+            raise ValueError(f"the head's optimizer updates the centers in the backward, which needs the "
+                             f"head's loss backpropagated as it is (upstream gradient 1, got {float(grad_loss):g}); "
+                             "for loss scaling or gradient accumulation use head.optimizer(update_in_backward=False)")
+        update = optimizer is not None and bool(torch.isfinite(ctx.loss))   # a non-finite loss updates nothing
+        kept = ctx.kept if ctx.kept is not None and ctx.kept_token == workspace.kept_token else None
+        # the fused update: chunk by chunk, unless MHE adds to the positive rows after the loop
+        chunk_update = update and mhe is None
         grad_operand = torch.zeros_like(operand)
-        grad_values = workspace.gradient(num_sampled, operand) if ctx.weight_needs_grad else None
+        grad_values = None
+        if ctx.weight_needs_grad and not chunk_update:
+            grad_values = workspace.gradient(num_sampled, operand) if optimizer is None else \
+                workspace.get("grad_values", num_sampled, operand)
         for start in range(0, num_sampled, ctx.chunk_rows):
             stop = min(start + ctx.chunk_rows, num_sampled)
-            rows = _center_rows(weight, index, start, stop, workspace)
+            rows = kept[start:stop] if kept is not None else _center_rows(weight, index, start, stop, workspace)
             inv = inv_norm[start:stop, None]
             block = logits[start:stop]
             grad_block = workspace.get("grad", stop - start, logits)
@@ -270,7 +296,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
                 if column_weight is not None:
                     grad_energy_block.mul_(column_weight[start:stop, None])
             grad_block.mul_(inv)  # in place: G·r, the factor of both products below
-            if grad_values is not None:
+            if ctx.weight_needs_grad:
                 # ∂/∂w_j = r_j·A_j − r_j²·u_j·w_j with A = Gᵀ·[X̂; P̂] and u_j = Σ_i G_ji·c_ji, where
                 # c = z/s in the softmax block except at the targets (there the raw cosine,
                 # z/s + target_shift), and the cosine itself in the MHE block
@@ -279,10 +305,16 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
                 if mhe is not None:
                     u_scaled += product[:, num_rows:].sum(dim=1)
                 u_scaled.index_add_(0, cols, grad_target * inv[cols, 0] * target_shift[in_chunk])
-                grad_rows = grad_values[start:stop]
+                grad_rows = grad_values[start:stop] if grad_values is not None else \
+                    workspace.get("grad_rows", stop - start, operand)
                 torch.mm(grad_block, operand, out=grad_rows)  # r_j·A_j
                 grad_rows.addcmul_(rows, u_scaled[:, None] * inv, value=-1.0)
             grad_operand.addmm_(grad_block.t(), rows)  # Σ_j G_j r_j w_j
+            if chunk_update:  # rows are no longer needed as they were: update them in place
+                if index is None:
+                    optimizer.update_rows(weight, slice(start, stop), grad_rows)
+                else:
+                    optimizer.update_rows(weight, index[start:stop], grad_rows, weight_rows=rows)
 
         if mhe is not None and grad_values is not None:
             # the positive centers: every rank's share summed, then through p̂ = w·r to the owner's
@@ -293,19 +325,22 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             grad_values.index_add_(0, owned_cols, own_grad)
 
         grad_weight = None
-        if grad_values is not None:
+        if optimizer is not None:
+            if update and not chunk_update:
+                optimizer.update_rows(weight, slice(0, num_sampled) if index is None else index, grad_values)
+        elif grad_values is not None:
             if index is None:
                 grad_weight = grad_values
             else:
                 grad_weight = torch.sparse_coo_tensor(index[None], grad_values, weight.shape,
                                                       is_coalesced=True, check_invariants=False)
-        return grad_operand[:num_rows], grad_weight, None, None, None, None, None, None, None, None
+        return grad_operand[:num_rows], grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
-                           target: torch.Tensor, margin: Margin, group=None, chunk_rows: int = 8192,
+                           target: torch.Tensor, margin: Margin, group=None, chunk_rows: int = 2048,
                            workspace: _Workspace | None = None, filter_threshold: float | None = None,
-                           mhe: MHE | None = None):
+                           mhe: MHE | None = None, optimizer: SparseRowSGD | None = None):
     """Margin softmax cross-entropy over class centers sharded across the ranks of ``group``.
 
     Args:
@@ -318,6 +353,9 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
             row's softmax (treated as label noise), on every rank alike.
         mhe: the MHE energy of the sampled centers (:class:`pfc.regularizers.MHE`), computed in
             the same pass.
+        optimizer: a :class:`pfc.optim.SparseRowSGD` over ``weight`` that the backward applies
+            to the sampled rows instead of returning their gradient (see
+            :meth:`PartialFC.optimizer`, ``update_in_backward``).
 
     Returns ``(loss, accuracy, energy)``: ``loss = mean_i(logsumexp_j z_ij − z_i,y)`` over all
     ranks' sampled centers, identical on every rank; accuracy is the share of rows whose target
@@ -327,7 +365,7 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
     """
     return _ShardedMarginSoftmax.apply(features, weight, index, target, margin, group, chunk_rows,
                                        workspace if workspace is not None else _Workspace(), filter_threshold,
-                                       mhe)
+                                       mhe, optimizer)
 
 
 _DTYPE_CODES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64,
@@ -360,7 +398,7 @@ class PartialFC(nn.Module):
 
     def __init__(self, num_classes: int, embedding_size: int, margin: Margin | None = None,
                  sample_rate: float = 1.0, group=None, seed: int = 0, init_std: float = 0.01,
-                 chunk_rows: int = 8192, dtype: torch.dtype = torch.float32, device=None,
+                 chunk_rows: int = 2048, dtype: torch.dtype = torch.float32, device=None,
                  mhe: MHE | None = None, triplet: AngularTriplet | None = None,
                  interclass_filter: float | None = None):
         super().__init__()
@@ -393,6 +431,7 @@ class PartialFC(nn.Module):
         self._forwards_this_iteration = 0
         self._stats: dict[str, torch.Tensor] = {}
         self._workspace = _Workspace()
+        self._optimizer_in_backward: SparseRowSGD | None = None
         self.last_sample: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
@@ -417,10 +456,26 @@ class PartialFC(nn.Module):
         return {name: float(value) for name, value in self._stats.items()}
 
     def optimizer(self, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
-                  **options) -> SparseRowSGD:
+                  update_in_backward: bool = False, **options) -> SparseRowSGD:
         """The center optimizer: SGD that updates only the rows sampled this step
-        (see :class:`pfc.optim.SparseRowSGD`)."""
-        return SparseRowSGD([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay, **options)
+        (see :class:`pfc.optim.SparseRowSGD`; ``options``: ``momentum_dtype``, ``chunk_rows``).
+
+        ``update_in_backward=True``: the update is applied inside the head's backward, chunk by
+        chunk, with the same result bit for bit, and ``weight.grad`` is never stored (``step()``
+        and ``zero_grad()`` then have nothing to do for the centers). The rows gathered by the
+        forward serve the backward and the update, so a sampled step moves its rows at random
+        four times instead of six, and holds no gradient: the fastest and leanest way to train.
+        It needs the head's loss backpropagated as it is (no loss scaling, no division for
+        gradient accumulation: the backward raises ValueError otherwise) and one backward per
+        forward; a non-finite loss leaves the centers as they were. The learning rate, momentum
+        and weight decay are read from the optimizer's param group at each backward, so LR
+        schedulers work unchanged. The trainer uses it unless fp16 loss scaling, gradient
+        accumulation or DeepSpeed is on.
+        """
+        optimizer = SparseRowSGD([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                 update_in_backward=update_in_backward, **options)
+        self._optimizer_in_backward = optimizer if update_in_backward else None
+        return optimizer
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of this step; ``x [b, D]`` this rank's embeddings, ``labels [b]`` global ids."""
@@ -432,7 +487,7 @@ class PartialFC(nn.Module):
             index, target = self._sample(labels)
             ce, accuracy, energy = sharded_margin_softmax(
                 features, self.weight, index, target, self.margin, self.group, self.chunk_rows, self._workspace,
-                self.interclass_filter, self.mhe)
+                self.interclass_filter, self.mhe, self._optimizer_in_backward if self.training else None)
             loss = ce
             stats = {"ce": ce.detach(), "accuracy": accuracy}
             if self.mhe is not None:

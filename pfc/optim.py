@@ -26,10 +26,17 @@ class SparseRowSGD(torch.optim.Optimizer):
     ``state[p]["momentum_buffer"]`` (dense, same shape as ``p``); ``momentum_dtype`` may store it
     in a narrower type (e.g. ``torch.bfloat16`` halves the optimizer memory; the update is then
     computed in the parameter's dtype and rounded when stored).
+
+    ``update_in_backward=True`` is for the head's centers (``PartialFC.optimizer``): the head then
+    applies this update inside its backward, chunk by chunk while the rows and their gradient are
+    in cache, and no gradient is stored (``p.grad`` stays None, ``step()`` has nothing left to do
+    for them). The result is bit-identical to backward + ``step()``; see
+    :meth:`pfc.head.PartialFC.optimizer` for when it applies.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 momentum_dtype: torch.dtype | None = None, chunk_rows: int = 1024):
+                 momentum_dtype: torch.dtype | None = None, chunk_rows: int = 1024,
+                 update_in_backward: bool = False):
         if not lr >= 0:
             raise ValueError(f"learning rate {lr} must be >= 0")
         if not 0 <= momentum < 1:
@@ -41,6 +48,7 @@ class SparseRowSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.momentum_dtype = momentum_dtype
         self.chunk_rows = chunk_rows
+        self.update_in_backward = bool(update_in_backward)
         self._scratch = ScratchBlocks(min_rows=chunk_rows)
         for group in self.param_groups:
             for param in group["params"]:
@@ -65,27 +73,43 @@ class SparseRowSGD(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                self._update(param, group)
+                self._update(param)
         return loss
 
-    def _update(self, param, group):
+    def _update(self, param):
         rows, values = _row_gradient(param.grad)
+        self.update_rows(param, slice(0, values.shape[0]) if rows is None else rows, values)
+
+    @torch.no_grad()
+    def update_rows(self, param: torch.Tensor, rows: slice | torch.Tensor, grad: torch.Tensor,
+                    weight_rows: torch.Tensor | None = None) -> None:
+        """Apply the update to some rows of ``param`` given their gradient ``grad [n, D]``.
+
+        ``rows`` is a slice (the rows are updated in place) or a LongTensor of distinct row ids;
+        then ``weight_rows``, when given, must hold ``param[rows]`` (it is overwritten with the
+        new values, saving a gather), and the new rows and momentum rows are written back. The
+        arithmetic is :meth:`step`'s, so the result is bit-identical to a gradient + ``step()``.
+        """
+        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
         buffer = self.state[param].get("momentum_buffer")
-        num_rows = values.shape[0]
-        for start in range(0, num_rows, self.chunk_rows):
-            stop = min(start + self.chunk_rows, num_rows)
-            if rows is None:  # dense: update views in place
+        if isinstance(rows, slice):
+            first, last, _ = rows.indices(param.shape[0])
+            for start in range(first, last, self.chunk_rows):
+                stop = min(start + self.chunk_rows, last)
                 self._update_rows(param[start:stop], None if buffer is None else buffer[start:stop],
-                                  values[start:stop], group)
-                continue
+                                  grad[start - first:stop - first], group)
+            return
+        for start in range(0, rows.numel(), self.chunk_rows):
+            stop = min(start + self.chunk_rows, rows.numel())
             index = rows[start:stop]
-            weight_rows = torch.index_select(param, 0, index, out=self._scratch.get("weight", stop - start, param))
-            buffer_rows = None if buffer is None else torch.index_select(
+            weight_chunk = weight_rows[start:stop] if weight_rows is not None else torch.index_select(
+                param, 0, index, out=self._scratch.get("weight", stop - start, param))
+            buffer_chunk = None if buffer is None else torch.index_select(
                 buffer, 0, index, out=self._scratch.get("momentum", stop - start, buffer))
-            self._update_rows(weight_rows, buffer_rows, values[start:stop], group)
-            param[index] = weight_rows
+            self._update_rows(weight_chunk, buffer_chunk, grad[start:stop], group)
+            param.index_copy_(0, index, weight_chunk)
             if buffer is not None:
-                buffer[index] = buffer_rows
+                buffer.index_copy_(0, index, buffer_chunk)
 
     def _update_rows(self, weight, buffer, grad, group):
         step = grad

@@ -234,3 +234,63 @@ def test_recycled_gradient_memory_never_overwrites_a_kept_gradient(sample_rate):
     optimizer.zero_grad()
     head(torch.randn(6, 8), labels).backward()  # now the memory may be reused; results stay right
     assert torch.isfinite(head.weight.grad.to_dense() if head.weight.grad.is_sparse else head.weight.grad).all()
+
+
+# ------------------------------------------------------------------------ update in the backward
+
+def _update_in_backward_worker(rank, world_size, sample_rate, with_mhe):
+    """The same steps twice: backward + step(), and update_in_backward; weights, momentum, loss
+    and x.grad must agree bit for bit."""
+    from pfc.regularizers import MHE
+
+    outcome = {}
+    for fused in (False, True):
+        head = PartialFC(NUM_CLASSES, DIM, margin=ArcFace(s=30.0, m=0.5), sample_rate=sample_rate, seed=3,
+                         chunk_rows=4, mhe=MHE(weight=0.1) if with_mhe else None)
+        optimizer = head.optimizer(lr=0.5, momentum=0.9, weight_decay=0.01, update_in_backward=fused, chunk_rows=3)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        losses, grads = [], []
+        for step in range(4):
+            labels = _labels("boundaries", world_size, NUM_CLASSES, BATCH, SEED + step)[rank * BATCH:(rank + 1) * BATCH]
+            x = _features(world_size, BATCH, DIM, SEED + step)[rank * BATCH:(rank + 1) * BATCH].requires_grad_()
+            head.set_iteration(step)
+            loss = head(x, labels)
+            loss.backward()
+            if fused:
+                assert head.weight.grad is None
+            optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+            losses.append(loss.item())
+            grads.append(x.grad)
+        outcome[fused] = (head.weight.detach().clone(), optimizer.state[head.weight]["momentum_buffer"].clone(),
+                          losses, grads)
+    return outcome
+
+
+@pytest.mark.parametrize("sample_rate,with_mhe", [(0.4, False), (1.0, False), (0.4, True)])
+def test_update_in_backward_is_bit_identical_to_backward_then_step(sample_rate, with_mhe):
+    for outcome in run_ranks(_update_in_backward_worker, 2, sample_rate, with_mhe):
+        (weight, momentum, losses, grads), (fused_weight, fused_momentum, fused_losses, fused_grads) = \
+            outcome[False], outcome[True]
+        assert torch.equal(weight, fused_weight) and torch.equal(momentum, fused_momentum)
+        assert losses == fused_losses and all(torch.equal(a, b) for a, b in zip(grads, fused_grads))
+        assert not torch.equal(weight, init_centers(NUM_CLASSES, DIM, 0, NUM_CLASSES, 3)[:len(weight)])
+
+
+def test_update_in_backward_refuses_a_scaled_loss_and_skips_a_non_finite_one():
+    head = PartialFC(50, 8, sample_rate=0.5)
+    optimizer = head.optimizer(update_in_backward=True)
+    labels = torch.randint(0, 50, (6,))
+    with pytest.raises(ValueError, match="upstream gradient 1, got 0.5"):
+        (head(torch.randn(6, 8), labels) / 2).backward()
+    before = head.weight.detach().clone(), optimizer.state[head.weight]["momentum_buffer"].clone()
+    x = torch.randn(6, 8)
+    x[0, 0] = math.nan
+    loss = head(x, labels)
+    loss.backward()
+    assert not math.isfinite(loss.item())
+    assert torch.equal(head.weight, before[0]) and torch.equal(optimizer.state[head.weight]["momentum_buffer"], before[1])
+    head(torch.randn(6, 8), labels).backward()   # a normal step moves the sampled rows only
+    changed = (head.weight != before[0]).any(dim=1)
+    assert 0 < int(changed.sum()) <= 25 + 6
