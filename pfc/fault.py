@@ -137,15 +137,15 @@ def agree_on_error(error: BaseException | None, what: str, group=None) -> None:
     rank only, it would leave the other ranks waiting in the next collective until the timeout.
     One MAX all-reduce of a flag when all is well; the messages are exchanged only on failure.
     """
+    mine = None if error is None else (isinstance(error, ValueError), f"{type(error).__name__}: {error}")
     if not is_distributed(group) or get_world_size(group) == 1:
-        reports = [None if error is None else (isinstance(error, ValueError), f"{type(error).__name__}: {error}")]
+        reports = [mine]
     else:
         flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         if not flag.item():
             return
         reports = [None] * get_world_size(group)
-        mine = None if error is None else (isinstance(error, ValueError), f"{type(error).__name__}: {error}")
         dist.all_gather_object(reports, mine, group=group)
     failures = [(rank, report) for rank, report in enumerate(reports) if report is not None]
     if not failures:

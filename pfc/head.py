@@ -472,8 +472,7 @@ class PartialFC(nn.Module):
         schedulers work unchanged. The trainer uses it unless fp16 loss scaling, gradient
         accumulation or DeepSpeed is on.
         """
-        optimizer = SparseRowSGD([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                 update_in_backward=update_in_backward, **options)
+        optimizer = SparseRowSGD([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay, **options)
         self._optimizer_in_backward = optimizer if update_in_backward else None
         return optimizer
 

@@ -27,16 +27,14 @@ class SparseRowSGD(torch.optim.Optimizer):
     in a narrower type (e.g. ``torch.bfloat16`` halves the optimizer memory; the update is then
     computed in the parameter's dtype and rounded when stored).
 
-    ``update_in_backward=True`` is for the head's centers (``PartialFC.optimizer``): the head then
-    applies this update inside its backward, chunk by chunk while the rows and their gradient are
-    in cache, and no gradient is stored (``p.grad`` stays None, ``step()`` has nothing left to do
-    for them). The result is bit-identical to backward + ``step()``; see
-    :meth:`pfc.head.PartialFC.optimizer` for when it applies.
+    :meth:`update_rows` applies the same update to given rows and their gradient directly: the
+    head calls it inside its backward when built with
+    ``PartialFC.optimizer(update_in_backward=True)`` (no gradient stored, ``p.grad`` stays None),
+    with a bit-identical result.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 momentum_dtype: torch.dtype | None = None, chunk_rows: int = 1024,
-                 update_in_backward: bool = False):
+                 momentum_dtype: torch.dtype | None = None, chunk_rows: int = 1024):
         if not lr >= 0:
             raise ValueError(f"learning rate {lr} must be >= 0")
         if not 0 <= momentum < 1:
@@ -48,7 +46,6 @@ class SparseRowSGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.momentum_dtype = momentum_dtype
         self.chunk_rows = chunk_rows
-        self.update_in_backward = bool(update_in_backward)
         self._scratch = ScratchBlocks(min_rows=chunk_rows)
         for group in self.param_groups:
             for param in group["params"]:
