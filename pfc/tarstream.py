@@ -145,7 +145,8 @@ class _Buffer:
 def _window(stream):
     """A memory map of a non-empty regular file, else a reused read buffer over the stream."""
     try:
-        if stat.S_ISREG(os.fstat(stream.fileno()).st_mode) and os.fstat(stream.fileno()).st_size > stream.tell():
+        info = os.fstat(stream.fileno())
+        if stat.S_ISREG(info.st_mode) and info.st_size > stream.tell():
             return _Mapped(stream)
     except (AttributeError, OSError, ValueError):   # no file descriptor, or it cannot be mapped
         pass
