@@ -28,9 +28,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from pfc.data import ShardStream, make_loader
-from pfc.packing import FolderSource, PackOptions, pack
-from pfc.synthetic import write_synthetic
+from pfc.data.loader import ShardStream, make_loader
+from pfc.datasets.packing import FolderSource, PackOptions, pack
+from pfc.datasets.synthetic import write_synthetic
 
 
 def shard_jpegs(root: str) -> list[bytes]:

@@ -28,9 +28,9 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pfc.head import PartialFC  # noqa: E402
-from pfc.margins import ArcFace  # noqa: E402
-from pfc.regularizers import MHE, AngularTriplet  # noqa: E402
+from pfc.head.partial_fc import PartialFC  # noqa: E402
+from pfc.head.margins import ArcFace  # noqa: E402
+from pfc.head.regularizers import MHE, AngularTriplet  # noqa: E402
 
 
 def _peak_rss_bytes() -> int:

@@ -9,7 +9,7 @@ temporary folder, then under ``torchrun --nproc_per_node=RANKS`` (gloo) on every
      all-gather, the softmax all-reduces, the gradient reduce-scatter), backbone backward (compute
      only, DDP sync off), communication (the backbone-gradient all-reduce DDP performs, here done
      explicitly so it is not hidden behind the backward), optimizer steps;
-  2. the real trainer (pfc.engine.train) for the same number of steps: end-to-end samples/s.
+  2. the real trainer (pfc.train.loop.train) for the same number of steps: end-to-end samples/s.
 Rank 0 prints one table. The floor is the backbone's compute alone (forward + backward).
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ def phase_timed_loop(config, runtime, steps: int, warmup: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from pfc.data import read_manifest
-    from pfc.engine import build_loader, build_train_state, manifest_image_size, optimizer_step
+    from pfc.data.loader import read_manifest
+    from pfc.train.loop import build_loader, build_train_state, manifest_image_size, optimizer_step
 
     image_size = manifest_image_size(read_manifest(config.data))
     loader = build_loader(config, runtime, epoch=0)
@@ -82,16 +82,16 @@ def phase_timed_loop(config, runtime, steps: int, warmup: int) -> dict:
 def worker(args) -> None:
     import dataclasses
 
-    from pfc.config import load_config
-    from pfc.engine import init_runtime, train
+    from pfc.train.config import load_config
+    from pfc.train.loop import init_runtime, train
 
     runtime = init_runtime()
     config = load_config(os.path.join(ROOT, "configs", "synthetic_cpu.py"), [
         "--data", args.data, "--output", os.path.join(args.workdir, "run"), "--network", args.network,
         "--batch_size", str(args.batch_size), "--val_pairs", "", "--num_workers", str(args.num_workers),
         "--log_every", str(args.steps)])
-    from pfc.config import apply_manifest
-    from pfc.data import read_manifest
+    from pfc.train.config import apply_manifest
+    from pfc.data.loader import read_manifest
 
     resolved = apply_manifest(config, read_manifest(args.data))
     totals = phase_timed_loop(resolved, runtime, args.steps, warmup=5)

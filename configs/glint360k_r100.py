@@ -3,7 +3,7 @@
 8 GPUs × 128; SGD lr 0.1, momentum 0.9, weight decay 1e-4, polynomial decay over 20 epochs,
 no warmup; CosFace margin (m1, m2, m3) = (1, 0, 0.4) with s = 64; full softmax (ρ = 1).
 """
-from pfc.config import MarginConfig, TrainConfig
+from pfc.train.config import MarginConfig, TrainConfig
 
 config = TrainConfig(
     output="runs/glint360k_r100",

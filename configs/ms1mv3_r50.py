@@ -4,7 +4,7 @@
 (power 2) decay over 20 epochs without warmup, ArcFace s = 64, m = 0.5, full softmax (ρ = 1).
 torchrun --nproc_per_node=8 launch/train.py configs/ms1mv3_r50.py --data /data/ms1mv3-shards
 """
-from pfc.config import MarginConfig, TrainConfig
+from pfc.train.config import MarginConfig, TrainConfig
 
 config = TrainConfig(
     output="runs/ms1mv3_r50",

@@ -2,7 +2,7 @@
 
 torchrun --nproc_per_node=2 launch/train.py configs/synthetic_cpu.py
 """
-from pfc.config import MarginConfig, TrainConfig
+from pfc.train.config import MarginConfig, TrainConfig
 
 config = TrainConfig(
     data="demo/shards",

@@ -4,7 +4,7 @@ insightface's arcface_torch wf42m_pfc02_r100 recipe: 8 GPUs × 128, SGD lr 0.1, 
 weight decay 5e-4, polynomial decay over 20 epochs, no warmup, CosFace margin (1, 0, 0.4),
 s = 64, 20 % of the negative class centers sampled per step.
 """
-from pfc.config import MarginConfig, TrainConfig
+from pfc.train.config import MarginConfig, TrainConfig
 
 config = TrainConfig(
     output="runs/webface42m_r100_pfc02",

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pfc.config import TrainConfig, load_config  # noqa: E402
+from pfc.train.config import TrainConfig, load_config  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -21,14 +21,14 @@ def main(argv: list[str]) -> int:
     config_path, overrides = (argv[0], argv[1:]) if argv[0].endswith(".py") else (None, argv)
     rank = os.environ.get("RANK", "0")
     try:
-        from pfc.engine import train
+        from pfc.train.loop import train
 
         train(load_config(config_path, overrides))
     except ValueError as exc:  # a user error: the same clear message on every rank, no traceback
         print(f"error (rank {rank}): {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        from pfc.engine import NonFiniteLossError
+        from pfc.train.loop import NonFiniteLossError
 
         if not isinstance(exc, NonFiniteLossError):
             raise

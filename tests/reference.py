@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pfc.margins import CombinedMargin, SphereFace
+from pfc.head.margins import CombinedMargin, SphereFace
 
 
 def reference_target_logit(cos: torch.Tensor, margin) -> torch.Tensor:

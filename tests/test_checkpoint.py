@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pfc.checkpoint import (
+from pfc.train.checkpoint.api import (
     CheckpointError,
     TrainingState,
     checkpoint_path,
@@ -22,8 +22,8 @@ from pfc.checkpoint import (
     save_checkpoint,
     validate_checkpoint,
 )
-from pfc.head import PartialFC
-from pfc.margins import ArcFace
+from pfc.head.partial_fc import PartialFC
+from pfc.head.margins import ArcFace
 from tests.distributed import run_ranks
 
 NUM_CLASSES, EMBEDDING = 11, 4      # 11 % 2 != 0 and 11 % 3 != 0

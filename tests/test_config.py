@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from pfc.config import TrainConfig, apply_manifest, load_config, parse_overrides
+from pfc.train.config import TrainConfig, apply_manifest, load_config, parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,11 +53,11 @@ def test_bad_overrides_name_the_field(argv, message):
 
 def test_wrong_type_or_unknown_field_in_a_recipe_file(tmp_path):
     wrong_type = tmp_path / "wrong_type.py"
-    wrong_type.write_text("from pfc.config import TrainConfig\nconfig = TrainConfig(lr='0.1')\n")
+    wrong_type.write_text("from pfc.train.config import TrainConfig\nconfig = TrainConfig(lr='0.1')\n")
     with pytest.raises(ValueError, match="config field 'lr': expected float, got str"):
         load_config(str(wrong_type))
     unknown = tmp_path / "unknown.py"
-    unknown.write_text("from pfc.config import TrainConfig\nconfig = TrainConfig(learning_rate=0.1)\n")
+    unknown.write_text("from pfc.train.config import TrainConfig\nconfig = TrainConfig(learning_rate=0.1)\n")
     with pytest.raises(ValueError, match="learning_rate"):
         load_config(str(unknown))
     with pytest.raises(ValueError, match="does not exist"):

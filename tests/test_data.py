@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pfc.data import (batches_per_rank, epoch_shard_order, make_loader, read_manifest, shard_pieces,
+from pfc.data.loader import (batches_per_rank, epoch_shard_order, make_loader, read_manifest, shard_pieces,
                       worker_range)
 from tests.data_fixtures import jpeg, random_image, unique_label_shards, write_shard_set
 from tests.distributed import run_ranks
@@ -235,7 +235,7 @@ def test_pipe_urls_run_only_when_allowed(tmp_path, small_set):
 # ------------------------------------------------------------------------------------ tar reader
 
 def test_tar_reader_matches_tarfile_including_pax_and_long_names(tmp_path):
-    from pfc.tarstream import TarDamage, iter_samples
+    from pfc.data.tarstream import TarDamage, iter_samples
 
     path = str(tmp_path / "mixed.tar")
     members = [("a/k1.jpg", b"x" * 700), ("a/k1.cls", b"3"), ("k2.jpg", b""), ("k2.cls", b"4"),
@@ -273,7 +273,7 @@ def test_tar_reader_matches_tarfile_including_pax_and_long_names(tmp_path):
 
 
 def test_shared_batch_buffers_are_sent_once_and_reused_only_after_release():
-    from pfc.handoff import BatchBuffers, ReceivedBatches, release
+    from pfc.data.handoff import BatchBuffers, ReceivedBatches, release
 
     buffers, received = BatchBuffers((2, 4, 4, 3), shared=True, worker=1, keep=2), ReceivedBatches()
     first, handle = buffers.acquire()
@@ -298,7 +298,7 @@ def test_shared_batch_buffers_are_sent_once_and_reused_only_after_release():
 
 
 def test_flips_are_applied_where_the_batch_is_consumed():
-    from pfc.data import to_float_images
+    from pfc.data.loader import to_float_images
 
     pixels = torch.randint(0, 256, (3, 5, 7, 3), dtype=torch.uint8)
     flips = torch.tensor([True, False, True])
@@ -313,7 +313,7 @@ def test_flips_are_applied_where_the_batch_is_consumed():
 def test_tar_reader_mapped_and_streamed_agree_across_chunk_boundaries(tmp_path):
     """Members straddling the 1 MiB read buffer, one larger than it, through both paths: a mapped
     regular file (zero-copy views) and a stream without a file descriptor (copies)."""
-    from pfc.tarstream import iter_samples
+    from pfc.data.tarstream import iter_samples
 
     rng = np.random.default_rng(0)
     sizes = [300_000] * 7 + [1_500_000, 17, 0, 5000]

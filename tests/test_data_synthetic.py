@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import simplejpeg
 
-from pfc.synthetic import class_name, make_identity, render_sample, write_synthetic
+from pfc.datasets.synthetic import class_name, make_identity, render_sample, write_synthetic
 from tools import make_synthetic
 
 

@@ -34,8 +34,8 @@ def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build(engine: str, stage: int = 0, bf16: bool = False):
-    from pfc.head import PartialFC
-    from pfc.margins import ArcFace
+    from pfc.head.partial_fc import PartialFC
+    from pfc.head.margins import ArcFace
 
     backbone = small_backbone()
     optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -43,7 +43,7 @@ def build(engine: str, stage: int = 0, bf16: bool = False):
     head_optimizer = head.optimizer(lr=0.1)
     if engine == "ddp":
         return torch.nn.parallel.DistributedDataParallel(backbone), optimizer, head, head_optimizer
-    from pfc.deepspeed_engine import build_deepspeed_backbone
+    from pfc.train.runners.deepspeed import build_deepspeed_backbone
 
     config = {"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}
     return build_deepspeed_backbone(backbone, config, micro_batch_size=BATCH, optimizer=optimizer), None, head, \
@@ -74,7 +74,7 @@ def train_steps(rank, parts, steps) -> list[float]:
 
 
 def deepspeed_vs_ddp(rank: int, world_size: int, output_dir: str) -> dict:
-    from pfc.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+    from pfc.train.checkpoint.api import TrainingState, load_checkpoint, save_checkpoint
 
     os.environ["LOCAL_RANK"] = str(rank)
     results = {}
@@ -128,8 +128,8 @@ def trainer_engines(rank: int, world_size: int, data: str, output_dir: str) -> d
     import json
     import signal
 
-    from pfc import engine
-    from pfc.head import PartialFC
+    from pfc.train import loop as engine
+    from pfc.head.partial_fc import PartialFC
     from tests.train_fixtures import make_config
 
     os.environ["LOCAL_RANK"] = str(rank)       # torchrun's variable, which DeepSpeed requires
@@ -169,7 +169,7 @@ def trainer_engines(rank: int, world_size: int, data: str, output_dir: str) -> d
 
 def load_on_other_world_size(rank: int, world_size: int, path: str) -> dict:
     """A ZeRO-2 checkpoint of 2 ranks on ``world_size`` ranks: DeepSpeed weights only, head resharded."""
-    from pfc.checkpoint import TrainingState, load_checkpoint
+    from pfc.train.checkpoint.api import TrainingState, load_checkpoint
 
     os.environ["LOCAL_RANK"] = str(rank)
     parts = build("deepspeed", 2)
@@ -233,7 +233,7 @@ def test_deepspeed_zero_matches_ddp_and_resumes(tmp_path, monkeypatch):
     assert losses["deepspeed_resumed"] == pytest.approx(losses["deepspeed"], rel=1e-6)
     print("trainer losses: ddp %s, deepspeed ZeRO-2 %s" % (losses["ddp"], losses["deepspeed"]))
 def test_deepspeed_config_is_resolved_against_the_trainer_config(tmp_path):
-    from pfc.deepspeed_engine import resolve_deepspeed_config
+    from pfc.train.runners.deepspeed import resolve_deepspeed_config
 
     resolved = resolve_deepspeed_config({"zero_optimization": {"stage": 2}}, micro_batch_size=8, grad_accumulation=2,
                                         grad_clip=5.0, world_size=4)

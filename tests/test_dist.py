@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pfc.dist import class_partition, gather_rows, partition_bounds
+from pfc.distributed.collectives import class_partition, gather_rows, partition_bounds
 from tests.distributed import run_ranks
 
 

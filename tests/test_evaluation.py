@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pfc.backbones import build_backbone
-from pfc.evaluation import (evaluate, fold_slices, read_bin, read_pairs, roc_curve, save_roc_plot,
+from pfc.evaluation.verification import (evaluate, fold_slices, read_bin, read_pairs, roc_curve, save_roc_plot,
                             verification_metrics)
 
 

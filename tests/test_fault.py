@@ -5,7 +5,7 @@ import math
 import os
 import signal
 
-from pfc.fault import StepGuard, StopSignals
+from pfc.distributed.fault import StepGuard, StopSignals
 from tests.distributed import run_ranks
 
 
@@ -42,7 +42,7 @@ def test_consecutive_skips_stop_the_run():
 
 
 def errors_agreed(rank: int, world_size: int) -> list:
-    from pfc.fault import agree_on_error
+    from pfc.distributed.fault import agree_on_error
 
     outcomes = []
     for step in range(3):

@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-from pfc.dist import partition_bounds
-from pfc.head import PartialFC, init_centers, sample_classes
-from pfc.margins import ArcFace, CombinedMargin, CosFace, SphereFace
+from pfc.distributed.collectives import partition_bounds
+from pfc.head.partial_fc import PartialFC, init_centers, sample_classes
+from pfc.head.margins import ArcFace, CombinedMargin, CosFace, SphereFace
 from tests.distributed import run_ranks
 from tests.reference import reference_loss, relative_error
 
@@ -241,7 +241,7 @@ def test_recycled_gradient_memory_never_overwrites_a_kept_gradient(sample_rate):
 def _update_in_backward_worker(rank, world_size, sample_rate, with_mhe):
     """The same steps twice: backward + step(), and update_in_backward; weights, momentum, loss
     and x.grad must agree bit for bit."""
-    from pfc.regularizers import MHE
+    from pfc.head.regularizers import MHE
 
     outcome = {}
     for fused in (False, True):

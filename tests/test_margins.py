@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pfc.margins import ArcFace, CombinedMargin, CosFace, NormFace, SphereFace, margin_from_name
+from pfc.head.margins import ArcFace, CombinedMargin, CosFace, NormFace, SphereFace, margin_from_name
 from tests.reference import reference_target_logit
 
 GRID = torch.cat([torch.linspace(-1.0, 1.0, 2001, dtype=torch.float64),

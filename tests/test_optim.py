@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pfc.optim import SparseRowSGD
+from pfc.head.optim import SparseRowSGD
 
 
 def _pair(rows=10, dim=6, seed=0):

@@ -11,9 +11,9 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from pfc.align import TEMPLATE_112, align_face, apply_transform, similarity_transform
-from pfc.packing import FolderSource, PackOptions, RecordSource, pack, read_landmarks, verify_shards
-from pfc.recordio import MAGIC, IndexedRecordFile, read_record, unpack_record
+from pfc.datasets.align import TEMPLATE_112, align_face, apply_transform, similarity_transform
+from pfc.datasets.packing import FolderSource, PackOptions, RecordSource, pack, read_landmarks, verify_shards
+from pfc.datasets.recordio import MAGIC, IndexedRecordFile, read_record, unpack_record
 from tests.data_fixtures import (encode_record_parts, jpeg, png, random_image, record_payload,
                                  write_rec)
 from tools import pack_shards
@@ -287,7 +287,7 @@ def _landmark_centroids(pixels: np.ndarray, points: np.ndarray, radius: int = 5)
 def test_alignment_maps_synthetic_landmarks_onto_the_template_within_one_pixel(tmp_path):
     """Synthetic faces with marker dots at their five landmarks are packed with --landmarks; in the
     packed 112x112 images the dots sit on the template points within 1 px."""
-    from pfc.synthetic import make_identity, render_sample
+    from pfc.datasets.synthetic import make_identity, render_sample
 
     rng = np.random.default_rng(7)
     rows = []

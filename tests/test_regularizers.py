@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pfc.head import PartialFC, init_centers
-from pfc.margins import ArcFace, CosFace, SphereFace
-from pfc.regularizers import MHE, AngularTriplet
+from pfc.head.partial_fc import PartialFC, init_centers
+from pfc.head.margins import ArcFace, CosFace, SphereFace
+from pfc.head.regularizers import MHE, AngularTriplet
 from tests.distributed import run_ranks
 from tests.reference import reference_loss, reference_target_logit, relative_error
 

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import torch
 
-from pfc.checkpoint import (checkpoint_path, find_latest, list_checkpoints, read_checkpoint_tensors,
+from pfc.train.checkpoint.api import (checkpoint_path, find_latest, list_checkpoints, read_checkpoint_tensors,
                             validate_checkpoint)
 from tests.distributed import run_ranks
 from tests.train_fixtures import make_config, write_shards
@@ -29,8 +29,8 @@ TOTAL_STEPS, STOP_AT = 10, 3     # 6 steps per epoch: the run crosses an epoch, 
 
 
 def straight_and_stopped(rank: int, world_size: int, data: str, straight: str, stopped: str) -> dict:
-    from pfc import engine
-    from pfc.head import PartialFC
+    from pfc.train import loop as engine
+    from pfc.head.partial_fc import PartialFC
 
     engine.train(make_config(data, straight))
     original = PartialFC.set_iteration
@@ -49,9 +49,9 @@ def straight_and_stopped(rank: int, world_size: int, data: str, straight: str, s
 
 
 def resume_and_nan(rank: int, world_size: int, data: str, stopped: str, nan_run: str, corrupt: str) -> dict:
-    from pfc import engine
-    from pfc.checkpoint import CheckpointError
-    from pfc.head import PartialFC
+    from pfc.train import loop as engine
+    from pfc.train.checkpoint.api import CheckpointError
+    from pfc.head.partial_fc import PartialFC
 
     try:
         engine.train(make_config(data, nan_run, resume=corrupt))

@@ -24,7 +24,7 @@ def write_shards(root: str, num_classes: int = 12, per_class: int = 8, image_siz
 
 def make_config(data: str, output: str, **overrides):
     """A TrainConfig for the tiny network on :func:`write_shards` data (2 ranks: 6 steps per epoch)."""
-    from pfc.config import MarginConfig, TrainConfig
+    from pfc.train.config import MarginConfig, TrainConfig
 
     fields = dict(data=data, output=output, num_workers=0, network="tiny", embedding_size=16,
                   margin=MarginConfig(s=16.0, m2=0.3), sample_rate=0.5, batch_size=4, grad_accumulation=2,

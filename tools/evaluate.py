@@ -33,8 +33,8 @@ def main(argv: list[str]) -> int:
     import torch
 
     from pfc.backbones import build_backbone
-    from pfc.engine import load_backbone
-    from pfc.evaluation import evaluate, read_bin, read_pairs, save_roc_plot
+    from pfc.train.loop import load_backbone
+    from pfc.evaluation.verification import evaluate, read_bin, read_pairs, save_roc_plot
 
     path = os.path.join(args.checkpoint, "backbone.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
     try:

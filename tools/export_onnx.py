@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     import numpy as np
     import torch
 
-    from pfc.engine import load_backbone
+    from pfc.train.loop import load_backbone
 
     path = os.path.join(args.checkpoint, "backbone.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
     try:

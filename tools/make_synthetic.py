@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from pfc.synthetic import write_synthetic
+from pfc.datasets.synthetic import write_synthetic
 
 
 def main(argv=None) -> int:

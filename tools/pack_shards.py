@@ -11,7 +11,7 @@ import argparse
 import sys
 
 
-from pfc.packing import FolderSource, PackOptions, RecordSource, pack, verify_shards
+from pfc.datasets.packing import FolderSource, PackOptions, RecordSource, pack, verify_shards
 
 
 def _add_pack_options(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ seeded shuffle buffer; horizontal flips are drawn from (seed, epoch, rank, worke
 
 Work split: DataLoader workers read, shuffle, decode (simplejpeg, straight into a batch buffer in
 shared memory that is reused once the consumer is done with it: the hand-off to the main
-process copies nothing, see :mod:`pfc.handoff`) and draw the flips; they hand
+process copies nothing, see :mod:`pfc.data.handoff`) and draw the flips; they hand
 over uint8 [b, H, W, 3] batches with a flip mask. The flip and the conversion to float happen
 where the batch is consumed (on ``device`` when given): workers move a quarter of the bytes and
 do nothing but parse and decode.
@@ -46,10 +46,10 @@ import simplejpeg
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pfc.handoff import BatchBuffers, ReceivedBatches, release
-from pfc.manifest import read_manifest as _read_manifest
-from pfc.manifest import shard_urls
-from pfc.tarstream import TarDamage, iter_samples
+from pfc.data.handoff import BatchBuffers, ReceivedBatches, release
+from pfc.data.manifest import read_manifest as _read_manifest
+from pfc.data.manifest import shard_urls
+from pfc.data.tarstream import TarDamage, iter_samples
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class SkipCounter:
 
 def read_pieces(urls: list[str], pieces, counter: SkipCounter) -> Iterator[dict]:
     """Raw samples ({"__key__", "__url__", "jpg": bytes, "cls": bytes, ...}) of each
-    (shard, skip, take) piece, read with :mod:`pfc.tarstream` from streams webdataset's ``gopen``
+    (shard, skip, take) piece, read with :mod:`pfc.data.tarstream` from streams webdataset's ``gopen``
     opens; a shard that cannot be opened or read further is reported to ``counter`` and left."""
     import webdataset as wds
 
@@ -212,7 +212,7 @@ def assemble_batches(samples, quota: int, batch_size: int, image_size: tuple[int
     skipped). Yields (pixels, labels int64 ndarray [b], flips bool ndarray [b] or None, skipped
     since the previous batch): ``pixels`` is a uint8 tensor [b, H, W, 3], or with ``shared`` (in
     DataLoader worker ``worker``) a handle to a reused shared buffer that the consumer opens
-    with :class:`pfc.handoff.ReceivedBatches` and releases once done (see :mod:`pfc.handoff`).
+    with :class:`pfc.data.handoff.ReceivedBatches` and releases once done (see :mod:`pfc.data.handoff`).
     The small parts are arrays, which DataLoader pickles by value rather than putting each in a
     shared-memory segment of its own. With ``flip``, ``flips`` marks the images (each with
     probability 1/2) that :func:`to_float_images` mirrors left-right where the batch is

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pfc.dist import all_gather_tensor, all_reduce_, gather_rows, get_rank, get_world_size
-from pfc.margins import SphereFace
+from pfc.distributed.collectives import all_gather_tensor, all_reduce_, gather_rows, get_rank, get_world_size
+from pfc.head.margins import SphereFace
 
 _KERNELS = ("euclidean", "log", "angular")
 
@@ -119,7 +119,7 @@ class AngularTriplet:
 
     The batch's normalised features act as class centers. For an anchor a and each positive p
     (another row of the same class), the candidates are p with the SphereFace margin on the
-    anchor–positive angle, ``z_p = s·ψ_λ(cos θ_ap)`` (:class:`pfc.margins.SphereFace` with
+    anchor–positive angle, ``z_p = s·ψ_λ(cos θ_ap)`` (:class:`pfc.head.margins.SphereFace` with
     ``m``, λ annealed), and every negative n (a row of another class), ``z_n = s·cos θ_an``:
 
         ℓ_ap = log(1 + Σ_n exp(z_n − z_p)),   term = mean of ℓ_ap over the kept pairs.

@@ -22,9 +22,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from pfc import manifest as manifest_io
-from pfc.align import align_face
-from pfc.recordio import IndexedRecordFile, unpack_record
+from pfc.data import manifest as manifest_io
+from pfc.datasets.align import align_face
+from pfc.datasets.recordio import IndexedRecordFile, unpack_record
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 STATE_DIR = ".pack"

@@ -26,11 +26,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pfc.dist import all_gather_tensor, all_reduce_, class_partition, gather_rows, get_rank, get_world_size
-from pfc.margins import ArcFace, Margin
-from pfc.optim import SparseRowSGD
-from pfc.regularizers import MHE, AngularTriplet
-from pfc.scratch import ScratchBlocks
+from pfc.distributed.collectives import all_gather_tensor, all_reduce_, class_partition, gather_rows, get_rank, get_world_size
+from pfc.head.margins import ArcFace, Margin
+from pfc.head.optim import SparseRowSGD
+from pfc.head.regularizers import MHE, AngularTriplet
+from pfc.head.scratch import ScratchBlocks
 
 _NORM_EPS = 1e-12
 _EXCLUDED_LOGIT = -1e30  # a filtered logit: exp() is exactly 0 and 0·(−1e30) stays finite
@@ -351,9 +351,9 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
         margin: applied to the target cosine; logits are then scaled by ``margin.s``.
         filter_threshold: inter-class filtering; a non-target cosine above it is left out of its
             row's softmax (treated as label noise), on every rank alike.
-        mhe: the MHE energy of the sampled centers (:class:`pfc.regularizers.MHE`), computed in
+        mhe: the MHE energy of the sampled centers (:class:`pfc.head.regularizers.MHE`), computed in
             the same pass.
-        optimizer: a :class:`pfc.optim.SparseRowSGD` over ``weight`` that the backward applies
+        optimizer: a :class:`pfc.head.optim.SparseRowSGD` over ``weight`` that the backward applies
             to the sampled rows instead of returning their gradient (see
             :meth:`PartialFC.optimizer`, ``update_in_backward``).
 
@@ -386,8 +386,8 @@ class PartialFC(nn.Module):
     samples ``max(⌈ρ·C_r⌉, #positives)`` centers per rank per step in training mode (all
     centers in eval mode); the sample is reproducible from ``(seed, rank, iteration)``.
 
-    Optional terms, added to the returned loss: ``mhe`` (:class:`pfc.regularizers.MHE`, weight·E
-    on the sampled centers), ``triplet`` (:class:`pfc.regularizers.AngularTriplet`, weight·term on
+    Optional terms, added to the returned loss: ``mhe`` (:class:`pfc.head.regularizers.MHE`, weight·E
+    on the sampled centers), ``triplet`` (:class:`pfc.head.regularizers.AngularTriplet`, weight·term on
     the gathered batch); ``interclass_filter=t`` leaves non-target cosines above t out of the
     softmax (label-noise filtering as in the WebFace42M recipes), identically on every rank.
 
@@ -458,7 +458,7 @@ class PartialFC(nn.Module):
     def optimizer(self, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
                   update_in_backward: bool = False, **options) -> SparseRowSGD:
         """The center optimizer: SGD that updates only the rows sampled this step
-        (see :class:`pfc.optim.SparseRowSGD`; ``options``: ``momentum_dtype``, ``chunk_rows``).
+        (see :class:`pfc.head.optim.SparseRowSGD`; ``options``: ``momentum_dtype``, ``chunk_rows``).
 
         ``update_in_backward=True``: the update is applied inside the head's backward, chunk by
         chunk, with the same result bit for bit, and ``weight.grad`` is never stored (``step()``

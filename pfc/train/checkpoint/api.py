@@ -71,7 +71,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, WriteItem, WriteItemType, TensorWriteData
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from pfc.dist import get_rank, get_world_size, is_distributed
+from pfc.distributed.collectives import get_rank, get_world_size, is_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class TrainingState:
       ``head_optimizer`` state tensors of ``head.weight``'s shape are row-sharded (resharded on
       load), the rest is replicated.
     - ``backbone``: the bare module (not the DDP wrapper), with ``backbone_optimizer``.
-    - ``deepspeed_engine``: a :class:`pfc.deepspeed_engine.DeepSpeedBackbone`; when set, the
+    - ``deepspeed_engine``: a :class:`pfc.train.runners.deepspeed.DeepSpeedBackbone`; when set, the
       backbone and its optimizer are saved by DeepSpeed's own (collective)
       ``save_checkpoint(dir, tag)`` / ``load_checkpoint(dir, tag)`` and ``backbone`` /
       ``backbone_optimizer`` are ignored.

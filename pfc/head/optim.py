@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pfc.scratch import ScratchBlocks
+from pfc.head.scratch import ScratchBlocks
 
 
 class SparseRowSGD(torch.optim.Optimizer):

@@ -20,7 +20,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageFilter
 
-from pfc.align import TEMPLATE_112
+from pfc.datasets.align import TEMPLATE_112
 
 _SKIN = np.array([[235, 200, 170], [220, 175, 140], [190, 140, 105], [150, 105, 75],
                   [110, 75, 55], [240, 210, 190]], dtype=np.float64)

@@ -30,13 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pfc import dist as pfc_dist
+from pfc.distributed import collectives as pfc_dist
 from pfc.backbones import build_backbone
-from pfc.checkpoint import CheckpointError, TrainingState, load_checkpoint, resolve_resume, save_checkpoint
-from pfc.config import TrainConfig, apply_manifest, to_dict
-from pfc.evaluation import VerificationSet, evaluate, read_bin, read_pairs, save_roc_plot
-from pfc.fault import StepDecision, StepGuard, StopSignals, agree_on_error, init_process_group
-from pfc.schedule import LRSchedule
+from pfc.train.checkpoint.api import CheckpointError, TrainingState, load_checkpoint, resolve_resume, save_checkpoint
+from pfc.train.config import TrainConfig, apply_manifest, to_dict
+from pfc.evaluation.verification import VerificationSet, evaluate, read_bin, read_pairs, save_roc_plot
+from pfc.distributed.fault import StepDecision, StepGuard, StopSignals, agree_on_error, init_process_group
+from pfc.train.schedule import LRSchedule
 
 
 # --------------------------------------------------------------------------------- runtime
@@ -67,7 +67,7 @@ def init_runtime(timeout_minutes: float = 30.0) -> Runtime:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        # a store namespace per torchrun restart attempt (see pfc.fault.init_process_group)
+        # a store namespace per torchrun restart attempt (see pfc.distributed.fault.init_process_group)
         # With CUDA, NCCL for GPU tensors and gloo for the few CPU ones (the per-step fault flags)
         init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", datetime.timedelta(minutes=timeout_minutes))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -85,7 +85,7 @@ def seed_everything(seed: int, rank: int) -> None:
 
 def build_margin(config: TrainConfig):
     """The head's margin from ``config.margin`` (combined (m1, m2, m3) or SphereFace λ-annealed)."""
-    from pfc import margins
+    from pfc.head import margins
 
     margin = config.margin
     if margin.kind == "sphereface":
@@ -99,8 +99,8 @@ def build_margin(config: TrainConfig):
 def build_head(config: TrainConfig, runtime: Runtime) -> nn.Module:
     """PartialFC over ``config.num_classes`` centers, sharded over the default group, with the
     optional regularisers (MHE, angular triplet) and inter-class filtering; a weight of 0 is off."""
-    from pfc.head import PartialFC
-    from pfc.regularizers import MHE, AngularTriplet
+    from pfc.head.partial_fc import PartialFC
+    from pfc.head.regularizers import MHE, AngularTriplet
 
     mhe = MHE(weight=config.mhe_weight, kernel=config.mhe_kernel, power=config.mhe_power) if config.mhe_weight else None
     triplet = AngularTriplet(weight=config.triplet_weight, m=config.triplet_m) if config.triplet_weight else None
@@ -113,12 +113,12 @@ def build_head(config: TrainConfig, runtime: Runtime) -> nn.Module:
 def wrap_backbone(backbone: nn.Module, runtime: Runtime, config: TrainConfig | None = None,
                   optimizer: torch.optim.Optimizer | None = None):
     """Make the backbone data-parallel: DDP when there is more than one rank, or, with
-    ``config.engine == "deepspeed"``, a :class:`pfc.deepspeed_engine.DeepSpeedBackbone` around
+    ``config.engine == "deepspeed"``, a :class:`pfc.train.runners.deepspeed.DeepSpeedBackbone` around
     ``optimizer`` (ZeRO stage, bf16, … from ``config.deepspeed_config``, default ZeRO-1; micro
     batch, accumulation and clipping from ``config``). The only place that knows about the wrapper.
     """
     if config is not None and config.engine == "deepspeed":
-        from pfc.deepspeed_engine import build_deepspeed_backbone
+        from pfc.train.runners.deepspeed import build_deepspeed_backbone
 
         deepspeed_config = config.deepspeed_config or {"zero_optimization": {"stage": 1}}
         if not config.deepspeed_config and config.precision == "bf16":
@@ -148,7 +148,7 @@ class TrainState:
     """Everything that changes during training, in one place; :func:`checkpoint_contents` maps it
     to a checkpoint (which adds every rank's RNG states).
 
-    ``backbone`` is the wrapped network (DDP, a :class:`pfc.deepspeed_engine.DeepSpeedBackbone`,
+    ``backbone`` is the wrapped network (DDP, a :class:`pfc.train.runners.deepspeed.DeepSpeedBackbone`,
     or the bare module on one rank); ``model`` the bare network. ``batch_in_epoch`` counts the
     micro-batches consumed in the current epoch (the data position); ``skipped_steps`` the steps
     whose update was skipped for a non-finite loss.
@@ -198,7 +198,7 @@ def build_train_state(config: TrainConfig, runtime: Runtime, image_size: int, st
 
 def build_loader(config: TrainConfig, runtime: Runtime, epoch: int):
     """This rank's loader for ``epoch``: ``(images [b,3,H,W] in [−1,1], labels [b])``, equal length on all ranks."""
-    from pfc.data import make_loader
+    from pfc.data.loader import make_loader
 
     return make_loader(config.data, batch_size=config.batch_size, rank=runtime.rank,
                        world_size=runtime.world_size, num_workers=config.num_workers,
@@ -451,7 +451,7 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> dict:
     Outputs in ``config.output`` (rank 0): config.json (resolved), metrics.jsonl, eval.jsonl,
     eval_results.json, roc.png, backbone.pt, tensorboard/ when installed.
     """
-    from pfc.data import read_manifest
+    from pfc.data.loader import read_manifest
     from tqdm import tqdm
 
     runtime = runtime or init_runtime()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pfc.dist import get_world_size, is_distributed
+from pfc.distributed.collectives import get_world_size, is_distributed
 
 logger = logging.getLogger(__name__)
 
