@@ -42,7 +42,7 @@ def test_consecutive_skips_stop_the_run():
 
 
 def errors_agreed(rank: int, world_size: int) -> list:
-    from pfc.distributed.fault import agree_on_error
+    from pfc.distributed.agree import agree_on_error
 
     outcomes = []
     for step in range(3):

@@ -12,19 +12,19 @@ import torch
 import torch.distributed as dist
 
 
-def is_distributed(group=None) -> bool:
-    """True when torch.distributed is initialised (the group is then usable)."""
+def is_distributed() -> bool:
+    """True when torch.distributed is initialised (process groups can then be used)."""
     return dist.is_available() and dist.is_initialized()
 
 
 def get_rank(group=None) -> int:
     """This process's rank in ``group``, 0 when not distributed."""
-    return dist.get_rank(group) if is_distributed(group) else 0
+    return dist.get_rank(group) if is_distributed() else 0
 
 
 def get_world_size(group=None) -> int:
     """Number of ranks in ``group``, 1 when not distributed."""
-    return dist.get_world_size(group) if is_distributed(group) else 1
+    return dist.get_world_size(group) if is_distributed() else 1
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ class StepGuard:
         """Decide this step on every rank alike (collective: every rank calls it once per step)."""
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         flags = torch.tensor([0.0 if math.isfinite(value) else 1.0, 1.0 if stop_requested else 0.0])
-        if is_distributed(self.group) and get_world_size(self.group) > 1:
+        if is_distributed() and get_world_size(self.group) > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         non_finite, stop = bool(flags[0] > 0), bool(flags[1] > 0)
         where = f"step {step}: " if step is not None else ""
@@ -125,31 +125,3 @@ class StepGuard:
         if stop:
             return StepDecision(non_finite, True, f"{where}stop requested by a signal")
         return StepDecision(non_finite, False)
-
-
-def agree_on_error(error: BaseException | None, what: str, group=None) -> None:
-    """Collective (every rank calls it once, with its own ``error`` or None): if any rank has an
-    error, every rank raises the same exception naming each failing rank and its message — a
-    ValueError when every failing rank's error is one (bad input, e.g. a label outside
-    [0, num_classes)), else a RuntimeError.
-
-    For failures outside a collective, such as a data error while loading a batch: raised on one
-    rank only, it would leave the other ranks waiting in the next collective until the timeout.
-    One MAX all-reduce of a flag when all is well; the messages are exchanged only on failure.
-    """
-    mine = None if error is None else (isinstance(error, ValueError), f"{type(error).__name__}: {error}")
-    if not is_distributed(group) or get_world_size(group) == 1:
-        reports = [mine]
-    else:
-        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        if not flag.item():
-            return
-        reports = [None] * get_world_size(group)
-        dist.all_gather_object(reports, mine, group=group)
-    failures = [(rank, report) for rank, report in enumerate(reports) if report is not None]
-    if not failures:
-        return
-    kind = ValueError if all(bad_input for _, (bad_input, _) in failures) else RuntimeError
-    text = "; ".join(f"rank {rank}: {message}" for rank, (_, message) in failures)
-    raise kind(f"{what} failed on {text}") from error

@@ -35,7 +35,8 @@ from pfc.backbones import build_backbone
 from pfc.train.checkpoint.api import CheckpointError, TrainingState, load_checkpoint, resolve_resume, save_checkpoint
 from pfc.train.config import TrainConfig, apply_manifest, to_dict
 from pfc.evaluation.verification import VerificationSet, evaluate, read_bin, read_pairs, save_roc_plot
-from pfc.distributed.fault import StepDecision, StepGuard, StopSignals, agree_on_error, init_process_group
+from pfc.distributed.agree import agree_on_error
+from pfc.distributed.fault import StepDecision, StepGuard, StopSignals, init_process_group
 from pfc.train.schedule import LRSchedule
 
 
