@@ -34,13 +34,13 @@ def phase_timed_loop(config, runtime, steps: int, warmup: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from pfc.data.loader import read_manifest
-    from pfc.train.loop import build_loader, build_train_state, manifest_image_size, optimizer_step
+    from pfc.data.manifest import image_side, read_manifest
+    from pfc.train.builders import build_loader, build_train_state
 
-    image_size = manifest_image_size(read_manifest(config.data))
+    image_size = image_side(read_manifest(config.data))
     loader = build_loader(config, runtime, epoch=0)
-    state = build_train_state(config, runtime, image_size, len(loader))
-    model, head = state.model, state.head
+    state = build_train_state(config, runtime, image_size, len(loader), {})
+    model, head = state.runner.model, state.head
     parameters = [p for p in model.parameters() if p.requires_grad]
     totals = dict.fromkeys(PHASES, 0.0)
     batches = iter(loader)
@@ -69,7 +69,9 @@ def phase_timed_loop(config, runtime, steps: int, warmup: int) -> dict:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
         marks.append(time.perf_counter())
-        optimizer_step(state, config)
+        state.runner.step(state.head_optimizer)
+        for scheduler in state.schedulers.values():
+            scheduler.step()
         marks.append(time.perf_counter())
         if step >= warmup:
             for phase, start, stop in zip(PHASES, marks[:-1], marks[1:]):
@@ -83,17 +85,19 @@ def worker(args) -> None:
     import dataclasses
 
     from pfc.train.config import load_config
-    from pfc.train.loop import init_runtime, train
+    from pfc.train.loop import train
+    from pfc.train.runtime import init_runtime
 
     runtime = init_runtime()
     config = load_config(os.path.join(ROOT, "configs", "synthetic_cpu.py"), [
         "--data", args.data, "--output", os.path.join(args.workdir, "run"), "--network", args.network,
         "--batch_size", str(args.batch_size), "--val_pairs", "", "--num_workers", str(args.num_workers),
         "--log_every", str(args.steps)])
-    from pfc.train.config import apply_manifest
-    from pfc.data.loader import read_manifest
+    from pfc.data.manifest import manifest_source, read_manifest
+    from pfc.train.config import apply_dataset
 
-    resolved = apply_manifest(config, read_manifest(args.data))
+    manifest = read_manifest(args.data)
+    resolved = apply_dataset(config, manifest["num_classes"], manifest["num_samples"], manifest_source(args.data))
     totals = phase_timed_loop(resolved, runtime, args.steps, warmup=5)
     # end to end: the real trainer; its second logging window excludes start-up and the first steps
     summary_config = dataclasses.replace(config, max_steps=2 * args.steps)

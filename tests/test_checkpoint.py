@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pfc.train.checkpoint.api import (
+from pfc.train.checkpoint import (
     CheckpointError,
-    TrainingState,
     checkpoint_path,
     find_latest,
     list_checkpoints,
@@ -24,6 +23,8 @@ from pfc.train.checkpoint.api import (
 )
 from pfc.head.partial_fc import PartialFC
 from pfc.head.margins import ArcFace
+from pfc.train.runners.ddp import DDPRunner
+from pfc.train.state import TrainState
 from tests.distributed import run_ranks
 
 NUM_CLASSES, EMBEDDING = 11, 4      # 11 % 2 != 0 and 11 % 3 != 0
@@ -35,17 +36,18 @@ def global_matrices(version: int) -> tuple[torch.Tensor, torch.Tensor]:
     return base * version + 0.25, -base * version - 0.5
 
 
-def build_state(num_classes: int = NUM_CLASSES, embedding: int = EMBEDDING, seed: int = 0) -> TrainingState:
+def build_state(num_classes: int = NUM_CLASSES, embedding: int = EMBEDDING, seed: int = 0) -> TrainState:
     torch.manual_seed(seed)
     head = PartialFC(num_classes, embedding, margin=ArcFace(s=8.0, m=0.3), seed=seed)
     head_optimizer = head.optimizer(lr=0.1)
     backbone = torch.nn.Linear(3, embedding)
     backbone_optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(backbone_optimizer, step_size=2, gamma=0.5)
-    return TrainingState(head, head_optimizer, backbone, backbone_optimizer, {"backbone": scheduler})
+    runner = DDPRunner(backbone, backbone_optimizer, wrap=False)   # the test averages nothing: one batch per rank
+    return TrainState(runner=runner, head=head, head_optimizer=head_optimizer, schedulers={"backbone": scheduler})
 
 
-def set_version(state: TrainingState, version: int) -> None:
+def set_version(state: TrainState, version: int) -> None:
     """Put global matrix ``version`` into this rank's rows; one optimizer step on the backbone."""
     head = state.head
     weight, momentum = global_matrices(version)
@@ -53,22 +55,22 @@ def set_version(state: TrainingState, version: int) -> None:
     with torch.no_grad():
         head.weight.copy_(weight[rows])
     state.head_optimizer.state[head.weight]["momentum_buffer"].copy_(momentum[rows])
-    state.backbone(torch.full((2, 3), float(version))).sum().backward()
-    state.backbone_optimizer.step()
+    state.runner.model(torch.full((2, 3), float(version))).sum().backward()
+    state.runner.optimizer.step()
     state.schedulers["backbone"].step()
-    state.progress = {"step": version, "epoch": 0, "batch_in_epoch": version}
+    state.step, state.epoch, state.batch_in_epoch = version, 0, version
 
 
-def local_view(state: TrainingState) -> dict:
+def local_view(state: TrainState) -> dict:
     head = state.head
     return {
         "class_start": head.class_start,
         "weight": head.weight.detach().clone(),
         "momentum": state.head_optimizer.state[head.weight]["momentum_buffer"].clone(),
-        "backbone": {k: v.clone() for k, v in state.backbone.state_dict().items()},
-        "backbone_momentum": [state.backbone_optimizer.state[p]["momentum_buffer"].clone()
-                              for p in state.backbone.parameters()],
-        "lr": state.backbone_optimizer.param_groups[0]["lr"],
+        "backbone": {k: v.clone() for k, v in state.runner.model.state_dict().items()},
+        "backbone_momentum": [state.runner.optimizer.state[p]["momentum_buffer"].clone()
+                              for p in state.runner.model.parameters()],
+        "lr": state.runner.optimizer.param_groups[0]["lr"],
         "scheduler": state.schedulers["backbone"].state_dict(),
     }
 
@@ -76,14 +78,14 @@ def local_view(state: TrainingState) -> dict:
 GLOBAL_BATCH = 6   # divisible by 1, 2 and 3 ranks
 
 
-def next_step_loss(state: TrainingState, rank: int, world_size: int) -> float:
+def next_step_loss(state: TrainState, rank: int, world_size: int) -> float:
     """Loss of one more step on a fixed global batch, split evenly over the ranks."""
     generator = torch.Generator().manual_seed(123)
     inputs = torch.randn(GLOBAL_BATCH, 3, generator=generator)
     labels = torch.tensor([0, 5, 6, 10, 3, 7])        # on both sides of every shard boundary
     rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
     with torch.no_grad():
-        return float(state.head(state.backbone(inputs[rows]), labels[rows]))
+        return float(state.head(state.runner.model(inputs[rows]), labels[rows]))
 
 
 def random_draws() -> tuple:
@@ -94,7 +96,7 @@ def save_on_ranks(rank: int, world_size: int, output_dir: str) -> dict:
     state = build_state()
     for version in (1, 2, 3):
         set_version(state, version)
-        save_checkpoint(output_dir, version, state, keep_last=2)
+        save_checkpoint(output_dir, state, keep_last=2)
     saved = local_view(state)
     saved["next_loss"] = next_step_loss(state, rank, world_size)
     after_save = random_draws()
@@ -163,7 +165,7 @@ def test_truncated_checkpoint_is_detected_and_auto_falls_back(tmp_path):
     state = build_state()
     for version in (1, 2):
         set_version(state, version)
-        save_checkpoint(tmp_path, version, state)
+        save_checkpoint(tmp_path, state)
     (tmp_path / ".tmp-checkpoint-00000009").mkdir()              # an interrupted save
     (tmp_path / "checkpoint-00000008" / "state").mkdir(parents=True)   # a directory with no manifest
     newest = checkpoint_path(tmp_path, 2)
@@ -187,7 +189,7 @@ def test_truncated_checkpoint_is_detected_and_auto_falls_back(tmp_path):
 
     # a later save with the same step as an incomplete directory replaces it
     set_version(state, 8)
-    save_checkpoint(tmp_path, 8, state, keep_last=5)
+    save_checkpoint(tmp_path, state, keep_last=5)
     assert find_latest(tmp_path) == checkpoint_path(tmp_path, 8)
 
 
@@ -199,7 +201,7 @@ class _Exploit:
 def test_loading_refuses_arbitrary_pickles(tmp_path):
     state = build_state()
     set_version(state, 1)
-    path = save_checkpoint(tmp_path, 1, state)
+    path = save_checkpoint(tmp_path, state)
     manifest = json.loads((path / "pfc_checkpoint.json").read_text())
     metadata = path / "state" / ".metadata"
     metadata.write_bytes(pickle.dumps(_Exploit()))
@@ -212,6 +214,6 @@ def test_loading_refuses_arbitrary_pickles(tmp_path):
 def test_embedding_size_mismatch_is_a_clear_error(tmp_path):
     state = build_state()
     set_version(state, 1)
-    path = save_checkpoint(tmp_path, 1, state)
+    path = save_checkpoint(tmp_path, state)
     with pytest.raises(CheckpointError, match="embedding_size=4 but the model has embedding_size=5"):
         load_checkpoint(path, build_state(embedding=5))

@@ -34,47 +34,42 @@ def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build(engine: str, stage: int = 0, bf16: bool = False):
-    from pfc.head.partial_fc import PartialFC
+    """``(runner, head, head_optimizer)`` with the same initial weights for every engine."""
     from pfc.head.margins import ArcFace
+    from pfc.head.partial_fc import PartialFC
+    from pfc.train.runners.ddp import DDPRunner
 
     backbone = small_backbone()
     optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     head = PartialFC(NUM_CLASSES, EMBEDDING, margin=ArcFace(s=16.0, m=0.3), sample_rate=0.5, seed=0)
     head_optimizer = head.optimizer(lr=0.1)
     if engine == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(backbone), optimizer, head, head_optimizer
-    from pfc.train.runners.deepspeed import build_deepspeed_backbone
+        return DDPRunner(backbone, optimizer), head, head_optimizer
+    from pfc.train.runners.deepspeed import build_deepspeed_runner
 
     config = {"zero_optimization": {"stage": stage}, "bf16": {"enabled": bf16}}
-    return build_deepspeed_backbone(backbone, config, micro_batch_size=BATCH, optimizer=optimizer), None, head, \
-        head_optimizer
+    return build_deepspeed_runner(backbone, config, micro_batch_size=BATCH, optimizer=optimizer), head, head_optimizer
 
 
 def train_steps(rank, parts, steps) -> list[float]:
-    wrapper, optimizer, head, head_optimizer = parts
+    runner, head, head_optimizer = parts
     losses = []
     for step in steps:
         head.set_iteration(step)
         images, labels = batch(rank, step)
-        loss = head(wrapper(images), labels)
-        if optimizer is None:           # DeepSpeed
-            wrapper.backward(loss, head_parameters=[head.weight])
-            applied = wrapper.step()
-            wrapper.zero_grad()
-        else:
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            applied = True
-        if applied:
-            head_optimizer.step()
-        head_optimizer.zero_grad()
-        losses.append(loss.item())
+        losses.append(runner.forward_backward(images, labels, head, last_micro=True).item())
+        runner.step(head_optimizer)
     return losses
 
 
+def state_of(parts, step: int = 0):
+    from pfc.train.state import TrainState
+
+    return TrainState(runner=parts[0], head=parts[1], head_optimizer=parts[2], step=step)
+
+
 def deepspeed_vs_ddp(rank: int, world_size: int, output_dir: str) -> dict:
-    from pfc.train.checkpoint.api import TrainingState, load_checkpoint, save_checkpoint
+    from pfc.train.checkpoint import load_checkpoint, save_checkpoint
 
     os.environ["LOCAL_RANK"] = str(rank)
     results = {}
@@ -83,37 +78,33 @@ def deepspeed_vs_ddp(rank: int, world_size: int, output_dir: str) -> dict:
         start = time.perf_counter()
         parts = build(engine, stage, bf16)
         results[name] = {"losses": train_steps(rank, parts, range(STEPS)),
-                         "head": parts[2].weight.detach().clone(), "seconds": time.perf_counter() - start}
+                         "head": parts[1].weight.detach().clone(), "seconds": time.perf_counter() - start}
 
     # save after 2 steps, run 2 more; a fresh engine resumed from the checkpoint runs the same 2
     for stage in (1, 2):
         parts = build("deepspeed", stage)
         train_steps(rank, parts, range(2))
-        state = TrainingState(head=parts[2], head_optimizer=parts[3], deepspeed_engine=parts[0],
-                              progress={"step": 2})
-        path = save_checkpoint(output_dir, 2 + 10 * stage, state)
-        saved_weights = {k: v.clone() for k, v in parts[0].module.state_dict().items()}
-        saved_head = parts[2].weight.detach().clone()
+        path = save_checkpoint(os.path.join(output_dir, f"zero{stage}"), state_of(parts, step=2))
+        saved_weights = {k: v.clone() for k, v in parts[0].model.state_dict().items()}
+        saved_head = parts[1].weight.detach().clone()
         continued = train_steps(rank, parts, range(2, STEPS))
         fresh = build("deepspeed", stage)
-        info = load_checkpoint(path, TrainingState(head=fresh[2], head_optimizer=fresh[3], deepspeed_engine=fresh[0]))
+        info = load_checkpoint(path, state_of(fresh))
         resumed = train_steps(rank, fresh, range(info.progress["step"], STEPS))
         results[f"saved_zero{stage}"] = {"path": str(path), "weights": saved_weights,
-                                         "head": saved_head, "class_start": parts[2].class_start}
+                                         "head": saved_head, "class_start": parts[1].class_start}
         results[f"resume_zero{stage}"] = {"continued": continued, "resumed": resumed,
-                                          "head_equal": torch.equal(parts[2].weight, fresh[2].weight)}
+                                          "head_equal": torch.equal(parts[1].weight, fresh[1].weight)}
 
     # engine changes carry the weights (not the optimizer state): DeepSpeed → DDP, DDP → DeepSpeed
     ddp = build("ddp")
-    info = load_checkpoint(path, TrainingState(head=ddp[2], head_optimizer=ddp[3], backbone=ddp[0].module,
-                                               backbone_optimizer=ddp[1]))
-    from_deepspeed = all(torch.equal(saved_weights[k], v) for k, v in ddp[0].module.state_dict().items())
+    info = load_checkpoint(path, state_of(ddp))
+    from_deepspeed = all(torch.equal(saved_weights[k], v) for k, v in ddp[0].model.state_dict().items())
     train_steps(rank, ddp, range(2))
-    ddp_path = save_checkpoint(output_dir, 100, TrainingState(head=ddp[2], head_optimizer=ddp[3],
-                                                              backbone=ddp[0].module, backbone_optimizer=ddp[1]))
+    ddp_path = save_checkpoint(os.path.join(output_dir, "ddp"), state_of(ddp, step=100))
     zero = build("deepspeed", 2)
-    info_zero = load_checkpoint(ddp_path, TrainingState(head=zero[2], head_optimizer=zero[3], deepspeed_engine=zero[0]))
-    from_ddp = all(torch.equal(ddp[0].module.state_dict()[k], v) for k, v in zero[0].module.state_dict().items())
+    info_zero = load_checkpoint(ddp_path, state_of(zero))
+    from_ddp = all(torch.equal(ddp[0].model.state_dict()[k], v) for k, v in zero[0].model.state_dict().items())
     next_ddp, next_zero = train_steps(rank, ddp, [5]), train_steps(rank, zero, [5])
     results["engine_change"] = {"from_deepspeed": from_deepspeed, "from_ddp": from_ddp,
                                 "optimizer_restored": (info.backbone_optimizer_restored,
@@ -164,20 +155,20 @@ def trainer_engines(rank: int, world_size: int, data: str, output_dir: str) -> d
                                        deepspeed_config=zero2, resume="auto"))
     with open(os.path.join(resumed_dir, "metrics.jsonl")) as handle:
         losses["deepspeed_resumed"] = [json.loads(line)["loss"] for line in handle]
-    return {"losses": losses, "stopped_at": stopped["steps"], "resumed_steps": resumed["steps"]}
+    return {"losses": losses, "stopped_at": stopped.steps, "resumed_steps": resumed.steps}
 
 
 def load_on_other_world_size(rank: int, world_size: int, path: str) -> dict:
     """A ZeRO-2 checkpoint of 2 ranks on ``world_size`` ranks: DeepSpeed weights only, head resharded."""
-    from pfc.train.checkpoint.api import TrainingState, load_checkpoint
+    from pfc.train.checkpoint import load_checkpoint
 
     os.environ["LOCAL_RANK"] = str(rank)
     parts = build("deepspeed", 2)
-    info = load_checkpoint(path, TrainingState(head=parts[2], head_optimizer=parts[3], deepspeed_engine=parts[0]))
-    weights = {k: v.clone() for k, v in parts[0].module.state_dict().items()}
-    head = parts[2].weight.detach().clone()
+    info = load_checkpoint(path, state_of(parts))
+    weights = {k: v.clone() for k, v in parts[0].model.state_dict().items()}
+    head = parts[1].weight.detach().clone()
     losses = train_steps(rank, parts, range(2, 4))          # and it trains on
-    return {"weights": weights, "head": head, "class_start": parts[2].class_start, "losses": losses,
+    return {"weights": weights, "head": head, "class_start": parts[1].class_start, "losses": losses,
             "optimizer_restored": info.backbone_optimizer_restored}
 
 

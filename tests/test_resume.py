@@ -7,6 +7,7 @@ the resume runs in a new process group.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import psutil
 import pytest
 import torch
 
-from pfc.train.checkpoint.api import (checkpoint_path, find_latest, list_checkpoints, read_checkpoint_tensors,
+from pfc.train.checkpoint import (checkpoint_path, find_latest, list_checkpoints, read_checkpoint_tensors,
                             validate_checkpoint)
 from tests.distributed import run_ranks
 from tests.train_fixtures import make_config, write_shards
@@ -45,12 +46,12 @@ def straight_and_stopped(rank: int, world_size: int, data: str, straight: str, s
         summary = engine.train(make_config(data, stopped))
     finally:
         PartialFC.set_iteration = original
-    return summary
+    return dataclasses.asdict(summary)   # plain data across processes
 
 
 def resume_and_nan(rank: int, world_size: int, data: str, stopped: str, nan_run: str, corrupt: str) -> dict:
     from pfc.train import loop as engine
-    from pfc.train.checkpoint.api import CheckpointError
+    from pfc.train.checkpoint import CheckpointError
     from pfc.head.partial_fc import PartialFC
 
     try:
@@ -74,7 +75,7 @@ def resume_and_nan(rank: int, world_size: int, data: str, stopped: str, nan_run:
         nan_error = str(exc)
     finally:
         PartialFC.forward = original
-    return {"resumed": resumed, "nan_error": nan_error, "corrupt_error": corrupt_error}
+    return {"resumed": dataclasses.asdict(resumed), "nan_error": nan_error, "corrupt_error": corrupt_error}
 
 
 @pytest.fixture(scope="module")

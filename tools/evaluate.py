@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from pfc.backbones import build_backbone
-    from pfc.train.loop import load_backbone
+    from pfc.evaluation.export import load_backbone
     from pfc.evaluation.verification import evaluate, read_bin, read_pairs, save_roc_plot
 
     path = os.path.join(args.checkpoint, "backbone.pt") if os.path.isdir(args.checkpoint) else args.checkpoint

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
     import numpy as np
     import torch
 
-    from pfc.train.loop import load_backbone
+    from pfc.evaluation.export import load_backbone
 
     path = os.path.join(args.checkpoint, "backbone.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
     try:

@@ -62,7 +62,8 @@ def _raised_class(families: list[str]) -> type[Exception]:
 def agree_on_error(error: BaseException | None, what: str, group=None, *, device=None,
                    must_match: dict[str, int] | None = None) -> None:
     """Collective: every rank of ``group`` calls it once with its own ``error`` (or None); if any
-    rank has one, every rank raises ``"{what} failed on rank R: message; rank S: …"``.
+    rank has one, every rank raises ``"{what} failed on rank R: message; rank S: …"`` (in a world
+    of one process ``"{what} failed: message"``).
 
     ``must_match`` names integers that must be equal on every rank (a batch size, a dtype code);
     a difference fails every rank with ``"{what}: NAME differs across ranks: [v0, v1, …]"``.
@@ -85,6 +86,8 @@ def agree_on_error(error: BaseException | None, what: str, group=None, *, device
     failures = [(rank, report) for rank, (report, _) in enumerate(reports) if report is not None]
     if failures:
         kind = _raised_class([family for _, (family, _) in failures])
+        if len(reports) == 1:
+            raise kind(f"{what} failed: {failures[0][1][1]}") from error
         text = "; ".join(f"rank {rank}: {message}" for rank, (_, message) in failures)
         raise kind(f"{what} failed on {text}") from error
     for position, name in enumerate(must_match or {}):

@@ -1,19 +1,16 @@
 """The backbone inside a DeepSpeed engine (ZeRO 1/2, bf16/fp16, clipping); the head stays outside.
 
-    backbone_engine = build_deepspeed_backbone(backbone, "configs/deepspeed_zero2.json",
-                                               optimizer=torch_optimizer, micro_batch_size=128)
-    embeddings = backbone_engine(images)          # float32 [b, D] whatever the engine's precision
-    loss = head(embeddings, labels)
-    backbone_engine.backward(loss, head_parameters=[head.weight])   # loss scale undone for the head
-    if backbone_engine.step():                    # False: fp16 overflow, DeepSpeed skipped the step
-        head_optimizer.step()
-    backbone_engine.zero_grad(); head_optimizer.zero_grad()
+    runner = build_deepspeed_runner(backbone, "configs/deepspeed_zero2_bf16.json",
+                                    optimizer=torch_optimizer, micro_batch_size=128)
+    loss = runner.forward_backward(images, labels, head, last_micro=True)
+    runner.step(head_optimizer)     # the head steps only when DeepSpeed applied its step
 
-It offers what the trainer uses of a DDP module: call, ``module``, ``backward``, ``step``,
-``zero_grad``, ``param_groups`` for the LR schedule, and DeepSpeed's own checkpointing
-(``save_checkpoint``/``load_checkpoint``) for the engine state (module, ZeRO-partitioned
-optimizer, engine LR scheduler). DeepSpeed averages the backbone gradients over the ranks like
-DDP, so the head's gradient convention (x.grad = N·∂loss/∂x_r) gives the exact gradient.
+A :class:`pfc.train.runners.base.BackboneRunner`: embeddings come out in float32 whatever the
+engine's precision; ``backward`` undoes the fp16 loss scale for the head's gradients; DeepSpeed's
+own checkpointing keeps the engine state (module, ZeRO-partitioned optimizer, engine LR
+scheduler). DeepSpeed averages the backbone gradients over the ranks like DDP, so the head's
+gradient convention (x.grad = N·∂loss/∂x_r) gives the exact gradient. DeepSpeed is optional
+(``pip install pfc[deepspeed]``) and imported only when an engine is built.
 
 On CPU the engine runs with DeepSpeed's ``cpu`` accelerator over the gloo group that is
 already initialised. DeepSpeed's communication backend would compile its ``shm_comm`` op with g++
@@ -21,42 +18,64 @@ on the first engine start (30–100 s on 2 cores; cached in ``TORCH_EXTENSIONS_D
 ``~/.cache/torch_extensions``). That op only serves DeepSpeed's *inference* all-reduce
 (tensor-parallel inference layers), never training, so pfc marks it unavailable before the
 engine starts unless ``build_cpu_comm_op=True``; all collectives then go through the gloo group.
+
+DeepSpeed internals this module relies on (the only module of pfc that touches them; checked
+against deepspeed 0.19):
+- ``engine._get_optimizer_loss_scale()``: the fp16 loss scale, to unscale the head's gradients;
+- ``engine._config``: the engine's parsed config, needed to build a replacement checkpoint engine;
+- ``deepspeed.ops.__compatible_ops__``: the op-probe cache, to mark ``shm_comm`` unavailable.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pfc.errors import CheckpointError, ConfigError
+
+ENGINE = "deepspeed"
+ENGINE_TAG = "engine"  # the tag of DeepSpeed's checkpoint inside the engine directory
+
 # What the trainer's own config fills in when the DeepSpeed config leaves it out (or sets "auto").
 _TRAINER_FIELDS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+
+
+def _loss_scale(engine) -> float:
+    """The factor DeepSpeed's ``backward`` multiplies the loss by (1 unless fp16)."""
+    scale = engine._get_optimizer_loss_scale() if engine.fp16_enabled() else None
+    return float(scale) if scale else 1.0
 
 
 def _import_deepspeed():
     """Import DeepSpeed, selecting its CPU accelerator when there is no GPU (before the import)."""
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ConfigError("engine 'deepspeed' needs DeepSpeed, which is not installed: "
+                          "pip install 'pfc[deepspeed]' (or use --engine ddp)") from exc
     return deepspeed
 
 
 def load_deepspeed_config(config: dict | str | os.PathLike) -> dict:
-    """A DeepSpeed config from a dict (copied) or a JSON file; ValueError when unreadable."""
+    """A DeepSpeed config from a dict (copied) or a JSON file; ConfigError when unreadable."""
     if isinstance(config, dict):
         return copy.deepcopy(config)
     path = Path(config)
     if not path.is_file():
-        raise ValueError(f"DeepSpeed config {path} does not exist")
+        raise ConfigError(f"DeepSpeed config {path} does not exist")
     try:
         loaded = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
     if not isinstance(loaded, dict):
-        raise ValueError(f"DeepSpeed config {path} must hold a JSON object")
+        raise ConfigError(f"DeepSpeed config {path} must hold a JSON object")
     return loaded
 
 
@@ -64,7 +83,7 @@ def resolve_deepspeed_config(config: dict | str | os.PathLike, micro_batch_size:
                              grad_clip: float = 0.0, world_size: int = 1, has_client_optimizer: bool = True) -> dict:
     """The DeepSpeed config with the trainer's batch size, accumulation and clipping filled in.
 
-    A value the DeepSpeed config sets explicitly must agree with the trainer's (ValueError naming
+    A value the DeepSpeed config sets explicitly must agree with the trainer's (ConfigError naming
     both otherwise). fp16 on a machine without a GPU is refused (DeepSpeed's CPU accelerator
     does not support it; bf16 works). With a torch optimizer passed in, ZeRO is allowed to wrap
     it (``zero_allow_untested_optimizer``); a config optimizer must use ``"torch_adam": true``
@@ -79,30 +98,30 @@ def resolve_deepspeed_config(config: dict | str | os.PathLike, micro_batch_size:
         if given == "auto":
             resolved[name] = wanted[name]
         elif float(given) != float(wanted[name]):
-            raise ValueError(f"DeepSpeed config sets {name}={given}, the trainer config says {wanted[name]}; "
+            raise ConfigError(f"DeepSpeed config sets {name}={given}, the trainer config says {wanted[name]}; "
                              f"remove it from the DeepSpeed config or make them agree")
     global_batch = resolved["train_micro_batch_size_per_gpu"] * resolved["gradient_accumulation_steps"] * world_size
     given_batch = resolved.get("train_batch_size", "auto")
     if given_batch == "auto":
         resolved["train_batch_size"] = global_batch
     elif int(given_batch) != global_batch:
-        raise ValueError(f"DeepSpeed config sets train_batch_size={given_batch}, but micro batch × accumulation × "
+        raise ConfigError(f"DeepSpeed config sets train_batch_size={given_batch}, but micro batch × accumulation × "
                          f"world size = {global_batch}")
     if resolved.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
-        raise ValueError("DeepSpeed fp16 needs a GPU (its CPU accelerator refuses it); use \"bf16\" on CPU")
+        raise ConfigError("DeepSpeed fp16 needs a GPU (its CPU accelerator refuses it); use \"bf16\" on CPU")
     if has_client_optimizer:
         if "optimizer" in resolved:
-            raise ValueError("both a DeepSpeed config 'optimizer' and a torch optimizer were given; use one")
+            raise ConfigError("both a DeepSpeed config 'optimizer' and a torch optimizer were given; use one")
         resolved.setdefault("zero_allow_untested_optimizer", True)
     elif "optimizer" not in resolved:
-        raise ValueError("DeepSpeed config has no 'optimizer' and no torch optimizer was given")
+        raise ConfigError("DeepSpeed config has no 'optimizer' and no torch optimizer was given")
     elif not torch.cuda.is_available():
         params = resolved["optimizer"].setdefault("params", {})
         if str(resolved["optimizer"].get("type", "")).lower() in ("adam", "adamw"):
             params.setdefault("torch_adam", True)
     stage = int(resolved.get("zero_optimization", {}).get("stage", 0))
     if stage not in (1, 2):
-        raise ValueError(f"ZeRO stage {stage} is not supported for the backbone (use 1 or 2): stage 0 is plain "
+        raise ConfigError(f"ZeRO stage {stage} is not supported for the backbone (use 1 or 2): stage 0 is plain "
                          "data parallelism (use engine ddp), stage 3 partitions the parameters, which the trainer's "
                          "direct use of the module (evaluation, export) does not handle")
     return resolved
@@ -126,7 +145,7 @@ def _use_weights_only_loading(engine) -> None:
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
-        raise ValueError(f"DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__} is not supported: "
+        raise ConfigError(f"DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__} is not supported: "
                          "pfc reads engine checkpoints only with torch.load(weights_only=True); remove the "
                          "'checkpoint' engine settings from the DeepSpeed config")
     allowed = _safe_globals()
@@ -139,45 +158,36 @@ def _use_weights_only_loading(engine) -> None:
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
 
 
-class DeepSpeedBackbone:
-    """A backbone wrapped by ``deepspeed.initialize``; see the module docstring for the step."""
+class DeepSpeedRunner:
+    """The backbone inside a DeepSpeed engine (a :class:`pfc.train.runners.base.BackboneRunner`);
+    see the module docstring for the step."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    engine = ENGINE
+    head_update_in_backward = False  # DeepSpeed scales and divides the loss before the head's backward
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``[b, D]`` in float32 (the head computes in full precision)."""
-        return self.engine(images.to(self.dtype)).float()
+    def __init__(self, engine, optimizer: torch.optim.Optimizer | None, grad_accumulation: int = 1):
+        self.deepspeed_engine = engine
+        self.optimizer = optimizer if optimizer is not None else engine.optimizer
+        self.grad_accumulation = grad_accumulation
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.deepspeed_engine.module
 
     @property
     def dtype(self) -> torch.dtype:
-        if self.engine.bfloat16_enabled():
+        if self.deepspeed_engine.bfloat16_enabled():
             return torch.bfloat16
-        if self.engine.fp16_enabled():
+        if self.deepspeed_engine.fp16_enabled():
             return torch.float16
         return torch.float32
 
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.engine.module
+    def train(self, mode: bool = True) -> None:
+        self.deepspeed_engine.train(mode)
 
-    @property
-    def param_groups(self) -> list[dict]:
-        """The backbone optimizer's param groups (set ``"lr"`` here for the LR schedule)."""
-        return self.engine.optimizer.param_groups
-
-    @property
-    def loss_scale(self) -> float:
-        """The factor ``backward`` multiplies the loss by (1 unless fp16)."""
-        scale = self.engine._get_optimizer_loss_scale() if self.engine.fp16_enabled() else None
-        return float(scale) if scale else 1.0
-
-    def train(self, mode: bool = True) -> "DeepSpeedBackbone":
-        self.engine.train(mode)
-        return self
-
-    def eval(self) -> "DeepSpeedBackbone":
-        return self.train(False)
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[b, D]`` in float32 (the head computes in full precision)."""
+        return self.deepspeed_engine(images.to(self.dtype)).float()
 
     def backward(self, loss: torch.Tensor, head_parameters=()) -> None:
         """Back-propagate ``loss`` through the head and the engine.
@@ -186,48 +196,94 @@ class DeepSpeedBackbone:
         steps; the head's gradients are unscaled here (the division by the accumulation steps
         stays, as for the backbone), so the head optimizer sees true gradients.
         """
-        scale = self.loss_scale
-        self.engine.backward(loss)
+        scale = _loss_scale(self.deepspeed_engine)
+        self.deepspeed_engine.backward(loss)
         if scale != 1.0:
             for parameter in head_parameters:
                 if parameter.grad is not None:
                     parameter.grad.mul_(1.0 / scale)
 
-    def step(self) -> bool:
+    def forward_backward(self, images, labels, head, last_micro):
+        loss = head(self.embed(images), labels)
+        self.backward(loss, head_parameters=[head.weight])
+        if not last_micro:  # DeepSpeed accumulates itself: its step updates only at the boundary
+            self.deepspeed_engine.step()
+        return loss.detach() / self.grad_accumulation
+
+    def engine_step(self) -> bool:
         """One optimizer step of the engine (at an accumulation boundary); False when DeepSpeed
         skipped it: ZeRO-1/2 skip a step whose gradients hold inf/NaN (fp16 overflow, or a
-        non-finite gradient norm in fp32/bf16), decided on all ranks alike: skip the head's too."""
-        self.engine.step()
-        return bool(self.engine.was_step_applied())
+        non-finite gradient norm in fp32/bf16), decided on all ranks alike."""
+        self.deepspeed_engine.step()
+        return bool(self.deepspeed_engine.was_step_applied())
 
-    def zero_grad(self) -> None:
-        self.engine.zero_grad()
+    def step(self, head_optimizer):
+        applied = self.engine_step()  # clipping and the backbone step are DeepSpeed's
+        if applied:
+            head_optimizer.step()
+        self.deepspeed_engine.zero_grad()
+        head_optimizer.zero_grad(set_to_none=True)
+        return applied
 
-    def save_checkpoint(self, directory: str | os.PathLike, tag: str) -> None:
+    def skip(self, head_optimizer):
+        # DeepSpeed's own step keeps its counters right; ZeRO-1/2 skip the update themselves when
+        # the gradients are not finite (which a non-finite loss makes them)
+        if self.engine_step():
+            warnings.warn("DeepSpeed applied the backbone update of a step whose loss was not finite "
+                          "(its gradients were)")
+        self.deepspeed_engine.zero_grad()
+        head_optimizer.zero_grad(set_to_none=True)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {}  # module, ZeRO partitions and engine state go to DeepSpeed's own files
+
+    def save_engine_state(self, directory: Path) -> None:
         """DeepSpeed's own (collective) save of module, ZeRO optimizer partitions, scheduler."""
-        self.engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+        self.deepspeed_engine.save_checkpoint(str(directory), tag=ENGINE_TAG, save_latest=False)
 
-    def load_checkpoint(self, directory: str | os.PathLike, tag: str, module_only: bool = False) -> None:
-        """DeepSpeed's own (collective) load; ``module_only`` loads the weights only (and
-        refreshes ZeRO's fp32 master copies), e.g. on another world size, where DeepSpeed cannot
-        re-partition ZeRO-1/2 optimizer state. ValueError when the engine state is not there."""
-        load_path, _ = self.engine.load_checkpoint(str(directory), tag=tag, load_module_only=module_only,
-                                                   load_optimizer_states=not module_only,
-                                                   load_lr_scheduler_states=not module_only)
+    def parts_to_load(self, saved_engine: str) -> set[str]:
+        return set() if saved_engine == ENGINE else {"backbone"}
+
+    def restore(self, parts, engine_directory, saved_engine, same_world_size):
+        """From DeepSpeed on the same world size: DeepSpeed's own load (weights, ZeRO optimizer
+        partitions, engine state). On another world size (ZeRO-1/2 partitions cannot be
+        re-partitioned by DeepSpeed) and from a DDP checkpoint: the weights only."""
+        if saved_engine != ENGINE:
+            self.load_module_weights(parts["backbone"])
+            return False
+        load_path, _ = self.deepspeed_engine.load_checkpoint(
+            str(engine_directory), tag=ENGINE_TAG, load_module_only=not same_world_size,
+            load_optimizer_states=same_world_size, load_lr_scheduler_states=same_world_size)
         if load_path is None:
-            raise ValueError(f"no DeepSpeed engine checkpoint {tag!r} in {directory}")
+            raise CheckpointError(f"no DeepSpeed engine checkpoint {ENGINE_TAG!r} in {engine_directory}")
+        return same_world_size
 
     def load_module_weights(self, state_dict: dict) -> None:
         """Put backbone weights (e.g. from a DDP checkpoint) into the engine, fp32 masters included."""
-        self.engine.module.load_state_dict(state_dict)
-        if hasattr(self.engine.optimizer, "refresh_fp32_params"):
-            self.engine.optimizer.refresh_fp32_params()
+        self.deepspeed_engine.module.load_state_dict(state_dict)
+        if hasattr(self.deepspeed_engine.optimizer, "refresh_fp32_params"):
+            self.deepspeed_engine.optimizer.refresh_fp32_params()
 
 
-def build_deepspeed_backbone(backbone: torch.nn.Module, config: dict | str | os.PathLike, *,
+def read_module_weights(engine_directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The backbone weights from the model-states file DeepSpeed wrote under ``engine_directory``
+    (read with ``weights_only=True``; DeepSpeed itself need not be installed)."""
+    files = sorted((Path(engine_directory) / ENGINE_TAG).glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"no DeepSpeed model states under {engine_directory}/{ENGINE_TAG}")
+    try:
+        payload = torch.load(files[0], map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {files[0]}: {exc}") from exc
+    if not isinstance(payload, dict) or "module" not in payload:
+        raise CheckpointError(f"{files[0]} holds no 'module' weights")
+    return payload["module"]
+
+
+def build_deepspeed_runner(backbone: torch.nn.Module, config: dict | str | os.PathLike, *,
                              micro_batch_size: int, grad_accumulation: int = 1, grad_clip: float = 0.0,
                              optimizer: torch.optim.Optimizer | None = None, lr_scheduler: Any = None,
-                             group=None, build_cpu_comm_op: bool = False) -> DeepSpeedBackbone:
+                             group=None, build_cpu_comm_op: bool = False) -> DeepSpeedRunner:
     """Wrap ``backbone`` with ``deepspeed.initialize`` (torch.distributed must be initialised).
 
     ``config`` is a DeepSpeed config dict or JSON file (ZeRO stage, bf16/fp16, …); batch size,
@@ -240,9 +296,9 @@ def build_deepspeed_backbone(backbone: torch.nn.Module, config: dict | str | os.
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        raise ValueError("the DeepSpeed engine needs an initialised process group (launch with torchrun)")
+        raise ConfigError("the DeepSpeed engine needs an initialised process group (launch with torchrun)")
     if "LOCAL_RANK" not in os.environ:
-        raise ValueError("LOCAL_RANK is not set: DeepSpeed needs it (torchrun sets it; set it when "
+        raise ConfigError("LOCAL_RANK is not set: DeepSpeed needs it (torchrun sets it; set it when "
                          "launching otherwise)")
     deepspeed = _import_deepspeed()
     if not build_cpu_comm_op and not torch.cuda.is_available():
@@ -254,7 +310,7 @@ def build_deepspeed_backbone(backbone: torch.nn.Module, config: dict | str | os.
                                            else [p for p in backbone.parameters() if p.requires_grad],
                                            mpu=None, dist_init_required=False)
     _use_weights_only_loading(engine)
-    return DeepSpeedBackbone(engine)
+    return DeepSpeedRunner(engine, optimizer, grad_accumulation)
 
 
 def _skip_cpu_comm_op() -> None:

@@ -1,0 +1,180 @@
+"""Save and restore a :class:`pfc.train.state.TrainState`: atomic, resumable on any world size.
+
+    path = save_checkpoint(output_dir, state, keep_last=3)      # every rank calls it
+    path = find_latest(output_dir)                               # newest *complete* checkpoint
+    info = load_checkpoint(path, state)                          # every rank calls it
+
+The head's rows and their optimizer state are saved with their global row range and resharded
+on load (:mod:`pfc.train.checkpoint.dcp_planner`); the directory is published atomically
+(:mod:`pfc.train.checkpoint.store`); the backbone's parts are the runner's
+(:class:`pfc.train.runners.base.BackboneRunner`), so this module knows no engine.
+
+Every function here is collective: all ranks call it, and an error on any rank is raised on
+every rank (:func:`pfc.distributed.agree.run_on_every_rank`), never a hang.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pfc.distributed.agree import agree_on_error, broadcast_object, run_on_every_rank
+from pfc.distributed.collectives import get_rank, get_world_size
+from pfc.errors import CheckpointError
+from pfc.train.checkpoint import dcp_planner, store
+from pfc.train.checkpoint.rng import rng_state, set_rng_state
+from pfc.train.state import TrainState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` restored: the manifest's step, progress and config, the world
+    size that saved it, whether this rank's RNG states were restored (only when the saved world
+    size equals the current one) and whether the backbone optimizer state was."""
+
+    path: Path
+    step: int
+    progress: dict[str, Any]
+    config: dict[str, Any]
+    saved_world_size: int
+    rng_restored: bool
+    backbone_optimizer_restored: bool = True
+
+
+def _row_shard_or_value(value, head):
+    """Wrap tensors with the head weight's shape as :class:`RowShard` (they are per-class rows)."""
+    if isinstance(value, torch.Tensor) and value.shape == head.weight.shape:
+        return dcp_planner.RowShard(value.detach(), int(head.class_start), int(head.num_classes))
+    return value
+
+
+def _state_tree(state: TrainState, rank: int) -> dict[str, Any]:
+    head = state.head
+    head_optimizer = state.head_optimizer.state_dict()
+    head_optimizer["state"] = {str(key): {name: _row_shard_or_value(value, head) for name, value in entry.items()}
+                               for key, entry in head_optimizer["state"].items()}
+    return {
+        "head": {name: _row_shard_or_value(value, head) for name, value in head.state_dict().items()},
+        "head_optimizer": head_optimizer,
+        "schedulers": {name: scheduler.state_dict() for name, scheduler in state.schedulers.items()},
+        "rng": {f"rank{rank}": rng_state()},
+        **state.runner.checkpoint_state(),
+    }
+
+
+def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, keep_last: int = 3, group=None) -> Path:
+    """Write the checkpoint of ``state.step`` to ``output_dir/checkpoint-STEP``, keep the newest
+    ``keep_last``; returns its path.
+
+    Collective: every rank of ``group`` calls it with its own shard of the head. The directory
+    must be visible to every rank (one node, or a shared file system). When a complete
+    checkpoint of this step already exists it is kept and nothing is written.
+    """
+    output_dir, step = Path(output_dir), state.step
+    rank, world_size = get_rank(group), get_world_size(group)
+    where = f"saving checkpoint {store.checkpoint_path(output_dir, step)}"
+    exists = run_on_every_rank(lambda: rank == 0 and store.prepare(output_dir, step), where, group)
+    if broadcast_object(exists, group):
+        return store.checkpoint_path(output_dir, step)
+    tmp = store.temporary_path(output_dir, step)
+
+    def check_visible() -> None:
+        if not (tmp / store.STATE_DIR).is_dir():
+            raise CheckpointError(f"{tmp} is not visible on this rank: the output directory must be "
+                                  "on a file system that all ranks share")
+
+    run_on_every_rank(check_visible, where, group)
+    tree, rows = run_on_every_rank(lambda: dcp_planner.row_shard_items(_state_tree(state, rank)), where, group)
+    dcp_planner.save_tree(tree, rows, tmp / store.STATE_DIR, group)
+    run_on_every_rank(lambda: state.runner.save_engine_state(tmp / store.ENGINE_DIR), where, group)
+    head = state.head
+    manifest = {"step": int(step), "world_size": world_size, "num_classes": int(head.num_classes),
+                "embedding_size": int(head.embedding_size), "engine": state.runner.engine,
+                "row_sharded": sorted(rows), "progress": state.progress(), "config": state.config,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    published = run_on_every_rank(lambda: rank == 0 and store.publish(output_dir, step, manifest, keep_last),
+                                  where, group)
+    return broadcast_object(published, group)
+
+
+def _check_model(path: Path, manifest: dict[str, Any], head) -> CheckpointError | None:
+    problems = []
+    if manifest["num_classes"] != head.num_classes:
+        problems.append(f"num_classes={manifest['num_classes']} but the model has num_classes={head.num_classes}")
+    if manifest["embedding_size"] != head.embedding_size:
+        problems.append(f"embedding_size={manifest['embedding_size']} but the model has "
+                        f"embedding_size={head.embedding_size}")
+    return CheckpointError(f"checkpoint {path}: " + "; ".join(problems)) if problems else None
+
+
+def _restore_schedulers(path: Path, saved: dict[str, Any], schedulers: dict[str, Any]) -> None:
+    for name, scheduler in schedulers.items():
+        if name not in saved:
+            raise CheckpointError(f"checkpoint {path} has no state for scheduler {name!r}")
+        state = dict(saved[name])
+        if "lr_lambdas" in state:  # LambdaLR: keep the current schedule objects (config may extend it)
+            state["lr_lambdas"] = scheduler.state_dict()["lr_lambdas"]
+        scheduler.load_state_dict(state)
+
+
+def load_checkpoint(path: str | os.PathLike, state: TrainState, group=None) -> LoadedCheckpoint:
+    """Restore ``state``'s objects in place from the checkpoint at ``path``; its position is
+    returned in ``progress`` (the caller decides how to continue, e.g. on another world size).
+
+    Collective. The head's rows and their optimizer state are re-partitioned by the head's
+    current partition, whatever world size saved them; schedulers are restored as saved; RNG
+    states only when the saved world size equals the current one; the backbone as its runner
+    decides (:meth:`~pfc.train.runners.base.BackboneRunner.restore`: from the same engine its
+    optimizer state too, from the other engine the weights only).
+
+    Raises CheckpointError (on every rank) when the checkpoint is incomplete, corrupt, or made
+    for another ``num_classes`` or embedding size.
+    """
+    path = Path(path)
+    rank, world_size, head = get_rank(group), get_world_size(group), state.head
+    where = f"loading checkpoint {path}"
+    manifest = run_on_every_rank(lambda: store.validate_checkpoint(path), where, group)
+    agree_on_error(_check_model(path, manifest, head), where, group)
+    saved_engine = manifest.get("engine", "ddp")
+    same_world = manifest["world_size"] == world_size
+    metadata = run_on_every_rank(lambda: dcp_planner.read_metadata(path / store.STATE_DIR), where, group)
+    parts = {"head", "head_optimizer", "schedulers", "rng"} | state.runner.parts_to_load(saved_engine)
+    tree = dcp_planner.load_tree(path / store.STATE_DIR, metadata, set(manifest.get("row_sharded", ())), parts,
+                                 rank, int(head.class_start), int(head.num_local), group)
+
+    def restore() -> tuple[bool, bool]:
+        head.load_state_dict(tree["head"])
+        optimizer = tree["head_optimizer"]
+        state.head_optimizer.load_state_dict({**optimizer, "state": {int(key): value for key, value
+                                                                     in optimizer.get("state", {}).items()}})
+        _restore_schedulers(path, tree.get("schedulers", {}), state.schedulers)
+        optimizer_restored = state.runner.restore(tree, path / store.ENGINE_DIR, saved_engine, same_world)
+        rng = tree.get("rng", {}).get(f"rank{rank}")
+        if rng is not None and same_world:
+            set_rng_state(rng)
+        return rng is not None and same_world, optimizer_restored
+
+    rng_restored, optimizer_restored = run_on_every_rank(restore, where, group)
+    if not optimizer_restored and rank == 0:
+        logger.warning("checkpoint %s (%s, %d ranks) resumed on %s with %d ranks: backbone weights restored, "
+                       "its optimizer state starts fresh", path, saved_engine, manifest["world_size"],
+                       state.runner.engine, world_size)
+    return LoadedCheckpoint(path=path, step=int(manifest["step"]), progress=manifest.get("progress", {}),
+                            config=manifest.get("config", {}), saved_world_size=int(manifest["world_size"]),
+                            rng_restored=bool(rng_restored), backbone_optimizer_restored=bool(optimizer_restored))
+
+
+def read_checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's state as full (unsharded) tensors, by flattened name
+    (``head.weight`` is the whole ``num_classes × D`` matrix). One process; for inspection,
+    conversion and tests. An engine's own files (DeepSpeed) are not included."""
+    path = Path(path)
+    manifest = store.validate_checkpoint(path)
+    return dcp_planner.read_full_tensors(path / store.STATE_DIR, set(manifest.get("row_sharded", ())))

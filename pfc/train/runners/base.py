@@ -1,0 +1,67 @@
+"""What the training loop asks of the data-parallel backbone, whichever engine runs it.
+
+    runner = build_runner(config, runtime, model, optimizer)   # DDPRunner or DeepSpeedRunner
+    for each micro-batch:
+        loss = runner.forward_backward(images, labels, head, last_micro)
+    applied = runner.step(head_optimizer)       # or runner.skip(head_optimizer) on a bad step
+
+The runner owns the engine's policy: how micro-batches accumulate, loss scaling, clipping,
+whether the head may update its centers inside its backward, and which parts of a checkpoint
+are the backbone's (and how to read a checkpoint the other engine wrote). The loop and the
+checkpoint code never ask which engine runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+
+class BackboneRunner(Protocol):
+    """The backbone's engine seen from the loop and the checkpoint code.
+
+    ``engine`` names it in checkpoints ("ddp", "deepspeed"); ``model`` is the bare network
+    (evaluation, export); ``optimizer`` the torch optimizer whose ``param_groups`` the LR
+    schedule sets; ``head_update_in_backward`` whether the head's loss reaches ``backward``
+    unscaled and undivided, one backward per forward (then the head may update its centers
+    inside its backward, see :meth:`pfc.head.PartialFC.optimizer`).
+    """
+
+    engine: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    head_update_in_backward: bool
+
+    def train(self, mode: bool = True) -> None:
+        """Training or evaluation mode of the network."""
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, head: nn.Module,
+                         last_micro: bool) -> torch.Tensor:
+        """Embed ``images``, compute ``head(embeddings, labels)`` and back-propagate it; returns
+        this micro-batch's share of the step loss (divided by the accumulation steps), detached.
+        ``last_micro``: the last micro-batch of the step (gradients are all-reduced then)."""
+
+    def step(self, head_optimizer: torch.optim.Optimizer) -> bool:
+        """Clip the backbone gradient and step the backbone and the head optimizers, then clear
+        the gradients. False when the engine skipped the update (fp16 overflow): the head's
+        update is then skipped too."""
+
+    def skip(self, head_optimizer: torch.optim.Optimizer) -> None:
+        """Drop this step's gradients without changing any weight or optimizer state."""
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The backbone's parts of the checkpoint's state tree (names → state dicts)."""
+
+    def save_engine_state(self, directory: Path) -> None:
+        """Collective: write what the engine keeps outside the state tree into ``directory``."""
+
+    def parts_to_load(self, saved_engine: str) -> set[str]:
+        """Which parts of a checkpoint written by ``saved_engine`` this runner reads."""
+
+    def restore(self, parts: dict[str, Any], engine_directory: Path, saved_engine: str,
+                same_world_size: bool) -> bool:
+        """Load the backbone from ``parts`` (those of :meth:`parts_to_load`) or from the engine
+        files in ``engine_directory`` (see :meth:`save_engine_state`); True when the backbone
+        optimizer state was restored too (else it starts fresh)."""

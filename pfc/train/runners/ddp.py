@@ -1,0 +1,116 @@
+"""The backbone under DistributedDataParallel (or alone on one rank), with autocast and fp16 scaling."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pfc.distributed.collectives import get_world_size
+from pfc.train.runners.deepspeed import read_module_weights
+
+ENGINE = "ddp"
+
+
+class DDPRunner:
+    """A backbone made data-parallel by DDP (a :class:`pfc.train.runners.base.BackboneRunner`).
+
+    The gradient is all-reduced only on the last micro-batch of a step (``no_sync`` before it).
+    ``autocast_dtype`` (fp16/bf16 on GPU) wraps the backbone's forward; the head always computes
+    in float32. ``grad_scaler`` (fp16) scales the loss of backbone and head alike and unscales both
+    before clipping. ``wrap=False`` keeps the bare module (one rank, or a test that averages itself).
+    """
+
+    engine = ENGINE
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, grad_clip: float = 0.0,
+                 grad_accumulation: int = 1, autocast_dtype: torch.dtype | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None, wrap: bool | None = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.grad_clip = grad_clip
+        self.grad_accumulation = grad_accumulation
+        self.autocast_dtype = autocast_dtype
+        self.grad_scaler = grad_scaler
+        if wrap is None:
+            wrap = get_world_size() > 1
+        device = next(model.parameters()).device
+        device_ids = [device.index] if device.type == "cuda" else None
+        self.network = nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if wrap else model
+        # the head's loss reaches its backward as it is: no loss scale, no division by micro-batches
+        self.head_update_in_backward = grad_accumulation == 1 and grad_scaler is None
+
+    def train(self, mode: bool = True) -> None:
+        self.network.train(mode)
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None or device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
+
+    def forward_backward(self, images, labels, head, last_micro):
+        wrapped = isinstance(self.network, nn.parallel.DistributedDataParallel)
+        sync = contextlib.nullcontext() if last_micro or not wrapped else self.network.no_sync()
+        with sync:
+            with self._autocast(images.device):
+                embeddings = self.network(images)
+            loss = head(embeddings.float(), labels) / self.grad_accumulation
+            if self.grad_scaler is not None:
+                self.grad_scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        return loss.detach()
+
+    def step(self, head_optimizer):
+        scaler = self.grad_scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+            scaler.unscale_(head_optimizer)
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if scaler is not None:
+            scale_before = scaler.get_scale()
+            scaler.step(self.optimizer)
+            scaler.step(head_optimizer)
+            scaler.update()
+            applied = scaler.get_scale() >= scale_before  # the scale drops only on an overflow
+        else:
+            self.optimizer.step()
+            head_optimizer.step()
+            applied = True
+        self.skip(head_optimizer)
+        return applied
+
+    def skip(self, head_optimizer):
+        self.optimizer.zero_grad(set_to_none=True)
+        head_optimizer.zero_grad(set_to_none=True)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {str(key): value for key, value in optimizer["state"].items()}
+        state = {"backbone": self.model.state_dict(), "backbone_optimizer": optimizer}
+        if self.grad_scaler is not None:
+            state["grad_scaler"] = self.grad_scaler.state_dict()
+        return state
+
+    def save_engine_state(self, directory: Path) -> None:
+        return None  # everything is in the state tree
+
+    def parts_to_load(self, saved_engine: str) -> set[str]:
+        if saved_engine != ENGINE:
+            return set()  # the weights come from the other engine's files (see restore)
+        return {"backbone", "backbone_optimizer"} | ({"grad_scaler"} if self.grad_scaler is not None else set())
+
+    def restore(self, parts, engine_directory, saved_engine, same_world_size):
+        if saved_engine != ENGINE:  # DeepSpeed's optimizer layout is not torch's: weights only
+            self.model.load_state_dict(read_module_weights(engine_directory))
+            return False
+        self.model.load_state_dict(parts["backbone"])
+        optimizer = parts["backbone_optimizer"]
+        self.optimizer.load_state_dict({**optimizer, "state": {int(key): value
+                                                               for key, value in optimizer["state"].items()}})
+        if self.grad_scaler is not None and "grad_scaler" in parts:
+            self.grad_scaler.load_state_dict(parts["grad_scaler"])
+        return True

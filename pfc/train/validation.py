@@ -1,0 +1,44 @@
+"""Verification during and after training: the sets named by the config, evaluated on rank 0."""
+from __future__ import annotations
+
+import os
+
+import torch.distributed as dist
+
+from pfc.evaluation.verification import VerificationSet, evaluate, read_bin, read_pairs, save_roc_plot
+from pfc.train.config import TrainConfig
+from pfc.train.runtime import Runtime
+from pfc.train.state import TrainState
+
+
+def load_val_sets(config: TrainConfig, runtime: Runtime) -> list[VerificationSet]:
+    """The verification sets named by the config; every rank checks the files, rank 0 reads them."""
+    paths = ([config.val_pairs] if config.val_pairs else []) + list(config.val_bins)
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"verification file {path} does not exist")
+    if config.val_root and not os.path.isdir(config.val_root):
+        raise ValueError(f"val_root {config.val_root} is not a folder")
+    if not runtime.is_main:
+        return []
+    sets = []
+    if config.val_pairs:
+        sets.append(read_pairs(config.val_pairs, config.val_root or None))
+    sets.extend(read_bin(path) for path in config.val_bins)
+    return sets
+
+
+def run_verification(state: TrainState, val_sets: list[VerificationSet], config: TrainConfig,
+                     runtime: Runtime, image_size: int, roc_plot: str | None = None) -> list[dict]:
+    """Rank 0 evaluates the bare backbone on every set (the others wait at a barrier); the ROC
+    curves go to ``roc_plot`` when given. Returns the summaries, tagged with the step."""
+    summaries = []
+    if runtime.is_main and val_sets:
+        results = [evaluate(state.runner.model, pairs, image_size, config.eval_batch_size, runtime.device)
+                   for pairs in val_sets]
+        summaries = [dict(result.summary(), step=state.step) for result in results]
+        if roc_plot:
+            save_roc_plot(results, roc_plot)
+    if runtime.world_size > 1:
+        dist.barrier()
+    return summaries
