@@ -3,18 +3,17 @@
 8 GPUs × 128; SGD lr 0.1, momentum 0.9, weight decay 1e-4, polynomial decay over 20 epochs,
 no warmup; CosFace margin (m1, m2, m3) = (1, 0, 0.4) with s = 64; full softmax (ρ = 1).
 """
-from pfc.train.config import MarginConfig, TrainConfig
+from pfc.train.config import (
+    BackboneConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
+    ScheduleConfig, TrainConfig
+)
 
 config = TrainConfig(
     output="runs/glint360k_r100",
-    network="iresnet100",
-    embedding_size=512,
-    margin=MarginConfig(s=64.0, m1=1.0, m2=0.0, m3=0.4),
-    sample_rate=1.0,
-    batch_size=128,
-    lr=0.1,
-    weight_decay=1e-4,
-    num_epochs=20,
-    precision="fp16",
-    eval_every=2000,
+    data=DataConfig(batch_size=128),
+    backbone=BackboneConfig(network="iresnet100", embedding_size=512, precision="fp16"),
+    head=HeadConfig(sample_rate=1.0, margin=MarginConfig(s=64.0, m1=1.0, m2=0.0, m3=0.4)),
+    optim=OptimConfig(lr=0.1, weight_decay=1e-4),
+    schedule=ScheduleConfig(num_epochs=20),
+    eval=EvalConfig(every=2000),
 )

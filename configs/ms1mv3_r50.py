@@ -4,18 +4,17 @@
 (power 2) decay over 20 epochs without warmup, ArcFace s = 64, m = 0.5, full softmax (ρ = 1).
 torchrun --nproc_per_node=8 launch/train.py configs/ms1mv3_r50.py --data /data/ms1mv3-shards
 """
-from pfc.train.config import MarginConfig, TrainConfig
+from pfc.train.config import (
+    BackboneConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
+    ScheduleConfig, TrainConfig
+)
 
 config = TrainConfig(
     output="runs/ms1mv3_r50",
-    network="iresnet50",
-    embedding_size=512,
-    margin=MarginConfig(s=64.0, m1=1.0, m2=0.5, m3=0.0),
-    sample_rate=1.0,
-    batch_size=128,
-    lr=0.1,
-    weight_decay=5e-4,
-    num_epochs=20,
-    precision="fp16",
-    eval_every=2000,
+    data=DataConfig(batch_size=128),
+    backbone=BackboneConfig(network="iresnet50", embedding_size=512, precision="fp16"),
+    head=HeadConfig(sample_rate=1.0, margin=MarginConfig(s=64.0, m1=1.0, m2=0.5, m3=0.0)),
+    optim=OptimConfig(lr=0.1, weight_decay=5e-4),
+    schedule=ScheduleConfig(num_epochs=20),
+    eval=EvalConfig(every=2000),
 )

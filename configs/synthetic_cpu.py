@@ -2,22 +2,18 @@
 
 torchrun --nproc_per_node=2 launch/train.py configs/synthetic_cpu.py
 """
-from pfc.train.config import MarginConfig, TrainConfig
+from pfc.train.config import (
+    BackboneConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
+    ScheduleConfig, TrainConfig
+)
 
 config = TrainConfig(
-    data="demo/shards",
     output="runs/demo",
-    num_workers=1,
-    network="tiny",
-    embedding_size=128,
-    margin=MarginConfig(s=32.0, m1=1.0, m2=0.3, m3=0.0),
-    sample_rate=1.0,
-    batch_size=64,
-    lr=0.1,
-    weight_decay=5e-4,
-    num_epochs=6,
-    warmup_steps=10,
     log_every=10,
-    val_pairs="demo/heldout/pairs.txt",
-    eval_batch_size=128,
+    data=DataConfig(root="demo/shards", batch_size=64, num_workers=1),
+    backbone=BackboneConfig(network="tiny", embedding_size=128),
+    head=HeadConfig(sample_rate=1.0, margin=MarginConfig(s=32.0, m1=1.0, m2=0.3, m3=0.0)),
+    optim=OptimConfig(lr=0.1, weight_decay=5e-4),
+    schedule=ScheduleConfig(num_epochs=6, warmup_steps=10),
+    eval=EvalConfig(pairs="demo/heldout/pairs.txt", batch_size=128),
 )

@@ -4,18 +4,17 @@ insightface's arcface_torch wf42m_pfc02_r100 recipe: 8 GPUs × 128, SGD lr 0.1, 
 weight decay 5e-4, polynomial decay over 20 epochs, no warmup, CosFace margin (1, 0, 0.4),
 s = 64, 20 % of the negative class centers sampled per step.
 """
-from pfc.train.config import MarginConfig, TrainConfig
+from pfc.train.config import (
+    BackboneConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
+    ScheduleConfig, TrainConfig
+)
 
 config = TrainConfig(
     output="runs/webface42m_r100_pfc02",
-    network="iresnet100",
-    embedding_size=512,
-    margin=MarginConfig(s=64.0, m1=1.0, m2=0.0, m3=0.4),
-    sample_rate=0.2,
-    batch_size=128,
-    lr=0.1,
-    weight_decay=5e-4,
-    num_epochs=20,
-    precision="fp16",
-    eval_every=10000,
+    data=DataConfig(batch_size=128),
+    backbone=BackboneConfig(network="iresnet100", embedding_size=512, precision="fp16"),
+    head=HeadConfig(sample_rate=0.2, margin=MarginConfig(s=64.0, m1=1.0, m2=0.0, m3=0.4)),
+    optim=OptimConfig(lr=0.1, weight_decay=5e-4),
+    schedule=ScheduleConfig(num_epochs=20),
+    eval=EvalConfig(every=10000),
 )

@@ -402,14 +402,8 @@ class PartialFC(nn.Module):
                  mhe: MHE | None = None, triplet: AngularTriplet | None = None,
                  interclass_filter: float | None = None):
         super().__init__()
-        if not 0.0 < sample_rate <= 1.0:
-            raise ValueError(f"sample_rate={sample_rate} outside (0, 1]")
-        if embedding_size < 1:
-            raise ValueError(f"embedding_size={embedding_size} must be >= 1")
-        if chunk_rows < 1:
-            raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
-        if interclass_filter is not None and not -1.0 <= interclass_filter <= 1.0:
-            raise ValueError(f"interclass_filter={interclass_filter} outside [-1, 1] (it is a cosine)")
+        self.check_options(sample_rate=sample_rate, embedding_size=embedding_size, chunk_rows=chunk_rows,
+                           interclass_filter=interclass_filter)
         self.group = group
         self.rank = get_rank(group)
         self.world_size = get_world_size(group)
@@ -433,6 +427,19 @@ class PartialFC(nn.Module):
         self._workspace = _Workspace()
         self._optimizer_in_backward: SparseRowSGD | None = None
         self.last_sample: tuple[torch.Tensor | None, torch.Tensor] | None = None
+
+    @staticmethod
+    def check_options(*, sample_rate: float, embedding_size: int, chunk_rows: int,
+                      interclass_filter: float | None) -> None:
+        """ValueError naming the option when one of these constructor options cannot be used."""
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate={sample_rate} outside (0, 1]")
+        if embedding_size < 1:
+            raise ValueError(f"embedding_size={embedding_size} must be >= 1")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
+        if interclass_filter is not None and not -1.0 <= interclass_filter <= 1.0:
+            raise ValueError(f"interclass_filter={interclass_filter} outside [-1, 1] (it is a cosine)")
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "

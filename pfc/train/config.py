@@ -1,242 +1,356 @@
-"""The trainer's configuration: typed dataclasses, recipe files, and command-line overrides.
+"""The trainer's configuration: one typed dataclass per component, recipe files, overrides.
 
-    config = load_config("configs/ms1mv3_r50.py", ["--lr", "0.05", "--margin.m2", "0.4"])
-    config = apply_manifest(config, manifest)      # num_classes / num_samples from dataset.json
+    config = load_config("configs/ms1mv3_r50.py", ["--lr", "0.05", "--head.margin.m2", "0.4"])
+    config = apply_dataset(config, num_classes, num_samples, source)   # from the shards' manifest
+    margin = config.head.margin.build()                               # each component from its config
 
-A recipe file is Python that builds ``config = TrainConfig(...)`` with only the fields that differ
-from the defaults below. Overrides are ``--field value``, ``--field=value`` or ``field=value``;
-nested fields use dotted names (``--margin.m2 0.4``). An unknown field or a value of the wrong type
-raises ValueError naming the field.
+A recipe file is Python that builds ``config = TrainConfig(...)`` with only what differs from the
+defaults below. Overrides are ``--path value``, ``--path=value`` or ``path=value`` with a field's
+dotted path (``--head.mhe.half_space true``) or its flat name in the earlier config
+(:data:`ALIASES`: ``--lr``, ``--data DIR``, ``--margin.m2``). The string under each field is its
+meaning, printed by ``launch/train.py --help``. :func:`validate` checks types (numbers finite),
+the rules of no single component, and builds each component so that its own checks run (once, in
+the component), naming the config field in a :class:`pfc.errors.ConfigError`.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import runpy
-import typing
 from dataclasses import dataclass, field
 
-MARGIN_KINDS = ("combined", "sphereface")
-OPTIMIZERS = ("sgd", "adamw")
+import torch
+
+from pfc.backbones import available_backbones
+from pfc.errors import ConfigError
+from pfc.head.margins import CombinedMargin, Margin, SphereFace
+from pfc.head.optim import SparseRowSGD
+from pfc.head.partial_fc import PartialFC
+from pfc.head.regularizers import MHE, AngularTriplet
+from pfc.train import cli
+from pfc.train.schedule import LRSchedule
+
 ENGINES = ("ddp", "deepspeed")
-LR_SCHEDULES = ("poly", "cosine", "constant")
 PRECISIONS = ("fp32", "fp16", "bf16")
+OPTIMIZERS = ("sgd", "adamw")
+MOMENTUM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class DataConfig:
+    """Training data: the shards and the loader."""
+
+    root: str = ""
+    """folder (or URL) with the webdataset shards and dataset.json"""
+    batch_size: int = 128
+    """images per rank per micro-batch"""
+    num_workers: int = 2
+    """data-loader worker processes per rank"""
+    augment: bool = True
+    """random horizontal flip in the loader"""
+    num_classes: int = 0
+    """identities; 0: taken from dataset.json (a set value must agree with it)"""
+    num_samples: int = 0
+    """training images; 0: taken from dataset.json (a set value must agree with it)"""
+
+
+@dataclass
+class BackboneConfig:
+    """The data-parallel network: image → embedding."""
+
+    network: str = "iresnet50"
+    """registered backbone: iresnet18/34/50/100/200, mobilefacenet, tiny"""
+    embedding_size: int = 512
+    """dimension D of the embedding"""
+    dropout: float = 0.0
+    """dropout on the last feature map, in [0, 1)"""
+    precision: str = "fp32"
+    """fp32 | fp16 | bf16: autocast of the backbone (GPU only)"""
+    engine: str = "ddp"
+    """ddp | deepspeed (ZeRO-1/2, see README "DeepSpeed")"""
+    deepspeed_config: str = ""
+    """DeepSpeed JSON file (ZeRO stage, bf16, …); "": ZeRO-1 defaults"""
 
 
 @dataclass
 class MarginConfig:
-    """Margin on the target logit; see DESIGN.md "Margins".
-
-    ``kind="combined"``: cos(m1·θ + m2) − m3, scaled by s (ArcFace = (1, 0.5, 0), CosFace = (1, 0, 0.4)).
-    ``kind="sphereface"``: multiplicative margin m1 (an integer) with λ-annealing
-    λ = max(base·(1 + gamma·iteration)^(−power), lambda_min).
-    ``fallback="insightface"``: ArcFace past θ + m2 > π uses c − m2·sin(m2) instead of the capped
-    angle; ``straight_through``: margin in the forward value only, gradient that of s·c.
-    """
+    """Margin on the target logit (pfc.head.margins); ArcFace = (1, 0.5, 0), CosFace = (1, 0, 0.4)."""
 
     kind: str = "combined"
+    """combined: cos(m1·θ + m2) − m3 | sphereface: multiplicative margin m1 with λ-annealing"""
     s: float = 64.0
+    """scale of the logits"""
     m1: float = 1.0
+    """angle multiplier (sphereface: the integer margin m)"""
     m2: float = 0.5
+    """additive angular margin (combined only)"""
     m3: float = 0.0
+    """additive cosine margin (combined only)"""
     base: float = 1000.0
+    """sphereface λ = max(base·(1 + gamma·iteration)^(−power), lambda_min): base"""
     gamma: float = 0.12
+    """sphereface λ annealing: gamma"""
     power: float = 1.0
+    """sphereface λ annealing: power"""
     lambda_min: float = 5.0
+    """sphereface λ annealing: the floor of λ"""
     fallback: str = "cap"
+    """combined past m1·θ + m2 > π: cap (angle held at π) | insightface (c − m2·sin m2; ArcFace only)"""
     straight_through: bool = False
+    """margin in the forward value only; the gradient is that of s·cos θ (insightface since 2022)"""
+    g_max: float = 2.0
+    """combined: the clamp of the margin's derivative dz/dcos θ (finite at |cos θ| = 1)"""
+
+    def build(self) -> Margin:
+        """:class:`pfc.head.margins.CombinedMargin` or :class:`pfc.head.margins.SphereFace`."""
+        if self.kind == "sphereface":
+            return SphereFace(s=self.s, m=self.m1, base=self.base, gamma=self.gamma, power=self.power,
+                              lambda_min=self.lambda_min, straight_through=self.straight_through)
+        if self.kind != "combined":
+            raise ValueError(f"margin kind {self.kind!r} is not one of combined, sphereface")
+        return CombinedMargin(s=self.s, m1=self.m1, m2=self.m2, m3=self.m3, g_max=self.g_max,
+                              fallback=self.fallback, straight_through=self.straight_through)
+
+
+@dataclass
+class MHEConfig:
+    """Minimum hyperspherical energy on the sampled centers (SphereFace+), added as weight·E."""
+
+    weight: float = 0.0
+    """λ_MHE; 0: off"""
+    kernel: str = "euclidean"
+    """euclidean: d^(−power) | log: −log d | angular: θ^(−power)"""
+    power: float = 2.0
+    """exponent of the euclidean and angular kernels"""
+    half_space: bool = False
+    """also count the reflections −ŵ_j of the other centers"""
+    unbiased: bool = False
+    """weight the sampled negatives by the inverse sampling ratio (unbiased full-shard estimate)"""
+    eps: float = 1e-6
+    """small constant inside the distance and the angle's clamp, in (0, 0.5)"""
+
+    def build(self) -> MHE | None:
+        """:class:`pfc.head.regularizers.MHE`, or None when ``weight`` is 0 (checked either way)."""
+        mhe = MHE(weight=self.weight, kernel=self.kernel, power=self.power, half_space=self.half_space,
+                  unbiased=self.unbiased, eps=self.eps)
+        return mhe if self.weight else None
+
+
+@dataclass
+class TripletConfig:
+    """Angular triplet term on the gathered batch (ATL), added as weight·term."""
+
+    weight: float = 0.0
+    """weight of the term; 0: off"""
+    m: int = 2
+    """SphereFace margin (an integer) on the anchor–positive angle"""
+    s: float = 30.0
+    """scale of the triplet logits"""
+    semihard: bool = True
+    """keep only pairs right without the margin and wrong with it"""
+    base: float = 1000.0
+    """λ annealing of the margin: base"""
+    gamma: float = 0.12
+    """λ annealing of the margin: gamma"""
+    power: float = 1.0
+    """λ annealing of the margin: power"""
+    lambda_min: float = 5.0
+    """λ annealing of the margin: the floor of λ"""
+
+    def build(self) -> AngularTriplet | None:
+        """:class:`pfc.head.regularizers.AngularTriplet`, or None when ``weight`` is 0 (checked either way)."""
+        triplet = AngularTriplet(weight=self.weight, m=self.m, s=self.s, semihard=self.semihard, base=self.base,
+                                 gamma=self.gamma, power=self.power, lambda_min=self.lambda_min)
+        return triplet if self.weight else None
+
+
+@dataclass
+class HeadConfig:
+    """The Partial-FC head: sharded class centers, sampling, margin and regularisers."""
+
+    sample_rate: float = 1.0
+    """ρ in (0, 1]: share of each rank's negative centers sampled per step (1: full softmax)"""
+    interclass_filter: float = 0.0
+    """a cosine t: non-target cosines above t leave the softmax (label-noise filter); 0: off"""
+    chunk_rows: int = 2048
+    """rows of centers per chunk of the fused softmax (memory vs. speed)"""
+    margin: MarginConfig = field(default_factory=MarginConfig)
+    mhe: MHEConfig = field(default_factory=MHEConfig)
+    triplet: TripletConfig = field(default_factory=TripletConfig)
+
+    def check(self, embedding_size: int) -> None:
+        """The head's own option checks (:meth:`PartialFC.check_options`)."""
+        PartialFC.check_options(sample_rate=self.sample_rate, embedding_size=embedding_size,
+                                chunk_rows=self.chunk_rows, interclass_filter=self.interclass_filter or None)
+
+    def build(self, num_classes: int, embedding_size: int, *, seed: int, group=None, device=None) -> PartialFC:
+        """:class:`PartialFC` over ``num_classes`` centers with this margin and these regularisers."""
+        return PartialFC(num_classes=num_classes, embedding_size=embedding_size, margin=self.margin.build(),
+                         sample_rate=self.sample_rate, group=group, seed=seed, chunk_rows=self.chunk_rows,
+                         device=device, mhe=self.mhe.build(), triplet=self.triplet.build(),
+                         interclass_filter=self.interclass_filter or None)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizers: the backbone's (SGD or AdamW) and the centers' row-sparse SGD."""
+
+    name: str = "sgd"
+    """backbone optimizer: sgd | adamw (the centers always use row-sparse SGD)"""
+    lr: float = 0.1
+    """base learning rate of both optimizers"""
+    momentum: float = 0.9
+    """SGD momentum, in [0, 1)"""
+    weight_decay: float = 5e-4
+    """L2 weight decay on every parameter and center"""
+    grad_clip: float = 5.0
+    """max L2 norm of the backbone gradient; 0: off"""
+    grad_accumulation: int = 1
+    """micro-batches per optimizer step"""
+    head_momentum_dtype: str = "float32"
+    """float32 | bfloat16: storage of the centers' momentum buffer (bfloat16 halves it)"""
+
+    @property
+    def momentum_dtype(self) -> torch.dtype:
+        """``head_momentum_dtype`` as a torch dtype."""
+        return MOMENTUM_DTYPES[self.head_momentum_dtype]
+
+    def check(self) -> None:
+        """The center optimizer's own checks (lr, momentum, weight decay), on a 1×1 parameter."""
+        SparseRowSGD([torch.zeros(1, 1)], lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                     momentum_dtype=self.momentum_dtype)
+
+
+@dataclass
+class ScheduleConfig:
+    """Length of the run and the learning-rate schedule (per optimizer step)."""
+
+    num_epochs: int = 20
+    """epochs to train when max_steps is 0"""
+    max_steps: int = 0
+    """optimizer steps to train; 0: num_epochs × steps per epoch"""
+    warmup_steps: int = 0
+    """linear warmup steps, fewer than the run's steps"""
+    kind: str = "poly"
+    """after warmup: poly | cosine | constant"""
+    power: float = 2.0
+    """exponent of the polynomial decay"""
+    min_lr: float = 0.0
+    """floor of the decayed learning rate"""
+
+    def build(self, total_steps: int, lr: float) -> LRSchedule:
+        """The multiplier of ``lr`` per step over a run of ``total_steps`` steps."""
+        return LRSchedule(total_steps, self.warmup_steps, self.kind, self.power, self.min_lr / lr)
+
+
+@dataclass
+class EvalConfig:
+    """Verification during and after training (insightface's protocol)."""
+
+    pairs: str = ""
+    """pairs list: lines 'path1 path2 1|0'"""
+    root: str = ""
+    """folder the pairs list's paths are relative to; "": the list's folder"""
+    bins: tuple[str, ...] = ()
+    """insightface .bin verification sets (comma-separated on the command line)"""
+    every: int = 0
+    """evaluate every this many steps; 0: only at the end"""
+    batch_size: int = 64
+    """images per evaluation batch"""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints in the output folder, resume, and the non-finite-loss guard."""
+
+    every: int = 0
+    """checkpoint period in steps; 0: none (a stop signal still saves)"""
+    keep: int = 3
+    """newest complete checkpoints kept"""
+    resume: str = ""
+    """auto: the newest complete checkpoint in output | PATH | "": a fresh start"""
+    max_nonfinite_skips: int = 5
+    """stop (with a checkpoint) after this many non-finite losses in a row; 0: never"""
 
 
 @dataclass
 class TrainConfig:
     """Every knob of a training run; defaults are insightface's ArcFace-R50 recipe on 8 GPUs."""
 
-    # data
-    data: str = ""                    # folder with the shards and dataset.json
     output: str = "runs/default"
-    num_classes: int = 0              # 0: taken from dataset.json; otherwise must agree with it
-    num_samples: int = 0              # 0: taken from dataset.json; otherwise must agree with it
-    num_workers: int = 2              # data-loader workers per rank
-    augment: bool = True              # random horizontal flip in the loader
-    # model
-    network: str = "iresnet50"
-    embedding_size: int = 512
-    dropout: float = 0.0
-    precision: str = "fp32"           # fp16 / bf16: autocast of the backbone on GPU
-    # head (Partial FC)
-    margin: MarginConfig = field(default_factory=MarginConfig)
-    sample_rate: float = 1.0
-    interclass_filter: float = 0.0    # > 0: leave non-target cosines above it out of the softmax
-    mhe_weight: float = 0.0           # > 0: add weight·MHE energy on the sampled centers (SphereFace+)
-    mhe_kernel: str = "euclidean"     # euclidean | log | angular
-    mhe_power: float = 2.0
-    triplet_weight: float = 0.0       # > 0: add weight·angular triplet term on the gathered batch
-    triplet_m: int = 2
-    # optimisation
-    batch_size: int = 128             # per rank, per micro-batch
-    grad_accumulation: int = 1        # micro-batches per optimizer step
-    optimizer: str = "sgd"            # backbone optimizer; the centers use head.optimizer (SGD)
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    num_epochs: int = 20
-    max_steps: int = 0                # optimizer steps; 0: num_epochs × steps per epoch
-    warmup_steps: int = 0
-    lr_schedule: str = "poly"
-    lr_power: float = 2.0             # exponent of the polynomial decay
-    min_lr: float = 0.0
-    grad_clip: float = 5.0            # max L2 norm of the backbone gradient; 0 disables
-    # bookkeeping
+    """folder for config.json, metrics, checkpoints and the exported backbone"""
     seed: int = 2048
+    """seed of the initialisation, the sampling and the data order"""
     log_every: int = 10
-    eval_every: int = 0               # 0: evaluate only at the end
-    save_every: int = 0               # checkpoint period in steps; 0: none (a stop signal still saves)
-    resume: str = ""                  # "auto" (newest complete checkpoint in output) | PATH | "" (fresh)
-    keep_checkpoints: int = 3         # newest complete checkpoints kept in output
-    max_nonfinite_skips: int = 5      # stop (with a checkpoint) after this many non-finite losses in a row; 0: never
-    # backbone engine
-    engine: str = "ddp"               # "ddp" | "deepspeed" (ZeRO-1/2, see README "DeepSpeed")
-    deepspeed_config: str = ""        # DeepSpeed JSON file (ZeRO stage, bf16, …); "" = ZeRO-1 defaults
-    val_pairs: str = ""               # pairs list ``path1 path2 1|0`` …
-    val_root: str = ""                # … with paths relative to this folder (default: the list's)
-    val_bins: tuple[str, ...] = ()    # insightface .bin sets (comma-separated on the command line)
-    eval_batch_size: int = 64
+    """log metrics every this many steps"""
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-def _field_types(cls) -> dict[str, object]:
-    return typing.get_type_hints(cls)
-
-
-def _type_name(annotation) -> str:
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _convert(name: str, text: str, annotation):
-    """Parse the command-line string ``text`` as ``annotation`` (int, float, str, bool, tuple[str, ...])."""
-    if annotation is bool:
-        lowered = text.lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{name}: expected a boolean (true/false), got {text!r}")
-    if annotation is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise ValueError(f"--{name}: expected an integer, got {text!r}") from None
-    if annotation is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"--{name}: expected a number, got {text!r}") from None
-    if annotation is str:
-        return text
-    if typing.get_origin(annotation) is tuple:
-        return tuple(part for part in text.split(",") if part)
-    raise ValueError(f"--{name}: cannot be set from the command line (type {annotation})")
-
-
-def _check_type(name: str, value, annotation) -> None:
-    """Raise ValueError when ``value`` is not of the field's type (int accepted for float)."""
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, annotation):
-            raise ValueError(f"config field {name!r}: expected {annotation.__name__}, got {type(value).__name__}")
-        return
-    if typing.get_origin(annotation) is tuple:
-        ok = isinstance(value, tuple) and all(isinstance(item, str) for item in value)
-    elif annotation is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif annotation is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, annotation)
-    if not ok:
-        raise ValueError(f"config field {name!r}: expected {_type_name(annotation)}, "
-                         f"got {type(value).__name__} {value!r}")
-
-
-def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
-    """``["--lr", "0.1", "--margin.m2=0.4", "seed=3"]`` → ``[("lr", "0.1"), ("margin.m2", "0.4"), ("seed", "3")]``."""
-    pairs, index = [], 0
-    while index < len(argv):
-        token = argv[index]
-        if token.startswith("--"):
-            key = token[2:]
-            if "=" in key:
-                key, value = key.split("=", 1)
-            else:
-                if index + 1 >= len(argv):
-                    raise ValueError(f"--{key}: missing value")
-                index += 1
-                value = argv[index]
-        elif "=" in token:
-            key, value = token.split("=", 1)
-        else:
-            raise ValueError(f"unexpected argument {token!r}: overrides are '--field value' or 'field=value'")
-        if not key:
-            raise ValueError(f"empty field name in {token!r}")
-        pairs.append((key, value))
-        index += 1
-    return pairs
-
-
-def apply_overrides(config: TrainConfig, overrides: list[tuple[str, str]]) -> TrainConfig:
-    """A copy of ``config`` with each ``(dotted_name, text)`` override parsed to its field's type."""
-    config = dataclasses.replace(config, margin=dataclasses.replace(config.margin))
-    for dotted, text in overrides:
-        target, parts = config, dotted.split(".")
-        for depth, part in enumerate(parts):
-            types = _field_types(type(target))
-            if part not in types:
-                prefix = ".".join(parts[:depth])
-                known = ", ".join(f"{prefix + '.' if prefix else ''}{name}" for name in types)
-                raise ValueError(f"unknown config field {dotted!r} (known: {known})")
-            if depth < len(parts) - 1:
-                target = getattr(target, part)
-                if not dataclasses.is_dataclass(target):
-                    raise ValueError(f"config field {'.'.join(parts[:depth + 1])!r} has no sub-fields ({dotted!r})")
-            else:
-                if dataclasses.is_dataclass(types[part]):
-                    raise ValueError(f"config field {dotted!r} is a group: set its fields, e.g. --{dotted}.NAME")
-                setattr(target, part, _convert(dotted, text, types[part]))
-    validate(config)
-    return config
+ALIASES: dict[str, str] = {
+    # the flat names of the earlier TrainConfig → dotted paths; output, seed, log_every are unchanged.
+    # "margin" is a prefix: margin.X → head.margin.X. "data" alone is data.root; data.X is the group.
+    "data": "data.root", "batch_size": "data.batch_size", "num_workers": "data.num_workers",
+    "augment": "data.augment", "num_classes": "data.num_classes", "num_samples": "data.num_samples",
+    "network": "backbone.network", "embedding_size": "backbone.embedding_size", "dropout": "backbone.dropout",
+    "precision": "backbone.precision", "engine": "backbone.engine", "deepspeed_config": "backbone.deepspeed_config",
+    "margin": "head.margin", "sample_rate": "head.sample_rate", "interclass_filter": "head.interclass_filter",
+    "mhe_weight": "head.mhe.weight", "mhe_kernel": "head.mhe.kernel", "mhe_power": "head.mhe.power",
+    "triplet_weight": "head.triplet.weight", "triplet_m": "head.triplet.m",
+    "optimizer": "optim.name", "lr": "optim.lr", "momentum": "optim.momentum",
+    "weight_decay": "optim.weight_decay", "grad_clip": "optim.grad_clip", "grad_accumulation": "optim.grad_accumulation",
+    "num_epochs": "schedule.num_epochs", "max_steps": "schedule.max_steps", "warmup_steps": "schedule.warmup_steps",
+    "lr_schedule": "schedule.kind", "lr_power": "schedule.power", "min_lr": "schedule.min_lr",
+    "val_pairs": "eval.pairs", "val_root": "eval.root", "val_bins": "eval.bins", "eval_every": "eval.every",
+    "eval_batch_size": "eval.batch_size",
+    "save_every": "checkpoint.every", "keep_checkpoints": "checkpoint.keep", "resume": "checkpoint.resume",
+    "max_nonfinite_skips": "checkpoint.max_nonfinite_skips",
+}
 
 
 def validate(config: TrainConfig) -> None:
-    """Check every field's type and the allowed values; ValueError naming the first bad field."""
-    for cls_name, obj in (("", config), ("margin.", config.margin)):
-        for name, annotation in _field_types(type(obj)).items():
-            _check_type(cls_name + name, getattr(obj, name), annotation)
-    choices = {"margin.kind": (config.margin.kind, MARGIN_KINDS),
-               "margin.fallback": (config.margin.fallback, ("cap", "insightface")),
-               "mhe_kernel": (config.mhe_kernel, ("euclidean", "log", "angular")), "optimizer": (config.optimizer, OPTIMIZERS),
-               "engine": (config.engine, ENGINES),
-               "lr_schedule": (config.lr_schedule, LR_SCHEDULES), "precision": (config.precision, PRECISIONS)}
-    for name, (value, allowed) in choices.items():
+    """Check every field's type (numbers finite), the rules of no single component, and each
+    component's own checks by building it; ConfigError naming the first bad field."""
+    cli.check_types(config)
+    for path, value, allowed in (("backbone.engine", config.backbone.engine, ENGINES),
+                                 ("backbone.precision", config.backbone.precision, PRECISIONS),
+                                 ("optim.name", config.optim.name, OPTIMIZERS),
+                                 ("optim.head_momentum_dtype", config.optim.head_momentum_dtype, tuple(MOMENTUM_DTYPES))):
         if value not in allowed:
-            raise ValueError(f"config field {name!r}: {value!r} is not one of {', '.join(allowed)}")
-    positive = ("embedding_size", "batch_size", "grad_accumulation", "num_epochs", "log_every", "eval_batch_size")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ValueError(f"config field {name!r} must be ≥ 1, got {getattr(config, name)}")
-    non_negative = ("interclass_filter", "mhe_weight", "triplet_weight", "num_classes", "num_samples", "num_workers", "max_steps", "warmup_steps", "eval_every",
-                    "save_every", "keep_checkpoints", "max_nonfinite_skips", "grad_clip", "weight_decay", "min_lr", "momentum")
-    for name in non_negative:
-        if getattr(config, name) < 0:
-            raise ValueError(f"config field {name!r} must be ≥ 0, got {getattr(config, name)}")
-    if config.margin.kind == "sphereface" and (config.margin.m1 != int(config.margin.m1) or config.margin.m1 < 1):
-        raise ValueError(f"config field 'margin.m1': SphereFace needs a positive integer, got {config.margin.m1}")
-    if not 0.0 < config.sample_rate <= 1.0:
-        raise ValueError(f"config field 'sample_rate' must be in (0, 1], got {config.sample_rate}")
-    if not 0.0 <= config.dropout < 1.0:
-        raise ValueError(f"config field 'dropout' must be in [0, 1), got {config.dropout}")
-    if config.lr <= 0:
-        raise ValueError(f"config field 'lr' must be > 0, got {config.lr}")
-    if config.max_steps and config.warmup_steps >= config.max_steps:
-        raise ValueError(f"config field 'warmup_steps' ({config.warmup_steps}) must be smaller than "
-                         f"max_steps ({config.max_steps})")
+            raise ConfigError(f"config field {path!r}: {value!r} is not one of {', '.join(allowed)}")
+    at_least = {"data.batch_size": 1, "optim.grad_accumulation": 1, "schedule.num_epochs": 1, "log_every": 1,
+                "eval.batch_size": 1, "data.num_workers": 0, "data.num_classes": 0, "data.num_samples": 0,
+                "schedule.max_steps": 0, "eval.every": 0, "checkpoint.every": 0, "checkpoint.keep": 0,
+                "checkpoint.max_nonfinite_skips": 0, "optim.grad_clip": 0}
+    for path, minimum in at_least.items():
+        value = cli.get_path(config, path)
+        if value < minimum:
+            raise ConfigError(f"config field {path!r} must be ≥ {minimum}, got {value}")
+    if not config.optim.lr > 0:
+        raise ConfigError(f"config field 'optim.lr' must be > 0, got {config.optim.lr}")
+    if config.backbone.network not in available_backbones():
+        raise ConfigError(f"config field 'backbone.network': unknown network {config.backbone.network!r}; "
+                          f"known: {', '.join(available_backbones())}")
+    if not 0.0 <= config.backbone.dropout < 1.0:
+        raise ConfigError(f"config field 'backbone.dropout' must be in [0, 1), got {config.backbone.dropout}")
+    head, schedule, lr = config.head, config.schedule, config.optim.lr
+    # the run's length is known only with the dataset unless max_steps is set: check warmup against it then
+    total_steps = schedule.max_steps or max(schedule.warmup_steps, 0) + 1
+    components = (  # (group, its component's checks, parameters its messages name → other fields)
+        ("head.margin", head.margin.build, {"m": "m1"}),
+        ("head.mhe", head.mhe.build, {}),
+        ("head.triplet", head.triplet.build, {}),
+        ("head", lambda: head.check(config.backbone.embedding_size), {"embedding_size": "backbone.embedding_size"}),
+        ("optim", config.optim.check, {"learning rate": "lr"}),
+        ("schedule", lambda: schedule.build(total_steps, lr), {"total_steps": "max_steps", "min_ratio": "min_lr"}))
+    for group, check, renames in components:
+        cli.check_component(config, group, check, renames)
 
 
 def load_config(path: str | None, argv: list[str] = ()) -> TrainConfig:
@@ -245,32 +359,39 @@ def load_config(path: str | None, argv: list[str] = ()) -> TrainConfig:
         config = TrainConfig()
     else:
         if not os.path.isfile(path):
-            raise ValueError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist")
         try:
             namespace = runpy.run_path(path)
         except TypeError as exc:  # a misspelt field in TrainConfig(...)
-            raise ValueError(f"{path}: {exc}") from exc
+            raise ConfigError(f"{path}: {exc}") from exc
         config = namespace.get("config")
         if not isinstance(config, TrainConfig):
-            raise ValueError(f"{path} must define 'config = TrainConfig(...)'")
+            raise ConfigError(f"{path} must define 'config = TrainConfig(...)'")
     validate(config)
-    return apply_overrides(config, parse_overrides(list(argv)))
+    config = cli.apply_overrides(config, cli.parse_overrides(list(argv)), ALIASES)
+    validate(config)
+    return config
 
 
-def apply_manifest(config: TrainConfig, manifest: dict, source: str = "dataset.json") -> TrainConfig:
-    """Fill num_classes / num_samples from the shards' manifest; a set value that disagrees is an error."""
-    updates = {}
-    for name in ("num_classes", "num_samples"):
-        if name not in manifest:
-            raise ValueError(f"{source} has no {name!r}")
-        actual, configured = int(manifest[name]), getattr(config, name)
+def apply_dataset(config: TrainConfig, num_classes: int, num_samples: int, source: str) -> TrainConfig:
+    """A copy of ``config`` with data.num_classes / data.num_samples from the dataset read at
+    ``source``; a configured (non-zero) value that disagrees raises ConfigError."""
+    for name, actual in (("num_classes", num_classes), ("num_samples", num_samples)):
+        configured = getattr(config.data, name)
         if configured and configured != actual:
-            raise ValueError(f"config {name}={configured} disagrees with {source} ({name}={actual}); "
-                             f"remove it from the config or use the matching shards")
-        updates[name] = actual
-    return dataclasses.replace(config, **updates)
+            raise ConfigError(f"config {name}={configured} disagrees with {source} ({name}={actual}); "
+                              f"remove it from the config or use the matching shards")
+    data = dataclasses.replace(config.data, num_classes=int(num_classes), num_samples=int(num_samples))
+    return dataclasses.replace(config, data=data)
 
 
 def to_dict(config: TrainConfig) -> dict:
-    """Plain, JSON-ready dict of the resolved config (nested dataclasses as dicts, tuples as lists)."""
-    return dataclasses.asdict(config)
+    """Plain, JSON-ready nested dict of the resolved config (groups as dicts, tuples as lists)."""
+    return dataclasses.asdict(config, dict_factory=lambda pairs: {
+        key: list(value) if isinstance(value, tuple) else value for key, value in pairs})
+
+
+def help_text(config: TrainConfig) -> str:
+    """Every field of ``config`` by component: dotted name, type, value (the default, or the
+    recipe's), meaning; then the legacy flat names."""
+    return cli.help_text(config, ALIASES)

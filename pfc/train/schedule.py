@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+KINDS = ("poly", "cosine", "constant")
+
 
 @dataclass(frozen=True)
 class LRSchedule:
@@ -17,7 +19,8 @@ class LRSchedule:
       poly:     r + (1 − r)·(1 − p)^power
       cosine:   r + (1 − r)·(1 + cos(π·p)) / 2
       constant: 1
-    where r = min_lr / lr (the floor as a fraction of the base lr).
+    where r = min_lr / lr (the floor as a fraction of the base lr). ValueError at construction for
+    an unknown kind, warmup_steps outside [0, total_steps), power < 0 or r outside [0, 1].
     """
 
     total_steps: int
@@ -25,6 +28,17 @@ class LRSchedule:
     kind: str = "poly"
     power: float = 2.0
     min_ratio: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"lr schedule kind={self.kind!r} is not one of {', '.join(KINDS)}")
+        if not 0 <= self.warmup_steps < self.total_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, {self.total_steps}), "
+                             f"fewer than the run's {self.total_steps} training steps (total_steps)")
+        if not self.power >= 0:
+            raise ValueError(f"lr schedule power={self.power} must be >= 0")
+        if not 0.0 <= self.min_ratio <= 1.0:
+            raise ValueError(f"min_ratio={self.min_ratio} (the lr floor over the base lr) must be in [0, 1]")
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -35,8 +49,6 @@ class LRSchedule:
         progress = min(max((step - self.warmup_steps) / span, 0.0), 1.0)
         if self.kind == "poly":
             decay = (1.0 - progress) ** self.power
-        elif self.kind == "cosine":
+        else:  # cosine
             decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-        else:
-            raise ValueError(f"unknown lr schedule {self.kind!r} (poly, cosine, constant)")
         return self.min_ratio + (1.0 - self.min_ratio) * decay
