@@ -37,7 +37,7 @@ def phase_timed_loop(config, runtime, steps: int, warmup: int) -> dict:
     from pfc.data.manifest import image_side, read_manifest
     from pfc.train.builders import build_loader, build_train_state
 
-    image_size = image_side(read_manifest(config.data))
+    image_size = image_side(read_manifest(config.data.root))
     loader = build_loader(config, runtime, epoch=0)
     state = build_train_state(config, runtime, image_size, len(loader), {})
     model, head = state.runner.model, state.head
@@ -100,7 +100,7 @@ def worker(args) -> None:
     resolved = apply_dataset(config, manifest["num_classes"], manifest["num_samples"], manifest_source(args.data))
     totals = phase_timed_loop(resolved, runtime, args.steps, warmup=5)
     # end to end: the real trainer; its second logging window excludes start-up and the first steps
-    summary_config = dataclasses.replace(config, max_steps=2 * args.steps)
+    summary_config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, max_steps=2 * args.steps))
     train(summary_config, runtime)
     if runtime.is_main:
         with open(os.path.join(args.workdir, "run", "metrics.jsonl")) as handle:

@@ -52,7 +52,7 @@ def test_two_rank_training_run(dataset, tmp_path):
     assert "trained 30 steps" in result.stdout
 
     config = json.loads((output / "config.json").read_text())
-    assert (config["num_classes"], config["num_samples"], config["max_steps"]) == (16, 128, 30)
+    assert (config["data"]["num_classes"], config["data"]["num_samples"], config["schedule"]["max_steps"]) == (16, 128, 30)
 
     records = read_jsonl(output / "metrics.jsonl")
     assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]

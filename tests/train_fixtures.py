@@ -23,11 +23,20 @@ def write_shards(root: str, num_classes: int = 12, per_class: int = 8, image_siz
 
 
 def make_config(data: str, output: str, **overrides):
-    """A TrainConfig for the tiny network on :func:`write_shards` data (2 ranks: 6 steps per epoch)."""
-    from pfc.train.config import MarginConfig, TrainConfig
+    """A TrainConfig for the tiny network on :func:`write_shards` data (2 ranks: 6 steps per epoch);
+    fields and ``overrides`` by their flat (legacy) names or dotted paths, as on the command line."""
+    from pfc.train.config import ALIASES, MarginConfig, TrainConfig, validate
 
     fields = dict(data=data, output=output, num_workers=0, network="tiny", embedding_size=16,
                   margin=MarginConfig(s=16.0, m2=0.3), sample_rate=0.5, batch_size=4, grad_accumulation=2,
                   lr=0.1, max_steps=10, warmup_steps=2, log_every=1, save_every=100, seed=3)
     fields.update(overrides)
-    return TrainConfig(**fields)
+    config = TrainConfig()
+    for name, value in fields.items():
+        *groups, leaf = ALIASES.get(name, name).split(".")
+        target = config
+        for group in groups:
+            target = getattr(target, group)
+        setattr(target, leaf, value)
+    validate(config)
+    return config

@@ -61,31 +61,31 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     Raises NonFiniteLossError (after writing a checkpoint) when the loss stays non-finite.
     """
     runtime = runtime or init_runtime()
-    if not config.data:
+    if not config.data.root:
         raise ConfigError("no training data: set --data DIR (a folder with dataset.json and the shards)")
-    manifest = read_manifest(config.data)
+    manifest = read_manifest(config.data.root)
     config = apply_dataset(config, int(manifest["num_classes"]), int(manifest["num_samples"]),
-                           manifest_source(config.data))
+                           manifest_source(config.data.root))
     image_size = image_side(manifest)
     val_sets = load_val_sets(config, runtime)
     if runtime.is_main:
         os.makedirs(config.output, exist_ok=True)
         write_json(os.path.join(config.output, "config.json"), to_dict(config))
-        if runtime.device.type != "cuda" and config.precision != "fp32":
-            print(f"note: precision {config.precision} applies on GPU only; training in fp32 on CPU")
+        if runtime.device.type != "cuda" and config.backbone.precision != "fp32":
+            print(f"note: precision {config.backbone.precision} applies on GPU only; training in fp32 on CPU")
 
     seed_everything(config.seed, runtime.rank)
     batches_per_epoch = len(build_loader(config, runtime, epoch=0))
-    steps_per_epoch = batches_per_epoch // config.grad_accumulation
+    steps_per_epoch = batches_per_epoch // config.optim.grad_accumulation
     if steps_per_epoch < 1:
         raise ConfigError(f"an epoch has {batches_per_epoch} batches per rank, fewer than grad_accumulation="
-                          f"{config.grad_accumulation}: use more data or a smaller batch_size")
+                          f"{config.optim.grad_accumulation}: use more data or a smaller batch_size")
     state = build_train_state(config, runtime, image_size, steps_per_epoch, to_dict(config))
     restore_train_state(state, config, runtime)
     with TrainLogger(config.output, runtime.is_main) as logger:
         start = time.perf_counter()
         last_loss, stopped, guard, history = _run(state, config, runtime, logger, val_sets, image_size)
-        if stopped or config.save_every:  # at the end, and on a stop even without periodic checkpoints
+        if stopped or config.checkpoint.every:  # at the end, and on a stop even without periodic checkpoints
             path = save_train_checkpoint(state, config)
             if stopped and runtime.is_main:
                 print(f"stopped at step {state.step}: {stopped}; checkpoint {path} (continue with --resume auto)")
@@ -102,10 +102,10 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
 def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: TrainLogger, val_sets, image_size: int):
     """The epochs, from ``state``'s position to ``total_steps`` or a stop; returns
     ``(last loss, stop reason or "", the step guard, verification summaries so far)``."""
-    stop_signals, guard = StopSignals(), StepGuard(config.max_nonfinite_skips)
-    window = MetricsWindow(config.batch_size * config.grad_accumulation * runtime.world_size)
+    stop_signals, guard = StopSignals(), StepGuard(config.checkpoint.max_nonfinite_skips)
+    window = MetricsWindow(config.data.batch_size * config.optim.grad_accumulation * runtime.world_size)
     last_loss, stopped, history = float("nan"), "", []
-    batches_per_epoch = state.steps_per_epoch * config.grad_accumulation
+    batches_per_epoch = state.steps_per_epoch * config.optim.grad_accumulation
     state.runner.train()
     state.head.train()
     try:
@@ -113,7 +113,7 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
             loader = iter(build_loader(config, runtime, state.epoch))
             for _ in range(state.batch_in_epoch):  # a resumed run: the part of the epoch already seen
                 next(loader)
-            steps = min(state.steps_per_epoch - state.batch_in_epoch // config.grad_accumulation,
+            steps = min(state.steps_per_epoch - state.batch_in_epoch // config.optim.grad_accumulation,
                         state.total_steps - state.step)
             bar = tqdm(total=steps, desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False,
                        disable=not (runtime.is_main and sys.stderr.isatty()))
@@ -125,14 +125,14 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
                 bar.update(1)
                 if state.step % config.log_every == 0 or state.step == state.total_steps:
                     logger.log_train(window.record(state, lr_used), write=tqdm.write)
-                if config.eval_every and state.step % config.eval_every == 0 and state.step < state.total_steps:
+                if config.eval.every and state.step % config.eval.every == 0 and state.step < state.total_steps:
                     summaries = run_verification(state, val_sets, config, runtime, image_size)
                     logger.log_eval(summaries, write=tqdm.write)
                     history.extend(summaries)
                 if decision.stop:
                     stopped = decision.reason
                     break
-                if config.save_every and state.step % config.save_every == 0:
+                if config.checkpoint.every and state.step % config.checkpoint.every == 0:
                     save_train_checkpoint(state, config)
             bar.close()
             if state.batch_in_epoch >= batches_per_epoch:  # the epoch ran to its end
@@ -151,8 +151,8 @@ def _finish(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Tr
     logger.log_eval(summaries)
     if runtime.is_main:
         write_json(os.path.join(output, "eval_results.json"), {"final": summaries, "history": history + summaries})
-        save_backbone(state.runner.model, os.path.join(output, "backbone.pt"), network=config.network,
-                      embedding_size=config.embedding_size, image_size=image_size)
+        save_backbone(state.runner.model, os.path.join(output, "backbone.pt"), network=config.backbone.network,
+                      embedding_size=config.backbone.embedding_size, image_size=image_size)
     return summaries
 
 
@@ -183,13 +183,13 @@ def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader,
     """
     state.head.set_iteration(state.step)
     step_loss, stats = 0.0, {}
-    for micro in range(config.grad_accumulation):
+    for micro in range(config.optim.grad_accumulation):
         images, labels = _next_batch(state, loader, runtime.device)
-        last_micro = micro == config.grad_accumulation - 1
+        last_micro = micro == config.optim.grad_accumulation - 1
         step_loss += state.runner.forward_backward(images, labels, state.head, last_micro).item()
         state.batch_in_epoch += 1
         for key, value in state.head.last_stats.items():
-            stats[key] = stats.get(key, 0.0) + value / config.grad_accumulation
+            stats[key] = stats.get(key, 0.0) + value / config.optim.grad_accumulation
     decision = guard.check(step_loss, stop_signals.requested, step=state.step)
     if decision.skip:
         state.runner.skip(state.head_optimizer)

@@ -12,14 +12,14 @@ from pfc.train.state import TrainState
 
 def save_train_checkpoint(state: TrainState, config: TrainConfig) -> str:
     """Collective: write ``OUTPUT/checkpoint-STEP`` atomically, keep the newest ``keep_checkpoints``."""
-    return str(save_checkpoint(config.output, state, keep_last=config.keep_checkpoints))
+    return str(save_checkpoint(config.output, state, keep_last=config.checkpoint.keep))
 
 
 def resume_request(config: TrainConfig) -> str:
-    """``config.resume``; after a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) an empty one means "auto"."""
-    if not config.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+    """``config.checkpoint.resume``; after a torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) an empty one means "auto"."""
+    if not config.checkpoint.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         return "auto"
-    return config.resume
+    return config.checkpoint.resume
 
 
 def restore_train_state(state: TrainState, config: TrainConfig, runtime: Runtime) -> str | None:
@@ -44,8 +44,8 @@ def restore_train_state(state: TrainState, config: TrainConfig, runtime: Runtime
     state.step, state.epoch = int(progress["step"]), int(progress["epoch"])
     state.skipped_steps = int(progress.get("skipped_steps", 0))
     position = int(progress["batch_in_epoch"]) * info.saved_world_size // runtime.world_size
-    position = min(position, state.steps_per_epoch * config.grad_accumulation)
-    state.batch_in_epoch = position - position % config.grad_accumulation
+    position = min(position, state.steps_per_epoch * config.optim.grad_accumulation)
+    state.batch_in_epoch = position - position % config.optim.grad_accumulation
     if not info.rng_restored:
         seed_everything(config.seed + state.step, runtime.rank)
     if runtime.is_main:

@@ -13,18 +13,18 @@ from pfc.train.state import TrainState
 
 def load_val_sets(config: TrainConfig, runtime: Runtime) -> list[VerificationSet]:
     """The verification sets named by the config; every rank checks the files, rank 0 reads them."""
-    paths = ([config.val_pairs] if config.val_pairs else []) + list(config.val_bins)
+    paths = ([config.eval.pairs] if config.eval.pairs else []) + list(config.eval.bins)
     for path in paths:
         if not os.path.isfile(path):
             raise ValueError(f"verification file {path} does not exist")
-    if config.val_root and not os.path.isdir(config.val_root):
-        raise ValueError(f"val_root {config.val_root} is not a folder")
+    if config.eval.root and not os.path.isdir(config.eval.root):
+        raise ValueError(f"val_root {config.eval.root} is not a folder")
     if not runtime.is_main:
         return []
     sets = []
-    if config.val_pairs:
-        sets.append(read_pairs(config.val_pairs, config.val_root or None))
-    sets.extend(read_bin(path) for path in config.val_bins)
+    if config.eval.pairs:
+        sets.append(read_pairs(config.eval.pairs, config.eval.root or None))
+    sets.extend(read_bin(path) for path in config.eval.bins)
     return sets
 
 
@@ -34,7 +34,7 @@ def run_verification(state: TrainState, val_sets: list[VerificationSet], config:
     curves go to ``roc_plot`` when given. Returns the summaries, tagged with the step."""
     summaries = []
     if runtime.is_main and val_sets:
-        results = [evaluate(state.runner.model, pairs, image_size, config.eval_batch_size, runtime.device)
+        results = [evaluate(state.runner.model, pairs, image_size, config.eval.batch_size, runtime.device)
                    for pairs in val_sets]
         summaries = [dict(result.summary(), step=state.step) for result in results]
         if roc_plot:
