@@ -3,7 +3,7 @@ decoder choice, and the packer.
 
     OMP_NUM_THREADS=1 python bench/data.py [--ids 200 --per 30 --batch 128 --repeats 3]
 
-Builds synthetic faces (pfc/synthetic.py), packs them (timed: JPEGs kept as they are, and with
+Builds synthetic faces (pfc/datasets/synthetic.py), packs them (timed: JPEGs kept as they are, and with
 --landmarks alignment + re-encoding), then times over the same shard bytes:
 (1) bare decode loops in one process, simplejpeg (the floor) and PIL (the alternative);
 (2) exactly the work one DataLoader worker does — read, shuffle, decode, batch into uint8, draw
@@ -28,9 +28,9 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from pfc.data.loader import ShardStream, make_loader
-from pfc.datasets.packing import FolderSource, PackOptions, pack
-from pfc.datasets.synthetic import write_synthetic
+from pfc.data import make_loader
+from pfc.data.loader import ShardStream
+from pfc.datasets import FolderSource, PackOptions, pack, write_synthetic
 
 
 def shard_jpegs(root: str) -> list[bytes]:

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pfc.data.loader import (batches_per_rank, epoch_shard_order, make_loader, read_manifest, shard_pieces,
-                      worker_range)
+from pfc.data import make_loader
+from pfc.data.manifest import image_side, manifest_source, read_manifest
+from pfc.data.plan import batches_per_rank, epoch_shard_order, shard_pieces, worker_range
+from pfc.errors import DataError
 from tests.data_fixtures import jpeg, random_image, unique_label_shards, write_shard_set
 from tests.distributed import run_ranks
 
@@ -177,7 +179,7 @@ def test_damaged_data_still_fills_every_batch_and_all_bad_is_an_error(tmp_path):
     assert loader.stats["skipped"] >= 5
     write_shard_set(str(tmp_path / "bad"), [[(f"{i}", {"jpg": b"junk", "cls": b"0"}) for i in range(4)]],
                     num_classes=1)
-    with pytest.raises(ValueError, match="no readable sample in the whole dataset"):
+    with pytest.raises(DataError, match="no readable sample in the whole dataset"):
         list(make_loader(str(tmp_path / "bad"), 2, 0, 1, 0, seed=0, epoch=0))
 
 
@@ -185,16 +187,16 @@ def test_label_outside_num_classes_is_an_error(tmp_path):
     encoded = jpeg(random_image(np.random.default_rng(0)))
     write_shard_set(str(tmp_path), [[(f"{i}", {"jpg": encoded, "cls": str(i).encode()}) for i in range(4)]],
                     num_classes=3)
-    with pytest.raises(ValueError, match=r"label 3 outside \[0, 3\)"):
+    with pytest.raises(DataError, match=r"label 3 outside \[0, 3\)"):
         list(make_loader(str(tmp_path), 2, 0, 1, 0, seed=0, epoch=0))
 
 
 def test_manifest_and_argument_errors(tmp_path, small_set):
     root, _ = small_set
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         read_manifest(str(tmp_path / "nowhere"))
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(DataError, match="not valid JSON"):
         read_manifest(str(tmp_path / "bad.json"))
     manifest = read_manifest(root)
     assert manifest["num_samples"] == 20 and read_manifest(os.path.join(root, "dataset.json")) == manifest
@@ -204,22 +206,35 @@ def test_manifest_and_argument_errors(tmp_path, small_set):
         path.write_text(json.dumps({**manifest, **change}))
         return str(path)
 
-    with pytest.raises(ValueError, match="shard list is empty"):
+    with pytest.raises(DataError, match="shard list is empty"):
         read_manifest(broken(shards=[]))
-    with pytest.raises(ValueError, match="shards hold 20 samples but num_samples is 21"):
+    with pytest.raises(DataError, match="shards hold 20 samples but num_samples is 21"):
         read_manifest(broken(num_samples=21))
-    with pytest.raises(ValueError, match="format"):
+    with pytest.raises(DataError, match="format"):
         read_manifest(broken(format="other"))
-    with pytest.raises(ValueError, match="shard .*missing.tar listed in the manifest does not exist"):
+    with pytest.raises(DataError, match="shard .*missing.tar listed in the manifest does not exist"):
         make_loader(broken(shards=[{"name": "missing.tar", "num_samples": 20}]), 2, 0, 1, 0, 0, 0)
-    with pytest.raises(ValueError, match="allow_pipe=True"):
+    with pytest.raises(DataError, match="allow_pipe=True"):
         make_loader(broken(shards=[{"name": "pipe:cat x.tar", "num_samples": 20}]), 2, 0, 1, 0, 0, 0)
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(DataError, match="fewer than one batch"):
         make_loader(root, 11, 0, 2, 0, 0, 0)
-    with pytest.raises(ValueError, match=r"rank 2 outside \[0, 2\)"):
-        make_loader(root, 2, 2, 2, 0, 0, 0)
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
-        make_loader(root, 0, 0, 1, 0, 0, 0)
+    # a caller's bad arguments are a plain ValueError (a bug, with its traceback), not a DataError
+    for arguments, message in (((2, 2, 2), r"rank 2 outside \[0, 2\)"), ((0, 0, 1), "batch_size must be an integer >= 1")):
+        with pytest.raises(ValueError, match=message) as caught:
+            make_loader(root, *arguments, 0, 0, 0)
+        assert not isinstance(caught.value, DataError)
+
+
+def test_manifest_tells_image_side_and_where_it_is(tmp_path, small_set):
+    root, _ = small_set
+    manifest = read_manifest(root)
+    assert image_side(manifest) == 112
+    with pytest.raises(DataError, match=r"image_size \[112, 96\] is not square"):
+        image_side({**manifest, "image_size": [112, 96]})
+    assert manifest_source(root) == os.path.join(root, "dataset.json")
+    assert manifest_source(os.path.join(root, "dataset.json")) == os.path.join(root, "dataset.json")
+    assert manifest_source("https://host/shards/") == "https://host/shards/dataset.json"
+    assert manifest_source("s3://bucket/set/other.json") == "s3://bucket/set/other.json"
 
 
 def test_pipe_urls_run_only_when_allowed(tmp_path, small_set):
@@ -237,6 +252,7 @@ def test_pipe_urls_run_only_when_allowed(tmp_path, small_set):
 def test_tar_reader_matches_tarfile_including_pax_and_long_names(tmp_path):
     from pfc.data.tarstream import TarDamage, iter_samples
 
+    assert issubclass(TarDamage, DataError)   # a damaged shard is the user's data, printed as one line
     path = str(tmp_path / "mixed.tar")
     members = [("a/k1.jpg", b"x" * 700), ("a/k1.cls", b"3"), ("k2.jpg", b""), ("k2.cls", b"4"),
                ("d" * 120 + "/k3.jpg", b"long name"), ("k4.seg.png", "ünï".encode()), ("k4.cls", b"5")]

@@ -6,6 +6,7 @@ import pytest
 import simplejpeg
 
 from pfc.datasets.synthetic import class_name, make_identity, render_sample, write_synthetic
+from pfc.errors import ConfigError
 from tools import make_synthetic
 
 
@@ -61,7 +62,7 @@ def test_landmarks_sit_on_the_drawn_pupils():
 
 
 def test_bad_arguments(tmp_path, capsys):
-    with pytest.raises(ValueError, match="at least one identity"):
+    with pytest.raises(ConfigError, match="at least one identity"):
         write_synthetic(str(tmp_path), 0, 3, seed=0)
     assert make_synthetic.main([str(tmp_path), "--ids", "1", "--per", "3", "--pairs", "4"]) == 2
     assert "at least 2 identities" in capsys.readouterr().err

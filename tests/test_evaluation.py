@@ -1,8 +1,12 @@
-"""Verification protocol on constructed embeddings, the .bin reader's restricted unpickler, pairs lists."""
+"""Verification protocol on constructed embeddings, the .bin reader's restricted unpickler, pairs lists,
+backbone.pt export/import, the tools' command lines."""
 import io
+import json
 import os
 import pickle
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,8 +14,13 @@ import torch
 from PIL import Image
 
 from pfc.backbones import build_backbone
-from pfc.evaluation.verification import (evaluate, fold_slices, read_bin, read_pairs, roc_curve, save_roc_plot,
-                            verification_metrics)
+from pfc.errors import CheckpointError, DataError
+from pfc.evaluation import evaluate, load_backbone, read_bin, read_pairs, save_backbone
+from pfc.evaluation.report import comparison_table, read_results
+from pfc.evaluation.roc import fold_slices, roc_curve, save_roc_plot, verification_metrics
+from tools import compare_eval
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pairs_at_distances(distances):
@@ -89,13 +98,13 @@ def test_restricted_unpickler_rejects_a_planted_os_system(tmp_path):
     images = [_jpeg(i) for i in range(20)]
     with open(path, "wb") as handle:
         pickle.dump((images + [_Planted(f"touch {marker}")], [True] * 10), handle, protocol=2)
-    with pytest.raises(ValueError, match=r"refusing to unpickle global '(os|posix)\.system'"):
+    with pytest.raises(DataError, match=r"refusing to unpickle global '(os|posix)\.system'"):
         read_bin(str(path))
     assert not marker.exists()
     other = tmp_path / "eval.bin"
     with open(other, "wb") as handle:
         pickle.dump((images, [True] * 10, {1, 2}), handle)
-    with pytest.raises(ValueError, match="expected a pickle of \\(images, issame\\)"):
+    with pytest.raises(DataError, match="expected a pickle of \\(images, issame\\)"):
         read_bin(str(other))
 
 
@@ -142,9 +151,73 @@ def test_pairs_list_under_a_root(tmp_path):
     assert result.num_pairs == 10  # the 64×64 images were resized to the network's 112×112
     bad = tmp_path / "bad.txt"
     bad.write_text("id0/0.jpg id0/1.jpg 1\nid0/0.jpg id1/0.jpg maybe\n")
-    with pytest.raises(ValueError, match=r"bad.txt:2: expected 'path1 path2 1\|0'"):
+    with pytest.raises(DataError, match=r"bad.txt:2: expected 'path1 path2 1\|0'"):
         read_pairs(str(bad))
     missing = tmp_path / "missing.txt"
     missing.write_text("id0/0.jpg id9/0.jpg 0\n")
-    with pytest.raises(ValueError, match=r"missing.txt:1: image .*id9/0.jpg does not exist"):
+    with pytest.raises(DataError, match=r"missing.txt:1: image .*id9/0.jpg does not exist"):
         read_pairs(str(missing))
+    (tmp_path / "id1" / "1.jpg").write_bytes(b"not an image")
+    broken = tmp_path / "broken.txt"
+    broken.write_text("id0/0.jpg id1/1.jpg 0\n" * 10)
+    with pytest.raises(DataError, match=r"image .*id1/1.jpg does not decode"):
+        evaluate(build_backbone("tiny", embedding_size=8).eval(), read_pairs(str(broken)), batch_size=4)
+    with pytest.raises(DataError, match="pairs list .*nowhere.txt does not exist"):
+        read_pairs(str(tmp_path / "nowhere.txt"))
+
+
+# --------------------------------------------------------------------------------- backbone.pt
+
+def test_backbone_roundtrip_keeps_weights_and_file_format(tmp_path):
+    torch.manual_seed(0)
+    model = build_backbone("tiny", embedding_size=16, image_size=64).eval()
+    path = str(tmp_path / "backbone.pt")
+    save_backbone(model, path, network="tiny", embedding_size=16, image_size=64)
+    assert os.listdir(tmp_path) == ["backbone.pt"]   # written under a temporary name, then renamed
+    payload = torch.load(path, weights_only=True)   # the format backbone.pt files already have
+    assert set(payload) == {"network", "embedding_size", "image_size", "state_dict"}
+    loaded, meta = load_backbone(path)
+    assert meta == {"network": "tiny", "embedding_size": 16, "image_size": 64} and not loaded.training
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+
+
+def test_unusable_backbone_files_are_checkpoint_errors(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable backbone checkpoint"):
+        load_backbone(str(garbage))
+    with pytest.raises(CheckpointError, match="not a readable backbone checkpoint"):
+        load_backbone(str(tmp_path / "missing.pt"))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a pfc backbone.pt"):
+        load_backbone(str(foreign))
+    unknown = tmp_path / "unknown.pt"
+    torch.save({"network": "resnet9000", "embedding_size": 8, "image_size": 112, "state_dict": {}}, unknown)
+    with pytest.raises(CheckpointError, match="unknown network 'resnet9000'"):
+        load_backbone(str(unknown))
+
+
+# --------------------------------------------------------------------------------- the tools
+
+def test_compare_eval_reads_results_and_user_errors_are_one_line(tmp_path, capsys):
+    summary = {"set": "pairs", "num_pairs": 40, "accuracy": 0.9, "accuracy_std": 0.01,
+               "tar@far=1e-3": 0.5, "auc": 0.95}
+    (tmp_path / "trained.json").write_text(json.dumps(summary))
+    table = comparison_table(read_results([str(tmp_path / "trained.json")]))
+    assert "pairs, 40 pairs" in table and "trained" in table and "0.9000 ± 0.0100" in table
+    assert compare_eval.main([str(tmp_path / "trained.json"), str(tmp_path / "absent.json")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "absent.json" in error and "Traceback" not in error
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(DataError, match="not an evaluation result"):
+        read_results([str(tmp_path / "other.json")])
+
+
+@pytest.mark.parametrize("tool", ["compare_eval", "evaluate", "export_onnx", "make_synthetic", "pack_shards"])
+def test_every_tool_has_help(tool):
+    result = subprocess.run([sys.executable, f"tools/{tool}.py", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 0 and "usage:" in result.stdout and not result.stderr, result.stderr

@@ -12,8 +12,10 @@ import simplejpeg
 from PIL import Image
 
 from pfc.datasets.align import TEMPLATE_112, align_face, apply_transform, similarity_transform
-from pfc.datasets.packing import FolderSource, PackOptions, RecordSource, pack, read_landmarks, verify_shards
+from pfc.datasets import FolderSource, PackOptions, RecordSource, pack, verify_shards
 from pfc.datasets.recordio import MAGIC, IndexedRecordFile, read_record, unpack_record
+from pfc.datasets.sources import read_landmarks
+from pfc.errors import ConfigError, DataError
 from tests.data_fixtures import (encode_record_parts, jpeg, png, random_image, record_payload,
                                  write_rec)
 from tools import pack_shards
@@ -56,12 +58,12 @@ def test_recordio_multipart_record_round_trips():
 
 def test_recordio_rejects_damage():
     framed = encode_record_parts(b"12345678")
-    with pytest.raises(ValueError, match="bad RecordIO magic"):
+    with pytest.raises(DataError, match="bad RecordIO magic"):
         read_record(io.BytesIO(b"\0\0\0\0" + framed[4:]))
-    with pytest.raises(ValueError, match="truncated RecordIO record"):
+    with pytest.raises(DataError, match="truncated RecordIO record"):
         read_record(io.BytesIO(framed[:-3]))
     middle_first = struct.pack("<II", MAGIC, (2 << 29) | 4) + b"abcd"
-    with pytest.raises(ValueError, match="continuation flag 2"):
+    with pytest.raises(DataError, match="continuation flag 2"):
         read_record(io.BytesIO(middle_first))
 
 
@@ -212,7 +214,7 @@ def test_pack_resumes_after_a_killed_run(image_folder, tmp_path):
     assert verify_shards(out).ok
 
     # A different plan into the same directory is refused, not mixed in.
-    with pytest.raises(ValueError, match="different packing run"):
+    with pytest.raises(DataError, match="different packing run"):
         pack(FolderSource(root), out, PackOptions(shard_size=8, workers=1, seed=2, progress=False))
 
 
@@ -239,22 +241,23 @@ def test_verify_reports_damage(image_folder, tmp_path, capsys):
 
 def test_pack_bad_input_errors(tmp_path, image_folder, capsys):
     root, _ = image_folder
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         FolderSource(str(tmp_path / "missing"))
     os.makedirs(tmp_path / "empty" / "class_a")
-    with pytest.raises(ValueError, match="has no images"):
+    with pytest.raises(DataError, match="has no images"):
         FolderSource(str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="has no class sub-folders"):
+    with pytest.raises(DataError, match="has no class sub-folders"):
         FolderSource(str(tmp_path / "empty" / "class_a"))
-    with pytest.raises(ValueError, match="shard size must be at least 1"):
+    with pytest.raises(ConfigError, match="shard size must be at least 1"):
         pack(FolderSource(root), str(tmp_path / "o"), PackOptions(shard_size=0))
     (tmp_path / "lm.csv").write_text("a.jpg,1,2,3\n")
-    with pytest.raises(ValueError, match="expected a path and 10 coordinates"):
+    with pytest.raises(DataError, match="expected a path and 10 coordinates"):
         read_landmarks(str(tmp_path / "lm.csv"))
-    with pytest.raises(ValueError, match="RecordIO file .* does not exist"):
+    with pytest.raises(DataError, match="RecordIO file .* does not exist"):
         RecordSource(str(tmp_path / "nothing"))
     assert pack_shards.main(["rec", str(tmp_path / "nothing"), str(tmp_path / "o2")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert error.startswith("error: RecordIO file") and "does not exist" in error and "Traceback" not in error
 
 
 # ------------------------------------------------------------------------------------------- alignment
@@ -267,7 +270,7 @@ def test_similarity_transform_recovers_a_known_transform():
     estimate = similarity_transform(points, points @ matrix.T + shift)
     np.testing.assert_allclose(estimate[:, :2], matrix, atol=1e-9)
     np.testing.assert_allclose(estimate[:, 2], shift, atol=1e-9)
-    with pytest.raises(ValueError, match="all at one point"):
+    with pytest.raises(DataError, match="all at one point"):
         similarity_transform(np.ones((5, 2)), TEMPLATE_112)
 
 
@@ -324,5 +327,5 @@ def test_align_face_output_size_and_errors():
     image = Image.fromarray(random_image(np.random.default_rng(0), 200, 180))
     out = align_face(image, TEMPLATE_112 * 1.5, image_size=128)
     assert out.size == (128, 128) and out.mode == "RGB"
-    with pytest.raises(ValueError, match="5 finite"):
+    with pytest.raises(DataError, match="5 finite"):
         align_face(image, np.zeros((4, 2)))

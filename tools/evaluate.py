@@ -15,9 +15,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tools._cli import one_line_errors  # noqa: E402
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+@one_line_errors
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="training OUTPUT folder (uses its backbone.pt) or a backbone.pt")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--pairs", help="pairs list 'path1 path2 1|0'")
@@ -32,21 +35,17 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from pfc.backbones import build_backbone
-    from pfc.evaluation.export import load_backbone
-    from pfc.evaluation.verification import evaluate, read_bin, read_pairs, save_roc_plot
+    from pfc.evaluation import evaluate, load_backbone, read_bin, read_pairs
+    from pfc.evaluation.export import backbone_file, rebuild_backbone
+    from pfc.evaluation.roc import save_roc_plot
 
-    path = os.path.join(args.checkpoint, "backbone.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
-    try:
-        model, meta = load_backbone(path)
-        if args.untrained:
-            torch.manual_seed(args.seed)
-            model = build_backbone(meta["network"], meta["embedding_size"], 0.0, meta["image_size"]).eval()
-        pairs = read_pairs(args.pairs, args.root) if args.pairs else read_bin(args.bin)
-        result = evaluate(model, pairs, meta["image_size"], args.batch_size)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    path = backbone_file(args.checkpoint)
+    model, meta = load_backbone(path)
+    if args.untrained:
+        torch.manual_seed(args.seed)
+        model = rebuild_backbone(meta).eval()
+    pairs = read_pairs(args.pairs, args.root) if args.pairs else read_bin(args.bin)
+    result = evaluate(model, pairs, meta["image_size"], args.batch_size)
     if args.roc:
         save_roc_plot([result], args.roc)
     print(json.dumps(dict(result.summary(), checkpoint=path, untrained=args.untrained)))
@@ -54,4 +53,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

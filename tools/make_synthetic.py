@@ -1,4 +1,4 @@
-"""Write a class-per-folder tree of procedural face-like identities (see pfc/synthetic.py).
+"""Write a class-per-folder tree of procedural face-like identities (see pfc/datasets/synthetic.py).
 
     python tools/make_synthetic.py OUT --ids N --per K --seed S [--pairs P] [--landmarks]
 
@@ -9,12 +9,17 @@ give disjoint identities (train on one seed, verify on another).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
-from pfc.datasets.synthetic import write_synthetic
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pfc.datasets import write_synthetic  # noqa: E402
+from tools._cli import one_line_errors  # noqa: E402
 
 
+@one_line_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", help="output folder")
@@ -26,12 +31,8 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=112, help="side length in pixels")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    try:
-        counts = write_synthetic(args.out, args.ids, args.per, args.seed, pairs=args.pairs,
-                                 landmarks=args.landmarks, size=args.image_size)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    counts = write_synthetic(args.out, args.ids, args.per, args.seed, pairs=args.pairs,
+                             landmarks=args.landmarks, size=args.image_size)
     print(f"wrote {counts['images']} images of {counts['identities']} identities"
           f"{' and ' + str(counts['pairs']) + ' pairs' if counts['pairs'] else ''} to {args.out} "
           f"in {time.perf_counter() - started:.1f} s")

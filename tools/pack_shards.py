@@ -8,10 +8,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pfc.datasets.packing import FolderSource, PackOptions, RecordSource, pack, verify_shards
+from pfc.datasets import FolderSource, PackOptions, RecordSource, pack, verify_shards  # noqa: E402
+from tools._cli import one_line_errors  # noqa: E402
 
 
 def _add_pack_options(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +30,7 @@ def _add_pack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+@one_line_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,23 +44,19 @@ def main(argv=None) -> int:
     verify.add_argument("out", help="directory holding dataset.json")
     args = parser.parse_args(argv)
 
-    try:
-        if args.command == "verify":
-            report = verify_shards(args.out)
-            print(report.describe())
-            return 0 if report.ok else 1
-        options = PackOptions(shard_size=args.shard_size, workers=args.workers, seed=args.seed,
-                              image_size=args.image_size, landmarks=args.landmarks,
-                              quality=args.quality, progress=not args.no_progress)
-        options.validate()
-        if args.command == "folder":
-            source = FolderSource(args.src)
-        else:
-            source = RecordSource(args.prefix, progress=not args.no_progress)
-        summary = pack(source, args.out, options)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "verify":
+        report = verify_shards(args.out)
+        print(report.describe())
+        return 0 if report.ok else 1
+    options = PackOptions(shard_size=args.shard_size, workers=args.workers, seed=args.seed,
+                          image_size=args.image_size, landmarks=args.landmarks,
+                          quality=args.quality, progress=not args.no_progress)
+    options.validate()
+    if args.command == "folder":
+        source = FolderSource(args.src)
+    else:
+        source = RecordSource(args.prefix, progress=not args.no_progress)
+    summary = pack(source, args.out, options)
     print(summary.describe())
     return 0
 

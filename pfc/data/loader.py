@@ -7,20 +7,17 @@
     len(loader)                          # batches per rank this epoch, the same on every rank
     loader.stats                         # {"skipped": corrupt samples/tar errors skipped so far}
 
-Equal batch counts (a rank that runs out first would hang the collectives). Every epoch the shards
-are put in an order drawn from (seed, epoch) and their samples form one global sequence of
-``num_samples`` positions. Each rank gets ``B = num_samples // (world_size · batch_size)`` batches:
-rank r owns the contiguous positions ``[r·B·b, (r+1)·B·b)``, split among its DataLoader workers in
-whole batches (worker w gets ``B // W`` batches, the first ``B % W`` workers one more). The last
-``num_samples − N·B·b < N·b`` positions of the epoch's order are left out (other ones each epoch).
-Within one epoch no sample is read by two ranks or two workers, and every worker yields exactly
-its batch quota, so ``len(loader) = B`` on every rank whatever the shard count, world size and
-worker count. A worker reads its range shard by shard (skipping, without decoding, the samples
-before its start inside the first shard); when corrupt samples or a damaged tar leave it short,
-it tops up its quota with the positions that follow its range (cyclically, around again if need
-be) — those are then seen twice in that epoch, the price of keeping the counts equal; only data
-with no readable sample at all is an error. Within a worker, samples pass a
-seeded shuffle buffer; horizontal flips are drawn from (seed, epoch, rank, worker).
+Equal batch counts (a rank that runs out first would hang the collectives): which positions of
+the epoch each rank and worker reads is the epoch plan, :mod:`pfc.data.plan` (the shards in an
+order drawn from (seed, epoch), ``B = num_samples // (world_size · batch_size)`` batches per
+rank, split among its DataLoader workers in whole batches); every worker yields exactly its
+batch quota, so ``len(loader) = B`` on every rank. A worker reads its range shard by shard
+(skipping, without decoding, the samples before its start inside the first shard); when corrupt
+samples or a damaged tar leave it short, it tops up its quota with the positions that follow its
+range (cyclically, around again if need be) — those are then seen twice in that epoch, the price
+of keeping the counts equal; only data with no readable sample at all is an error. Within a
+worker, samples pass a seeded shuffle buffer; horizontal flips are drawn from (seed, epoch,
+rank, worker).
 
 Work split: DataLoader workers read, shuffle, decode (simplejpeg, straight into a batch buffer in
 shared memory that is reused once the consumer is done with it: the hand-off to the main
@@ -31,7 +28,8 @@ do nothing but parse and decode.
 
 Corrupt samples (undecodable or wrong-size JPEG, missing member, non-integer label, unreadable
 tar) are skipped with a warning naming the shard and key and counted in ``loader.stats``; a label
-outside [0, num_classes) is a data error and raises ValueError.
+outside [0, num_classes) is a data error and raises :class:`pfc.errors.DataError`, as do a
+missing or malformed manifest and data with no readable sample at all.
 """
 from __future__ import annotations
 
@@ -47,64 +45,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pfc.data.handoff import BatchBuffers, ReceivedBatches, release
-from pfc.data.manifest import read_manifest as _read_manifest
-from pfc.data.manifest import shard_urls
+from pfc.data.manifest import read_manifest, shard_urls
+from pfc.data.plan import batches_per_rank, epoch_shard_order, shard_pieces, worker_range
 from pfc.data.tarstream import TarDamage, iter_samples
+from pfc.errors import DataError
 
 logger = logging.getLogger(__name__)
-
-
-def read_manifest(root_or_manifest: str, allow_pipe: bool = False) -> dict:
-    """The validated ``dataset.json`` of a shard set (directory, path to the file, or URL).
-
-    Raises ValueError naming the problem: missing file, bad JSON, wrong format tag, empty shard
-    list, per-shard counts that do not add up to ``num_samples``, ...
-    """
-    return _read_manifest(root_or_manifest, allow_pipe=allow_pipe)
-
-
-# ---------------------------------------------------------------------------------------------
-# The epoch plan: pure functions of (manifest counts, seed, epoch, rank, worker).
-
-def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
-    """The shard order of one epoch: a permutation drawn from (seed, epoch), identical on all ranks."""
-    return list(np.random.default_rng([seed, epoch]).permutation(num_shards))
-
-
-def batches_per_rank(num_samples: int, batch_size: int, world_size: int) -> int:
-    """B = num_samples // (world_size · batch_size): full batches every rank yields per epoch."""
-    return num_samples // (world_size * batch_size)
-
-
-def worker_range(rank: int, worker: int, num_workers: int, batches: int, batch_size: int) -> tuple[int, int]:
-    """(first position, number of samples) of one worker's slice of the epoch sequence.
-
-    Rank r owns positions [r·B·b, (r+1)·B·b); worker w of W takes B // W batches (+1 for w < B % W)
-    of it, contiguous, in worker order.
-    """
-    base, extra = divmod(batches, num_workers)
-    first_batch = worker * base + min(worker, extra)
-    count = base + (1 if worker < extra else 0)
-    return (rank * batches + first_batch) * batch_size, count * batch_size
-
-
-def shard_pieces(counts: list[int], start: int, length: int) -> list[tuple[int, int, int]]:
-    """Cover positions [start, start + length) of the concatenation of shards with ``counts``
-    samples, cyclically, as (shard index in ``counts``, samples to skip, samples to take)."""
-    total = sum(counts)
-    pieces: list[tuple[int, int, int]] = []
-    if total == 0 or length <= 0:
-        return pieces
-    position = start % total
-    offsets = np.cumsum([0] + counts)
-    while length > 0:
-        shard = int(np.searchsorted(offsets, position, side="right")) - 1
-        skip = position - int(offsets[shard])
-        take = min(counts[shard] - skip, length)
-        pieces.append((shard, skip, take))
-        length -= take
-        position = (position + take) % total
-    return pieces
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +94,7 @@ def read_pieces(urls: list[str], pieces, counter: SkipCounter) -> Iterator[dict]
 
 
 def repeat_passes(make_pass, where: str) -> Iterator:
-    """Chain passes ``make_pass()``, ``make_pass()``, ... forever; ValueError if a whole pass is empty
+    """Chain passes ``make_pass()``, ``make_pass()``, ... forever; DataError if a whole pass is empty
     (nothing readable anywhere, so no quota could ever be met)."""
     while True:
         produced = 0
@@ -156,7 +102,7 @@ def repeat_passes(make_pass, where: str) -> Iterator:
             produced += 1
             yield item
         if produced == 0:
-            raise ValueError(f"{where}: no readable sample in the whole dataset")
+            raise DataError(f"{where}: no readable sample in the whole dataset")
 
 
 def shuffle_buffer(items, buffer_size: int, rng: random.Random) -> Iterator:
@@ -185,7 +131,7 @@ def _label(sample: dict, num_classes: int, counter: SkipCounter) -> int | None:
         counter.skip(url, key, f"label {text[:20]!r} is not an integer")
         return None
     if not 0 <= label < num_classes:
-        raise ValueError(f"sample {key} of shard {url} has label {label} outside [0, {num_classes}); "
+        raise DataError(f"sample {key} of shard {url} has label {label} outside [0, {num_classes}); "
                          f"the shards do not match the manifest's num_classes")
     return label
 
@@ -216,7 +162,7 @@ def assemble_batches(samples, quota: int, batch_size: int, image_size: tuple[int
     The small parts are arrays, which DataLoader pickles by value rather than putting each in a
     shared-memory segment of its own. With ``flip``, ``flips`` marks the images (each with
     probability 1/2) that :func:`to_float_images` mirrors left-right where the batch is
-    consumed. ValueError after ``give_up_after`` bad samples in a row (nothing decodes)."""
+    consumed. DataError after ``give_up_after`` bad samples in a row (nothing decodes)."""
     height, width = image_size
     if quota <= 0:
         return
@@ -230,8 +176,8 @@ def assemble_batches(samples, quota: int, batch_size: int, image_size: tuple[int
         if label is None or not decode_into(sample, pixels[filled], counter):
             bad_in_a_row += 1
             if bad_in_a_row > give_up_after:
-                raise ValueError(f"no readable sample in the whole dataset ({bad_in_a_row} bad in a row, "
-                                 f"last: {sample.get('__key__')} of {sample.get('__url__')})")
+                raise DataError(f"no readable sample in the whole dataset ({bad_in_a_row} bad in a row, "
+                                f"last: {sample.get('__key__')} of {sample.get('__url__')})")
             continue
         bad_in_a_row = 0
         labels[filled] = label
@@ -298,7 +244,7 @@ class ShardStream(IterableDataset):
         self.spec = spec
 
     def batches(self) -> int:
-        """Batches this rank yields per epoch (see :func:`batches_per_rank`)."""
+        """Batches this rank yields per epoch (see :func:`pfc.data.plan.batches_per_rank`)."""
         return batches_per_rank(sum(self.spec.counts), self.spec.batch_size, self.spec.world_size)
 
     def __iter__(self):
@@ -334,7 +280,6 @@ class FaceLoader:
     """Iterable of (images, labels) batches for one rank; ``len()`` is the same on every rank.
 
     ``stats["skipped"]`` accumulates the corrupt samples / tar errors skipped (all workers).
-    ``set_epoch(e)`` selects the shuffle of epoch ``e`` for the next iteration.
     """
 
     def __init__(self, spec: LoaderSpec, num_workers: int, prefetch_factor: int | None, device=None):
@@ -346,13 +291,6 @@ class FaceLoader:
 
     def __len__(self) -> int:
         return ShardStream(self.spec).batches()
-
-    @property
-    def epoch(self) -> int:
-        return self.spec.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.spec = LoaderSpec(**{**self.spec.__dict__, "epoch": int(epoch)})
 
     def __iter__(self):
         loader = DataLoader(ShardStream(self.spec), batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
@@ -381,9 +319,9 @@ def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: i
     runs where the batch is consumed, on ``device`` if given (a quarter of the bytes to move, and
     on a GPU the conversion is nearly free); images are channels-last views (see
     :func:`to_float_images`). Shard locations are local paths or URLs webdataset
-    opens; ``pipe:`` URLs (shell commands) only with ``allow_pipe=True``. Raises ValueError for a
-    missing/malformed manifest, an empty shard list, a missing local shard, bad arguments, or a
-    dataset smaller than one batch per rank.
+    opens; ``pipe:`` URLs (shell commands) only with ``allow_pipe=True``. Raises DataError for a
+    missing/malformed manifest, an empty shard list, a missing local shard or a dataset smaller
+    than one batch per rank; ValueError for bad arguments (a caller's bug).
     """
     for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
                              ("num_workers", num_workers, 0), ("shuffle_buffer_size", shuffle_buffer_size, 1)):
@@ -398,6 +336,6 @@ def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: i
                       batch_size=batch_size, rank=rank, world_size=world_size, seed=int(seed),
                       epoch=int(epoch), augment=bool(augment), shuffle_buffer=shuffle_buffer_size)
     if batches_per_rank(manifest["num_samples"], batch_size, world_size) == 0:
-        raise ValueError(f"{manifest['num_samples']} samples are fewer than one batch of {batch_size} "
-                         f"per rank for {world_size} ranks")
+        raise DataError(f"{manifest['num_samples']} samples are fewer than one batch of {batch_size} "
+                        f"per rank for {world_size} ranks")
     return FaceLoader(spec, num_workers, prefetch_factor, device)

@@ -29,14 +29,16 @@ from typing import Iterator
 
 import numpy as np
 
+from pfc.errors import DataError
+
 BLOCK = 512
 CHUNK = 1 << 20
 ZERO_BLOCK = bytes(BLOCK)
 _FILE, _PAX, _LONG_NAME = ord("0"), ord("x"), ord("L")   # type flags; "\0" is a file too
 
 
-class TarDamage(ValueError):
-    """The tar stream is truncated or its header is corrupt."""
+class TarDamage(DataError):
+    """The tar stream is truncated or its header is corrupt (a :class:`pfc.errors.DataError`)."""
 
 
 def _number(field: bytes) -> int:

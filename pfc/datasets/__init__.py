@@ -1,0 +1,15 @@
+"""The offline tools' library: turning face datasets into shards. Training never imports it.
+
+    sources.py    what is read: a class-per-folder tree, insightface RecordIO, landmark files
+    recordio.py   the RecordIO reader (no mxnet)
+    align.py      five-point similarity alignment onto the 112x112 template
+    packing.py    pack: shuffle, cut into shards, write in parallel, resumable
+    verify.py     verify_shards: every sample of a shard set checked against its manifest
+    synthetic.py  procedural face-like identities for demos and tests
+"""
+from pfc.datasets.packing import PackOptions, pack
+from pfc.datasets.sources import FolderSource, RecordSource
+from pfc.datasets.synthetic import write_synthetic
+from pfc.datasets.verify import verify_shards
+
+__all__ = ["pack", "PackOptions", "FolderSource", "RecordSource", "verify_shards", "write_synthetic"]

@@ -2,12 +2,15 @@
 
 Coordinates are in pixels with the centre of pixel (i, j) at x = j, y = i (the OpenCV convention
 landmark detectors use). Point order: left eye, right eye, nose tip, left mouth corner,
-right mouth corner (left/right as seen in the image).
+right mouth corner (left/right as seen in the image). Landmarks that cannot be aligned (not
+five finite points, all at one point) raise :class:`pfc.errors.DataError`.
 """
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
+
+from pfc.errors import DataError
 
 # The standard 112x112 five-point template used by ArcFace-style aligned face datasets.
 TEMPLATE_112 = np.array([
@@ -39,7 +42,7 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     src_c, dst_c = src - src_mean, dst - dst_mean
     src_var = (src_c ** 2).sum() / len(src)
     if src_var < 1e-12:
-        raise ValueError("landmarks are all at one point; cannot estimate an alignment")
+        raise DataError("landmarks are all at one point; cannot estimate an alignment")
     u, sigma, vt = np.linalg.svd(dst_c.T @ src_c / len(src))
     sign = np.ones(2)
     if np.linalg.det(u) * np.linalg.det(vt) < 0:
@@ -63,7 +66,7 @@ def align_face(image: Image.Image, landmarks: np.ndarray, image_size: int = 112)
     ``image_size`` x ``image_size`` crop (bilinear, black outside the source)."""
     landmarks = np.asarray(landmarks, dtype=np.float64)
     if landmarks.shape != (5, 2) or not np.isfinite(landmarks).all():
-        raise ValueError(f"need 5 finite (x, y) landmarks, got shape {landmarks.shape}")
+        raise DataError(f"need 5 finite (x, y) landmarks, got shape {landmarks.shape}")
     forward = similarity_transform(landmarks, template(image_size))
     linear_inv = np.linalg.inv(forward[:, :2])
     shift_inv = -linear_inv @ forward[:, 2]

@@ -1,5 +1,7 @@
 """Reader for insightface-style MXNet RecordIO datasets (``PREFIX.rec`` + ``PREFIX.idx``), without mxnet.
 
+A missing, truncated or malformed file raises :class:`pfc.errors.DataError` naming it.
+
 Layout (dmlc-core RecordIO, little-endian):
 
 - A record is one or more *parts*. Each part is ``magic:uint32 = 0xced7230a``, ``lrec:uint32``,
@@ -21,6 +23,8 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+
+from pfc.errors import DataError
 
 MAGIC = 0xCED7230A
 _PART = struct.Struct("<II")
@@ -48,7 +52,7 @@ def read_record(stream) -> bytes | None:
     """Read one (possibly multi-part) record from ``stream`` at its current position.
 
     Returns the payload with the magic words re-inserted between parts, or None at a clean end of
-    file. Raises ValueError on a bad magic word, a truncated part or an out-of-order cflag.
+    file. Raises DataError on a bad magic word, a truncated part or an out-of-order cflag.
     """
     parts: list[bytes] = []
     while True:
@@ -56,18 +60,18 @@ def read_record(stream) -> bytes | None:
         if not head and not parts:
             return None
         if len(head) != _PART.size:
-            raise ValueError("truncated RecordIO part header")
+            raise DataError("truncated RecordIO part header")
         magic, lrec = _PART.unpack(head)
         if magic != MAGIC:
-            raise ValueError(f"bad RecordIO magic 0x{magic:08x} (expected 0x{MAGIC:08x})")
+            raise DataError(f"bad RecordIO magic 0x{magic:08x} (expected 0x{MAGIC:08x})")
         cflag, length = lrec >> 29, lrec & _LENGTH_MASK
         expected = (0, 1) if not parts else (2, 3)
         if cflag not in expected:
-            raise ValueError(f"RecordIO continuation flag {cflag} where {expected} was expected")
+            raise DataError(f"RecordIO continuation flag {cflag} where {expected} was expected")
         padded = (length + 3) & ~3
         data = stream.read(padded)
         if len(data) != padded:
-            raise ValueError(f"truncated RecordIO record: {len(data)} of {padded} bytes")
+            raise DataError(f"truncated RecordIO record: {len(data)} of {padded} bytes")
         parts.append(data[:length])
         if cflag in (0, 3):
             return MAGIC.to_bytes(4, "little").join(parts)
@@ -76,14 +80,14 @@ def read_record(stream) -> bytes | None:
 def unpack_record(payload: bytes) -> tuple[RecordHeader, bytes]:
     """Split a record payload into its header and the remaining bytes (the encoded image)."""
     if len(payload) < _HEADER.size:
-        raise ValueError(f"record of {len(payload)} bytes is shorter than its {_HEADER.size}-byte header")
+        raise DataError(f"record of {len(payload)} bytes is shorter than its {_HEADER.size}-byte header")
     flag, label, id_, id2 = _HEADER.unpack_from(payload)
     start = _HEADER.size
     extra: tuple[float, ...] = ()
     if flag > 0:
         end = start + 4 * flag
         if len(payload) < end:
-            raise ValueError(f"record header announces {flag} labels but the record is too short")
+            raise DataError(f"record header announces {flag} labels but the record is too short")
         extra = struct.unpack_from(f"<{flag}f", payload, start)
         start = end
     return RecordHeader(flag, label, id_, id2, extra), payload[start:]
@@ -98,12 +102,12 @@ def read_index(idx_path: str) -> dict[int, int]:
             if not fields:
                 continue
             if len(fields) != 2:
-                raise ValueError(f"{idx_path}:{number}: expected 'key offset', got {line.strip()!r}")
+                raise DataError(f"{idx_path}:{number}: expected 'key offset', got {line.strip()!r}")
             try:
                 offsets[int(fields[0])] = int(fields[1])
             except ValueError:
-                raise ValueError(f"{idx_path}:{number}: key and offset must be integers, "
-                                 f"got {line.strip()!r}") from None
+                raise DataError(f"{idx_path}:{number}: key and offset must be integers, "
+                                f"got {line.strip()!r}") from None
     return offsets
 
 
@@ -117,10 +121,10 @@ class IndexedRecordFile:
         self.rec_path, self.idx_path = prefix + ".rec", prefix + ".idx"
         for path in (self.rec_path, self.idx_path):
             if not os.path.isfile(path):
-                raise ValueError(f"RecordIO file {path} does not exist")
+                raise DataError(f"RecordIO file {path} does not exist")
         self.offsets = read_index(self.idx_path)
         if not self.offsets:
-            raise ValueError(f"{self.idx_path} lists no records")
+            raise DataError(f"{self.idx_path} lists no records")
         self._file = open(self.rec_path, "rb")
         self.image_keys = self._find_image_keys()
 
@@ -133,24 +137,24 @@ class IndexedRecordFile:
         end = int(header.labels[0])
         missing = [k for k in range(1, end) if k not in self.offsets]
         if missing:
-            raise ValueError(f"record 0 announces images 1..{end - 1} but {len(missing)} of them "
-                             f"(first: {missing[0]}) are not in {self.idx_path}")
+            raise DataError(f"record 0 announces images 1..{end - 1} but {len(missing)} of them "
+                            f"(first: {missing[0]}) are not in {self.idx_path}")
         return list(range(1, end))
 
     def read(self, key: int) -> bytes:
         """The payload of record ``key`` (header included)."""
         if key not in self.offsets:
-            raise ValueError(f"record {key} is not in {self.idx_path}")
+            raise DataError(f"record {key} is not in {self.idx_path}")
         self._file.seek(self.offsets[key])
         payload = read_record(self._file)
         if payload is None:
-            raise ValueError(f"record {key} at offset {self.offsets[key]} is past the end of {self.rec_path}")
+            raise DataError(f"record {key} at offset {self.offsets[key]} is past the end of {self.rec_path}")
         return payload
 
     def read_header(self, key: int) -> RecordHeader:
         """Only the header of record ``key``; reads just its first bytes when they hold it whole."""
         if key not in self.offsets:
-            raise ValueError(f"record {key} is not in {self.idx_path}")
+            raise DataError(f"record {key} is not in {self.idx_path}")
         self._file.seek(self.offsets[key])
         head = self._file.read(_PART.size + _HEADER.size + 4 * 8)
         if len(head) >= _PART.size + _HEADER.size:

@@ -21,6 +21,7 @@ import simplejpeg
 from PIL import Image, ImageFilter
 
 from pfc.datasets.align import TEMPLATE_112
+from pfc.errors import ConfigError
 
 _SKIN = np.array([[235, 200, 170], [220, 175, 140], [190, 140, 105], [150, 105, 75],
                   [110, 75, 55], [240, 210, 190]], dtype=np.float64)
@@ -133,7 +134,35 @@ class _Canvas:
 
 def render_sample(identity: Identity, rng: np.random.Generator, size: int = 112) -> tuple[np.ndarray, np.ndarray]:
     """One image (uint8 [size, size, 3]) of ``identity`` with random nuisances, and its five
-    landmarks ([5, 2], pixel-centre coordinates, template order)."""
+    landmarks ([5, 2], pixel-centre coordinates, template order).
+
+    Layers in order, each drawing its nuisances from ``rng``: pose, background, face (outline,
+    hair, marks), eyes and brows, nose, mouth, lighting, then occluder, blur and sensor noise.
+    """
+    scale_out = size / 112.0
+    linear, offset, yaw = _draw_pose(rng, size)
+    canvas = _Canvas(size, linear, offset)
+    slide = 6.0 * yaw   # fake yaw: inner features slide towards the turned side
+
+    def moved(point, depth=1.0):
+        return (point[0] + slide * depth, point[1])
+
+    _paint_background(canvas, rng)
+    _paint_face(canvas, identity, yaw, slide)
+    _paint_eyes(canvas, identity, rng, yaw, moved)
+    _paint_nose(canvas, identity, moved)
+    _paint_mouth(canvas, identity, rng, moved)
+    _light(canvas, identity, rng)
+    image = _degrade(canvas.pixels, rng, size, scale_out)
+    canonical = np.array([moved(identity.eye_left), moved(identity.eye_right), moved(identity.nose_tip, 1.4),
+                          moved(identity.mouth_left), moved(identity.mouth_right)])
+    landmarks = canonical @ linear.T + offset
+    return np.ascontiguousarray(image), landmarks
+
+
+def _draw_pose(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(linear [2, 2], offset [2], yaw in [-1, 1]): the in-plane rotation, scale and shift that
+    map canonical 112-frame coordinates to the output's pixels."""
     scale_out = size / 112.0
     angle = rng.normal(0, 0.14)
     scale = rng.uniform(0.88, 1.1) * scale_out
@@ -142,19 +171,23 @@ def render_sample(identity: Identity, rng: np.random.Generator, size: int = 112)
     c, s = np.cos(angle), np.sin(angle)
     linear = scale * np.array([[c, -s], [s, c]])
     offset = np.array([size / 2, size / 2]) + shift - linear @ np.array([56.0, 60.0])
-    canvas = _Canvas(size, linear, offset)
-    u, v, whole = canvas.u, canvas.v, (slice(None), slice(None))
+    return linear, offset, yaw
 
-    # Background: a random colour with a gradient, unrelated to identity.
+
+def _paint_background(canvas: _Canvas, rng: np.random.Generator) -> None:
+    """A random colour with a gradient, unrelated to identity."""
+    size = canvas.size
     direction = rng.normal(size=2)
     ramp = (canvas.xs * direction[0] + canvas.ys * direction[1]) / (size * (np.abs(direction).sum() + 1e-6))
     canvas.pixels[:] = rng.uniform(20, 235, 3)
     canvas.pixels += ramp[..., None] * rng.uniform(-80, 80, 3).astype(np.float32)
 
+
+def _paint_face(canvas: _Canvas, identity: Identity, yaw: float, slide: float) -> None:
+    """Hair, the face outline (narrowed by the yaw), the hairline and the identity marks."""
+    u, v, whole = canvas.u, canvas.v, (slice(None), slice(None))
     fx, fy = identity.face_center
     rx, ry = identity.face_radii
-    # Fake yaw: the face outline narrows and inner features slide towards the turned side.
-    slide = 6.0 * yaw
     rx_pose = rx * (1 - 0.12 * abs(yaw))
     _, hair = canvas.ellipse((fx, fy - 8), (rx_pose + 4, ry + 2), window=whole)
     canvas.paint(whole, hair * (v < identity.hair_top + 25), identity.hair)
@@ -166,9 +199,9 @@ def render_sample(identity: Identity, rng: np.random.Generator, size: int = 112)
     for mx, my, mr in identity.moles:
         canvas.paint(*canvas.ellipse((mx + slide * 0.5, my), (mr, mr)), identity.skin * 0.45)
 
-    def moved(point, depth=1.0):
-        return (point[0] + slide * depth, point[1])
 
+def _paint_eyes(canvas: _Canvas, identity: Identity, rng: np.random.Generator, yaw: float, moved) -> None:
+    """Both eyes (white, iris, pupil; a random blink), the brows and the glasses if any."""
     blink = rng.uniform(0.35, 1.15)
     eye_rx, eye_ry = identity.eye_radii
     for eye, side in ((identity.eye_left, -1), (identity.eye_right, 1)):
@@ -189,19 +222,25 @@ def render_sample(identity: Identity, rng: np.random.Generator, size: int = 112)
             inner = canvas.ellipse((ex, ey), (eye_rx + 3.8, eye_rx + 1.8), window=area)[1]
             canvas.paint(area, np.clip(outer - inner, 0, 1), (25, 25, 30))
 
+
+def _paint_nose(canvas: _Canvas, identity: Identity, moved) -> None:
+    """The nose ridge and both nostrils (the tip slides further with the yaw: it stands out)."""
     nx, ny = moved(identity.nose_tip, 1.4)
     nw, nh = identity.nose_size
     canvas.paint(*canvas.ellipse((nx, ny - nh / 2), (nw * 0.55, nh / 2)), identity.skin * 0.82)
     canvas.paint(*canvas.ellipse((nx - nw * 0.45, ny), (nw * 0.3, nw * 0.2)), identity.skin * 0.45)
     canvas.paint(*canvas.ellipse((nx + nw * 0.45, ny), (nw * 0.3, nw * 0.2)), identity.skin * 0.45)
 
+
+def _paint_mouth(canvas: _Canvas, identity: Identity, rng: np.random.Generator, moved) -> None:
+    """Lips along a parabola through the mouth corners (a random smile), open at random."""
     left, right = moved(identity.mouth_left), moved(identity.mouth_right)
     mouth_cx, mouth_cy = (left[0] + right[0]) / 2, (left[1] + right[1]) / 2
     half = (right[0] - left[0]) / 2
     smile = identity.smile + rng.normal(0, 1.5)
     opening = max(0.0, rng.normal(0, 1.5))
     area = canvas.window((mouth_cx, mouth_cy), half + abs(smile) + 10)
-    mu, mv = u[area], v[area]
+    mu, mv = canvas.u[area], canvas.v[area]
     t = np.clip((mu - mouth_cx) / half, -1, 1)
     centre_line = mouth_cy + smile * (1 - t ** 2)
     inside = _soft((np.abs(mu - mouth_cx) - half) * canvas.scale, 1.0)
@@ -210,11 +249,14 @@ def render_sample(identity: Identity, rng: np.random.Generator, size: int = 112)
     if opening > 0.5:
         canvas.paint(area, inside * _soft((np.abs(mv - centre_line) - opening * 0.8) * canvas.scale, 1.0), (60, 20, 25))
 
-    # Lighting: directional shading over the face, global gain, colour cast, contrast.
+
+def _light(canvas: _Canvas, identity: Identity, rng: np.random.Generator) -> None:
+    """Directional shading over the face, global gain, colour cast, contrast (in place)."""
+    fx, fy = identity.face_center
     pixels = canvas.pixels
     light = rng.normal(size=2)
     light /= np.linalg.norm(light) + 1e-9
-    shade = 1.0 + rng.uniform(0, 0.5) * ((u - fx) * light[0] + (v - fy) * light[1]) / 60.0
+    shade = 1.0 + rng.uniform(0, 0.5) * ((canvas.u - fx) * light[0] + (canvas.v - fy) * light[1]) / 60.0
     pixels *= shade[..., None]
     pixels *= (rng.uniform(0.6, 1.35) * rng.uniform(0.8, 1.2, 3)).astype(np.float32)
     contrast = rng.uniform(0.7, 1.2)
@@ -223,11 +265,13 @@ def render_sample(identity: Identity, rng: np.random.Generator, size: int = 112)
     pixels *= contrast
     pixels += mean
 
+
+def _degrade(pixels: np.ndarray, rng: np.random.Generator, size: int, scale_out: float) -> np.ndarray:
+    """uint8 image of the float ``pixels`` after a random occluder, blur and sensor noise."""
     if rng.random() < 0.3:   # occluder: a random block, never the whole face
         w, h = rng.uniform(0.15, 0.45, 2) * size
         x0, y0 = rng.uniform(0, size - w), rng.uniform(0, size - h)
         pixels[int(y0):int(y0 + h), int(x0):int(x0 + w)] = rng.uniform(0, 255, 3)
-
     image = np.clip(pixels, 0, 255).astype(np.uint8)
     sigma = rng.uniform(0, 1.6) * scale_out
     if sigma > 0.3:
@@ -236,11 +280,7 @@ def render_sample(identity: Identity, rng: np.random.Generator, size: int = 112)
     if noise > 1:
         noisy = image + rng.standard_normal(image.shape, dtype=np.float32) * np.float32(noise)
         image = np.clip(noisy, 0, 255).astype(np.uint8)
-
-    canonical = np.array([moved(identity.eye_left), moved(identity.eye_right), moved(identity.nose_tip, 1.4),
-                          moved(identity.mouth_left), moved(identity.mouth_right)])
-    landmarks = canonical @ linear.T + offset
-    return np.ascontiguousarray(image), landmarks
+    return image
 
 
 def class_name(seed: int, index: int) -> str:
@@ -256,13 +296,14 @@ def write_synthetic(out_dir: str, ids: int, per: int, seed: int, pairs: int = 0,
     first half same-identity pairs (needs ``per`` >= 2), the rest different-identity pairs (needs
     ``ids`` >= 2), interleaved. With ``landmarks``, ``out_dir/landmarks.csv``:
     ``relpath,x1,y1,...,x5,y5`` per image. Returns counts. Deterministic in (ids, per, seed).
+    ConfigError for counts that cannot be written.
     """
     if ids < 1 or per < 1:
-        raise ValueError(f"need at least one identity and one image each, got ids={ids} per={per}")
+        raise ConfigError(f"need at least one identity and one image each, got ids={ids} per={per}")
     if pairs < 0:
-        raise ValueError(f"pairs must be >= 0, got {pairs}")
+        raise ConfigError(f"pairs must be >= 0, got {pairs}")
     if pairs and (per < 2 or ids < 2):
-        raise ValueError("pairs need at least 2 identities and 2 images per identity")
+        raise ConfigError("pairs need at least 2 identities and 2 images per identity")
     os.makedirs(out_dir, exist_ok=True)
     rows = []
     for index in range(ids):

@@ -1,0 +1,13 @@
+"""Evaluation of a trained backbone: verification sets, the protocol's metrics, export.
+
+    verification.py  pair sets (pairs lists, insightface .bin), flip-averaged embeddings, evaluate
+    roc.py           10-fold accuracy, exact ROC, TAR at FAR, the ROC plot
+    export.py        backbone.pt (save_backbone / load_backbone) and ONNX export
+    report.py        results side by side
+
+Imports :mod:`pfc.backbones` (to rebuild a saved network), never the trainer.
+"""
+from pfc.evaluation.export import load_backbone, save_backbone
+from pfc.evaluation.verification import VerificationSet, evaluate, read_bin, read_pairs
+
+__all__ = ["VerificationSet", "read_pairs", "read_bin", "evaluate", "save_backbone", "load_backbone"]
