@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import pytest
@@ -243,3 +244,12 @@ def test_deepspeed_config_is_resolved_against_the_trainer_config(tmp_path):
         with pytest.raises(ValueError, match="fp16 needs a GPU"):
             resolve_deepspeed_config({"zero_optimization": {"stage": 1}, "fp16": {"enabled": True}},
                                      micro_batch_size=8)
+
+
+def test_engine_deepspeed_without_deepspeed_installed_names_the_extra(monkeypatch):
+    from pfc.errors import ConfigError
+    from pfc.train.runners.deepspeed import build_deepspeed_runner
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)       # as if it were not installed
+    with pytest.raises(ConfigError, match=r"needs DeepSpeed, which is not installed: pip install 'pfc\[deepspeed\]'"):
+        build_deepspeed_runner(small_backbone(), {"zero_optimization": {"stage": 1}}, micro_batch_size=BATCH)

@@ -5,7 +5,9 @@ import os
 
 import torch.distributed as dist
 
-from pfc.evaluation.verification import VerificationSet, evaluate, read_bin, read_pairs, save_roc_plot
+from pfc.errors import DataError
+from pfc.evaluation import VerificationSet, evaluate, read_bin, read_pairs
+from pfc.evaluation.roc import save_roc_plot
 from pfc.train.config import TrainConfig
 from pfc.train.runtime import Runtime
 from pfc.train.state import TrainState
@@ -16,9 +18,9 @@ def load_val_sets(config: TrainConfig, runtime: Runtime) -> list[VerificationSet
     paths = ([config.eval.pairs] if config.eval.pairs else []) + list(config.eval.bins)
     for path in paths:
         if not os.path.isfile(path):
-            raise ValueError(f"verification file {path} does not exist")
+            raise DataError(f"verification file {path} does not exist")
     if config.eval.root and not os.path.isdir(config.eval.root):
-        raise ValueError(f"val_root {config.eval.root} is not a folder")
+        raise DataError(f"eval.root {config.eval.root} is not a folder")
     if not runtime.is_main:
         return []
     sets = []

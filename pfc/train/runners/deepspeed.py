@@ -295,12 +295,12 @@ def build_deepspeed_runner(backbone: torch.nn.Module, config: dict | str | os.Pa
     """
     import torch.distributed as dist
 
+    deepspeed = _import_deepspeed()
     if not dist.is_initialized():
         raise ConfigError("the DeepSpeed engine needs an initialised process group (launch with torchrun)")
     if "LOCAL_RANK" not in os.environ:
         raise ConfigError("LOCAL_RANK is not set: DeepSpeed needs it (torchrun sets it; set it when "
                          "launching otherwise)")
-    deepspeed = _import_deepspeed()
     if not build_cpu_comm_op and not torch.cuda.is_available():
         _skip_cpu_comm_op()
     resolved = resolve_deepspeed_config(config, micro_batch_size, grad_accumulation, grad_clip,
