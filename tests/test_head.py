@@ -1,5 +1,6 @@
 """PartialFC on real multi-process gloo groups against a single-process float64 reference."""
 import math
+import re
 import time
 
 import pytest
@@ -237,6 +238,53 @@ def test_bad_inputs_raise_clear_errors_on_every_rank():
             assert message is not None and all(fragment in message for fragment in fragments), (rank, name, message)
             assert seconds < 5, (rank, name, seconds)
         assert math.isfinite(loss)
+
+
+def test_check_options_holds_the_constructor_checks():
+    PartialFC.check_options(sample_rate=0.1, embedding_size=8, chunk_rows=16, interclass_filter=0.5)
+    for options, message in [(dict(sample_rate=0.0, embedding_size=8), "sample_rate=0.0 outside (0, 1]"),
+                             (dict(sample_rate=1.0, embedding_size=0), "embedding_size=0 must be >= 1"),
+                             (dict(sample_rate=1.0, embedding_size=8, chunk_rows=0), "chunk_rows=0 must be >= 1"),
+                             (dict(sample_rate=1.0, embedding_size=8, interclass_filter=1.5),
+                              "interclass_filter=1.5 outside [-1, 1]")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            PartialFC.check_options(**options)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            PartialFC(10, **options)
+
+
+def test_single_process_bad_input_names_the_cause():
+    head = PartialFC(10, 8)
+    with pytest.raises(ValueError, match=re.escape("label 12 outside [0, 10)")):
+        head(torch.randn(2, 8), torch.tensor([3, 12]))
+    with pytest.raises(ValueError, match="labels must have shape \\[2\\]"):
+        head(torch.randn(2, 8), torch.tensor([3]))
+    with pytest.raises(ValueError, match="embeddings must be floating point, got int64"):
+        head(torch.zeros(2, 8, dtype=torch.long), torch.tensor([3, 4]))
+
+
+def test_without_the_private_use_count_the_gradient_memory_is_never_recycled(monkeypatch):
+    """pfc.head.torch_private.storage_use_count may be missing in another torch: the workspace
+    then allocates a fresh gradient every backward, with the same results."""
+    import pfc.head.scratch
+
+    grads = []
+    for private in (True, False):
+        if not private:
+            monkeypatch.setattr(pfc.head.scratch, "storage_use_count", lambda storage: None)
+        head = PartialFC(50, 8, sample_rate=1.0, seed=1)
+        optimizer = head.optimizer()
+        storages = set()
+        for step in range(3):
+            generator = torch.Generator().manual_seed(step)
+            head.set_iteration(step)
+            head(torch.randn(6, 8, generator=generator), torch.randint(0, 50, (6,), generator=generator)).backward()
+            storages.add(head.weight.grad.untyped_storage().data_ptr())
+            grads.append(head.weight.grad.clone())
+            optimizer.step()
+            optimizer.zero_grad()
+        assert (len(storages) == 1) if private else (len(storages) > 1), storages
+    assert all(torch.equal(a, b) for a, b in zip(grads[:3], grads[3:]))
 
 
 @pytest.mark.parametrize("sample_rate", [1.0, 0.2])

@@ -109,12 +109,12 @@ def _chunk_rows(weight, index, start, stop, workspace, kept=None):
 
 def _chunk_cosines(rows, operand, logits, inv_norm, start, stop):
     """Step 1a: ``logits[start:stop] = clamp(r·(rows·operandᵀ), −1, 1)`` and
-    ``inv_norm[start:stop] = r``; returns ``(block, r)``."""
+    ``inv_norm[start:stop] = r``; returns the block."""
     block = logits[start:stop]
     inv = inverse_norms(rows, out=inv_norm[start:stop])
     torch.mm(rows, operand.t(), out=block)
     block.mul_(inv[:, None]).clamp_(-1.0, 1.0)  # in place: the block is the kept logits
-    return block, inv
+    return block
 
 
 def _margin_and_filter(chunk, targets, mask, cells, margin, filter_threshold):
@@ -206,7 +206,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         for start in range(0, num_sampled, options.chunk_rows):
             stop = min(start + options.chunk_rows, num_sampled)
             rows = _chunk_rows(weight, index, start, stop, workspace, None if kept is None else kept.rows)
-            block, _ = _chunk_cosines(rows, operand, logits, inv_norm, start, stop)
+            block = _chunk_cosines(rows, operand, logits, inv_norm, start, stop)
             mask, cells = targets.in_chunk(start, stop)
             if energy is not None:  # Σ_{j ≠ y_i} f(ŵ_yi, ŵ_j) over this chunk's centers
                 mhe_sum += energy.chunk_sum(block[:, num_rows:], start, cells)
@@ -221,7 +221,8 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         loss = (log_sum + row_max - target_logit).mean()
         correct = (target_logit >= row_max) | (raw_target_logit >= row_max)
         accuracy = correct.to(features.dtype).mean()
-        energy_value = mhe_total[0] / 1.0 if energy is None else energy.value(mhe_total[0], mhe_total[1], num_rows)
+        energy_value = energy.value(mhe_total[0], mhe_total[1], num_rows) if energy is not None else \
+            mhe_total[0] / 1.0  # a zero tensor
 
         # the large tensors and the inputs go through save_for_backward; the small per-target and
         # MHE pieces ride on ctx in their typed objects
