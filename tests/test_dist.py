@@ -1,24 +1,8 @@
 import pytest
 import torch
 
-from pfc.distributed.collectives import class_partition, gather_rows, partition_bounds
+from pfc.distributed.collectives import gather_rows
 from tests.distributed import run_ranks
-
-
-@pytest.mark.parametrize("num_classes,world_size", [(10, 1), (10, 3), (7, 7), (1001, 4), (5, 2)])
-def test_partition_covers_every_class_once(num_classes, world_size):
-    bounds = partition_bounds(num_classes, world_size)
-    assert bounds[0][0] == 0 and bounds[-1][1] == num_classes
-    for (_, end), (start, _) in zip(bounds, bounds[1:]):
-        assert end == start
-    sizes = [end - start for start, end in bounds]
-    assert max(sizes) - min(sizes) <= 1
-    assert sizes == sorted(sizes, reverse=True)  # the first C % N ranks take one more
-
-
-def test_partition_rejects_more_ranks_than_classes():
-    with pytest.raises(ValueError, match="num_classes=2 is smaller than the world size 3"):
-        class_partition(2, 3, 0)
 
 
 def _gather_backward(rank, world_size):

@@ -1,12 +1,13 @@
 """PartialFC on real multi-process gloo groups against a single-process float64 reference."""
 import math
+import re
 import time
 
 import pytest
 import torch
 
-from pfc.distributed.collectives import partition_bounds
 from pfc.head.partial_fc import PartialFC, init_centers, sample_classes
+from pfc.head.partition import class_partition
 from pfc.head.margins import ArcFace, CombinedMargin, CosFace, SphereFace
 from tests.distributed import run_ranks
 from tests.reference import reference_loss, relative_error
@@ -21,10 +22,32 @@ MARGINS = {
 SPHERE_ITERATION = 100
 
 
+def _bounds(num_classes, world_size):
+    """``[(class_start, class_end)]`` of every rank, in rank order."""
+    parts = [class_partition(num_classes, world_size, rank) for rank in range(world_size)]
+    return [(part.class_start, part.class_end) for part in parts]
+
+
+@pytest.mark.parametrize("num_classes,world_size", [(10, 1), (10, 3), (7, 7), (1001, 4), (5, 2)])
+def test_partition_covers_every_class_once(num_classes, world_size):
+    bounds = _bounds(num_classes, world_size)
+    assert bounds[0][0] == 0 and bounds[-1][1] == num_classes
+    for (_, end), (start, _) in zip(bounds, bounds[1:]):
+        assert end == start
+    sizes = [end - start for start, end in bounds]
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)  # the first C % N ranks take one more
+
+
+def test_partition_rejects_more_ranks_than_classes():
+    with pytest.raises(ValueError, match="num_classes=2 is smaller than the world size 3"):
+        class_partition(2, 3, 0)
+
+
 def _labels(pattern, world_size, num_classes, batch, seed):
     """Gathered labels [N·b]: every shard boundary present, or all owned by the last rank."""
     generator = torch.Generator().manual_seed(seed)
-    bounds = partition_bounds(num_classes, world_size)
+    bounds = _bounds(num_classes, world_size)
     total = world_size * batch
     if pattern == "boundaries":
         edges = sorted({c for start, end in bounds for c in (start, end - 1)})
@@ -198,23 +221,70 @@ def _bad_input_worker(rank, world_size):
 
 def test_bad_inputs_raise_clear_errors_on_every_rank():
     results = run_ranks(_bad_input_worker, 2, timeout=90)
-    expected = {
-        "label_high": "rank 1: label 10 outside [0, 10)",
-        "label_negative": "rank 0: label -1 outside [0, 10)",
-        "batch_sizes": "batch sizes differ across ranks: [4, 5]",
-        "dtypes": "embedding dtypes differ across ranks: ['float32', 'float64']",
-        "width": "rank 0: embedding width 7 does not match embedding_size=8",
-        "float_labels": "labels must be an integer tensor, got float32",
-        "few_classes": "num_classes=1 is smaller than the world size 2",
-        "sample_rate_zero": "sample_rate=0.0 outside (0, 1]",
-        "sample_rate_big": "sample_rate=1.5 outside (0, 1]",
+    expected = {  # the fragments every rank's message must contain
+        "label_high": ["failed on rank 1:", "label 10 outside [0, 10)"],
+        "label_negative": ["failed on rank 0:", "label -1 outside [0, 10)"],
+        "batch_sizes": ["batch size differs across ranks: [4, 5]"],
+        "dtypes": ["embedding dtype (0 float32, 1 float64, 2 float16, 3 bfloat16) differs across ranks: [0, 1]"],
+        "width": ["failed on rank 0:", "embedding width 7 does not match embedding_size=8"],
+        "float_labels": ["labels must be an integer tensor, got float32"],
+        "few_classes": ["num_classes=1 is smaller than the world size 2"],
+        "sample_rate_zero": ["sample_rate=0.0 outside (0, 1]"],
+        "sample_rate_big": ["sample_rate=1.5 outside (0, 1]"],
     }
     for rank, (messages, loss) in enumerate(results):
-        for name, fragment in expected.items():
+        for name, fragments in expected.items():
             message, seconds = messages[name]
-            assert message is not None and fragment in message, (rank, name, message)
+            assert message is not None and all(fragment in message for fragment in fragments), (rank, name, message)
             assert seconds < 5, (rank, name, seconds)
         assert math.isfinite(loss)
+
+
+def test_check_options_holds_the_constructor_checks():
+    PartialFC.check_options(sample_rate=0.1, embedding_size=8, chunk_rows=16, interclass_filter=0.5)
+    for options, message in [(dict(sample_rate=0.0, embedding_size=8), "sample_rate=0.0 outside (0, 1]"),
+                             (dict(sample_rate=1.0, embedding_size=0), "embedding_size=0 must be >= 1"),
+                             (dict(sample_rate=1.0, embedding_size=8, chunk_rows=0), "chunk_rows=0 must be >= 1"),
+                             (dict(sample_rate=1.0, embedding_size=8, interclass_filter=1.5),
+                              "interclass_filter=1.5 outside [-1, 1]")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            PartialFC.check_options(**options)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            PartialFC(10, **options)
+
+
+def test_single_process_bad_input_names_the_cause():
+    head = PartialFC(10, 8)
+    with pytest.raises(ValueError, match=re.escape("label 12 outside [0, 10)")):
+        head(torch.randn(2, 8), torch.tensor([3, 12]))
+    with pytest.raises(ValueError, match="labels must have shape \\[2\\]"):
+        head(torch.randn(2, 8), torch.tensor([3]))
+    with pytest.raises(ValueError, match="embeddings must be floating point, got int64"):
+        head(torch.zeros(2, 8, dtype=torch.long), torch.tensor([3, 4]))
+
+
+def test_without_the_private_use_count_the_gradient_memory_is_never_recycled(monkeypatch):
+    """pfc.head.torch_private.storage_use_count may be missing in another torch: the workspace
+    then allocates a fresh gradient every backward, with the same results."""
+    import pfc.head.scratch
+
+    grads = []
+    for private in (True, False):
+        if not private:
+            monkeypatch.setattr(pfc.head.scratch, "storage_use_count", lambda storage: None)
+        head = PartialFC(50, 8, sample_rate=1.0, seed=1)
+        optimizer = head.optimizer()
+        storages = set()
+        for step in range(3):
+            generator = torch.Generator().manual_seed(step)
+            head.set_iteration(step)
+            head(torch.randn(6, 8, generator=generator), torch.randint(0, 50, (6,), generator=generator)).backward()
+            storages.add(head.weight.grad.untyped_storage().data_ptr())
+            grads.append(head.weight.grad.clone())
+            optimizer.step()
+            optimizer.zero_grad()
+        assert (len(storages) == 1) if private else (len(storages) > 1), storages
+    assert all(torch.equal(a, b) for a, b in zip(grads[:3], grads[3:]))
 
 
 @pytest.mark.parametrize("sample_rate", [1.0, 0.2])

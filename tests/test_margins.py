@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pfc.head.margins import ArcFace, CombinedMargin, CosFace, NormFace, SphereFace, margin_from_name
+from pfc.head.margins import ArcFace, CombinedMargin, CosFace, NormFace, SphereFace
 from tests.reference import reference_target_logit
 
 GRID = torch.cat([torch.linspace(-1.0, 1.0, 2001, dtype=torch.float64),
@@ -47,7 +47,6 @@ def test_presets_equal_their_closed_forms():
     norm_value, _ = NormFace().value_and_grad(cos)
     assert torch.equal(norm_value, cos)
     assert ArcFace().s == 64.0 and CosFace().s == 30.0
-    assert margin_from_name("arc", m=0.4) == ArcFace(m=0.4)
 
 
 def test_arcface_insightface_fallback():
@@ -102,5 +101,3 @@ def test_bad_margin_parameters_are_rejected():
         CombinedMargin(s=0)
     with pytest.raises(ValueError, match="fallback"):
         CombinedMargin(fallback="clip")
-    with pytest.raises(ValueError, match="unknown margin"):
-        margin_from_name("triplet")

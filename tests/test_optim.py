@@ -74,3 +74,22 @@ def test_bad_hyper_parameters():
         SparseRowSGD([param], lr=0.1, momentum=1.0)
     with pytest.raises(ValueError, match="learning rate -1"):
         SparseRowSGD([param], lr=-1)
+
+
+def test_without_the_private_sparse_accessors_the_update_is_the_same(monkeypatch):
+    """pfc.head.torch_private.uncoalesced_rows may find no ``_indices``/``_values`` in another
+    torch: the optimizer then coalesces, with the same result bit for bit."""
+    import pfc.head.optim
+
+    results = []
+    for private in (True, False):
+        if not private:
+            monkeypatch.setattr(pfc.head.optim, "uncoalesced_rows", lambda grad: None)
+        param, _ = _pair(seed=3)
+        optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=5e-4)
+        values = torch.randn(3, param.shape[1], generator=torch.Generator().manual_seed(4))
+        # sorted, distinct rows but not flagged coalesced: what autograd hands over from the head
+        param.grad = torch.sparse_coo_tensor(torch.tensor([[1, 4, 7]]), values, param.shape, check_invariants=True)
+        optimizer.step()
+        results.append((param.detach().clone(), optimizer.state[param]["momentum_buffer"].clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*results))

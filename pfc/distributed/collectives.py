@@ -1,12 +1,10 @@
-"""Process-group helpers, the class partition, and a differentiable all-gather.
+"""Process-group helpers and a differentiable all-gather.
 
 Every function takes the process group explicitly (``None`` means the default group); when
 torch.distributed is not initialised they behave as a world of size 1, so the library runs
 unchanged in a single process.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -25,48 +23,6 @@ def get_rank(group=None) -> int:
 def get_world_size(group=None) -> int:
     """Number of ranks in ``group``, 1 when not distributed."""
     return dist.get_world_size(group) if is_distributed() else 1
-
-
-@dataclass(frozen=True)
-class ClassPartition:
-    """The rows of the ``num_classes × D`` center matrix owned by one rank.
-
-    Rank r owns ``num_local = C//N + (r < C%N)`` rows starting at
-    ``class_start = C//N*r + min(r, C%N)``: the first ``C % N`` ranks hold one row more.
-    """
-
-    num_classes: int
-    world_size: int
-    rank: int
-    class_start: int
-    num_local: int
-
-    @property
-    def class_end(self) -> int:
-        return self.class_start + self.num_local
-
-
-def class_partition(num_classes: int, world_size: int, rank: int) -> ClassPartition:
-    """Partition ``num_classes`` rows over ``world_size`` ranks; see :class:`ClassPartition`.
-
-    Raises ValueError when a rank would own no class (``num_classes < world_size``).
-    """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside [0, {world_size})")
-    if num_classes < world_size:
-        raise ValueError(
-            f"num_classes={num_classes} is smaller than the world size {world_size}: "
-            "every rank must own at least one class center"
-        )
-    base, extra = divmod(num_classes, world_size)
-    start = base * rank + min(rank, extra)
-    return ClassPartition(num_classes, world_size, rank, start, base + (1 if rank < extra else 0))
-
-
-def partition_bounds(num_classes: int, world_size: int) -> list[tuple[int, int]]:
-    """``[(class_start, class_end)]`` of every rank, in rank order."""
-    parts = [class_partition(num_classes, world_size, r) for r in range(world_size)]
-    return [(p.class_start, p.class_end) for p in parts]
 
 
 # torch ≥ 2.11 renames the flat-tensor collectives; older releases have only the old names

@@ -1,0 +1,19 @@
+"""The model-parallel Partial-FC head: sharded class centers, an exact distributed margin softmax,
+margins, regularisers and the row-sparse center optimizer. Usable without the trainer.
+
+    partial_fc.py    PartialFC: sharding, sampling, input checks (start here)
+    softmax.py       the fused sharded softmax as named steps (sharded_margin_softmax)
+    margins.py       target-logit margins in closed form (CombinedMargin and presets, SphereFace)
+    regularizers.py  MHE (its math, forward and backward), AngularTriplet
+    optim.py         SparseRowSGD and the update-in-backward seam
+    partition.py     which rows of the centers each rank owns
+    scratch.py, norms.py, torch_private.py   scratch memory, norm floor, private torch internals
+"""
+from pfc.head.margins import ArcFace, CombinedMargin, CosFace, Margin, NormFace, SphereFace
+from pfc.head.optim import SparseRowSGD
+from pfc.head.partial_fc import PartialFC
+from pfc.head.regularizers import MHE, AngularTriplet
+from pfc.head.softmax import sharded_margin_softmax
+
+__all__ = ["PartialFC", "sharded_margin_softmax", "CombinedMargin", "ArcFace", "CosFace", "NormFace", "SphereFace",
+           "Margin", "MHE", "AngularTriplet", "SparseRowSGD"]

@@ -3,7 +3,7 @@
 A margin maps the cosine ``c = cos θ_y`` between a sample and its own class center to the
 target logit ``z_y`` (before the scale ``s``); non-target logits stay ``c``. Each margin gives
 its value *and* its derivative in closed form (:meth:`Margin.value_and_grad`), so the sharded
-softmax in :mod:`pfc.head.partial_fc` applies it without autograd, and :meth:`Margin.__call__` wraps the
+softmax in :mod:`pfc.head.softmax` applies it without autograd, and :meth:`Margin.__call__` wraps the
 same closed form as an autograd op for standalone use.
 
 Margins with iteration-dependent behaviour (SphereFace's λ annealing) are advanced with
@@ -185,11 +185,3 @@ class SphereFace(Margin):
         grad = (sign * chebyshev_grad + lam) / (1.0 + lam)
         return value, grad
 
-
-def margin_from_name(name: str, **params) -> Margin:
-    """Build a margin by name: ``combined``, ``arc``, ``cos``, ``norm``, ``sphere``."""
-    builders = {"combined": CombinedMargin, "arc": ArcFace, "cos": CosFace, "norm": NormFace,
-                "sphere": SphereFace}
-    if name not in builders:
-        raise ValueError(f"unknown margin {name!r}; choose one of {sorted(builders)}")
-    return builders[name](**params)

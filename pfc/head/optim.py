@@ -1,14 +1,19 @@
-"""Row-sparse SGD for the class centers.
+"""Row-sparse SGD for the class centers, and the seam through which the head's backward applies it.
 
 Partial FC touches only the sampled rows of the center matrix each step. ``SparseRowSGD``
 updates exactly those rows (weights and momentum of every other row stay bit-identical) and
 never materialises a dense gradient; its work and memory traffic scale with the sampled rows.
+:class:`UpdateInBackward` is what the head's backward calls instead of returning the rows'
+gradient (``PartialFC.optimizer(update_in_backward=True)``).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from pfc.head.scratch import ScratchBlocks
+from pfc.head.torch_private import uncoalesced_rows
 
 
 class SparseRowSGD(torch.optim.Optimizer):
@@ -131,9 +136,58 @@ def _row_gradient(grad: torch.Tensor):
     flag) is used as it is; anything else is coalesced, summing duplicate rows."""
     if not grad.is_sparse:
         return None, grad
-    if not grad.is_coalesced() and grad.sparse_dim() == 1:
-        rows = grad._indices()[0]
+    stored = uncoalesced_rows(grad) if not grad.is_coalesced() and grad.sparse_dim() == 1 else None
+    if stored is not None:
+        rows, values = stored
         if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
-            return rows, grad._values()
+            return rows, values
     grad = grad.coalesce()
     return grad.indices()[0], grad.values()
+
+
+@dataclass(frozen=True)
+class UpdateInBackward:
+    """The update-in-backward seam: the head's backward hands it the gradient of the sampled rows
+    ``weight[index]`` (``index`` None: all rows) instead of returning it, and it applies
+    :meth:`SparseRowSGD.update_rows`, with a result bit-identical to a backward and ``step()``.
+
+    Made by :meth:`begin` once per backward. When every row's gradient is final as soon as its
+    chunk is done, the backward calls :meth:`chunk` for each chunk (``by_chunk``: the rows are
+    updated in place while they are still in cache, and no gradient block is needed); otherwise
+    (MHE adds to the positive rows after the loop) it fills a gradient block and calls
+    :meth:`finish` once. A non-finite loss updates nothing.
+    """
+
+    optimizer: SparseRowSGD
+    weight: torch.Tensor
+    index: torch.Tensor | None
+    active: bool     # False after a non-finite loss
+    by_chunk: bool
+
+    @classmethod
+    def begin(cls, optimizer: SparseRowSGD, weight: torch.Tensor, index: torch.Tensor | None,
+              upstream: torch.Tensor, loss: torch.Tensor, by_chunk: bool) -> UpdateInBackward:
+        """Check that the loss is backpropagated as it is (``upstream`` gradient 1: the update
+        uses the gradient of the loss itself) and decide whether anything is updated."""
+        if float(upstream) != 1.0:
+            raise ValueError(f"the head's optimizer updates the centers in the backward, which needs the "
+                             f"head's loss backpropagated as it is (upstream gradient 1, got {float(upstream):g}); "
+                             "for loss scaling or gradient accumulation use head.optimizer(update_in_backward=False)")
+        active = bool(torch.isfinite(loss))
+        return cls(optimizer, weight, index, active, by_chunk and active)
+
+    def chunk(self, start: int, stop: int, grad_rows: torch.Tensor, rows: torch.Tensor) -> None:
+        """Update sampled rows ``[start, stop)`` given their gradient; ``rows`` holds their current
+        values (``weight[index[start:stop]]``, overwritten; a view of ``weight`` when index is None)."""
+        if not self.by_chunk:
+            return
+        if self.index is None:
+            self.optimizer.update_rows(self.weight, slice(start, stop), grad_rows)
+        else:
+            self.optimizer.update_rows(self.weight, self.index[start:stop], grad_rows, weight_rows=rows)
+
+    def finish(self, grad_values: torch.Tensor) -> None:
+        """Update all sampled rows given their gradient ``[S, D]`` (when not done chunk by chunk)."""
+        if self.active and not self.by_chunk:
+            rows = slice(0, grad_values.shape[0]) if self.index is None else self.index
+            self.optimizer.update_rows(self.weight, rows, grad_values)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from pfc.distributed.collectives import all_gather_tensor, all_reduce_, gather_rows, get_rank, get_world_size
 from pfc.head.margins import SphereFace
+from pfc.head.norms import inverse_norms
 
 _KERNELS = ("euclidean", "log", "angular")
 
@@ -38,11 +39,11 @@ class MHE:
     (``f(ŵ_y, ŵ_j) + f(ŵ_y, −ŵ_j)``, divided by ``2·B·(K−1)``). ``unbiased=True`` weights the
     sampled negatives of rank r by ``(C_r − P_r)/n_r`` (P_r local positives, n_r negatives drawn)
     and uses K = C, an unbiased estimate of the full-shard energy. The head adds ``weight·E``,
-    computed inside its sharded softmax (:func:`pfc.head.sharded_margin_softmax`): the batch's
-    positive centers are gathered with one all-reduce, each rank evaluates the kernel against its
-    own sampled shard in the same GEMM as the logits, the energy rides on the softmax's SUM
-    all-reduce, and the positive centers' gradient returns to their owners with one all-reduce in
-    the backward.
+    computed inside its sharded softmax (:func:`pfc.head.sharded_margin_softmax`) by the pieces
+    of :class:`ShardEnergy`: the batch's positive centers are gathered with one all-reduce, each
+    rank evaluates the kernel against its own sampled shard in the same GEMM as the logits, the
+    energy rides on the softmax's SUM all-reduce, and the positive centers' gradient returns to
+    their owners with one all-reduce in the backward.
     """
 
     weight: float = 0.01
@@ -111,6 +112,77 @@ class MHE:
         if num_negative > 0:
             weights[~is_positive] = (num_local - num_positive) / num_negative
         return weights, num_local
+
+    def shard_energy(self, weight: torch.Tensor, index: torch.Tensor | None, target_rows: torch.Tensor,
+                     target_positions: torch.Tensor, num_rows: int, group=None) -> ShardEnergy:
+        """This rank's part of E in one step of the sharded softmax (collective: gathers the
+        positive centers); see :class:`ShardEnergy`."""
+        return ShardEnergy(self, weight, index, target_rows, target_positions, num_rows, group)
+
+
+class ShardEnergy:
+    """MHE's part in one step of the sharded softmax (:mod:`pfc.head.softmax`), on one rank.
+
+    Notation: ``B`` gathered rows, this rank's ``S`` sampled centers ``W_s``; the batch row
+    ``target_rows[k]`` has its class among them, at position ``target_positions[k]``.
+
+    1. Made in the forward: ``centers = P̂ [B, D]``, the batch's normalised class centers, each
+       row filled by the rank that owns the class, then one SUM all-reduce. The softmax appends
+       them to the features, so one GEMM yields the logits and the cosines ``ŵ_jᵀp̂_i``.
+    2. :meth:`chunk_sum`: ``Σ_i Σ_{j ≠ y_i} f(ŵ_yi, ŵ_j)`` over a chunk of ``W_s`` (the target
+       cells masked, columns weighted when ``unbiased``); the softmax adds the chunks up and
+       reduces the sum and :attr:`count` (this rank's share of K) on its SUM all-reduce.
+    3. :meth:`value`: ``E = total / (B·(K−1))`` (doubled with half-space).
+    4. :meth:`chunk_grad`: ``∂E/∂cos`` of a chunk (the softmax turns it into the gradients of
+       ``W_s`` and of ``P̂`` with its own).
+    5. :meth:`return_center_grad`: the backward of step 1: every rank's share of ``∂E/∂P̂``
+       summed (one all-reduce), taken through ``p̂ = w/‖w‖`` and added to the owners' rows.
+    """
+
+    def __init__(self, mhe: MHE, weight: torch.Tensor, index: torch.Tensor | None, target_rows: torch.Tensor,
+                 target_positions: torch.Tensor, num_rows: int, group=None):
+        self.mhe = mhe
+        self.target_rows, self.target_positions = target_rows, target_positions
+        own = weight.index_select(0, target_positions if index is None else index[target_positions])
+        self.own_inv_norm = inverse_norms(own)
+        self.own_unit = own * self.own_inv_norm[:, None]
+        centers = weight.new_zeros(num_rows, weight.shape[1])
+        centers[target_rows] = self.own_unit
+        self.centers = all_reduce_(centers, dist.ReduceOp.SUM, group)
+        self.column_weight, self.count = mhe.column_weights(index, target_positions, weight.shape[0])
+        self.denominator = 1.0
+
+    def chunk_sum(self, cos: torch.Tensor, start: int, target_cells: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``Σ f`` over ``cos [S_c, B]``, the cosines of sampled centers ``[start, start + S_c)``
+        against ``P̂``; ``target_cells = (positions − start, rows)`` of the targets in the chunk."""
+        energy = self.mhe.kernel_value(cos)
+        energy[target_cells] = 0.0
+        if self.column_weight is not None:
+            energy.mul_(self.column_weight[start:start + cos.shape[0], None])
+        return energy.sum()
+
+    def value(self, total: torch.Tensor, count: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """E from the reduced ``total`` of the chunk sums and the reduced ``count`` (K)."""
+        self.denominator = self.mhe.denominator(num_rows, int(round(float(count))))
+        return total / self.denominator
+
+    def chunk_grad(self, cos: torch.Tensor, start: int, target_cells: tuple[torch.Tensor, torch.Tensor],
+                   grad_energy: torch.Tensor, out: torch.Tensor) -> None:
+        """``out = grad_energy · ∂E/∂cos`` for the chunk of :meth:`chunk_sum`."""
+        torch.mul(self.mhe.kernel_grad(cos), grad_energy / self.denominator, out=out)
+        out[target_cells] = 0.0
+        if self.column_weight is not None:
+            out.mul_(self.column_weight[start:start + cos.shape[0], None])
+
+    def return_center_grad(self, grad_centers: torch.Tensor, grad_values: torch.Tensor, group=None) -> None:
+        """Add ``∂/∂w`` of the positive centers to ``grad_values [S, D]`` (collective), given this
+        rank's share ``grad_centers [B, D]`` of the gradient of ``P̂``."""
+        grad_centers = all_reduce_(grad_centers.contiguous(), dist.ReduceOp.SUM, group)
+        own_grad = grad_centers[self.target_rows]
+        # p̂ = w·r: ∂/∂w = r·(g − p̂·(p̂ᵀg)), in place on the gathered copy
+        own_grad.sub_(self.own_unit * (own_grad * self.own_unit).sum(dim=1, keepdim=True))
+        own_grad.mul_(self.own_inv_norm[:, None])
+        grad_values.index_add_(0, self.target_positions, own_grad)
 
 
 @dataclass

@@ -1,0 +1,36 @@
+"""The private torch internals the head uses, all of them, each with what it relies on and what
+happens without it. Nothing else in :mod:`pfc.head` touches a private torch name.
+
+- ``torch._C._storage_Use_Count(storage._cdata)`` (:func:`storage_use_count`): the reference
+  count of an untyped storage, i.e. how many tensors and storage handles share its memory.
+  :class:`pfc.head.scratch.Workspace` reuses the center-gradient memory of the last backward only
+  when nothing but the workspace holds it any more. It relies on the count being exact for
+  storages made by ``new_empty`` (checked with torch 2.13, the version tested here). Missing
+  (a renamed binding): the function returns None and the workspace never recycles: a fresh
+  gradient block every backward, slower by its page faults, the same results.
+- ``Tensor._indices()`` / ``Tensor._values()`` of a sparse COO tensor (:func:`uncoalesced_rows`):
+  its indices and values as stored, without the coalescing that the public ``indices()`` /
+  ``values()`` require. :class:`pfc.head.optim.SparseRowSGD` uses them for a gradient whose rows
+  are already sorted and distinct (the head's, after autograd drops its coalesced flag), which
+  then needs no copy. It relies on them returning the stored tensors themselves, not copies.
+  Missing: the function returns None and the optimizer coalesces (one sort and copy of the
+  gradient, the same values).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def storage_use_count(storage: torch.UntypedStorage) -> int | None:
+    """How many holders ``storage`` has; None where this torch does not tell."""
+    counter = getattr(torch._C, "_storage_Use_Count", None)
+    return None if counter is None else counter(storage._cdata)
+
+
+def uncoalesced_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(rows [n], values [n, …])`` of a sparse COO tensor over dim 0 as stored (unsorted and
+    possibly repeated rows included); None where this torch does not offer them."""
+    indices, values = getattr(grad, "_indices", None), getattr(grad, "_values", None)
+    if indices is None or values is None:
+        return None
+    return indices()[0], values()
