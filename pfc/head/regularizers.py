@@ -27,8 +27,9 @@ def _global_value(local: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class MHE:
-    """Minimum hyperspherical energy (SphereFace+) between each sample's class center and the
-    other sampled centers of all ranks:
+    """Minimum hyperspherical energy (SphereFace+) of the sampled class centers.
+
+    The energy between each sample's class center and the other sampled centers of all ranks:
 
         E = 1/(B·(K−1)) · Σ_i Σ_{j ≠ y_i} f(ŵ_{y_i}, ŵ_j)
 
