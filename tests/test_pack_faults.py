@@ -98,7 +98,7 @@ def test_empty_and_unreadable_classes_are_left_out_of_a_contiguous_label_space(t
         (src / "b_dead" / f"{index}.jpg").write_bytes(b"\xff\xd8 not a jpeg either")
     os.makedirs(src / "empty")
     (src / "empty" / "notes.txt").write_text("no image here")
-    command = ("folder", src, out, "--shard-size", "2", *SIZE)
+    command = ("folder", src, out, "--shard-size", "2", "--workers", "2", *SIZE)   # relabelled in parallel
     result = run_tool(*command)
     assert result.returncode == 0, result.stderr
     assert "left out class b_dead: all its 2 images were skipped" in result.stdout
@@ -235,3 +235,17 @@ def test_pack_refuses_an_output_folder_locked_by_this_or_another_process(tmp_pat
             pack(FolderSource(str(tmp_path / "src")), str(tmp_path / "out"),
                  PackOptions(image_size=16, progress=False))
     pack(FolderSource(str(tmp_path / "src")), str(tmp_path / "out"), PackOptions(image_size=16, progress=False))
+
+
+def test_verify_reports_a_class_without_samples(tmp_path):
+    """A set packed before empty classes were left out fails verification, naming the class."""
+    from tests.data_fixtures import write_shard_set
+
+    sample = {"jpg": grey_jpeg(40)}
+    write_shard_set(str(tmp_path), [[("000000000", {**sample, "cls": b"0"}), ("000000001", {**sample, "cls": b"2"})]],
+                    num_classes=3, size=(16, 16))
+    report = verify_shards(str(tmp_path))
+    assert not report.ok and report.problems == [
+        "class 1 (c1) has no good sample; repack with tools/pack_shards.py, which leaves empty classes out"]
+    result = run_tool("verify", tmp_path)
+    assert result.returncode == 1 and "class 1 (c1) has no good sample" in result.stdout
