@@ -110,9 +110,8 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
     state.head.train()
     try:
         while state.step < state.total_steps and not stopped:
-            loader = iter(build_loader(config, runtime, state.epoch))
-            for _ in range(state.batch_in_epoch):  # a resumed run: the part of the epoch already seen
-                next(loader)
+            # a resumed run starts at its position in the epoch (nothing before it is read again)
+            loader = iter(build_loader(config, runtime, state.epoch, start_batch=state.batch_in_epoch))
             steps = min(state.steps_per_epoch - state.batch_in_epoch // config.optim.grad_accumulation,
                         state.total_steps - state.step)
             bar = tqdm(total=steps, desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False,
