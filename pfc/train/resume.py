@@ -27,8 +27,9 @@ def restore_train_state(state: TrainState, config: TrainConfig, runtime: Runtime
     The ranks resolve the request together (:func:`pfc.train.checkpoint.select_checkpoint`:
     ``auto`` is the newest complete and undamaged checkpoint, skipping damaged ones with a
     warning; an error listing each when there are checkpoints and none is usable; a path must
-    be complete and undamaged), so every rank loads the same one. A checkpoint from another world size continues at the same number of samples
-    into the epoch (``batch_in_epoch`` scaled by old/new world size) with freshly seeded RNGs.
+    be complete and undamaged), so every rank loads the same one. A checkpoint from another
+    world size continues at the same number of samples into the epoch (``batch_in_epoch``
+    scaled by old/new world size) with freshly seeded RNGs.
     """
     request = resume_request(config)
     if not request:

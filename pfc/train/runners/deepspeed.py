@@ -146,9 +146,9 @@ def load_engine_file(path: str | os.PathLike, map_location=None):
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        reason = str(exc).split("WeightsUnpickler error:")[-1].strip()[:300]
         raise CheckpointError(f"{path}: refusing to load a DeepSpeed checkpoint file with a global that is not "
-                              f"allowed, or a damaged one: {str(exc).split('WeightsUnpickler error:')[-1].strip()[:300]}"
-                              ) from exc
+                              f"allowed, or a damaged one: {reason}") from exc
 
 
 def _use_weights_only_loading(engine) -> None:
