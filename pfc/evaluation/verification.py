@@ -59,6 +59,8 @@ class _BinUnpickler(pickle.Unpickler):
     Lists, tuples, bytes, str, bools and ints are pickle opcodes and never reach ``find_class``;
     the globals below are what Python-3 (``_codecs.encode`` for bytes at protocol ≤ 2) and numpy
     (``ndarray`` reconstruction) need. Any other global (``os.system``, ``builtins.eval`` …) is refused.
+    The check is on exact (module, name) pairs, so a dotted name (``numpy.os.system``, which
+    ``find_class`` would resolve attribute by attribute under protocol ≥ 4) never matches.
     """
 
     ALLOWED_GLOBALS = {
