@@ -30,7 +30,7 @@ from pfc.evaluation.export import save_backbone
 from pfc.train.builders import build_loader, build_train_state
 from pfc.train.config import TrainConfig, apply_dataset, to_dict
 from pfc.train.finite import NonFiniteLossError, NonFiniteStateError, check_state_finite  # noqa: F401 (re-exported)
-from pfc.train.metrics import MetricsWindow, TrainLogger, write_json
+from pfc.train.metrics import MetricsWindow, SkippedSamples, TrainLogger, write_json
 from pfc.train.resume import restore_train_state, save_train_checkpoint
 from pfc.train.rollback import StepRollback
 from pfc.train.runtime import Runtime, init_runtime, seed_everything
@@ -65,7 +65,7 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     config = apply_dataset(config, int(manifest["num_classes"]), int(manifest["num_samples"]),
                            manifest_source(config.data.root))
     image_size = image_side(manifest)
-    val_sets = load_val_sets(config, runtime)
+    val_sets = load_val_sets(config, runtime, image_size)
     if runtime.is_main:
         os.makedirs(config.output, exist_ok=True)
         write_json(os.path.join(config.output, "config.json"), to_dict(config))
@@ -108,10 +108,13 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
     state.head.train()
     rollback = StepRollback(state.runner.model, state.head, state.head_optimizer,
                             state.runner.head_update_in_backward)
+    samples_skipped = SkippedSamples()
     try:
         while state.step < state.total_steps and not stopped:
             # a resumed run starts at its position in the epoch (nothing before it is read again)
-            loader = iter(build_loader(config, runtime, state.epoch, start_batch=state.batch_in_epoch))
+            epoch_loader = build_loader(config, runtime, state.epoch, start_batch=state.batch_in_epoch)
+            samples_skipped.follow(epoch_loader)
+            loader = iter(epoch_loader)
             steps = min(state.steps_per_epoch - state.batch_in_epoch // config.optim.grad_accumulation,
                         state.total_steps - state.step)
             bar = tqdm(total=steps, desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False,
@@ -124,7 +127,9 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
                 window.add(last_loss, stats)
                 bar.update(1)
                 if state.step % config.log_every == 0 or state.step == state.total_steps:
-                    logger.log_train(window.record(state, lr_used), write=tqdm.write)
+                    record = window.record(state, lr_used)
+                    record["skipped_samples"] = samples_skipped.total_over_ranks()  # collective, at log steps
+                    logger.log_train(record, write=tqdm.write)
                 if config.eval.every and state.step % config.eval.every == 0 and state.step < state.total_steps:
                     summaries = run_verification(state, val_sets, config, runtime, image_size)
                     logger.log_eval(summaries, write=tqdm.write)
