@@ -10,9 +10,10 @@ rank holds an inf/NaN, every rank raises :class:`NonFiniteStateError` naming the
 first tensors, and nothing is written (the previous checkpoints stay).
 
 Cost: one read of the state, no copy (``torch.aminmax`` per tensor, which propagates NaN), one
-device synchronisation and one all-reduce of a flag. At 1M classes × 512 on 8 ranks the head's
-shard and its momentum are 2 × 64 M floats per rank (0.5 GB read: well under a millisecond of
-an H200's bandwidth, about 0.1 s on one CPU core; see docs/benchmarks.md).
+device synchronisation and one all-reduce of a flag. At 1M classes × 512 the head's shard and its
+momentum are what counts: on one CPU thread 95 ms per save on 8 ranks (0.5 GB per rank), 330 ms on
+2 ranks (2 GB per rank) (``python bench/step_rollback.py``); on a GPU a fraction of a millisecond.
+The save itself writes the same bytes to disk.
 """
 from __future__ import annotations
 

@@ -22,6 +22,11 @@ things change anyway, before the decision can be taken:
   then) and written back by :meth:`restore`. That is one gather of the rows the update itself
   reads and writes, ``2 · S_r · D`` values per step (S_r sampled rows on the rank).
 
+Measured with ``python bench/step_rollback.py`` on one CPU thread: the buffer copy and check cost
+0.2 % / 0.03 % of a tiny / iresnet50 step (batch 16), the gradient norm of the guard 1.5 % /
+0.3 % (reused by clipping); the row copy at 1M classes on 2 ranks (50k of 500k rows sampled)
+40 ms, about 11 % of the head's own step there (367 ms), which a backbone step dwarfs.
+
 The LR schedules are not the model: the loop steps them on a skipped step too (the schedule is a
 function of the step index, which moves on).
 """
