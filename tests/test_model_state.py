@@ -18,7 +18,8 @@ from tests.data_fixtures import jpeg
 from tests.distributed import run_ranks
 from tests.train_fixtures import make_config, write_shards
 
-NAN_STEP = 4
+NAN_STEP = 4       # the bad step of the full run
+BAD_STEP = 1       # the bad step of the short runs (after one good step: momentum and statistics moved)
 
 
 def write_pairs(root: str, num_classes: int = 12, per_class: int = 4, image_size: int = 16, num_pairs: int = 40,
@@ -60,7 +61,7 @@ def pairs(tmp_path_factory):
 
 
 def bad_step_runs(rank: int, world_size: int, data: str, output: str) -> dict:
-    """Runs with a checkpoint after every step and one bad step NAN_STEP on rank 1: a NaN forward
+    """Runs with a checkpoint after every step and one bad step BAD_STEP on rank 1: a NaN forward
     (with and without gradient accumulation), or a NaN only in the gradient of one backbone weight
     (the loss finite on every rank, so the head has updated its rows inside its backward)."""
     from pfc.train import loop
@@ -70,7 +71,7 @@ def bad_step_runs(rank: int, world_size: int, data: str, output: str) -> dict:
 
     def bad_step(case):
         def forward_backward(self, images, labels, head, last_micro):
-            if head.iteration != NAN_STEP or rank != 1:
+            if head.iteration != BAD_STEP or rank != 1:
                 return original(self, images, labels, head, last_micro)
             if case == "nan forward":
                 return original(self, images * math.nan, labels, head, last_micro)
@@ -86,8 +87,8 @@ def bad_step_runs(rank: int, world_size: int, data: str, output: str) -> dict:
         name = f"{case}, accumulation {accumulation}"
         DDPRunner.forward_backward = bad_step(case)
         try:
-            result = loop.train(make_config(data, os.path.join(output, name), max_steps=NAN_STEP + 2, save_every=1,
-                                            keep_checkpoints=10, grad_accumulation=accumulation, val_pairs=""))
+            result = loop.train(make_config(data, os.path.join(output, name), max_steps=BAD_STEP + 1, save_every=1,
+                                            warmup_steps=0, grad_accumulation=accumulation, val_pairs=""))
         finally:
             DDPRunner.forward_backward = original
         results[name] = dataclasses.asdict(result)
@@ -106,15 +107,15 @@ def test_a_skipped_step_leaves_the_whole_model_state_as_it_was(shard_set, tmp_pa
     results = run_ranks(bad_step_runs, 2, shard_set, str(tmp_path), timeout=300)
     for name in results[0]:
         assert [by_run[name]["skipped_steps"] for by_run in results] == [1, 1], name
-        before = read_checkpoint_tensors(checkpoint_path(str(tmp_path / name), NAN_STEP))
-        after = read_checkpoint_tensors(checkpoint_path(str(tmp_path / name), NAN_STEP + 1))
+        before = read_checkpoint_tensors(checkpoint_path(str(tmp_path / name), BAD_STEP))
+        after = read_checkpoint_tensors(checkpoint_path(str(tmp_path / name), BAD_STEP + 1))
         keys = [key for key in before if not key.startswith("rng.")]
         assert any("running_var" in k for k in keys) and any("num_batches_tracked" in k for k in keys)
         assert {"head.weight", "head_optimizer.state.0.momentum_buffer"} <= set(keys)
         assert any(k.startswith("backbone_optimizer.state.") for k in keys)
         assert [k for k in keys if not torch.equal(before[k], after[k])] == [], name
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-        loss = next(r["loss"] for r in records if r["step"] == NAN_STEP + 1)
+        loss = next(r["loss"] for r in records if r["step"] == BAD_STEP + 1)
         assert math.isfinite(loss) == (name == "nan backbone gradient, accumulation 1"), (name, loss)
 
 
