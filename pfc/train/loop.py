@@ -56,7 +56,9 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
 
     Outputs in ``config.output`` (rank 0): config.json (resolved), metrics.jsonl, eval.jsonl,
     eval_results.json, roc.png, backbone.pt, tensorboard/ when installed, and checkpoints.
-    Raises NonFiniteLossError (after writing a checkpoint) when the loss stays non-finite.
+    Raises NonFiniteLossError (after writing a checkpoint) when the loss stays non-finite, and
+    NonFiniteStateError (on every rank, nothing written) when a checkpoint or backbone.pt would
+    hold inf/NaN. backbone.pt is written before the final verification.
     """
     runtime = runtime or init_runtime()
     if not config.data.root:
