@@ -3,12 +3,16 @@
     stop = StopSignals()                        # SIGTERM / SIGINT only set a flag
     guard = StepGuard(max_consecutive_skips=5)
     ...                                         # forward + backward of one step
-    decision = guard.check(loss_value, stop.requested)   # one all-reduce, same answer on every rank
-    if decision.skip: zero the gradients instead of stepping
+    decision = guard.check(loss_value, stop.requested, step_finite=runner.gradients_finite())
+    if decision.skip: zero the gradients instead of stepping (one all-reduce, same answer everywhere)
     if decision.stop: save a checkpoint and leave the loop (decision.reason says why)
 
 A signal or a NaN seen by one rank must change what *every* rank does at the same step, or the
 next collective hangs; hence the single all-reduce of ``[non_finite, stop_requested]`` per step.
+"Non-finite" covers the loss and, when the caller passes ``step_finite``, what else the step
+computed on this rank (its gradients, the BatchNorm statistics its forward moved): a NaN that
+appears only in one rank's backward (the loss finite everywhere) would otherwise be averaged into
+every rank's weights.
 """
 from __future__ import annotations
 
@@ -90,8 +94,8 @@ class StepDecision:
 class StepGuard:
     """Collective per-step check of the loss and of pending stop requests.
 
-    ``check`` all-reduces (MAX) two flags: "my loss is not finite" and "a stop was requested
-    here". A non-finite loss on any rank skips the step on every rank and logs a warning; after
+    ``check`` all-reduces (MAX) two flags: "my loss (or step) is not finite" and "a stop was
+    requested here". A non-finite loss or gradient on any rank skips the step on every rank and logs a warning; after
     ``max_consecutive_skips`` skipped steps in a row (0: never) the decision is to stop.
     ``skipped_total`` and ``consecutive`` count the skips.
     """
@@ -104,10 +108,14 @@ class StepGuard:
         self.consecutive = 0
         self.skipped_total = 0
 
-    def check(self, loss: float | torch.Tensor, stop_requested: bool = False, step: int | None = None) -> StepDecision:
-        """Decide this step on every rank alike (collective: every rank calls it once per step)."""
+    def check(self, loss: float | torch.Tensor, stop_requested: bool = False, step: int | None = None,
+              step_finite: bool = True) -> StepDecision:
+        """Decide this step on every rank alike (collective: every rank calls it once per step);
+        ``step_finite``: False when something else this rank computed in the step (gradients,
+        statistics) holds inf/NaN, its loss being finite or not."""
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        flags = torch.tensor([0.0 if math.isfinite(value) else 1.0, 1.0 if stop_requested else 0.0])
+        bad = not (math.isfinite(value) and step_finite)
+        flags = torch.tensor([1.0 if bad else 0.0, 1.0 if stop_requested else 0.0])
         if is_distributed() and get_world_size(self.group) > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         non_finite, stop = bool(flags[0] > 0), bool(flags[1] > 0)
@@ -115,7 +123,7 @@ class StepGuard:
         if non_finite:
             self.consecutive += 1
             self.skipped_total += 1
-            logger.warning("%snon-finite loss on at least one rank; skipping the update "
+            logger.warning("%snon-finite loss or gradient on at least one rank; skipping the update "
                            "(%d in a row, %d in total)", where, self.consecutive, self.skipped_total)
         else:
             self.consecutive = 0

@@ -5,12 +5,15 @@ import os
 
 from pfc.train.checkpoint import load_checkpoint, save_checkpoint, select_checkpoint
 from pfc.train.config import TrainConfig
+from pfc.train.finite import check_state_finite
 from pfc.train.runtime import Runtime, seed_everything
 from pfc.train.state import TrainState
 
 
 def save_train_checkpoint(state: TrainState, config: TrainConfig) -> str:
-    """Collective: write ``OUTPUT/checkpoint-STEP`` atomically, keep the newest ``keep_checkpoints``."""
+    """Collective: write ``OUTPUT/checkpoint-STEP`` atomically, keep the newest ``keep_checkpoints``;
+    a state holding inf/NaN is refused on every rank first (:func:`pfc.train.finite.check_state_finite`)."""
+    check_state_finite(state, f"saving the checkpoint of step {state.step}")
     return str(save_checkpoint(config.output, state, keep_last=config.checkpoint.keep))
 
 

@@ -223,6 +223,12 @@ class DeepSpeedRunner:
             self.deepspeed_engine.step()
         return loss.detach() / self.grad_accumulation
 
+    def gradients_finite(self) -> bool:
+        """True: DeepSpeed checks the gradients itself (ZeRO-1/2 skip a step whose gradients are
+        not finite, all ranks alike, and :meth:`step` then returns False); the ZeRO-partitioned
+        gradients are not the parameters' ``.grad``."""
+        return True
+
     def engine_step(self) -> bool:
         """One optimizer step of the engine (at an accumulation boundary); False when DeepSpeed
         skipped it: ZeRO-1/2 skip a step whose gradients hold inf/NaN (fp16 overflow, or a
