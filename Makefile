@@ -1,6 +1,6 @@
 # Everything runs inside .venv, created on first use. torch is installed first from an
 # overridable spec so that a CPU-only machine does not pull a CUDA build:
-#   make test TORCH_SPEC="torch==2.5.1"      (or TORCH_SPEC=torch on a GPU machine)
+#   make test TORCH_SPEC="torch==2.8.0"      (the oldest supported; or TORCH_SPEC=torch on a GPU machine)
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
