@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import signal
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -271,6 +272,19 @@ class ShardStream(IterableDataset):
                                     counter, give_up_after=total, shared=info is not None, worker=worker)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGTERM and SIGINT.
+
+    A scheduler's stop (SIGTERM to ``torchrun``, forwarded to each rank's whole process group)
+    and a terminal's Ctrl-C (SIGINT to the foreground group) reach the workers too; a worker that
+    died of it would make its rank fail ("DataLoader worker … is killed by signal") before the
+    rank could checkpoint. The rank alone handles the stop and shuts its workers down by closing
+    the loader; a worker whose rank is gone exits by itself (torch's watchdog, within seconds).
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _as_is(batch):
     """DataLoader's collate step: none (its default would turn arrays into tensors)."""
     return batch
@@ -294,7 +308,8 @@ class FaceLoader:
 
     def __iter__(self):
         loader = DataLoader(ShardStream(self.spec), batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None)
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                            worker_init_fn=ignore_stop_signals)
         received = ReceivedBatches()
         for handle, labels, flips, skipped in loader:
             pixels, busy = received.open(handle)
