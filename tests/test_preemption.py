@@ -202,6 +202,36 @@ def test_sigterm_to_one_of_two_nodes_checkpoints_every_rank_and_both_nodes_resum
 # ---------------------------------------------------------------------------------------------
 # Signals and the per-step decision
 
+def a_loader_worker(ready) -> None:
+    from pfc.data.loader import ignore_stop_signals
+
+    ignore_stop_signals(0, rank_pid=os.getppid())
+    ready.set()
+    time.sleep(60)
+
+
+def test_a_loader_worker_ignores_outside_stop_signals_and_ends_when_its_rank_asks():
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")      # as DataLoader starts its workers here
+    ready = context.Event()
+    worker = context.Process(target=a_loader_worker, args=(ready,), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(30)
+        for name in ("TERM", "INT", "TERM"):          # from another process: torchrun, SLURM, a terminal
+            subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True, timeout=30)
+        time.sleep(0.5)
+        assert worker.is_alive()
+        worker.terminate()                              # SIGTERM from the rank: DataLoader's shutdown fallback
+        worker.join(10)
+        assert worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(10)
+
+
 def test_repeated_sigterm_is_one_stop_and_a_second_sigint_interrupts():
     stop = StopSignals()
     try:
