@@ -240,6 +240,8 @@ def test_repeated_sigterm_is_one_stop_and_a_second_sigint_interrupts():
         assert stop.requested and stop.signal_name == "SIGTERM"
         os.kill(os.getpid(), signal.SIGINT)          # another kind: noted, nothing more
         assert stop.signal_name == "SIGTERM"
+    except KeyboardInterrupt as exc:
+        pytest.fail(f"a repeated SIGTERM interrupted the run: {exc}")
     finally:
         stop.restore()
     stop = StopSignals()
