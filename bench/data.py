@@ -12,7 +12,9 @@ Builds synthetic faces (pfc/datasets/synthetic.py), packs them (timed: JPEGs kep
     batches are consumed) and num_workers=1 (one worker process beside the consumer: adds the
     hand-off between processes), over the whole epoch and after the first batch (without the
     worker start-up). The last is the loader's rate per worker process that the ">= 90 % of the
-    floor" target is about.
+    floor" target is about;
+(4) the time to the first batch of a loader resumed in the middle of the epoch (``start_batch``)
+    against replaying the epoch up to that batch.
 Best of --repeats runs each, interleaved, since the machine may be shared. Prints one table.
 """
 from __future__ import annotations
@@ -79,6 +81,24 @@ def worker_rate(root, batch) -> float:
     return count / (time.perf_counter() - started)
 
 
+def first_batch_times(root, batch, workers) -> tuple[float, float, int]:
+    """(seconds to the first batch of a loader resumed mid-epoch, seconds to the same batch by
+    replaying the epoch up to it — what the trainer did before ``start_batch`` —, the batch
+    index): loader creation, worker start and the batch itself included in both."""
+    epoch_batches = make_loader(root, batch_size=batch, rank=0, world_size=1, num_workers=0, seed=0,
+                                epoch=0).epoch_batches
+    middle = epoch_batches // 2
+    started = time.perf_counter()
+    next(iter(make_loader(root, batch_size=batch, rank=0, world_size=1, num_workers=workers, seed=0, epoch=0,
+                          start_batch=middle)))
+    resumed = time.perf_counter() - started
+    started = time.perf_counter()
+    replay = iter(make_loader(root, batch_size=batch, rank=0, world_size=1, num_workers=workers, seed=0, epoch=0))
+    for _ in range(middle + 1):
+        next(replay)
+    return resumed, time.perf_counter() - started, middle
+
+
 def decode_rate(fn, blobs) -> float:
     started = time.perf_counter()
     fn(blobs)
@@ -108,7 +128,10 @@ def main() -> None:
         blobs = shard_jpegs(shards)
         rates = {key: 0.0 for key in ("simplejpeg", "pil", "worker", "loader0", "loader0_steady", "loader1",
                                       "loader1_steady")}
+        resume = {"resumed": float("inf"), "replayed": float("inf")}
         for repeat in range(args.repeats):
+            resumed, replayed, middle = first_batch_times(shards, args.batch, 1)
+            resume["resumed"], resume["replayed"] = min(resume["resumed"], resumed), min(resume["replayed"], replayed)
             rates["simplejpeg"] = max(rates["simplejpeg"], decode_rate(decode_simplejpeg, blobs))
             rates["worker"] = max(rates["worker"], worker_rate(shards, args.batch))
             rates["pil"] = max(rates["pil"], decode_rate(decode_pil, blobs))
@@ -133,6 +156,13 @@ def main() -> None:
     for name, rate in rows:
         ratio = f"{rate / floor:.2f}" if "packer" not in name else ""
         print(f"| {name:<66} | {rate:>9.0f} | {ratio:>8} |")
+    print(f"\nfirst batch of a loader resumed at batch {middle} of {images // args.batch} (num_workers=1, "
+          f"loader creation and worker start included), best of {args.repeats}:")
+    print(f"| {'how':<66} | {'seconds':>9} | {'ratio':>8} |")
+    print(f"|{'-' * 68}|{'-' * 11}|{'-' * 10}|")
+    for name, key in (("start_batch (skip shards, headers only, no decode)", "resumed"),
+                      ("replay: iterate the epoch up to it (before start_batch)", "replayed")):
+        print(f"| {name:<66} | {resume[key]:>9.3f} | {resume[key] / resume['resumed']:>8.1f} |")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ def _worker(fn, rank, world_size, init_file, results, args, timeout_s, threads):
     except BaseException as exc:  # reported to the parent, never swallowed
         results.put((rank, False, (type(exc).__name__, str(exc), traceback.format_exc())))
     finally:
+        # the result first: on torch < 2.8 destroying a gloo group can deadlock (its destructor
+        # joins the worker threads while holding the GIL), and a result still queued would be lost
+        results.close()
+        results.join_thread()
         if dist.is_initialized():
             dist.destroy_process_group()
 

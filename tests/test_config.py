@@ -12,7 +12,7 @@ from pfc.errors import ConfigError
 from pfc.head.margins import CombinedMargin, SphereFace
 from pfc.head.regularizers import MHE, AngularTriplet
 from pfc.train import cli
-from pfc.train.config import (ALIASES, MHEConfig, MarginConfig, ScheduleConfig, TrainConfig, TripletConfig,
+from pfc.train.config import (ALIASES, HeadConfig, MarginConfig, ScheduleConfig, TrainConfig,
                               apply_dataset, help_text, load_config, to_dict, validate)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,11 +47,11 @@ def test_recipes_carry_the_published_hyper_parameters():
 def test_every_field_has_a_docstring_and_every_component_knob_a_field():
     for path, owner, name, _ in cli.leaves(TrainConfig()):
         assert cli.field_docs(type(owner)).get(name), f"{path} has no attribute docstring"
-    knobs = {MarginConfig: {f.name for f in dataclasses.fields(CombinedMargin)} | {"base", "gamma", "power", "lambda_min"},
-             MHEConfig: {f.name for f in dataclasses.fields(MHE)},
-             TripletConfig: {f.name for f in dataclasses.fields(AngularTriplet) if f.init}}
+    knobs = {MarginConfig: {f.name for f in dataclasses.fields(CombinedMargin)} | {"base", "gamma", "power", "lambda_min"}}
     for config_class, component_knobs in knobs.items():
         assert component_knobs <= {f.name for f in dataclasses.fields(config_class)}, config_class.__name__
+    # the regularisers are configured by the components themselves: every knob is a field
+    assert isinstance(TrainConfig().head.mhe, MHE) and isinstance(TrainConfig().head.triplet, AngularTriplet)
 
 
 def test_overrides_dotted_with_all_three_syntaxes():
@@ -172,10 +172,14 @@ def test_components_are_built_from_their_configs():
     assert isinstance(MarginConfig().build(), CombinedMargin)
     sphere = MarginConfig(kind="sphereface", m1=4, s=30).build()
     assert isinstance(sphere, SphereFace) and sphere.m == 4
-    assert MHEConfig().build() is None and TripletConfig().build() is None  # weight 0: off
-    mhe = MHEConfig(weight=0.1, half_space=True).build()
-    assert isinstance(mhe, MHE) and mhe.half_space
-    assert isinstance(TripletConfig(weight=1.0, semihard=False).build(), AngularTriplet)
+    head = HeadConfig()
+    assert head.mhe.weight == 0 and head.triplet.weight == 0        # off by default
+    built = head.build(12, 8, seed=0)
+    assert built.mhe is None and built.triplet is None
+    head = HeadConfig(mhe=MHE(weight=0.1, half_space=True), triplet=AngularTriplet(weight=1.0, semihard=False))
+    built = head.build(12, 8, seed=0)
+    assert isinstance(built.mhe, MHE) and built.mhe.half_space and built.mhe is not head.mhe
+    assert isinstance(built.triplet, AngularTriplet) and not built.triplet.semihard
     schedule = ScheduleConfig(warmup_steps=2, kind="cosine", min_lr=0.01).build(total_steps=10, lr=0.1)
     assert (schedule(0), schedule(1)) == (0.5, 1.0) and math.isclose(schedule(10), 0.1)
     with pytest.raises(ValueError, match="warmup_steps=20"):

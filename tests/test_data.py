@@ -329,7 +329,7 @@ def test_flips_are_applied_where_the_batch_is_consumed():
 def test_tar_reader_mapped_and_streamed_agree_across_chunk_boundaries(tmp_path):
     """Members straddling the 1 MiB read buffer, one larger than it, through both paths: a mapped
     regular file (zero-copy views) and a stream without a file descriptor (copies)."""
-    from pfc.data.tarstream import iter_samples
+    from pfc.data.tarstream import iter_indexed_samples, iter_samples
 
     rng = np.random.default_rng(0)
     sizes = [300_000] * 7 + [1_500_000, 17, 0, 5000]
@@ -350,3 +350,8 @@ def test_tar_reader_mapped_and_streamed_agree_across_chunk_boundaries(tmp_path):
     assert mapped == expected and streamed == expected
     with open(path, "rb") as stream:
         assert [s["__key__"] for s in iter_samples(stream, "u", skip=8)] == ["s008", "s009", "s010"]
+    # only the wanted samples, with their index in the shard (the others passed over from headers)
+    for stream in (open(path, "rb"), io.BytesIO(open(path, "rb").read())):
+        with stream:
+            picked = list(iter_indexed_samples(stream, "u", skip=2, wanted=lambda index: index % 3 == 0))
+        assert [(index, sample) for index, sample in picked] == [(i, expected[i]) for i in (3, 6, 9)]

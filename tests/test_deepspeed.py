@@ -217,13 +217,15 @@ def test_deepspeed_zero_matches_ddp_and_resumes(tmp_path, monkeypatch):
     trainer = results[0]["trainer"]
     losses = trainer["losses"]
     assert len(losses["ddp"]) == 4
+    print("trainer losses: ddp %s, deepspeed ZeRO-2 %s" % (losses["ddp"], losses["deepspeed"]))
     # ZeRO sums the accumulated, flattened gradients and the clipping norm in another order than
-    # DDP's buckets: float rounding, growing slowly with the steps (2e-5 relative by step 4 here)
-    assert losses["deepspeed"] == pytest.approx(losses["ddp"], rel=1e-4)
+    # DDP's buckets: float rounding that grows with the steps (step 1 equal; then 2e-7, 4e-6 and
+    # 1.5e-4 relative by step 4 with the loader's windowed shuffle; 2e-5 with the former shuffle)
+    assert losses["deepspeed"][0] == losses["ddp"][0]
+    assert losses["deepspeed"] == pytest.approx(losses["ddp"], rel=5e-4)
     assert trainer["stopped_at"] == 3 and trainer["resumed_steps"] == 4
     # the stopped run logged steps 1-3 and the resumed one step 4: the uninterrupted run's losses
     assert losses["deepspeed_resumed"] == pytest.approx(losses["deepspeed"], rel=1e-6)
-    print("trainer losses: ddp %s, deepspeed ZeRO-2 %s" % (losses["ddp"], losses["deepspeed"]))
 def test_deepspeed_config_is_resolved_against_the_trainer_config(tmp_path):
     from pfc.train.runners.deepspeed import resolve_deepspeed_config
 

@@ -15,9 +15,10 @@ from PIL import Image
 
 from pfc.backbones import build_backbone
 from pfc.errors import CheckpointError, DataError
-from pfc.evaluation import evaluate, load_backbone, read_bin, read_pairs, save_backbone
+from pfc.evaluation import VerificationSet, evaluate, load_backbone, read_bin, read_pairs, save_backbone
 from pfc.evaluation.report import comparison_table, read_results
-from pfc.evaluation.roc import fold_slices, roc_curve, save_roc_plot, verification_metrics
+from pfc.evaluation.roc import fold_slices, format_rate, roc_curve, save_roc_plot, verification_metrics
+from pfc.evaluation.verification import check_decodes
 from tools import compare_eval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,9 +34,9 @@ def pairs_at_distances(distances):
 
 def test_perfectly_separable_is_100_percent():
     rng = np.random.default_rng(0)
-    distances = np.where(np.arange(600) % 2 == 0, rng.uniform(0.0, 1.0, 600), rng.uniform(1.5, 4.0, 600))
+    distances = np.where(np.arange(2400) % 2 == 0, rng.uniform(0.0, 1.0, 2400), rng.uniform(1.5, 4.0, 2400))
     first, second = pairs_at_distances(distances)
-    result = verification_metrics(first, second, np.arange(600) % 2 == 0)
+    result = verification_metrics(first, second, np.arange(2400) % 2 == 0)   # 1,200 impostors: FAR 1e-3 measurable
     assert result.accuracy == 1.0 and result.accuracy_std == 0.0
     assert result.tar_at_far[1e-3] == 1.0 and result.auc == pytest.approx(1.0)
 
@@ -60,10 +61,26 @@ def test_hand_computed_folds_threshold_and_tar():
     assert result.fold_accuracies == [1.0, 1.0, 1.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
     assert result.accuracy == pytest.approx(0.95) and result.accuracy_std == pytest.approx(0.15)
     assert result.best_threshold == pytest.approx(0.50)
-    # no impostor may be accepted at FAR ≤ 1e-3: the threshold stays below 2.0 → 9 of 10 genuine pairs
-    assert result.tar_at_far[1e-3] == pytest.approx(0.9) and result.tar_at_far[1e-4] == pytest.approx(0.9)
+    # 10 impostor pairs cannot measure a FAR of 1e-3 or 1e-4 (the smallest FAR above 0 is 0.1)
+    assert result.tar_at_far == {1e-3: None, 1e-4: None}
     summary = result.summary()
-    assert summary["tar@far=1e-3"] == pytest.approx(0.9) and summary["accuracy"] == pytest.approx(0.95)
+    assert summary["tar@far=1e-3"] is None and summary["accuracy"] == pytest.approx(0.95)
+
+
+def test_tar_at_a_far_below_one_impostor_pair_is_not_available():
+    """TAR@FAR needs at least 1/FAR impostor pairs: with 2,000 impostors FAR 1e-3 (2 accepted
+    impostors at most) is measured and FAR 1e-4 is n/a: None in JSON, "n/a" when printed."""
+    issame = np.arange(4000) % 2 == 0
+    distances = np.where(issame, np.linspace(0.1, 1.9, 4000), np.linspace(1.0, 3.9, 4000))
+    result = verification_metrics(*pairs_at_distances(distances), issame)
+    genuine, impostor = np.sort(distances[issame]), np.sort(distances[~issame])
+    assert result.tar_at_far[1e-3] == pytest.approx(np.mean(genuine < impostor[2]))   # 2 impostors accepted
+    assert result.tar_at_far[1e-4] is None
+    summary = result.summary()
+    assert json.loads(json.dumps(summary))["tar@far=1e-4"] is None
+    assert format_rate(summary["tar@far=1e-4"]) == "n/a" and format_rate(0.5) == "0.5000"
+    row = comparison_table([("small", dict(summary, **{"tar@far=1e-3": None}))]).splitlines()[-1]
+    assert row.split()[-2] == "n/a"
 
 
 def test_folds_are_contiguous_first_ones_longer():
@@ -166,6 +183,25 @@ def test_pairs_list_under_a_root(tmp_path):
         read_pairs(str(tmp_path / "nowhere.txt"))
 
 
+def test_check_decodes_names_the_set_the_pair_and_the_image(tmp_path):
+    """Every image is decoded when a set is loaded; the first that does not decode is named with
+    its set, pair (and line of a pairs list)."""
+    for index in range(4):
+        (tmp_path / f"{index}.jpg").write_bytes(_jpeg(index, size=32))
+    good = (tmp_path / "0.jpg").read_bytes()
+    (tmp_path / "3.jpg").write_bytes(good[:len(good) // 2])   # truncated
+    pairs_file = tmp_path / "pairs.txt"
+    pairs_file.write_text("# header\n" + "0.jpg 1.jpg 1\n" * 6 + "2.jpg 3.jpg 0\n" + "0.jpg 2.jpg 0\n" * 3)
+    with pytest.raises(DataError, match=rf"verification set {pairs_file}, pair 6, line 8: image .*3.jpg does not decode"):
+        check_decodes(read_pairs(str(pairs_file)), 16)
+    check_decodes(VerificationSet("ok", [good] * 20, [True] * 10), 16)   # nothing to say
+    path = tmp_path / "set.bin"
+    with open(path, "wb") as handle:
+        pickle.dump(([good] * 5 + [good[:40]] + [good] * 14, [True] * 10), handle, protocol=2)
+    with pytest.raises(DataError, match=rf"verification set {path}, pair 2: item 5: an encoded image does not decode"):
+        check_decodes(read_bin(str(path)), 16)
+
+
 # --------------------------------------------------------------------------------- backbone.pt
 
 def test_backbone_roundtrip_keeps_weights_and_file_format(tmp_path):
@@ -181,6 +217,15 @@ def test_backbone_roundtrip_keeps_weights_and_file_format(tmp_path):
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+
+
+def test_a_non_finite_model_is_not_saved(tmp_path):
+    model = build_backbone("tiny", embedding_size=16, image_size=64)
+    with torch.no_grad():
+        model.embedding.norm_embedding.running_var[3] = float("nan")
+    with pytest.raises(ValueError, match="refusing to save a non-finite model .*running_var"):
+        save_backbone(model, str(tmp_path / "backbone.pt"), network="tiny", embedding_size=16, image_size=64)
+    assert os.listdir(tmp_path) == []
 
 
 def test_unusable_backbone_files_are_checkpoint_errors(tmp_path):

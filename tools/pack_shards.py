@@ -4,6 +4,9 @@
                                                [--landmarks FILE] [--image-size 112]
     python tools/pack_shards.py rec PREFIX OUT [same options]      # PREFIX.rec + PREFIX.idx
     python tools/pack_shards.py verify OUT
+
+Links in SRC are followed only out of the tree; empty classes are left out of the label space;
+both are listed. OUT must not lie inside SRC; one packer at a time writes OUT.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pfc.datasets import FolderSource, PackOptions, RecordSource, pack, verify_shards  # noqa: E402
+from pfc.datasets.outdir import refuse_output_inside  # noqa: E402
 from tools._cli import one_line_errors  # noqa: E402
 
 
@@ -53,7 +57,12 @@ def main(argv=None) -> int:
                           quality=args.quality, progress=not args.no_progress)
     options.validate()
     if args.command == "folder":
+        refuse_output_inside(args.out, {os.path.realpath(args.src)})   # before a long scan
         source = FolderSource(args.src)
+        if source.empty_classes or source.ignored:
+            print(f"source {args.src}: {len(source.classes)} classes, {len(source.items)} images; "
+                  f"{len(source.empty_classes)} empty class folders left out, {len(source.ignored)} links "
+                  f"not followed (listed at the end)", flush=True)
     else:
         source = RecordSource(args.prefix, progress=not args.no_progress)
     summary = pack(source, args.out, options)

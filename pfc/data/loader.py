@@ -1,35 +1,45 @@
 """The training data pipeline: webdataset shards → per-rank batches of aligned faces.
 
     loader = make_loader("data/shards", batch_size=128, rank=r, world_size=N, num_workers=4,
-                         seed=0, epoch=e)
+                         seed=0, epoch=e, start_batch=0)
     for images, labels in loader:      # float32 [b, 3, H, W] in [-1, 1] (channels-last), int64 [b]
         ...
-    len(loader)                          # batches per rank this epoch, the same on every rank
+    len(loader)                          # batches it yields: B − start_batch, the same on every rank
     loader.stats                         # {"skipped": corrupt samples/tar errors skipped so far}
 
 Equal batch counts (a rank that runs out first would hang the collectives): which positions of
 the epoch each rank and worker reads is the epoch plan, :mod:`pfc.data.plan` (the shards in an
 order drawn from (seed, epoch), ``B = num_samples // (world_size · batch_size)`` batches per
 rank, split among its DataLoader workers in whole batches); every worker yields exactly its
-batch quota, so ``len(loader) = B`` on every rank. A worker reads its range shard by shard
-(skipping, without decoding, the samples before its start inside the first shard); when corrupt
-samples or a damaged tar leave it short, it tops up its quota with the positions that follow its
-range (cyclically, around again if need be) — those are then seen twice in that epoch, the price
-of keeping the counts equal; only data with no readable sample at all is an error. Within a
-worker, samples pass a seeded shuffle buffer; horizontal flips are drawn from (seed, epoch,
-rank, worker).
+batch quota, so every rank yields B batches per epoch. A worker reads its range shard by shard in
+one pass, a shuffle window (``shuffle_buffer_size`` samples, rounded up to whole batches) at a
+time, and cuts each window, permuted, into batches (:func:`pfc.data.plan.window_order`: the
+permutation and the flips depend on (seed, epoch, rank, worker, window) only).
 
-Work split: DataLoader workers read, shuffle, decode (simplejpeg, straight into a batch buffer in
-shared memory that is reused once the consumer is done with it: the hand-off to the main
-process copies nothing, see :mod:`pfc.data.handoff`) and draw the flips; they hand
-over uint8 [b, H, W, 3] batches with a flip mask. The flip and the conversion to float happen
-where the batch is consumed (on ``device`` when given): workers move a quarter of the bytes and
-do nothing but parse and decode.
+Resuming mid-epoch: ``start_batch=N`` yields exactly the batches N, N+1, … that the loader
+started at 0 yields there (same samples, order, labels and flips; same ``num_workers``), without
+opening the shards before the shuffle window of batch N or decoding any sample of an earlier
+batch: the members in front of the start are passed over from their tar headers (a mapped shard
+seeks). When corrupt samples (undecodable or wrong-size JPEG, missing member, non-integer label,
+unreadable tar) leave a batch short, it takes replacements from the positions that follow its
+worker's range, from an offset given by the batch index (cyclically, around again if need be):
+those samples are then seen twice in that epoch, the price of keeping the counts equal. So a
+batch's content is a function of the plan and the bytes on disk alone, corrupt samples
+included, and a resume reproduces it as long as the shards are unchanged. Only data with no
+readable sample at all is an error.
 
-Corrupt samples (undecodable or wrong-size JPEG, missing member, non-integer label, unreadable
-tar) are skipped with a warning naming the shard and key and counted in ``loader.stats``; a label
-outside [0, num_classes) is a data error and raises :class:`pfc.errors.DataError`, as do a
-missing or malformed manifest and data with no readable sample at all.
+Work split: DataLoader workers read, decode (simplejpeg, straight into a batch buffer in shared
+memory that is reused once the consumer is done with it: the hand-off to the main process copies
+nothing, see :mod:`pfc.data.handoff`) and pick the flips; they hand over uint8 [b, H, W, 3]
+batches with a flip mask. The flip and the conversion to float happen where the batch is
+consumed (on ``device`` when given): workers move a quarter of the bytes and do nothing but
+parse and decode.
+
+Corrupt samples are skipped with a warning naming the shard and key (an unreadable tar: the
+shard, once per worker) and counted in ``loader.stats`` (each lost position the batches met,
+replacement candidates included); a label outside [0, num_classes) is a data error and raises
+:class:`pfc.errors.DataError`, as do a missing or malformed manifest and data with no readable
+sample at all.
 """
 from __future__ import annotations
 
@@ -37,11 +47,10 @@ import functools
 import itertools
 import logging
 import os
-import random
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import simplejpeg
@@ -50,77 +59,42 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pfc.data.handoff import BatchBuffers, ReceivedBatches, release
 from pfc.data.manifest import read_manifest, shard_urls
-from pfc.data.plan import batches_per_rank, epoch_shard_order, shard_pieces, worker_range
-from pfc.data.tarstream import TarDamage, iter_samples
+from pfc.data.plan import (batches_per_rank, epoch_shard_order, resumed_role, top_up_start, window_batches,
+                           window_order, worker_range)
+from pfc.data.tarstream import read_positions
 from pfc.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# Pipeline stages (generators), each usable alone.
+# Pipeline stages, each usable alone: read positions, decode into a batch, one worker's epoch.
 
 class SkipCounter:
     """Counts skipped samples; ``take()`` returns and resets the count since the last call."""
 
     def __init__(self):
         self.pending = 0
+        self.damaged: set[str] = set()
 
-    def skip(self, url: str, key: str | None, reason: str) -> None:
-        """Log and count one skipped sample (``key`` None: the unreadable rest of a shard)."""
-        if key is None:
-            logger.warning("skipping the rest of shard %s: %s", url, reason)
-        else:
-            logger.warning("skipping sample %s of shard %s: %s", key, url, reason)
+    def skip(self, url: str, key: str, reason: str) -> None:
+        """Log and count one skipped sample."""
+        logger.warning("skipping sample %s of shard %s: %s", key, url, reason)
         self.pending += 1
+
+    def lost(self) -> None:
+        """Count one position that could not be read (its shard's damage was reported)."""
+        self.pending += 1
+
+    def shard_damage(self, url: str, reason: str) -> None:
+        """Log (once per shard) that the rest of ``url`` cannot be read."""
+        if url not in self.damaged:
+            self.damaged.add(url)
+            logger.warning("skipping the rest of shard %s: %s", url, reason)
 
     def take(self) -> int:
         count, self.pending = self.pending, 0
         return count
-
-
-def read_pieces(urls: list[str], pieces, counter: SkipCounter) -> Iterator[dict]:
-    """Raw samples ({"__key__", "__url__", "jpg": bytes, "cls": bytes, ...}) of each
-    (shard, skip, take) piece, read with :mod:`pfc.data.tarstream` from streams webdataset's ``gopen``
-    opens; a shard that cannot be opened or read further is reported to ``counter`` and left."""
-    import webdataset as wds
-
-    for shard, skip, take in pieces:
-        url = urls[shard]
-        try:
-            with wds.gopen(url) as stream:
-                for index, sample in enumerate(iter_samples(stream, url, skip)):
-                    if index >= take:
-                        break
-                    yield sample
-        except (TarDamage, OSError, ValueError, UnicodeDecodeError) as exc:
-            counter.skip(url, None, f"{type(exc).__name__}: {exc}")
-
-
-def repeat_passes(make_pass, where: str) -> Iterator:
-    """Chain passes ``make_pass()``, ``make_pass()``, ... forever; DataError if a whole pass is empty
-    (nothing readable anywhere, so no quota could ever be met)."""
-    while True:
-        produced = 0
-        for item in make_pass():
-            produced += 1
-            yield item
-        if produced == 0:
-            raise DataError(f"{where}: no readable sample in the whole dataset")
-
-
-def shuffle_buffer(items, buffer_size: int, rng: random.Random) -> Iterator:
-    """Shuffle a stream through a buffer of ``buffer_size`` items (uniform pick, swap-remove)."""
-    buffer = []
-    for item in items:
-        if len(buffer) < buffer_size:
-            buffer.append(item)
-            continue
-        index = rng.randrange(buffer_size)
-        buffer[index], item = item, buffer[index]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer
 
 
 def _label(sample: dict, num_classes: int, counter: SkipCounter) -> int | None:
@@ -155,47 +129,99 @@ def decode_into(sample: dict, out: np.ndarray, counter: SkipCounter) -> bool:
     return True
 
 
-def assemble_batches(samples, quota: int, batch_size: int, image_size: tuple[int, int], num_classes: int,
-                     flip: bool, rng: np.random.Generator, counter: SkipCounter, give_up_after: int,
-                     shared: bool = False, worker: int = 0) -> Iterator[tuple]:
-    """Decode raw samples into batches until ``quota`` good samples are out (corrupt ones are
-    skipped). Yields (pixels, labels int64 ndarray [b], flips bool ndarray [b] or None, skipped
-    since the previous batch): ``pixels`` is a uint8 tensor [b, H, W, 3], or with ``shared`` (in
-    DataLoader worker ``worker``) a handle to a reused shared buffer that the consumer opens
-    with :class:`pfc.data.handoff.ReceivedBatches` and releases once done (see :mod:`pfc.data.handoff`).
-    The small parts are arrays, which DataLoader pickles by value rather than putting each in a
-    shared-memory segment of its own. With ``flip``, ``flips`` marks the images (each with
-    probability 1/2) that :func:`to_float_images` mirrors left-right where the batch is
-    consumed. DataError after ``give_up_after`` bad samples in a row (nothing decodes)."""
-    height, width = image_size
-    if quota <= 0:
-        return
-    buffers = BatchBuffers((batch_size, height, width, 3), shared, worker)
-    batch, handle = buffers.acquire()
-    pixels = batch.numpy()
-    labels = np.empty(batch_size, dtype=np.int64)
-    filled = produced = bad_in_a_row = 0
-    for sample in samples:
+def fill_batch(samples: list, pixels: np.ndarray, labels: np.ndarray, num_classes: int, counter: SkipCounter,
+               top_ups: Callable[[], Iterator], give_up_after: int) -> None:
+    """Decode ``samples`` (raw samples, None for a lost one) in order into the slots of ``pixels``
+    [b, H, W, 3] and ``labels`` [b], skipping the corrupt ones; the slots left are filled from
+    ``top_ups()`` (an endless iterator of raw samples or None, started only when needed).
+    DataError after ``give_up_after`` bad replacements in a row (nothing decodes)."""
+    filled = 0
+
+    def put(sample) -> bool:
+        if sample is None:
+            counter.lost()
+            return False
         label = _label(sample, num_classes, counter)
         if label is None or not decode_into(sample, pixels[filled], counter):
-            bad_in_a_row += 1
-            if bad_in_a_row > give_up_after:
-                raise DataError(f"no readable sample in the whole dataset ({bad_in_a_row} bad in a row, "
-                                f"last: {sample.get('__key__')} of {sample.get('__url__')})")
-            continue
-        bad_in_a_row = 0
+            return False
         labels[filled] = label
-        filled += 1
-        produced += 1
-        if filled == batch_size:
-            flips = rng.random(batch_size) < 0.5 if flip else None
-            yield handle, labels, flips, counter.take()
-            batch, handle = buffers.acquire()
-            pixels = batch.numpy()
-            labels = np.empty(batch_size, dtype=np.int64)
-            filled = 0
-        if produced == quota:
-            return
+        return True
+
+    for sample in samples:
+        filled += put(sample)
+    replacements, bad_in_a_row = None, 0
+    while filled < len(labels):
+        replacements = replacements or top_ups()
+        sample = next(replacements)
+        if put(sample):
+            filled, bad_in_a_row = filled + 1, 0
+            continue
+        bad_in_a_row += 1
+        if bad_in_a_row > give_up_after:
+            last = f"{sample.get('__key__')} of {sample.get('__url__')}" if sample else "an unreadable shard"
+            raise DataError(f"no readable sample in the whole dataset ({bad_in_a_row} bad in a row, last: {last})")
+
+
+class WorkerEpoch:
+    """One plan worker's batches of one epoch (see :mod:`pfc.data.plan`): its range of positions,
+    read in one pass, a shuffle window at a time; :meth:`batches_from` starts at any local batch."""
+
+    def __init__(self, spec: "LoaderSpec", worker: int, num_workers: int):
+        self.spec, self.worker = spec, worker
+        order = epoch_shard_order(len(spec.urls), spec.seed, spec.epoch)
+        self.urls = [spec.urls[i] for i in order]
+        self.counts = [spec.counts[i] for i in order]
+        self.total = sum(self.counts)
+        batches = batches_per_rank(self.total, spec.batch_size, spec.world_size)
+        self.start, quota = worker_range(spec.rank, worker, num_workers, batches, spec.batch_size)
+        self.batches = quota // spec.batch_size
+        self.per_window = window_batches(spec.shuffle_buffer, spec.batch_size)
+        self.counter = SkipCounter()
+
+    def window(self, window: int) -> tuple[int, int, np.ndarray, np.ndarray | None]:
+        """(first local batch, end local batch, permutation of its offsets, flip per slot) of a window."""
+        spec = self.spec
+        first, end = window * self.per_window, min((window + 1) * self.per_window, self.batches)
+        order, flips = window_order(spec.seed, spec.epoch, spec.rank, self.worker, window,
+                                    (end - first) * spec.batch_size, spec.augment)
+        return first, end, order, flips
+
+    def batches_from(self, first_batch: int, buffers: BatchBuffers) -> Iterator[tuple]:
+        """(pixels handle, labels int64 [b], flips bool [b] or None, skipped since the last batch) of
+        local batches ``first_batch …``: ``pixels`` is what ``buffers.acquire()`` hands out (see
+        :mod:`pfc.data.handoff`). The small parts are arrays, which DataLoader pickles by value
+        rather than putting each in a shared-memory segment of its own. Nothing of an earlier
+        batch is decoded, and the samples of earlier batches in the first window are not read."""
+        size = self.spec.batch_size
+        first_window = first_batch // self.per_window
+        window_start = self.start + first_window * self.per_window * size
+        first, _, order, _ = self.window(first_window)
+        passed = np.zeros(len(order), dtype=bool)
+        passed[order[:(first_batch - first) * size]] = True   # slots of the batches before the start
+
+        def wanted(position: int) -> bool:
+            offset = position - window_start
+            return offset >= len(passed) or not passed[offset]
+
+        stream = read_positions(self.urls, self.counts, window_start, self.start + self.batches * size - window_start,
+                                self.counter.shard_damage, wanted if first_batch > first else None)
+        for window in range(first_window, -(-self.batches // self.per_window)):
+            first, end, order, flips = self.window(window)
+            samples = list(itertools.islice(stream, (end - first) * size))
+            for batch in range(max(first, first_batch), end):
+                slots = slice((batch - first) * size, (batch - first + 1) * size)
+                pixels, handle = buffers.acquire()
+                labels = np.empty(size, dtype=np.int64)
+                fill_batch([samples[offset] for offset in order[slots]], pixels.numpy(), labels,
+                           self.spec.num_classes, self.counter, lambda: self.top_ups(batch), self.total)
+                yield handle, labels, None if flips is None else flips[slots].copy(), self.counter.take()
+
+    def top_ups(self, batch: int) -> Iterator[dict | None]:
+        """Replacement candidates of local batch ``batch``: the positions from
+        :func:`pfc.data.plan.top_up_start` on, around the epoch sequence without end."""
+        start = top_up_start(self.start, self.batches * self.spec.batch_size, batch, self.spec.batch_size)
+        while True:
+            yield from read_positions(self.urls, self.counts, start, self.total, self.counter.shard_damage)
 
 
 def to_float_images(pixels: torch.Tensor, device=None, flips: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,6 +264,7 @@ class LoaderSpec:
     epoch: int
     augment: bool
     shuffle_buffer: int
+    start_batch: int = 0
 
 
 class ShardStream(IterableDataset):
@@ -255,24 +282,12 @@ class ShardStream(IterableDataset):
         spec = self.spec
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        start, quota = worker_range(spec.rank, worker, num_workers, self.batches(), spec.batch_size)
-        if quota == 0:
-            return
-        order = epoch_shard_order(len(spec.urls), spec.seed, spec.epoch)
-        urls = [spec.urls[i] for i in order]
-        counts = [spec.counts[i] for i in order]
-        # Own range first (shuffled), then — only if corrupt samples leave the quota short —
-        # the positions after it, around the epoch sequence as often as needed.
-        counter = SkipCounter()
-        stream_seed = [spec.seed, spec.epoch, spec.rank, worker]
-        total = sum(counts)
-        own = read_pieces(urls, shard_pieces(counts, start, quota), counter)
-        mixed = shuffle_buffer(own, spec.shuffle_buffer, random.Random(str(stream_seed)))
-        top_up = repeat_passes(lambda: read_pieces(urls, shard_pieces(counts, start + quota, total), counter),
-                               f"rank {spec.rank} worker {worker}")
-        yield from assemble_batches(itertools.chain(mixed, top_up), quota, spec.batch_size, spec.image_size,
-                                    spec.num_classes, spec.augment, np.random.default_rng(stream_seed),
-                                    counter, give_up_after=total, shared=info is not None, worker=worker)
+
+        role, first_batch = resumed_role(spec.start_batch, num_workers, worker)
+        plan = WorkerEpoch(spec, role, num_workers)
+        if first_batch < plan.batches:
+            buffers = BatchBuffers((spec.batch_size, *spec.image_size, 3), info is not None, worker)
+            yield from plan.batches_from(first_batch, buffers)
 
 
 def ignore_stop_signals(worker_id: int, rank_pid: int) -> None:
@@ -305,9 +320,9 @@ def _as_is(batch):
 
 
 class FaceLoader:
-    """Iterable of (images, labels) batches for one rank; ``len()`` is the same on every rank.
-
-    ``stats["skipped"]`` accumulates the corrupt samples / tar errors skipped (all workers).
+    """Iterable of (images, labels) batches for one rank, from batch ``spec.start_batch`` of the
+    epoch on; ``len()`` (the batches it yields: ``epoch_batches − start_batch``) is the same on
+    every rank. ``stats["skipped"]`` accumulates the corrupt samples / tar errors skipped (all workers).
     """
 
     def __init__(self, spec: LoaderSpec, num_workers: int, prefetch_factor: int | None, device=None):
@@ -317,8 +332,13 @@ class FaceLoader:
         self.prefetch_factor = prefetch_factor
         self.stats = {"skipped": 0}
 
-    def __len__(self) -> int:
+    @property
+    def epoch_batches(self) -> int:
+        """Batches per rank in the whole epoch, B (:func:`pfc.data.plan.batches_per_rank`)."""
         return ShardStream(self.spec).batches()
+
+    def __len__(self) -> int:
+        return self.epoch_batches - self.spec.start_batch
 
     def __iter__(self):
         loader = DataLoader(ShardStream(self.spec), batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
@@ -339,18 +359,22 @@ class FaceLoader:
 
 def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: int, num_workers: int,
                 seed: int, epoch: int, augment: bool = True, allow_pipe: bool = False,
-                shuffle_buffer_size: int = 1000, prefetch_factor: int | None = 2, device=None) -> FaceLoader:
-    """The training batches of ``rank`` of ``world_size`` for one epoch (see the module docstring).
+                shuffle_buffer_size: int = 1000, prefetch_factor: int | None = 2, device=None,
+                start_batch: int = 0) -> FaceLoader:
+    """The training batches of ``rank`` of ``world_size`` for one epoch (see the module docstring),
+    from the rank's batch ``start_batch`` of the epoch on: exactly the batches the loader started
+    at 0 yields from there (with the same ``num_workers``), without decoding the ones before.
 
     Yields (images float32 [batch_size, 3, H, W] in [-1, 1], labels int64 [batch_size]);
-    ``len(loader) = num_samples // (world_size · batch_size)`` on every rank. ``augment`` flips
-    images horizontally with probability 1/2. Workers decode to uint8 and the float conversion
-    runs where the batch is consumed, on ``device`` if given (a quarter of the bytes to move, and
-    on a GPU the conversion is nearly free); images are channels-last views (see
-    :func:`to_float_images`). Shard locations are local paths or URLs webdataset
-    opens; ``pipe:`` URLs (shell commands) only with ``allow_pipe=True``. Raises DataError for a
+    ``len(loader) = B − start_batch`` with ``B = num_samples // (world_size · batch_size)``
+    (``loader.epoch_batches``) on every rank. ``augment`` flips images horizontally with
+    probability 1/2. Each worker shuffles its samples in windows of ``shuffle_buffer_size``
+    samples rounded up to whole batches. Workers decode to uint8 and the float conversion runs
+    where the batch is consumed, on ``device`` if given (a quarter of the bytes to move, and on a
+    GPU the conversion is nearly free); images are channels-last views (see
+    :func:`to_float_images`). Shard locations are local paths or URLs webdataset opens; ``pipe:`` URLs (shell commands) only with ``allow_pipe=True``. Raises DataError for a
     missing/malformed manifest, an empty shard list, a missing local shard or a dataset smaller
-    than one batch per rank; ValueError for bad arguments (a caller's bug).
+    than one batch per rank; ValueError for bad arguments (a caller's bug, e.g. ``start_batch > B``).
     """
     for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
                              ("num_workers", num_workers, 0), ("shuffle_buffer_size", shuffle_buffer_size, 1)):
@@ -363,8 +387,12 @@ def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: i
     spec = LoaderSpec(urls=tuple(urls), counts=tuple(s["num_samples"] for s in manifest["shards"]),
                       num_classes=manifest["num_classes"], image_size=tuple(manifest["image_size"]),
                       batch_size=batch_size, rank=rank, world_size=world_size, seed=int(seed),
-                      epoch=int(epoch), augment=bool(augment), shuffle_buffer=shuffle_buffer_size)
-    if batches_per_rank(manifest["num_samples"], batch_size, world_size) == 0:
+                      epoch=int(epoch), augment=bool(augment), shuffle_buffer=shuffle_buffer_size,
+                      start_batch=start_batch)
+    batches = batches_per_rank(manifest["num_samples"], batch_size, world_size)
+    if batches == 0:
         raise DataError(f"{manifest['num_samples']} samples are fewer than one batch of {batch_size} "
                         f"per rank for {world_size} ranks")
+    if not isinstance(start_batch, int) or not 0 <= start_batch <= batches:
+        raise ValueError(f"start_batch {start_batch!r} outside [0, {batches}] (the batches per rank of an epoch)")
     return FaceLoader(spec, num_workers, prefetch_factor, device)

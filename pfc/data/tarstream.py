@@ -19,16 +19,21 @@ Handles POSIX ustar / GNU / pax members: regular files ('0', '\\0'), pax per-fil
 ``path`` and ``size``), GNU long names ('L'); other entries are skipped. Samples are grouped like
 webdataset does: key = the member path up to the first '.' of its file name, extension = the rest
 (lower-cased). A damaged header (bad checksum, bad size) or a cut-off member raises TarDamage.
+
+:func:`read_positions` reads the samples at a range of positions of a sequence of shards: the
+shards before the range are not opened, the samples before it inside a shard are passed over
+from their headers.
 """
 from __future__ import annotations
 
 import mmap
 import os
 import stat
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
+from pfc.data.plan import shard_pieces
 from pfc.errors import DataError
 
 BLOCK = 512
@@ -223,27 +228,75 @@ def split_key(path: str) -> tuple[str, str]:
     return (folder + "/" + stem if folder else stem), extension.lower()
 
 
-def iter_samples(stream, url: str, skip: int = 0) -> Iterator[dict]:
-    """Samples of a tar stream, in order; the first ``skip`` samples are passed over without
-    reading their data (seeking where possible). A duplicate extension within a key, or a
-    key that appears again later, starts a new sample, as in webdataset."""
+def iter_indexed_samples(stream, url: str, skip: int = 0,
+                         wanted: Callable[[int], bool] | None = None) -> Iterator[tuple[int, dict]]:
+    """(index in the shard, sample) of a tar stream's samples, in order, those with index
+    ``>= skip`` and (when given) ``wanted(index)``; the others are passed over from their headers
+    alone, without reading their data (seeking where possible). A duplicate extension within a
+    key, or a key that appears again later, starts a new sample, as in webdataset."""
     current: dict | None = None
     index = 0
 
-    def skipping(path: str) -> bool:
-        key = split_key(path)[0]
-        position = index if current is not None and current["__key__"] == key else index + (current is not None)
-        return position < skip
+    def keep(position: int) -> bool:
+        return position >= skip and (wanted is None or wanted(position))
 
-    for path, data in iter_members(stream, skipping if skip > 0 else None):
+    def skipping(path: str) -> bool:
+        key, extension = split_key(path)
+        same = current is not None and current["__key__"] == key and extension not in current
+        return not keep(index if same or current is None else index + 1)
+
+    for path, data in iter_members(stream, skipping if skip > 0 or wanted is not None else None):
         key, extension = split_key(path)
         if current is not None and (key != current["__key__"] or extension in current):
-            if index >= skip:
-                yield current
+            if keep(index):
+                yield index, current
             index += 1
             current = None
         if current is None:
             current = {"__key__": key, "__url__": url}
         current[extension] = data
-    if current is not None and index >= skip:
-        yield current
+    if current is not None and keep(index):
+        yield index, current
+
+
+def iter_samples(stream, url: str, skip: int = 0) -> Iterator[dict]:
+    """Samples of a tar stream, in order, from the ``skip``-th on (see :func:`iter_indexed_samples`)."""
+    for _, sample in iter_indexed_samples(stream, url, skip):
+        yield sample
+
+
+def read_positions(urls: list[str], counts: list[int], start: int, length: int, on_damage: Callable[[str, str], None],
+                   wanted: Callable[[int], bool] | None = None) -> Iterator[dict | None]:
+    """The raw sample ({"__key__", "__url__", "jpg": bytes-like, "cls": ...}) at each position of
+    ``[start, start + length)`` of the concatenation of the shards ``urls`` with ``counts``
+    samples (cyclically, see :func:`pfc.data.plan.shard_pieces`), in one pass. None where it
+    cannot be read (the rest of a shard that cannot be opened or read further, reported as
+    ``on_damage(url, reason)``; a shard with fewer samples than its count) or where
+    ``wanted(position)`` is False (passed over from its tar headers). Only the shards the range
+    touches are opened (webdataset's ``gopen``), each once per pass."""
+    import webdataset as wds
+
+    total = sum(counts)
+    position = start
+    for shard, skip, take in shard_pieces(counts, start, length):
+        url, produced, first = urls[shard], 0, position
+
+        def in_piece(index: int) -> bool:
+            return wanted((first + index - skip) % total)
+
+        try:
+            with wds.gopen(url) as stream:
+                for index, sample in iter_indexed_samples(stream, url, skip, in_piece if wanted else None):
+                    if index >= skip + take:
+                        break
+                    while skip + produced < index:
+                        produced += 1
+                        yield None
+                    produced += 1
+                    yield sample
+        except (TarDamage, OSError, ValueError, UnicodeDecodeError) as exc:
+            on_damage(url, f"{type(exc).__name__}: {exc}")
+        while produced < take:
+            produced += 1
+            yield None
+        position += take

@@ -9,16 +9,21 @@ into shards of ``shard_size``, and writes the shards in parallel. Each shard goe
 name and is renamed when complete, with a small record of its count and skipped inputs in
 ``OUT/.pack/``; a re-run with the same inputs keeps finished shards and redoes the rest.
 ``dataset.json`` and ``classes.txt`` are written last. Unreadable input images are skipped and
-listed; options that cannot be used raise :class:`pfc.errors.ConfigError`, an output folder of
-another packing run or inputs that give no image at all raise :class:`pfc.errors.DataError`.
+listed; a class left with no packed image is listed and left out of the label space (labels stay
+contiguous, ``classes.txt`` line k names label k). One packer at a time writes an output folder
+(a lock, :mod:`pfc.datasets.outdir`). Options that cannot be used and an output folder inside the
+source raise :class:`pfc.errors.ConfigError`; an output folder another packer is writing, one of
+another packing run, or inputs that give no image at all raise :class:`pfc.errors.DataError`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import multiprocessing as mp
 import os
+import tarfile
 import time
 from dataclasses import dataclass, field
 
@@ -28,10 +33,9 @@ from PIL import Image
 
 from pfc.data import manifest as manifest_io
 from pfc.datasets.align import align_face
+from pfc.datasets.outdir import STATE_DIR, claim_output, output_lock, refuse_output_inside, write_atomic
 from pfc.datasets.sources import read_landmarks
 from pfc.errors import ConfigError, DataError
-
-STATE_DIR = ".pack"
 
 
 @dataclass
@@ -60,7 +64,9 @@ class PackOptions:
 
 @dataclass
 class PackSummary:
-    """What :func:`pack` did; ``skipped`` lists (source reference, reason) of unreadable inputs."""
+    """What :func:`pack` did. ``skipped`` lists (source reference, reason) of unreadable inputs,
+    ``left_out`` (class name, reason) of the classes without a packed image (not in the label
+    space), ``ignored`` (path, reason) of the source links not followed."""
 
     out_dir: str
     num_classes: int
@@ -69,6 +75,8 @@ class PackSummary:
     shards_written: int
     shards_kept: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
     def describe(self) -> str:
@@ -77,6 +85,13 @@ class PackSummary:
                  f"{self.shards_kept} kept from an earlier run) in {self.seconds:.1f} s",
                  f"skipped {len(self.skipped)} unreadable inputs"]
         lines += [f"  skipped {ref}: {reason}" for ref, reason in self.skipped]
+        if self.left_out:
+            lines.append(f"left out {len(self.left_out)} classes without a packed image (not in the label "
+                         f"space, not in classes.txt)")
+            lines += [f"  left out class {name}: {reason}" for name, reason in self.left_out]
+        if self.ignored:
+            lines.append(f"did not follow {len(self.ignored)} links of the source")
+            lines += [f"  ignored {path}: {reason}" for path, reason in self.ignored]
         return "\n".join(lines)
 
 
@@ -119,48 +134,69 @@ def _plan_fingerprint(source, options: PackOptions, landmark_digest: str) -> str
     return digest.hexdigest()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    temporary = f"{path}.tmp{os.getpid()}"
+class ShardTarWriter:
+    """Samples {"__key__": KEY, EXT: bytes, ...} as tar members ``KEY.EXT`` in sorted extension
+    order, mode 0444, owner "bigdata", mtime 0: byte for byte what ``webdataset.TarWriter(stream,
+    encoder=False, mtime=0)`` writes, without importing webdataset (and with it torch) into the
+    packer and each of its workers. The integer mtime keeps tarfile from adding a PAX header to
+    every member (a float mtime does), which halves the header parsing the loader pays per sample;
+    fixed, so that the same inputs give byte-identical shards."""
+
+    def __init__(self, stream):
+        self.archive = tarfile.open(fileobj=stream, mode="w|")
+
+    def write(self, sample: dict[str, bytes | str]) -> None:
+        key = sample["__key__"]
+        for extension in sorted(name for name in sample if name != "__key__"):
+            data = sample[extension]
+            info = tarfile.TarInfo(f"{key}.{extension}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            info.uname = info.gname = "bigdata"
+            self.archive.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self.archive.close()
+
+
+@contextlib.contextmanager
+def _shard_writer(final: str):
+    """A :class:`ShardTarWriter` into a temporary name that becomes ``final`` when the block ends
+    without an error (never a half-written ``final``)."""
+    temporary = f"{final}.tmp{os.getpid()}"
     with open(temporary, "wb") as stream:
-        stream.write(data)
+        writer = ShardTarWriter(stream)
+        try:
+            yield writer
+        finally:
+            writer.close()
         stream.flush()
         os.fsync(stream.fileno())
-    os.replace(temporary, path)
+    os.replace(temporary, final)
 
 
 def _pack_shard(task) -> dict:
     """Worker: write one shard to a temporary name, rename it, then record its count and skips."""
-    import webdataset as wds
-
     source, out_dir, name, entries, image_size, landmarks, quality = task
     final = os.path.join(out_dir, name)
-    temporary = f"{final}.tmp{os.getpid()}"
     skipped = []
     count = 0
-    with open(temporary, "wb") as stream:
-        # An integer mtime keeps tarfile from adding a PAX header to every member (a float mtime
-        # does), which halves the header parsing the loader pays per sample; fixed, so that the
-        # same inputs give byte-identical shards.
-        with wds.TarWriter(stream, encoder=False, mtime=0) as writer:
-            for key, ref, label in entries:
-                points = None
-                if landmarks is not None:
-                    points = landmarks.get(os.path.normpath(ref))
-                    if points is None:
-                        skipped.append((ref, "no landmarks for this image"))
-                        continue
-                try:
-                    jpeg = prepare_image(source.read(ref), image_size, points, quality)
-                except Exception as exc:   # unreadable input: skipped and listed, never fatal
-                    skipped.append((ref, f"{type(exc).__name__}: {exc}"))
+    with _shard_writer(final) as writer:
+        for key, ref, label in entries:
+            points = None
+            if landmarks is not None:
+                points = landmarks.get(os.path.normpath(ref))
+                if points is None:
+                    skipped.append((ref, "no landmarks for this image"))
                     continue
-                writer.write({"__key__": key, "jpg": jpeg, "cls": str(label).encode()})
-                count += 1
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, final)
+            try:
+                jpeg = prepare_image(source.read(ref), image_size, points, quality)
+            except Exception as exc:   # unreadable input: skipped and listed, never fatal
+                skipped.append((ref, f"{type(exc).__name__}: {exc}"))
+                continue
+            writer.write({"__key__": key, "jpg": jpeg, "cls": str(label).encode()})
+            count += 1
     record = {"name": name, "num_samples": count, "skipped": skipped}
-    _write_atomic(os.path.join(out_dir, STATE_DIR, name + ".json"), json.dumps(record).encode())
+    write_atomic(os.path.join(out_dir, STATE_DIR, name + ".json"), json.dumps(record).encode())
     return {"record": record, "attempted": len(entries)}
 
 
@@ -168,18 +204,30 @@ def pack(source, out_dir: str, options: PackOptions | None = None) -> PackSummar
     """Write ``source`` (FolderSource or RecordSource) as shards + ``dataset.json`` into ``out_dir``.
 
     Re-running on the same inputs and options resumes: finished shards are kept, partial ones redone.
-    Raises DataError when ``out_dir`` holds shards of a different packing plan or no image could be
-    packed, ConfigError for unusable ``options``.
+    Labels are contiguous over the classes with at least one packed image; a class whose images
+    all fail to read is left out (its label space slot closed by relabelling the shards) and listed
+    in the summary, as are the source's empty classes. Raises ConfigError for unusable ``options``
+    or an ``out_dir`` inside the source folder, DataError when another packer is writing
+    ``out_dir``, it holds shards of a different packing plan, or no image could be packed.
     """
     options = options or PackOptions()
     options.validate()
+    refuse_output_inside(out_dir, getattr(source, "read_folders", ()))
     started = time.perf_counter()
+    with output_lock(out_dir):
+        summary = _pack_locked(source, out_dir, options)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _pack_locked(source, out_dir: str, options: PackOptions) -> PackSummary:
+    """:func:`pack` once the output folder is locked."""
     landmarks, landmark_digest = None, ""
     if options.landmarks:
         landmarks = read_landmarks(options.landmarks)
         with open(options.landmarks, "rb") as stream:
             landmark_digest = hashlib.sha256(stream.read()).hexdigest()
-    _claim_output(out_dir, _plan_fingerprint(source, options, landmark_digest))
+    claim_output(out_dir, _plan_fingerprint(source, options, landmark_digest))
     order = np.random.default_rng(options.seed).permutation(len(source.items))
     num_shards = (len(order) + options.shard_size - 1) // options.shard_size
     tasks, kept = _shard_tasks(source, out_dir, options, landmarks, order)
@@ -190,37 +238,79 @@ def pack(source, out_dir: str, options: PackOptions | None = None) -> PackSummar
     if total == 0:
         raise DataError(f"none of the {len(source.items)} source images could be packed "
                         f"(first problem: {records[shard_name(0)]['skipped'][:1]})")
-    manifest = {"format": manifest_io.FORMAT, "num_classes": len(source.classes), "num_samples": total,
+    skipped = [tuple(item) for i in range(num_shards) for item in records[shard_name(i)]["skipped"]]
+    new_labels, lost = _close_label_gaps(source, skipped)
+    if lost:
+        _relabel_shards(source, out_dir, num_shards, new_labels, order, options)
+    classes = [name for name, label in zip(source.classes, new_labels) if label >= 0]
+    manifest = {"format": manifest_io.FORMAT, "num_classes": len(classes), "num_samples": total,
                 "image_size": [options.image_size, options.image_size], "shards": shards,
                 "source": source.describe()}
-    _write_atomic(os.path.join(out_dir, manifest_io.CLASSES_NAME),
-                  "".join(f"{name}\n" for name in source.classes).encode())
-    _write_atomic(os.path.join(out_dir, manifest_io.MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
-    skipped = [tuple(item) for i in range(num_shards) for item in records[shard_name(i)]["skipped"]]
-    return PackSummary(out_dir=out_dir, num_classes=len(source.classes), num_samples=total,
+    write_atomic(os.path.join(out_dir, manifest_io.CLASSES_NAME), "".join(f"{name}\n" for name in classes).encode())
+    write_atomic(os.path.join(out_dir, manifest_io.MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
+    left_out = sorted([(name, "no images") for name in getattr(source, "empty_classes", [])] + lost)
+    return PackSummary(out_dir=out_dir, num_classes=len(classes), num_samples=total,
                        num_shards=num_shards, shards_written=len(tasks), shards_kept=len(kept),
-                       skipped=skipped, seconds=time.perf_counter() - started)
+                       skipped=skipped, left_out=left_out, ignored=list(getattr(source, "ignored", [])))
 
 
-def _claim_output(out_dir: str, fingerprint: str) -> None:
-    """Make ``out_dir`` this packing plan's: new (the plan is recorded) or of the same plan (a
-    re-run); DataError when it holds shards of another plan or of an unknown run."""
-    state_dir = os.path.join(out_dir, STATE_DIR)
-    os.makedirs(state_dir, exist_ok=True)
-    plan_path = os.path.join(state_dir, "plan.json")
-    if os.path.exists(plan_path):
-        with open(plan_path) as stream:
-            previous = json.load(stream).get("fingerprint")
-        if previous != fingerprint:
-            raise DataError(f"{out_dir} holds shards of a different packing run (other source, seed, "
-                            f"shard size, image size or landmarks); pack into an empty directory")
-        return
-    stray = [name for name in os.listdir(out_dir) if name.endswith(".tar") or name == manifest_io.MANIFEST_NAME]
-    if stray:
-        raise DataError(f"{out_dir} already holds {stray[0]} from an unknown run; pack into an empty directory")
-    _write_atomic(plan_path, json.dumps({"fingerprint": fingerprint}).encode())
+def _close_label_gaps(source, skipped: list[tuple[str, str]]) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """(final label of each source label, -1 for a class none of whose images was packed; those
+    classes as (name, reason)). Without skipped inputs every class keeps its label."""
+    identity = np.arange(len(source.classes), dtype=np.int64)
+    if not skipped:
+        return identity, []
+    skipped_refs = {ref for ref, _ in skipped}
+    images = np.zeros(len(source.classes), dtype=np.int64)
+    failed = np.zeros(len(source.classes), dtype=np.int64)
+    for ref, label in source.items:
+        images[label] += 1
+        if ref in skipped_refs:
+            failed[label] += 1
+    lost = images == failed
+    if not lost.any():
+        return identity, []
+    new_labels = np.where(lost, -1, np.cumsum(~lost) - 1)
+    reasons = [(source.classes[label], "its only image was skipped" if images[label] == 1 else
+                f"all its {images[label]} images were skipped") for label in np.flatnonzero(lost)]
+    return new_labels, reasons
 
 
+def _relabel_shards(source, out_dir: str, num_shards: int, new_labels: np.ndarray, order: np.ndarray,
+                    options: PackOptions) -> None:
+    """Rewrite the shards' labels to ``new_labels`` of the source labels (in parallel like the
+    packing). Each sample's label comes from the plan (its key is its position in ``order``), not
+    from the shard, so this is idempotent: a run killed while relabelling is finished by the next."""
+    source_labels = np.fromiter((label for _, label in source.items), dtype=np.int64, count=len(source.items))
+    final = new_labels[source_labels[order]].astype(np.int32)
+    size = options.shard_size
+    tasks = [(os.path.join(out_dir, shard_name(i)), i * size, final[i * size:(i + 1) * size].copy())
+             for i in range(num_shards)]
+    with _results(_relabel_shard, tasks, options.workers) as results:
+        for _ in results:
+            pass
+
+
+def _relabel_shard(task) -> bool:
+    """Worker: rewrite one shard with the labels ``labels[key - first]``; False when it already
+    had them (nothing written)."""
+    path, first, labels = task
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path, "r:") as archive:
+        for member in archive:
+            if member.isfile():
+                key, _, extension = member.name.partition(".")
+                samples.setdefault(key, {})[extension] = archive.extractfile(member).read()
+    changed = False
+    for key, files in samples.items():
+        label = str(int(labels[int(key) - first])).encode()
+        changed = changed or files.get("cls") != label
+        files["cls"] = label
+    if changed:
+        with _shard_writer(path) as writer:
+            for key, files in samples.items():
+                writer.write({"__key__": key, "jpg": files["jpg"], "cls": files["cls"]})
+    return changed
 def _shard_tasks(source, out_dir: str, options: PackOptions, landmarks: dict | None,
                  order: np.ndarray) -> tuple[list[tuple], dict[str, dict]]:
     """(tasks for :func:`_pack_shard` of the shards still to write, {name: record} of the shards
@@ -251,8 +341,7 @@ def _shard_tasks(source, out_dir: str, options: PackOptions, landmarks: dict | N
 
 
 def _run_tasks(tasks: list[tuple], options: PackOptions) -> dict[str, dict]:
-    """Write the shards of ``tasks`` (in ``options.workers`` spawned processes when more than one);
-    returns {shard name: record}."""
+    """Write the shards of ``tasks``; returns {shard name: record}."""
     records: dict[str, dict] = {}
     if not tasks:
         return records
@@ -260,21 +349,28 @@ def _run_tasks(tasks: list[tuple], options: PackOptions) -> dict[str, dict]:
     if options.progress:
         from tqdm import tqdm
         progress = tqdm(total=sum(len(task[3]) for task in tasks), desc="packing", unit="img")
-    pool = None
-    if options.workers == 1:
-        results = map(_pack_shard, tasks)
-    else:
-        pool = mp.get_context("spawn").Pool(min(options.workers, len(tasks)))
-        results = pool.imap_unordered(_pack_shard, tasks)
     try:
-        for result in results:
-            records[result["record"]["name"]] = result["record"]
-            if progress is not None:
-                progress.update(result["attempted"])
+        with _results(_pack_shard, tasks, options.workers) as results:
+            for result in results:
+                records[result["record"]["name"]] = result["record"]
+                if progress is not None:
+                    progress.update(result["attempted"])
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
         if progress is not None:
             progress.close()
     return records
+
+
+@contextlib.contextmanager
+def _results(function, tasks: list[tuple], workers: int):
+    """An iterator of ``function(task)`` over ``tasks`` (in completion order), run in ``workers``
+    spawned processes when more than one; the processes end with the block."""
+    if workers == 1 or len(tasks) < 2:
+        yield map(function, tasks)
+        return
+    pool = mp.get_context("spawn").Pool(min(workers, len(tasks)))
+    try:
+        yield pool.imap_unordered(function, tasks)
+    finally:
+        pool.terminate()
+        pool.join()

@@ -13,30 +13,37 @@ import os
 import numpy as np
 
 from pfc.datasets.recordio import IndexedRecordFile, unpack_record
+from pfc.datasets.tree import list_class_tree
 from pfc.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class FolderSource:
-    """Images under ``root/<class name>/...``; labels are the sorted class folder names' ranks."""
+    """Images under ``root/<class name>/...``; labels are the ranks of the sorted names of the class
+    folders that hold images.
+
+    ``empty_classes`` names the class folders without any image (left out of the label space),
+    ``ignored`` lists (path, reason) of the links not followed: links are followed only out of the
+    tree (see :mod:`pfc.datasets.tree`), so no image is read twice or under two classes.
+    ``read_folders`` holds the real paths of the folders read (the source and linked ones).
+    """
 
     def __init__(self, root: str):
         if not os.path.isdir(root):
             raise DataError(f"source folder {root} does not exist")
         self.root = root
-        self.classes = sorted(entry.name for entry in os.scandir(root)
-                              if entry.is_dir() and not entry.name.startswith("."))
-        if not self.classes:
-            raise DataError(f"source folder {root} has no class sub-folders")
-        self.items: list[tuple[str, int]] = []
-        for label, name in enumerate(self.classes):
-            class_dir = os.path.join(root, name)
-            for folder, subdirs, files in os.walk(class_dir):
-                subdirs.sort()
-                for file in sorted(files):
-                    if file.lower().endswith(IMAGE_EXTENSIONS):
-                        self.items.append((os.path.relpath(os.path.join(folder, file), root), label))
+        listing = list_class_tree(root, IMAGE_EXTENSIONS)
+        self.ignored: list[tuple[str, str]] = listing.ignored
+        if not listing.classes:
+            links = f" ({len(self.ignored)} links not followed, first {self.ignored[0][0]})" if self.ignored else ""
+            raise DataError(f"source folder {root} has no class sub-folders{links}")
+        kept = [(name, images) for name, images in listing.classes if images]
+        self.empty_classes = [name for name, images in listing.classes if not images]
+        self.classes = [name for name, _ in kept]
+        self.items: list[tuple[str, int]] = [(path, label) for label, (_, images) in enumerate(kept)
+                                             for path in images]
+        self.read_folders = listing.read_folders
         if not self.items:
             raise DataError(f"source folder {root} has no images ({', '.join(IMAGE_EXTENSIONS)})")
 

@@ -52,8 +52,9 @@ class VerifyReport:
 def verify_shards(out_dir: str, max_problems: int = 1000) -> VerifyReport:
     """Read every sample of the shard set in ``out_dir``: JPEG decodes to the manifest's image size
     (same decoder as the loader), label is an integer in [0, num_classes), every key has exactly one
-    ``.jpg`` and one ``.cls``, keys are unique, and per-shard / total counts and ``classes.txt`` match
-    the manifest. Problems are collected (up to ``max_problems``), not raised."""
+    ``.jpg`` and one ``.cls``, keys are unique, per-shard / total counts and ``classes.txt`` match
+    the manifest, and every class has a good sample. Problems are collected (up to
+    ``max_problems``), not raised."""
     report = VerifyReport(max_problems=max_problems)
     try:
         manifest = manifest_io.read_manifest(out_dir)
@@ -86,6 +87,7 @@ def verify_shards(out_dir: str, max_problems: int = 1000) -> VerifyReport:
     if report.num_samples != manifest["num_samples"]:
         report.problem(f"{report.num_samples} good samples in all shards but the manifest says "
                        f"{manifest['num_samples']}")
+    _check_no_empty_class(per_class, os.path.join(out_dir, manifest_io.CLASSES_NAME), report)
     report.images_per_class_min = int(per_class.min())
     report.images_per_class_max = int(per_class.max())
     return report
@@ -100,6 +102,22 @@ def _check_classes_file(path: str, num_classes: int, report: VerifyReport) -> No
         lines = stream.read().splitlines()
     if len(lines) != num_classes:
         report.problem(f"classes.txt has {len(lines)} lines but num_classes is {num_classes}")
+
+
+def _check_no_empty_class(per_class: np.ndarray, classes_path: str, report: VerifyReport) -> None:
+    """Every label in [0, num_classes) has a good sample (an empty class is a packing mistake: the
+    packer leaves such classes out of the label space)."""
+    empty = np.flatnonzero(per_class == 0)
+    if not len(empty):
+        return
+    names = []
+    if os.path.isfile(classes_path):
+        with open(classes_path, encoding="utf-8") as stream:
+            names = stream.read().splitlines()
+    for label in empty:
+        name = f" ({names[label]})" if label < len(names) else ""
+        report.problem(f"class {label}{name} has no good sample; repack with tools/pack_shards.py, "
+                       f"which leaves empty classes out")
 
 
 def _read_members(url: str, name: str, report: VerifyReport) -> dict[str, dict[str, bytes]]:

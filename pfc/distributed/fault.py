@@ -3,14 +3,18 @@
     stop = StopSignals()                        # SIGTERM / SIGINT only set a flag
     guard = StepGuard(max_consecutive_skips=5)
     ...                                         # forward + backward of one step
-    decision = guard.check(loss_value, stop.requested, save_due=clock_says_so and rank == 0)
-    if decision.skip: zero the gradients instead of stepping
+    decision = guard.check(loss_value, stop.requested, step_finite=runner.gradients_finite(),
+                           save_due=clock_says_so and rank == 0)
+    if decision.skip: zero the gradients instead of stepping (one all-reduce, same answer everywhere)
     if decision.save: write a checkpoint after this step (every rank, the same step)
     if decision.stop: save a checkpoint and leave the loop (decision.reason says why)
 
 A signal, a NaN or a clock seen by one rank must change what *every* rank does at the same step,
 or the next collective hangs; hence the single all-reduce of ``[non_finite, stop_requested,
-save_due]`` per step.
+save_due]`` per step. "Non-finite" covers the loss and, when the caller passes ``step_finite``,
+what else the step computed on this rank (its gradients, the BatchNorm statistics its forward
+moved): a NaN that appears only in one rank's backward (the loss finite everywhere) would
+otherwise be averaged into every rank's weights.
 """
 from __future__ import annotations
 
@@ -96,12 +100,12 @@ class StepDecision:
 class StepGuard:
     """Collective per-step check of the loss, of pending stop requests and of the time to save.
 
-    ``check`` all-reduces (MAX) three flags: "my loss is not finite", "a stop was requested
-    here" and "a checkpoint is due". A non-finite loss on any rank skips the step on every rank
-    and logs a warning; after ``max_consecutive_skips`` skipped steps in a row (0: never) the
-    decision is to stop. ``skipped_total`` and ``consecutive`` count the skips. The save flag
-    lets one rank's clock decide for all (clocks differ between ranks and nodes: pass it from
-    one rank only), without a collective of its own.
+    ``check`` all-reduces (MAX) three flags: "my loss (or step) is not finite", "a stop was
+    requested here" and "a checkpoint is due". A non-finite loss or gradient on any rank skips
+    the step on every rank and logs a warning; after ``max_consecutive_skips`` skipped steps in a
+    row (0: never) the decision is to stop. ``skipped_total`` and ``consecutive`` count the
+    skips. The save flag lets one rank's clock decide for all (clocks differ between ranks and
+    nodes: pass it from one rank only), without a collective of its own.
     """
 
     def __init__(self, max_consecutive_skips: int = 5, group=None):
@@ -113,11 +117,14 @@ class StepGuard:
         self.skipped_total = 0
 
     def check(self, loss: float | torch.Tensor, stop_requested: bool = False, step: int | None = None,
-              save_due: bool = False) -> StepDecision:
+              step_finite: bool = True, save_due: bool = False) -> StepDecision:
         """Decide this step on every rank alike (collective: every rank calls it once per step);
-        ``save`` is True on every rank when ``save_due`` is True on any."""
+        ``step_finite``: False when something else this rank computed in the step (gradients,
+        statistics) holds inf/NaN, its loss being finite or not; ``save`` is True on every rank
+        when ``save_due`` is True on any."""
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
-        flags = torch.tensor([0.0 if math.isfinite(value) else 1.0, float(stop_requested), float(save_due)])
+        bad = not (math.isfinite(value) and step_finite)
+        flags = torch.tensor([1.0 if bad else 0.0, float(stop_requested), float(save_due)])
         if is_distributed() and get_world_size(self.group) > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         non_finite, stop, save = bool(flags[0] > 0), bool(flags[1] > 0), bool(flags[2] > 0)
@@ -125,7 +132,7 @@ class StepGuard:
         if non_finite:
             self.consecutive += 1
             self.skipped_total += 1
-            logger.warning("%snon-finite loss on at least one rank; skipping the update "
+            logger.warning("%snon-finite loss or gradient on at least one rank; skipping the update "
                            "(%d in a row, %d in total)", where, self.consecutive, self.skipped_total)
         else:
             self.consecutive = 0

@@ -31,9 +31,15 @@ def backbone_file(output_or_file: str) -> str:
 
 def save_backbone(model: nn.Module, path: str, *, network: str, embedding_size: int, image_size: int) -> None:
     """Write the bare network's weights and what rebuilds it (``network`` in the backbone
-    registry, ``embedding_size``, the side ``image_size`` of its square input) to ``path``."""
+    registry, ``embedding_size``, the side ``image_size`` of its square input) to ``path``.
+    ValueError naming the tensors, and nothing written, when a weight or buffer holds inf/NaN."""
+    state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    bad = [key for key, value in state.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise ValueError(f"refusing to save a non-finite model to {path}: inf/NaN in {', '.join(bad[:4])}"
+                         + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
     payload = {"network": network, "embedding_size": int(embedding_size), "image_size": int(image_size),
-               "state_dict": {key: value.detach().cpu() for key, value in model.state_dict().items()}}
+               "state_dict": state}
     temporary = f"{path}.tmp{os.getpid()}"
     torch.save(payload, temporary)
     os.replace(temporary, path)

@@ -11,7 +11,9 @@
   std (population std) of the fold accuracies;
 * TAR at FAR 1e-3 / 1e-4 from the exact ROC over all pairs (:func:`roc_curve`): the largest
   fraction of genuine pairs accepted by a threshold that accepts at most FAR·#impostor impostor
-  pairs (:func:`tar_at_far`); AUC by the trapezoid rule over the ROC.
+  pairs (:func:`tar_at_far`); None ("n/a" when printed, null in JSON) when FAR·#impostor < 1:
+  a set with fewer than 1/FAR impostor pairs cannot measure that FAR. AUC by the trapezoid rule
+  over the ROC.
 """
 from __future__ import annotations
 
@@ -65,9 +67,18 @@ def roc_curve(distances: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np
     return far, tar, np.r_[-np.inf, sorted_distances[last_of_run]]
 
 
-def tar_at_far(far: np.ndarray, tar: np.ndarray, far_target: float) -> float:
-    """Largest TAR among ROC points with FAR ≤ ``far_target``."""
+def tar_at_far(far: np.ndarray, tar: np.ndarray, far_target: float, num_impostor: int | None = None) -> float | None:
+    """Largest TAR among ROC points with FAR ≤ ``far_target``; None when ``num_impostor`` pairs
+    are too few to measure that FAR (``far_target · num_impostor < 1``: the smallest FAR above 0
+    is 1/num_impostor)."""
+    if num_impostor is not None and far_target * num_impostor < 1 - 1e-9:
+        return None
     return float(tar[far <= far_target + 1e-12].max())
+
+
+def format_rate(value: float | None, digits: int = 4) -> str:
+    """A rate for printing: ``0.1234``, or ``n/a`` for a TAR the set cannot measure (None)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 @dataclass
@@ -86,7 +97,8 @@ class VerificationResult:
     tar: np.ndarray = field(repr=False)
 
     def summary(self) -> dict:
-        """Flat dict: accuracy, accuracy_std, threshold, tar@far=1e-3, tar@far=1e-4, auc, num_pairs."""
+        """Flat dict: accuracy, accuracy_std, threshold, tar@far=1e-3, tar@far=1e-4 (None when the
+        set has too few impostor pairs), auc, num_pairs."""
         out = {"set": self.name, "num_pairs": self.num_pairs, "accuracy": self.accuracy,
                "accuracy_std": self.accuracy_std, "threshold": self.best_threshold, "auc": self.auc}
         for far_target, value in self.tar_at_far.items():
@@ -122,7 +134,7 @@ def verification_metrics(embeddings1: np.ndarray, embeddings2: np.ndarray, issam
         name=name, num_pairs=len(distances),
         accuracy=float(np.mean(fold_accuracies)), accuracy_std=float(np.std(fold_accuracies)),
         best_threshold=float(np.mean(fold_thresholds)), fold_accuracies=fold_accuracies,
-        tar_at_far={far_target: tar_at_far(far, tar, far_target) for far_target in FAR_TARGETS},
+        tar_at_far={far_target: tar_at_far(far, tar, far_target, int((~issame).sum())) for far_target in FAR_TARGETS},
         auc=auc, far=far, tar=tar)
 
 

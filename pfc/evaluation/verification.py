@@ -15,7 +15,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,12 +33,15 @@ from pfc.evaluation.roc import NUM_FOLDS, VerificationResult, verification_metri
 class VerificationSet:
     """A list of 2N images (encoded bytes, a file path, or a uint8 HWC array) and N is-same flags.
 
-    Pair i is ``(images[2i], images[2i+1])`` with label ``issame[i]``.
+    Pair i is ``(images[2i], images[2i+1])`` with label ``issame[i]``. ``source`` (the file it was
+    read from) and ``pair_lines`` (a pairs list's line of each pair) serve error messages.
     """
 
     name: str
     images: list
     issame: np.ndarray
+    source: str = ""
+    pair_lines: list | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.issame = np.asarray(self.issame, dtype=bool)
@@ -59,6 +63,8 @@ class _BinUnpickler(pickle.Unpickler):
     Lists, tuples, bytes, str, bools and ints are pickle opcodes and never reach ``find_class``;
     the globals below are what Python-3 (``_codecs.encode`` for bytes at protocol ≤ 2) and numpy
     (``ndarray`` reconstruction) need. Any other global (``os.system``, ``builtins.eval`` …) is refused.
+    The check is on exact (module, name) pairs, so a dotted name (``numpy.os.system``, which
+    ``find_class`` would resolve attribute by attribute under protocol ≥ 4) never matches.
     """
 
     ALLOWED_GLOBALS = {
@@ -108,7 +114,7 @@ def read_bin(path: str) -> VerificationSet:
     if flags.dtype != bool and not (flags.dtype.kind in "iu" and set(np.unique(flags)) <= {0, 1}):
         raise DataError(f"{path}: is-same list must hold booleans, got dtype {flags.dtype}")
     name = os.path.splitext(os.path.basename(path))[0]
-    return VerificationSet(name, images, flags.astype(bool))
+    return VerificationSet(name, images, flags.astype(bool), source=path)
 
 
 def read_pairs(pairs_file: str, root: str | None = None) -> VerificationSet:
@@ -120,7 +126,7 @@ def read_pairs(pairs_file: str, root: str | None = None) -> VerificationSet:
     if not os.path.isfile(pairs_file):
         raise DataError(f"pairs list {pairs_file} does not exist")
     root = os.path.dirname(os.path.abspath(pairs_file)) if root is None else root
-    images, issame = [], []
+    images, issame, lines = [], [], []
     with open(pairs_file, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
             text = line.split("#", 1)[0].strip()
@@ -135,8 +141,27 @@ def read_pairs(pairs_file: str, root: str | None = None) -> VerificationSet:
                     raise DataError(f"{pairs_file}:{line_number}: image {path} does not exist")
                 images.append(path)
             issame.append(parts[2] == "1")
+            lines.append(line_number)
     name = os.path.splitext(os.path.basename(pairs_file))[0]
-    return VerificationSet(name, images, np.array(issame, dtype=bool))
+    return VerificationSet(name, images, np.array(issame, dtype=bool), source=pairs_file, pair_lines=lines)
+
+
+def check_decodes(pairs: VerificationSet, image_size: int, workers: int = 8) -> None:
+    """Decode every image of ``pairs`` once (in ``workers`` threads: decoding releases the GIL),
+    so that a damaged image fails when the set is loaded, not in the verification after training.
+    DataError naming the set's file, the pair (and its line in a pairs list) and the image."""
+    def decode(number: int) -> None:
+        try:
+            load_image(pairs.images[number], image_size)
+        except DataError as exc:
+            pair = number // 2
+            line = f", line {pairs.pair_lines[pair]}" if pairs.pair_lines else ""
+            item = "" if isinstance(pairs.images[number], (str, os.PathLike)) else f"item {number}: "
+            raise DataError(f"verification set {pairs.source or pairs.name}, pair {pair}{line}: {item}{exc}") from exc
+
+    with ThreadPoolExecutor(max(1, min(workers, os.cpu_count() or 1))) as pool:
+        for _ in pool.map(decode, range(len(pairs.images))):  # the first failure (in order) is raised
+            pass
 
 
 # --------------------------------------------------------------------------------- embeddings

@@ -7,7 +7,7 @@ ranks the gradients are exact. Collectives inside are outside autograd except wh
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -27,8 +27,9 @@ def _global_value(local: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class MHE:
-    """Minimum hyperspherical energy (SphereFace+) between each sample's class center and the
-    other sampled centers of all ranks:
+    """Minimum hyperspherical energy (SphereFace+) of the sampled class centers.
+
+    The energy between each sample's class center and the other sampled centers of all ranks:
 
         E = 1/(B·(K−1)) · Σ_i Σ_{j ≠ y_i} f(ŵ_{y_i}, ŵ_j)
 
@@ -47,11 +48,17 @@ class MHE:
     """
 
     weight: float = 0.01
+    """λ_MHE, the weight of E in the loss (the trainer's config: 0 = off)"""
     kernel: str = "euclidean"
+    """euclidean: d^(−power) | log: −log d | angular: θ^(−power)"""
     power: float = 2.0
+    """exponent of the euclidean and angular kernels"""
     half_space: bool = False
+    """also count the reflections −ŵ_j of the other centers"""
     unbiased: bool = False
+    """weight the sampled negatives by the inverse sampling ratio (unbiased full-shard estimate)"""
     eps: float = 1e-6
+    """small constant inside the distance and the angle's clamp, in (0, 0.5)"""
 
     def __post_init__(self):
         if self.kernel not in _KERNELS:
@@ -204,14 +211,21 @@ class AngularTriplet:
     """
 
     weight: float = 1.0
+    """weight of the term in the loss (the trainer's config: 0 = off)"""
     m: int = 2
+    """SphereFace margin (an integer) on the anchor–positive angle"""
     s: float = 30.0
+    """scale of the triplet logits"""
     semihard: bool = True
+    """keep only pairs right without the margin and wrong with it"""
     base: float = 1000.0
+    """λ annealing of the margin: base"""
     gamma: float = 0.12
+    """λ annealing of the margin: gamma"""
     power: float = 1.0
+    """λ annealing of the margin: power"""
     lambda_min: float = 5.0
-    margin: SphereFace = field(init=False, repr=False)
+    """λ annealing of the margin: the floor of λ"""
 
     def __post_init__(self):
         if not self.weight >= 0:

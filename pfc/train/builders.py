@@ -97,11 +97,13 @@ def build_train_state(config: TrainConfig, runtime: Runtime, image_size: int, st
                       config=resolved_config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
 
 
-def build_loader(config: TrainConfig, runtime: Runtime, epoch: int):
-    """This rank's loader for ``epoch``: ``(images [b,3,H,W] in [−1,1], labels [b])``, equal length on all ranks."""
+def build_loader(config: TrainConfig, runtime: Runtime, epoch: int, start_batch: int = 0):
+    """This rank's loader for ``epoch`` from its batch ``start_batch`` on (a resumed run: the
+    batches the whole epoch's loader yields from there, none before it read): ``(images [b,3,H,W]
+    in [−1,1], labels [b])``; ``len()`` = the epoch's batches per rank − ``start_batch``, equal on all ranks."""
     from pfc.data.loader import make_loader
 
     data = config.data
     return make_loader(data.root, batch_size=data.batch_size, rank=runtime.rank, world_size=runtime.world_size,
                        num_workers=data.num_workers, seed=config.seed, epoch=epoch, augment=data.augment,
-                       device=runtime.device)
+                       device=runtime.device, start_batch=start_batch)

@@ -113,56 +113,9 @@ class MarginConfig:
                               fallback=self.fallback, straight_through=self.straight_through)
 
 
-@dataclass
-class MHEConfig:
-    """Minimum hyperspherical energy on the sampled centers (SphereFace+), added as weight·E."""
-
-    weight: float = 0.0
-    """λ_MHE; 0: off"""
-    kernel: str = "euclidean"
-    """euclidean: d^(−power) | log: −log d | angular: θ^(−power)"""
-    power: float = 2.0
-    """exponent of the euclidean and angular kernels"""
-    half_space: bool = False
-    """also count the reflections −ŵ_j of the other centers"""
-    unbiased: bool = False
-    """weight the sampled negatives by the inverse sampling ratio (unbiased full-shard estimate)"""
-    eps: float = 1e-6
-    """small constant inside the distance and the angle's clamp, in (0, 0.5)"""
-
-    def build(self) -> MHE | None:
-        """:class:`pfc.head.regularizers.MHE`, or None when ``weight`` is 0 (checked either way)."""
-        mhe = MHE(weight=self.weight, kernel=self.kernel, power=self.power, half_space=self.half_space,
-                  unbiased=self.unbiased, eps=self.eps)
-        return mhe if self.weight else None
-
-
-@dataclass
-class TripletConfig:
-    """Angular triplet term on the gathered batch (ATL), added as weight·term."""
-
-    weight: float = 0.0
-    """weight of the term; 0: off"""
-    m: int = 2
-    """SphereFace margin (an integer) on the anchor–positive angle"""
-    s: float = 30.0
-    """scale of the triplet logits"""
-    semihard: bool = True
-    """keep only pairs right without the margin and wrong with it"""
-    base: float = 1000.0
-    """λ annealing of the margin: base"""
-    gamma: float = 0.12
-    """λ annealing of the margin: gamma"""
-    power: float = 1.0
-    """λ annealing of the margin: power"""
-    lambda_min: float = 5.0
-    """λ annealing of the margin: the floor of λ"""
-
-    def build(self) -> AngularTriplet | None:
-        """:class:`pfc.head.regularizers.AngularTriplet`, or None when ``weight`` is 0 (checked either way)."""
-        triplet = AngularTriplet(weight=self.weight, m=self.m, s=self.s, semihard=self.semihard, base=self.base,
-                                 gamma=self.gamma, power=self.power, lambda_min=self.lambda_min)
-        return triplet if self.weight else None
+def _enabled(regularizer):
+    """A fresh copy of ``regularizer`` (its checks run again), or None when its weight is 0."""
+    return dataclasses.replace(regularizer) if regularizer.weight else None
 
 
 @dataclass
@@ -176,8 +129,8 @@ class HeadConfig:
     chunk_rows: int = 2048
     """rows of centers per chunk of the fused softmax (memory vs. speed)"""
     margin: MarginConfig = field(default_factory=MarginConfig)
-    mhe: MHEConfig = field(default_factory=MHEConfig)
-    triplet: TripletConfig = field(default_factory=TripletConfig)
+    mhe: MHE = field(default_factory=lambda: MHE(weight=0.0))
+    triplet: AngularTriplet = field(default_factory=lambda: AngularTriplet(weight=0.0))
 
     def check(self, embedding_size: int) -> None:
         """The head's own option checks (:meth:`PartialFC.check_options`)."""
@@ -188,7 +141,7 @@ class HeadConfig:
         """:class:`PartialFC` over ``num_classes`` centers with this margin and these regularisers."""
         return PartialFC(num_classes=num_classes, embedding_size=embedding_size, margin=self.margin.build(),
                          sample_rate=self.sample_rate, group=group, seed=seed, chunk_rows=self.chunk_rows,
-                         device=device, mhe=self.mhe.build(), triplet=self.triplet.build(),
+                         device=device, mhe=_enabled(self.mhe), triplet=_enabled(self.triplet),
                          interclass_filter=self.interclass_filter or None)
 
 
@@ -349,8 +302,8 @@ def validate(config: TrainConfig) -> None:
     total_steps = schedule.max_steps or max(schedule.warmup_steps, 0) + 1
     components = (  # (group, its component's checks, parameters its messages name → other fields)
         ("head.margin", head.margin.build, {"m": "m1"}),
-        ("head.mhe", head.mhe.build, {}),
-        ("head.triplet", head.triplet.build, {}),
+        ("head.mhe", lambda: dataclasses.replace(head.mhe), {}),
+        ("head.triplet", lambda: dataclasses.replace(head.triplet), {}),
         ("head", lambda: head.check(config.backbone.embedding_size), {"embedding_size": "backbone.embedding_size"}),
         ("optim", config.optim.check, {"learning rate": "lr"}),
         ("schedule", lambda: schedule.build(total_steps, lr), {"total_steps": "max_steps", "min_ratio": "min_lr"}))

@@ -32,16 +32,14 @@ from pfc.errors import ConfigError
 from pfc.evaluation.export import save_backbone
 from pfc.train.builders import build_loader, build_train_state
 from pfc.train.config import TrainConfig, apply_dataset, to_dict
-from pfc.train.metrics import MetricsWindow, TrainLogger, write_json
+from pfc.train.finite import NonFiniteLossError, NonFiniteStateError, check_state_finite  # noqa: F401 (re-exported)
+from pfc.train.metrics import MetricsWindow, SkippedSamples, TrainLogger, write_json
 from pfc.train.output import claim_output
 from pfc.train.resume import restore_train_state, save_train_checkpoint
+from pfc.train.rollback import StepRollback
 from pfc.train.runtime import Runtime, init_runtime, seed_everything
 from pfc.train.state import TrainState
 from pfc.train.validation import load_val_sets, run_verification
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped after ``max_nonfinite_skips`` consecutive non-finite losses (a checkpoint was written)."""
 
 
 @dataclass
@@ -62,7 +60,9 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
 
     Outputs in ``config.output`` (rank 0): config.json (resolved), metrics.jsonl, eval.jsonl,
     eval_results.json, roc.png, backbone.pt, tensorboard/ when installed, and checkpoints.
-    Raises NonFiniteLossError (after writing a checkpoint) when the loss stays non-finite.
+    Raises NonFiniteLossError (after writing a checkpoint) when the loss stays non-finite, and
+    NonFiniteStateError (on every rank, nothing written) when a checkpoint or backbone.pt would
+    hold inf/NaN. backbone.pt is written before the final verification.
     """
     runtime = runtime or init_runtime()
     if not config.data.root:
@@ -72,7 +72,7 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     config = apply_dataset(config, int(manifest["num_classes"]), int(manifest["num_samples"]),
                            manifest_source(config.data.root))
     image_size = image_side(manifest)
-    val_sets = load_val_sets(config, runtime)
+    val_sets = load_val_sets(config, runtime, image_size)
     seed_everything(config.seed, runtime.rank)
     batches_per_epoch = len(build_loader(config, runtime, epoch=0))
     steps_per_epoch = batches_per_epoch // config.optim.grad_accumulation
@@ -119,11 +119,15 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
     batches_per_epoch = state.steps_per_epoch * config.optim.grad_accumulation
     state.runner.train()
     state.head.train()
+    rollback = StepRollback(state.runner.model, state.head, state.head_optimizer,
+                            state.runner.head_update_in_backward)
+    samples_skipped = SkippedSamples()
     try:
         while state.step < state.total_steps and not stopped:
-            loader = iter(build_loader(config, runtime, state.epoch))
-            for _ in range(state.batch_in_epoch):  # a resumed run: the part of the epoch already seen
-                next(loader)
+            # a resumed run starts at its position in the epoch (nothing before it is read again)
+            epoch_loader = build_loader(config, runtime, state.epoch, start_batch=state.batch_in_epoch)
+            samples_skipped.follow(epoch_loader)
+            loader = iter(epoch_loader)
             steps = min(state.steps_per_epoch - state.batch_in_epoch // config.optim.grad_accumulation,
                         state.total_steps - state.step)
             bar = tqdm(total=steps, desc=f"epoch {state.epoch}", dynamic_ncols=True, leave=False,
@@ -131,12 +135,15 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
             for _ in range(steps):
                 lr_used = state.runner.optimizer.param_groups[0]["lr"]
                 save_due = runtime.is_main and 0 < save_period_s <= time.monotonic() - last_save  # rank 0 decides
-                last_loss, stats, decision = train_step(state, config, runtime, loader, guard, stop_signals, save_due)
+                last_loss, stats, decision = train_step(state, config, runtime, loader, guard, stop_signals,
+                                                        rollback, save_due)
                 state.step += 1
                 window.add(last_loss, stats)
                 bar.update(1)
                 if state.step % config.log_every == 0 or state.step == state.total_steps:
-                    logger.log_train(window.record(state, lr_used), write=tqdm.write)
+                    record = window.record(state, lr_used)
+                    record["skipped_samples"] = samples_skipped.total_over_ranks()  # collective, at log steps
+                    logger.log_train(record, write=tqdm.write)
                 if decision.stop:  # before a verification: the stop must fit in the scheduler's grace period
                     stopped = decision.reason
                     break
@@ -153,19 +160,24 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
                 state.batch_in_epoch = 0
     finally:
         stop_signals.restore()
+        rollback.close()
     return last_loss, stopped, guard, history
 
 
 def _finish(state: TrainState, config: TrainConfig, runtime: Runtime, logger: TrainLogger, val_sets,
             image_size: int, history: list[dict]) -> list[dict]:
-    """Final verification (with the ROC plot), eval_results.json and backbone.pt."""
+    """backbone.pt (first: a failure in the verification cannot lose the model; refused on every
+    rank when the state is not finite), then the final verification (with the ROC plot) and
+    eval_results.json."""
     output = config.output
+    check_state_finite(state, "the final save of backbone.pt")
+    if runtime.is_main:
+        save_backbone(state.runner.model, os.path.join(output, "backbone.pt"), network=config.backbone.network,
+                      embedding_size=config.backbone.embedding_size, image_size=image_size)
     summaries = run_verification(state, val_sets, config, runtime, image_size, os.path.join(output, "roc.png"))
     logger.log_eval(summaries)
     if runtime.is_main:
         write_json(os.path.join(output, "eval_results.json"), {"final": summaries, "history": history + summaries})
-        save_backbone(state.runner.model, os.path.join(output, "backbone.pt"), network=config.backbone.network,
-                      embedding_size=config.backbone.embedding_size, image_size=image_size)
     return summaries
 
 
@@ -185,16 +197,21 @@ def _next_batch(state: TrainState, loader, device):
 
 
 def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader, guard: StepGuard,
-               stop_signals: StopSignals, save_due: bool = False) -> tuple[float, dict, StepDecision]:
+               stop_signals: StopSignals, rollback: StepRollback,
+               save_due: bool = False) -> tuple[float, dict, StepDecision]:
     """One optimizer step over ``grad_accumulation`` micro-batches from ``loader``; returns
     (loss, head stats, the guard's decision).
 
     The loss is the mean over micro-batches, the head's stats likewise. Before the update,
-    ``guard`` decides on every rank alike: a non-finite loss on any rank skips the update (the
-    LR schedules still advance: the step index moves on); a stop signal on any rank stops after
+    ``guard`` decides on every rank alike: a non-finite loss, backbone gradient or BatchNorm
+    statistic on any rank skips the update, and ``rollback`` puts back what the step changed before the decision
+    (BatchNorm statistics, centers updated in the head's backward), so a skipped step (or one
+    the engine skipped itself: an fp16 overflow) leaves the whole model state as it was; the LR
+    schedules still advance (the step index moves on). A stop signal on any rank stops after
     this step; ``save_due`` on any rank (rank 0's clock) saves after it.
     """
     state.head.set_iteration(state.step)
+    rollback.begin()
     step_loss, stats = 0.0, {}
     for micro in range(config.optim.grad_accumulation):
         images, labels = _next_batch(state, loader, runtime.device)
@@ -203,12 +220,15 @@ def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader,
         state.batch_in_epoch += 1
         for key, value in state.head.last_stats.items():
             stats[key] = stats.get(key, 0.0) + value / config.optim.grad_accumulation
-    decision = guard.check(step_loss, stop_signals.requested, step=state.step, save_due=save_due)
+    decision = guard.check(step_loss, stop_signals.requested, step=state.step,
+                           step_finite=state.runner.gradients_finite() and rollback.buffers_finite(),
+                           save_due=save_due)
     if decision.skip:
         state.runner.skip(state.head_optimizer)
+        rollback.restore()
         state.skipped_steps += 1
-    else:
-        state.runner.step(state.head_optimizer)
+    elif not state.runner.step(state.head_optimizer):
+        rollback.restore()
     for scheduler in state.schedulers.values():
         scheduler.step()
     return step_loss, stats, decision

@@ -1,10 +1,15 @@
-"""Rank-0 bookkeeping: averaged metrics per log window, console lines, JSONL files, TensorBoard."""
+"""Rank-0 bookkeeping: averaged metrics per log window, console lines, JSONL files, TensorBoard;
+the count of corrupt samples the loaders skipped, summed over the ranks at log steps."""
 from __future__ import annotations
 
 import json
 import os
 import time
 
+import torch
+
+from pfc.distributed.collectives import all_reduce_, is_distributed
+from pfc.evaluation.roc import format_rate
 from pfc.train.state import TrainState
 
 
@@ -34,6 +39,29 @@ class MetricsWindow:
         record["eta_s"] = (state.total_steps - state.step) * elapsed / self.count
         self._reset()
         return record
+
+
+class SkippedSamples:
+    """The corrupt samples / tar errors the loaders of this run skipped (``loader.stats["skipped"]``),
+    over the epochs: :meth:`follow` each epoch's loader, :meth:`total_over_ranks` at a log step."""
+
+    def __init__(self):
+        self.done_epochs = 0
+        self.loader = None
+
+    def follow(self, loader) -> None:
+        """Count ``loader`` (the new epoch's) from now on, after the earlier ones."""
+        if self.loader is not None:
+            self.done_epochs += int(self.loader.stats["skipped"])
+        self.loader = loader
+
+    def total_over_ranks(self) -> int:
+        """Collective (one all-reduce of one number; every rank calls it at the same steps): the
+        samples skipped so far in this run, summed over the ranks."""
+        mine = self.done_epochs + (int(self.loader.stats["skipped"]) if self.loader is not None else 0)
+        if not is_distributed():
+            return mine
+        return int(all_reduce_(torch.tensor([mine], dtype=torch.int64)).item())
 
 
 class TrainLogger:
@@ -72,10 +100,11 @@ class TrainLogger:
         for summary in summaries:
             self._append("eval.jsonl", summary)
             write(f"eval {summary['set']} step {summary['step']}: accuracy {summary['accuracy']:.4f} "
-                  f"± {summary['accuracy_std']:.4f}, tar@far=1e-3 {summary['tar@far=1e-3']:.4f}")
+                  f"± {summary['accuracy_std']:.4f}, tar@far=1e-3 {format_rate(summary['tar@far=1e-3'])}")
             if self.writer is not None:
                 for key in ("accuracy", "tar@far=1e-3", "tar@far=1e-4"):
-                    self.writer.add_scalar(f"val_{summary['set']}/{key}", summary[key], summary["step"])
+                    if summary[key] is not None:  # None: a TAR the set is too small to measure
+                        self.writer.add_scalar(f"val_{summary['set']}/{key}", summary[key], summary["step"])
 
     def close(self) -> None:
         if self.writer is not None:

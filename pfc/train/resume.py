@@ -3,15 +3,17 @@ from __future__ import annotations
 
 import os
 
-from pfc.distributed.agree import broadcast_object, run_on_every_rank
-from pfc.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from pfc.train.checkpoint import load_checkpoint, save_checkpoint, select_checkpoint
 from pfc.train.config import TrainConfig
+from pfc.train.finite import check_state_finite
 from pfc.train.runtime import Runtime, seed_everything
 from pfc.train.state import TrainState
 
 
 def save_train_checkpoint(state: TrainState, config: TrainConfig) -> str:
-    """Collective: write ``OUTPUT/checkpoint-STEP`` atomically, keep the newest ``keep_checkpoints``."""
+    """Collective: write ``OUTPUT/checkpoint-STEP`` atomically, keep the newest ``keep_checkpoints``;
+    a state holding inf/NaN is refused on every rank first (:func:`pfc.train.finite.check_state_finite`)."""
+    check_state_finite(state, f"saving the checkpoint of step {state.step}")
     return str(save_checkpoint(config.output, state, keep_last=config.checkpoint.keep))
 
 
@@ -25,21 +27,22 @@ def resume_request(config: TrainConfig) -> str:
 def restore_train_state(state: TrainState, config: TrainConfig, runtime: Runtime) -> str | None:
     """Load the checkpoint the config asks for (if any) into ``state``; returns its path or None.
 
-    Rank 0 resolves the request (``auto``: the newest complete checkpoint), so every rank loads
-    the same one. A checkpoint from another world size continues at the same number of samples
-    into the epoch (``batch_in_epoch`` scaled by old/new world size) with freshly seeded RNGs.
+    The ranks resolve the request together (:func:`pfc.train.checkpoint.select_checkpoint`:
+    ``auto`` is the newest complete and undamaged checkpoint, skipping damaged ones with a
+    warning; an error listing each when there are checkpoints and none is usable; a path must
+    be complete and undamaged), so every rank loads the same one. A checkpoint from another
+    world size continues at the same number of samples into the epoch (``batch_in_epoch``
+    scaled by old/new world size) with freshly seeded RNGs.
     """
     request = resume_request(config)
     if not request:
         return None
-    path = run_on_every_rank(lambda: resolve_resume(request, config.output) if runtime.is_main else None,
-                             f"resuming from {request!r}")
-    path = broadcast_object(path)
+    path = select_checkpoint(request, config.output)
     if path is None:
         if runtime.is_main:
-            print(f"resume auto: no complete checkpoint in {config.output}; starting fresh")
+            print(f"resume auto: no checkpoint in {config.output}; starting fresh")
         return None
-    info = load_checkpoint(path, state)
+    info = load_checkpoint(path, state, check_content=False)  # select_checkpoint has just checked it
     progress = info.progress
     state.step, state.epoch = int(progress["step"]), int(progress["epoch"])
     state.skipped_steps = int(progress.get("skipped_steps", 0))

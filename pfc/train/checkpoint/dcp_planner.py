@@ -15,7 +15,14 @@ partition when ``num_classes % world_size != 0`` and silently loads wrong rows.)
 
 Tensors are read by DCP with ``torch.load(weights_only=True)``, the non-tensor values (param
 groups, scheduler fields, RNG tuples) with ``weights_only=True`` too, and DCP's ``.metadata``
-pickle with an unpickler that admits only DCP's metadata classes.
+pickle with an unpickler that admits exactly the (module, name) pairs DCP's metadata is made of
+(found by saving checkpoints and listing the globals their ``.metadata`` names) and refuses
+dotted names (with protocol ≥ 4 ``find_class`` walks them through attributes:
+``torch.distributed.checkpoint.metadata.os.system``).
+
+DCP reports failures as ``CheckpointException``, a ``BaseException`` (``except Exception``
+misses it): :func:`save_tree`, :func:`load_tree` and :func:`read_full_tensors` turn it into a
+CheckpointError with each failing rank's cause (DCP raises it on every rank alike).
 
 This is the only module of pfc that touches DCP internals; what it relies on (torch 2.13):
 - ``_nested_dict.flatten_state_dict`` and ``_traverse.set_element``: DCP's flattening of nested
@@ -25,14 +32,19 @@ This is the only module of pfc that touches DCP internals; what it relies on (to
   ``create_default_local_save_plan``/``create_default_local_load_plan`` and
   ``planner_helpers.create_read_items_for_chunk_list``;
 - ``Metadata.planner_data`` (flattened name → nested path) and ``storage_meta.load_id``, which
-  ``FileSystemReader.read_metadata`` sets and its reads check.
+  ``FileSystemReader.read_metadata`` sets and its reads check;
+- ``FileSystemWriter``'s file names: rank r of the save writes ``__r_N.distcp``, the coordinator
+  ``.metadata`` (:func:`writer_rank`);
+- ``api.CheckpointException.failures``: rank → (exception, traceback).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,6 +53,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import (
     DefaultLoadPlanner,
     DefaultSavePlanner,
@@ -50,6 +63,7 @@ from torch.distributed.checkpoint.default_planner import (
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
+    Metadata,
     MetadataIndex,
     StorageMeta,
     TensorProperties,
@@ -168,28 +182,33 @@ class _RowShardLoadPlanner(DefaultLoadPlanner):
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"refusing to unpickle {read_item.dest_index.fqn!r}: {exc}") from exc
+            raise CheckpointError(f"cannot unpickle {read_item.dest_index.fqn!r} with weights-only loading (its "
+                                  f"content is damaged, or it names a global that is not allowed): "
+                                  f"{_short(exc)}") from exc
         set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only the classes that DCP's ``.metadata`` file is made of."""
+_DTYPE_NAMES = frozenset(name for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype))
 
-    _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-                        "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint._extension")
-    _ALLOWED = {("torch", "Size"), ("torch", "device"), ("torch.serialization", "_get_layout"),
-                ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-                ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-                ("pathlib", "PureWindowsPath")}
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits exactly the globals DCP's ``.metadata`` file is made of (torch 2.13), nothing by
+    module and no dotted name."""
+
+    _ALLOWED = frozenset({
+        *(("torch.distributed.checkpoint.metadata", name) for name in (
+            "Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+            "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+        *(("torch", name) for name in _DTYPE_NAMES),
+    })
 
     def find_class(self, module: str, name: str):
-        if module in self._ALLOWED_MODULES or (module, name) in self._ALLOWED:
+        if (module, name) in self._ALLOWED and "." not in name:
             return super().find_class(module, name)
-        if module == "torch":
-            value = getattr(torch, name, None)
-            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-                return value
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which is not allowed")
+        raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}: a checkpoint's metadata "
+                                     "may only name DCP's metadata classes")
 
 
 class _SafeFileSystemReader(dcp.FileSystemReader):
@@ -200,8 +219,12 @@ class _SafeFileSystemReader(dcp.FileSystemReader):
         try:
             with open(path, "rb") as stream:
                 metadata = _MetadataUnpickler(stream).load()
-        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError) as exc:
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError, ValueError, IndexError,
+                KeyError) as exc:
             raise CheckpointError(f"cannot read checkpoint metadata {path}: {exc}") from exc
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"cannot read checkpoint metadata {path}: it holds a {type(metadata).__name__}, "
+                                  "not DCP metadata")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -230,6 +253,64 @@ def _placeholders(metadata, row_sharded: set[str], parts: set[str], rank: int, c
     return tree
 
 
+_DCP_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
+
+
+def writer_rank(name: str) -> int | None:
+    """The rank that wrote the DCP file ``name`` of a save (``.metadata``: the coordinator, 0;
+    None for a name DCP does not write)."""
+    if name == ".metadata":
+        return 0
+    match = _DCP_FILE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _short(error: BaseException) -> str:
+    """One line for ``error``: its type and message, without torch.load's long advice."""
+    if isinstance(error, CheckpointError):
+        return str(error)
+    text = str(error)
+    if "WeightsUnpickler error:" in text:   # torch.load(weights_only=True): keep the reason only
+        text = text.split("WeightsUnpickler error:", 1)[1].strip().split("\n\n", 1)[0]
+    text = " ".join(text.split())
+    return f"{type(error).__name__}: {text[:300]}"
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error``, its causes, or the failures of a DCP ``CheckpointException`` among them
+    are an OSError ENOSPC/EDQUOT, or carry its message (an error agreed between ranks does)."""
+    seen, pending = set(), [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(current) or "Disk quota exceeded" in str(current):
+            return True
+        if isinstance(current, CheckpointException):
+            pending.extend(failure for failure, _ in current.failures.values())
+        pending.extend((current.__cause__, current.__context__))
+    return False
+
+
+def _dcp_error(exc: BaseException, what: str, reading: bool = False) -> CheckpointError:
+    """CheckpointError ``"{what} failed: rank R: cause; …"`` from DCP's CheckpointException (or
+    any exception raised inside DCP); ``reading``: a failure that is not pfc's own check is
+    said to be what it most likely is, damaged content."""
+    if isinstance(exc, CheckpointException):
+        failures = [failure for _, (failure, _) in sorted(exc.failures.items())]
+        causes = "; ".join(f"rank {rank}: {_short(failure)}" for rank, (failure, _) in sorted(exc.failures.items()))
+    else:
+        failures, causes = [exc], _short(exc)
+    if reading and not all(isinstance(failure, CheckpointError) for failure in failures):
+        causes = f"its content is damaged or unreadable: {causes}"
+    if is_disk_full(exc):
+        causes = f"the disk is full (ENOSPC): {causes}"
+    return CheckpointError(f"{what} failed: {causes}")
+
+
 def save_tree(tree: dict[str, Any], rows: dict[str, tuple[int, int]], directory: Path, group=None) -> None:
     """Collective: write ``tree`` (from :func:`row_shard_items`) into ``directory`` with DCP;
     replicated values are written once (by the lowest rank holding them)."""
@@ -237,8 +318,8 @@ def save_tree(tree: dict[str, Any], rows: dict[str, tuple[int, int]], directory:
         with _single_process_quiet():
             dcp.save(tree, storage_writer=dcp.FileSystemWriter(directory, thread_count=1),
                      planner=_RowShardSavePlanner(rows), process_group=group)
-    except Exception as exc:  # DCP raises on every rank when any rank fails
-        raise CheckpointError(f"saving checkpoint state into {directory} failed: {exc}") from exc
+    except (Exception, CheckpointException) as exc:  # DCP raises on every rank when any rank fails
+        raise _dcp_error(exc, f"saving checkpoint state into {directory}") from exc
 
 
 def read_metadata(directory: Path):
@@ -256,8 +337,8 @@ def load_tree(directory: Path, metadata, row_sharded: set[str], parts: set[str],
         with _single_process_quiet():
             dcp.load(tree, storage_reader=_SafeFileSystemReader(directory), planner=_RowShardLoadPlanner(rows),
                      process_group=group)
-    except Exception as exc:  # DCP raises on every rank when any rank fails
-        raise CheckpointError(f"loading checkpoint state from {directory} failed: {exc}") from exc
+    except (Exception, CheckpointException) as exc:  # DCP raises on every rank when any rank fails
+        raise _dcp_error(exc, f"loading checkpoint state from {directory}", reading=True) from exc
     return tree
 
 
@@ -276,6 +357,6 @@ def read_full_tensors(directory: Path, row_sharded: set[str]) -> dict[str, torch
         with _single_process_quiet():
             dcp.load(flat, storage_reader=_SafeFileSystemReader(directory),
                      planner=_RowShardLoadPlanner(rows, flatten_state_dict=False), no_dist=True)
-    except Exception as exc:
-        raise CheckpointError(f"reading checkpoint state from {directory} failed: {exc}") from exc
+    except (Exception, CheckpointException) as exc:
+        raise _dcp_error(exc, f"reading checkpoint state from {directory}", reading=True) from exc
     return flat

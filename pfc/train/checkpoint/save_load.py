@@ -1,7 +1,7 @@
 """Save and restore a :class:`pfc.train.state.TrainState`: atomic, resumable on any world size.
 
     path = save_checkpoint(output_dir, state, keep_last=3)      # every rank calls it
-    path = find_latest(output_dir)                               # newest *complete* checkpoint
+    path = select_checkpoint("auto", output_dir)                 # newest complete, undamaged one
     info = load_checkpoint(path, state)                          # every rank calls it
 
 The head's rows and their optimizer state are saved with their global row range and resharded
@@ -10,21 +10,25 @@ on load (:mod:`pfc.train.checkpoint.dcp_planner`); the directory is published at
 (:class:`pfc.train.runners.base.BackboneRunner`), so this module knows no engine.
 
 Every function here is collective: all ranks call it, and an error on any rank is raised on
-every rank (:func:`pfc.distributed.agree.run_on_every_rank`), never a hang.
+every rank (:func:`pfc.distributed.agree.run_on_every_rank`), never a hang. The content checks
+are split over the ranks: at the save each rank computes the CRC-32 of the files it wrote, at a
+load each rank checks about 1/N of the bytes (:func:`verify_checkpoint`).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pfc.distributed.agree import agree_on_error, broadcast_object, run_on_every_rank
-from pfc.distributed.collectives import get_rank, get_world_size
+from pfc.distributed.collectives import get_rank, get_world_size, is_distributed
 from pfc.errors import CheckpointError
 from pfc.train.checkpoint import dcp_planner, store
 from pfc.train.checkpoint.rng import rng_state, set_rng_state
@@ -69,39 +73,148 @@ def _state_tree(state: TrainState, rank: int) -> dict[str, Any]:
     }
 
 
+def _all_gather(value, group=None) -> list:
+    if not is_distributed() or get_world_size(group) == 1:
+        return [value]
+    gathered = [None] * get_world_size(group)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered
+
+
+def _checksum_written_files(tmp: Path, rank: int, world_size: int, group=None) -> dict[str, str]:
+    """Collective: the CRC-32 of every file under ``tmp``, each DCP file computed by the rank
+    that wrote it (its bytes are likely still in that node's page cache), the other files
+    (DCP's metadata, an engine's) split evenly; every rank returns the whole mapping."""
+    where = f"checksumming checkpoint files in {tmp}"
+    sizes = broadcast_object(run_on_every_rank(lambda: store.file_sizes(tmp) if rank == 0 else None, where, group),
+                             group)
+    owners = {name: dcp_planner.writer_rank(Path(name).name) if name.startswith(store.STATE_DIR + "/") else None
+              for name in sizes}
+    mine = [name for name, owner in owners.items() if owner == rank]
+    others = {name: size for name, size in sizes.items() if owners[name] is None or owners[name] >= world_size}
+    mine += store.balanced_shares(others, world_size)[rank]
+    checksums = run_on_every_rank(lambda: store.checksum_files(tmp, mine), where, group)
+    return {name: value for part in _all_gather(checksums, group) for name, value in part.items()}
+
+
+_NEARLY_FULL = 1 << 20   # bytes free at a failure below which the disk is taken as full (a short write
+                         # inside torch's writer loses the OSError: "unexpected pos …")
+
+
+def _discard_failed_save(exc: Exception, output_dir: Path, step: int, rank: int, group=None
+                         ) -> CheckpointError | None:
+    """Collective, after a save failed on every rank: remove its temporary directory (rank 0);
+    when the disk is full, the CheckpointError that says so (the same on every rank), else None
+    (the caller re-raises the failure as it is)."""
+    tmp, message = store.temporary_path(output_dir, step), None
+    if rank == 0:
+        try:
+            free = shutil.disk_usage(output_dir).free
+        except OSError:
+            free = None
+        if dcp_planner.is_disk_full(exc) or (free is not None and free < _NEARLY_FULL):
+            message = (f"saving checkpoint {store.checkpoint_path(output_dir, step)} failed: the disk is full "
+                       f"(ENOSPC: no space left on the file system of {output_dir}; "
+                       f"{'unknown' if free is None else free} bytes free when the save failed); nothing was "
+                       f"written, the previous checkpoints are kept. Cause: {exc}")
+    run_on_every_rank(lambda: rank == 0 and store.discard(tmp), f"removing {tmp}", group)
+    message = broadcast_object(message, group)
+    return CheckpointError(message) if message else None
+
+
 def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, keep_last: int = 3, group=None) -> Path:
     """Write the checkpoint of ``state.step`` to ``output_dir/checkpoint-STEP``, keep the newest
     ``keep_last``; returns its path.
 
     Collective: every rank of ``group`` calls it with its own shard of the head. The directory
     must be visible to every rank (one node, or a shared file system). When a complete
-    checkpoint of this step already exists it is kept and nothing is written.
+    checkpoint of this step already exists it is kept and nothing is written. A failure (a full
+    disk included) raises CheckpointError on every rank, leaves no temporary directory and the
+    previous checkpoints as they were.
     """
     output_dir, step = Path(output_dir), state.step
     rank, world_size = get_rank(group), get_world_size(group)
     where = f"saving checkpoint {store.checkpoint_path(output_dir, step)}"
-    exists = run_on_every_rank(lambda: rank == 0 and store.prepare(output_dir, step), where, group)
-    if broadcast_object(exists, group):
-        return store.checkpoint_path(output_dir, step)
     tmp = store.temporary_path(output_dir, step)
+    try:
+        exists = run_on_every_rank(lambda: rank == 0 and store.prepare(output_dir, step), where, group)
+        if broadcast_object(exists, group):
+            return store.checkpoint_path(output_dir, step)
 
-    def check_visible() -> None:
-        if not (tmp / store.STATE_DIR).is_dir():
-            raise CheckpointError(f"{tmp} is not visible on this rank: the output directory must be "
-                                  "on a file system that all ranks share")
+        def check_visible() -> None:
+            if not (tmp / store.STATE_DIR).is_dir():
+                raise CheckpointError(f"{tmp} is not visible on this rank: the output directory must be "
+                                      "on a file system that all ranks share")
 
-    run_on_every_rank(check_visible, where, group)
-    tree, rows = run_on_every_rank(lambda: dcp_planner.row_shard_items(_state_tree(state, rank)), where, group)
-    dcp_planner.save_tree(tree, rows, tmp / store.STATE_DIR, group)
-    run_on_every_rank(lambda: state.runner.save_engine_state(tmp / store.ENGINE_DIR), where, group)
-    head = state.head
-    manifest = {"step": int(step), "world_size": world_size, "num_classes": int(head.num_classes),
-                "embedding_size": int(head.embedding_size), "engine": state.runner.engine,
-                "row_sharded": sorted(rows), "progress": state.progress(), "config": state.config,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    published = run_on_every_rank(lambda: rank == 0 and store.publish(output_dir, step, manifest, keep_last),
-                                  where, group)
+        run_on_every_rank(check_visible, where, group)
+        tree, rows = run_on_every_rank(lambda: dcp_planner.row_shard_items(_state_tree(state, rank)), where, group)
+        dcp_planner.save_tree(tree, rows, tmp / store.STATE_DIR, group)
+        run_on_every_rank(lambda: state.runner.save_engine_state(tmp / store.ENGINE_DIR), where, group)
+        checksums = _checksum_written_files(tmp, rank, world_size, group)
+        head = state.head
+        manifest = {"step": int(step), "world_size": world_size, "num_classes": int(head.num_classes),
+                    "embedding_size": int(head.embedding_size), "engine": state.runner.engine,
+                    "row_sharded": sorted(rows), "progress": state.progress(), "config": state.config,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        published = run_on_every_rank(
+            lambda: rank == 0 and store.publish(output_dir, step, manifest, keep_last, checksums), where, group)
+    except (ValueError, RuntimeError) as exc:  # agreed by run_on_every_rank or DCP: raised on every rank alike
+        disk_full = _discard_failed_save(exc, output_dir, step, rank, group)
+        if disk_full is not None:
+            raise disk_full from exc
+        raise
     return broadcast_object(published, group)
+
+
+def verify_checkpoint(path: str | os.PathLike, group=None) -> dict[str, Any]:
+    """Collective: the manifest of the checkpoint at ``path`` after checking it is complete (every
+    rank) and undamaged (each rank reads about 1/N of its bytes and compares their CRC-32 with
+    the manifest's); CheckpointError on every rank otherwise."""
+    path = Path(path)
+    rank, world_size = get_rank(group), get_world_size(group)
+    where = f"checking checkpoint {path}"
+    manifest = run_on_every_rank(lambda: store.validate_checkpoint(path, check_content=False), where, group)
+    share = store.balanced_shares(manifest.get("files", {}), world_size)[rank]
+    run_on_every_rank(lambda: store.verify_content(path, manifest, share), where, group)
+    return manifest
+
+
+def select_checkpoint(request: str, output_dir: str | os.PathLike, group=None) -> Path | None:
+    """Collective: the checkpoint a resume request names, checked by :func:`verify_checkpoint`.
+
+    ``""`` → None; a path → that checkpoint (CheckpointError when it is incomplete or damaged);
+    ``"auto"`` → the newest usable checkpoint in ``output_dir``, skipping damaged ones with a
+    warning naming each; None when there is no checkpoint; CheckpointError listing every one
+    and why when there are some and none is usable (never a silent start from step 0).
+
+    The damaged checkpoints newer than the chosen one are renamed ``checkpoint-STEP.damaged``
+    (kept for inspection, never chosen again): the resumed run saves those steps anew, and a
+    save keeps an existing checkpoint of its step.
+    """
+    if not request:
+        return None
+    if request != "auto":
+        verify_checkpoint(request, group)
+        return Path(request)
+    rank = get_rank(group)
+    listed = run_on_every_rank(lambda: [str(p) for p in store.list_checkpoints(output_dir)] if rank == 0 else None,
+                               f"listing checkpoints in {output_dir}", group)
+    rejected, skipped = [], []
+    for path in reversed(broadcast_object(listed, group)):
+        try:
+            verify_checkpoint(path, group)
+        except CheckpointError as exc:  # raised on every rank alike: every rank moves on together
+            rejected.append(str(exc))
+            skipped.append(Path(path))
+            if rank == 0:
+                logger.warning("resume auto: skipping checkpoint %s: %s", path, exc)
+            continue
+        run_on_every_rank(lambda: rank == 0 and [store.set_aside(damaged) for damaged in skipped],
+                          f"setting damaged checkpoints in {output_dir} aside", group)
+        return Path(path)
+    if rejected:
+        raise store.all_damaged_error(output_dir, rejected)
+    return None
 
 
 def _check_model(path: Path, manifest: dict[str, Any], head) -> CheckpointError | None:
@@ -124,7 +237,8 @@ def _restore_schedulers(path: Path, saved: dict[str, Any], schedulers: dict[str,
         scheduler.load_state_dict(state)
 
 
-def load_checkpoint(path: str | os.PathLike, state: TrainState, group=None) -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike, state: TrainState, group=None, check_content: bool = True
+                    ) -> LoadedCheckpoint:
     """Restore ``state``'s objects in place from the checkpoint at ``path``; its position is
     returned in ``progress`` (the caller decides how to continue, e.g. on another world size).
 
@@ -134,13 +248,16 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState, group=None) -> L
     decides (:meth:`~pfc.train.runners.base.BackboneRunner.restore`: from the same engine its
     optimizer state too, from the other engine the weights only).
 
-    Raises CheckpointError (on every rank) when the checkpoint is incomplete, corrupt, or made
-    for another ``num_classes`` or embedding size.
+    Raises CheckpointError (on every rank) when the checkpoint is incomplete, damaged (its
+    files' CRC-32 are checked unless ``check_content`` is False: the caller has just run
+    :func:`verify_checkpoint`), refers to a global its metadata may not, or is made for another
+    ``num_classes`` or embedding size.
     """
     path = Path(path)
     rank, world_size, head = get_rank(group), get_world_size(group), state.head
     where = f"loading checkpoint {path}"
-    manifest = run_on_every_rank(lambda: store.validate_checkpoint(path), where, group)
+    manifest = verify_checkpoint(path, group) if check_content else run_on_every_rank(
+        lambda: store.validate_checkpoint(path, check_content=False), where, group)
     agree_on_error(_check_model(path, manifest, head), where, group)
     saved_engine = manifest.get("engine", "ddp")
     same_world = manifest["world_size"] == world_size
@@ -174,7 +291,8 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState, group=None) -> L
 def read_checkpoint_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint's state as full (unsharded) tensors, by flattened name
     (``head.weight`` is the whole ``num_classes × D`` matrix). One process; for inspection,
-    conversion and tests. An engine's own files (DeepSpeed) are not included."""
+    conversion and tests. An engine's own files (DeepSpeed) are not included. CheckpointError
+    when the checkpoint is incomplete or damaged, or its metadata names a global it may not."""
     path = Path(path)
     manifest = store.validate_checkpoint(path)
     return dcp_planner.read_full_tensors(path / store.STATE_DIR, set(manifest.get("row_sharded", ())))

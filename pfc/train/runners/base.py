@@ -3,6 +3,7 @@
     runner = build_runner(config, runtime, model, optimizer)   # DDPRunner or DeepSpeedRunner
     for each micro-batch:
         loss = runner.forward_backward(images, labels, head, last_micro)
+    finite = runner.gradients_finite()          # part of the step guard's decision
     applied = runner.step(head_optimizer)       # or runner.skip(head_optimizer) on a bad step
 
 The runner owns the engine's policy: how micro-batches accumulate, loss scaling, clipping,
@@ -42,6 +43,10 @@ class BackboneRunner(Protocol):
         """Embed ``images``, compute ``head(embeddings, labels)`` and back-propagate it; returns
         this micro-batch's share of the step loss (divided by the accumulation steps), detached.
         ``last_micro``: the last micro-batch of the step (gradients are all-reduced then)."""
+
+    def gradients_finite(self) -> bool:
+        """After the last micro-batch: False when this rank's backbone gradients hold inf/NaN (the
+        step guard then skips the step on every rank); True where the engine checks them itself."""
 
     def step(self, head_optimizer: torch.optim.Optimizer) -> bool:
         """Clip the backbone gradient and step the backbone and the head optimizers, then clear

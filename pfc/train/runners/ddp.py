@@ -41,6 +41,7 @@ class DDPRunner:
         self.network = nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if wrap else model
         # the head's loss reaches its backward as it is: no loss scale, no division by micro-batches
         self.head_update_in_backward = grad_accumulation == 1 and grad_scaler is None
+        self._grad_norm: torch.Tensor | None = None  # of this step's gradients, when gradients_finite computed it
 
     def train(self, mode: bool = True) -> None:
         self.network.train(mode)
@@ -63,12 +64,27 @@ class DDPRunner:
                 loss.backward()
         return loss.detach()
 
+    def gradients_finite(self) -> bool:
+        """Whether this rank's backbone gradients (all-reduced after the last micro-batch) are all
+        finite: their total 2-norm, one pass, kept for the clipping of :meth:`step`. Always True
+        with fp16 loss scaling: an overflow is the scaler's to skip (:meth:`step` returns False)."""
+        self._grad_norm = None
+        if self.grad_scaler is not None:
+            return True
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        self._grad_norm = nn.utils.get_total_norm(grads)
+        return bool(torch.isfinite(self._grad_norm))
+
     def step(self, head_optimizer):
         scaler = self.grad_scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
             scaler.unscale_(head_optimizer)
-        if self.grad_clip > 0:
+        if self.grad_clip > 0 and self._grad_norm is not None:  # the norm gradients_finite measured
+            nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, self._grad_norm)
+        elif self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         if scaler is not None:
             scale_before = scaler.get_scale()
@@ -84,6 +100,7 @@ class DDPRunner:
         return applied
 
     def skip(self, head_optimizer):
+        self._grad_norm = None
         self.optimizer.zero_grad(set_to_none=True)
         head_optimizer.zero_grad(set_to_none=True)
 

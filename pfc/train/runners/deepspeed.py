@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 import os
 import warnings
 from pathlib import Path
@@ -136,6 +137,20 @@ def _safe_globals() -> list:
     return [ZeroStageEnum, fragment_address, LossScaler, DynamicLossScaler]
 
 
+def load_engine_file(path: str | os.PathLike, map_location=None):
+    """One of DeepSpeed's checkpoint files, read with ``torch.load(weights_only=True)`` admitting
+    only the classes of :func:`_safe_globals`. torch's weights-only unpickler maps a global's
+    full name to an allowed object by dictionary (no attribute walk: ``….os.system`` is refused)
+    and refuses STACK_GLOBAL; a refused or damaged file raises CheckpointError naming it."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).split("WeightsUnpickler error:")[-1].strip()[:300]
+        raise CheckpointError(f"{path}: refusing to load a DeepSpeed checkpoint file with a global that is not "
+                              f"allowed, or a damaged one: {reason}") from exc
+
+
 def _use_weights_only_loading(engine) -> None:
     """Make the engine read its checkpoint files with ``torch.load(weights_only=True)``.
 
@@ -148,12 +163,10 @@ def _use_weights_only_loading(engine) -> None:
         raise ConfigError(f"DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__} is not supported: "
                          "pfc reads engine checkpoints only with torch.load(weights_only=True); remove the "
                          "'checkpoint' engine settings from the DeepSpeed config")
-    allowed = _safe_globals()
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            return load_engine_file(path, map_location)
 
     engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
 
@@ -209,6 +222,12 @@ class DeepSpeedRunner:
         if not last_micro:  # DeepSpeed accumulates itself: its step updates only at the boundary
             self.deepspeed_engine.step()
         return loss.detach() / self.grad_accumulation
+
+    def gradients_finite(self) -> bool:
+        """True: DeepSpeed checks the gradients itself (ZeRO-1/2 skip a step whose gradients are
+        not finite, all ranks alike, and :meth:`step` then returns False); the ZeRO-partitioned
+        gradients are not the parameters' ``.grad``."""
+        return True
 
     def engine_step(self) -> bool:
         """One optimizer step of the engine (at an accumulation boundary); False when DeepSpeed
