@@ -59,7 +59,7 @@ class StopSignals:
     """Turns SIGTERM and SIGINT into a flag polled at step boundaries (previous handlers restored
     by :meth:`restore`). A second SIGINT while a stop is pending raises KeyboardInterrupt, so an
     impatient Ctrl-C still ends the process. A repeated SIGTERM changes nothing: schedulers often
-    deliver it twice (SLURM signals every process of a step, and torchrun forwards its own copy),
+    deliver it twice (SLURM may signal every process of a step, and torchrun forwards its copy),
     and their only follow-up is SIGKILL."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
