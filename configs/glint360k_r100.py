@@ -4,7 +4,7 @@
 no warmup; CosFace margin (m1, m2, m3) = (1, 0, 0.4) with s = 64; full softmax (ρ = 1).
 """
 from pfc.train.config import (
-    BackboneConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
+    BackboneConfig, CheckpointConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
     ScheduleConfig, TrainConfig
 )
 
@@ -16,4 +16,5 @@ config = TrainConfig(
     optim=OptimConfig(lr=0.1, weight_decay=1e-4),
     schedule=ScheduleConfig(num_epochs=20),
     eval=EvalConfig(every=2000),
+    checkpoint=CheckpointConfig(every_minutes=30),   # a crash or a SIGKILL loses at most 30 minutes
 )

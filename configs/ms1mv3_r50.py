@@ -5,7 +5,7 @@
 torchrun --nproc_per_node=8 launch/train.py configs/ms1mv3_r50.py --data /data/ms1mv3-shards
 """
 from pfc.train.config import (
-    BackboneConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
+    BackboneConfig, CheckpointConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
     ScheduleConfig, TrainConfig
 )
 
@@ -17,4 +17,5 @@ config = TrainConfig(
     optim=OptimConfig(lr=0.1, weight_decay=5e-4),
     schedule=ScheduleConfig(num_epochs=20),
     eval=EvalConfig(every=2000),
+    checkpoint=CheckpointConfig(every_minutes=30),   # a crash or a SIGKILL loses at most 30 minutes
 )

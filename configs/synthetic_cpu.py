@@ -3,7 +3,7 @@
 torchrun --nproc_per_node=2 launch/train.py configs/synthetic_cpu.py
 """
 from pfc.train.config import (
-    BackboneConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
+    BackboneConfig, CheckpointConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
     ScheduleConfig, TrainConfig
 )
 
@@ -16,4 +16,5 @@ config = TrainConfig(
     optim=OptimConfig(lr=0.1, weight_decay=5e-4),
     schedule=ScheduleConfig(num_epochs=6, warmup_steps=10),
     eval=EvalConfig(pairs="demo/heldout/pairs.txt", batch_size=128),
+    checkpoint=CheckpointConfig(every_minutes=30),   # a crash or a SIGKILL loses at most 30 minutes
 )

@@ -5,7 +5,7 @@ weight decay 5e-4, polynomial decay over 20 epochs, no warmup, CosFace margin (1
 s = 64, 20 % of the negative class centers sampled per step.
 """
 from pfc.train.config import (
-    BackboneConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
+    BackboneConfig, CheckpointConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
     ScheduleConfig, TrainConfig
 )
 
@@ -17,4 +17,5 @@ config = TrainConfig(
     optim=OptimConfig(lr=0.1, weight_decay=5e-4),
     schedule=ScheduleConfig(num_epochs=20),
     eval=EvalConfig(every=10000),
+    checkpoint=CheckpointConfig(every_minutes=30),   # a crash or a SIGKILL loses at most 30 minutes
 )

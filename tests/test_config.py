@@ -82,8 +82,8 @@ LEGACY_VALUES = {"data": "/shards", "output": "/out", "max_steps": "50", "num_ep
                  "grad_accumulation": "2", "optimizer": "adamw", "momentum": "0.8", "weight_decay": "1e-4",
                  "lr_schedule": "cosine", "lr_power": "1.5", "min_lr": "0.001", "grad_clip": "1",
                  "keep_checkpoints": "2", "max_nonfinite_skips": "0", "deepspeed_config": "ds.json",
-                 "eval_batch_size": "16"}
-UNCHANGED = {"output", "seed", "log_every"}
+                 "eval_batch_size": "16", "save_every_minutes": "0.5", "overwrite": "true"}
+UNCHANGED = {"output", "seed", "log_every", "overwrite"}
 
 
 @pytest.mark.parametrize("name", sorted(LEGACY_VALUES))
@@ -94,7 +94,7 @@ def test_every_legacy_flat_flag_sets_its_nested_field(name):
     for argv in ([f"--{name}", text], [f"--{name}={text}"], [f"{name}={text}"]):
         config = load_config(None, argv)
         value = cli.get_path(config, path)
-        expected = {"false": False}.get(text, text)
+        expected = {"false": False, "true": True}.get(text, text)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             expected = float(text)
         if isinstance(value, tuple):
@@ -214,7 +214,7 @@ def test_apply_dataset_fills_and_checks_the_class_and_sample_counts():
 def test_to_dict_is_nested_and_json_ready():
     as_dict = to_dict(load_config(None, ["--val_bins", "a.bin"]))
     assert as_dict["head"]["margin"]["m2"] == 0.5 and as_dict["eval"]["bins"] == ["a.bin"]
-    assert set(as_dict) == {"output", "seed", "log_every", "data", "backbone", "head", "optim", "schedule",
+    assert set(as_dict) == {"output", "overwrite", "seed", "log_every", "data", "backbone", "head", "optim", "schedule",
                             "eval", "checkpoint"}
 
 

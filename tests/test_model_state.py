@@ -173,7 +173,8 @@ def diverging_runs(rank: int, world_size: int, data: str, output: str) -> dict:
 
     runs = {"lr 1e6": dict(lr=1e6, save_every=2, max_nonfinite_skips=3),
             "inf center": dict(save_every=1, max_nonfinite_skips=3),
-            "lr 1e38, no checkpoints, no stop": dict(lr=1e38, save_every=0, max_nonfinite_skips=0)}
+            "lr 1e38, no checkpoints, no stop": dict(lr=1e38, save_every=0, save_every_minutes=0,
+                                                     max_nonfinite_skips=0)}
     original = PartialFC.set_iteration
 
     def set_iteration(self, iteration):

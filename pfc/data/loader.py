@@ -43,8 +43,12 @@ sample at all.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
+import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -286,6 +290,30 @@ class ShardStream(IterableDataset):
             yield from plan.batches_from(first_batch, buffers)
 
 
+def ignore_stop_signals(worker_id: int, rank_pid: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGTERM and SIGINT, except from its rank.
+
+    A scheduler's stop (SIGTERM to ``torchrun``, forwarded to each rank's whole process group)
+    and a terminal's Ctrl-C (SIGINT to the foreground group) reach the workers too; a worker that
+    died of it would make its rank fail ("DataLoader worker … is killed by signal") before the
+    rank could checkpoint. The rank alone handles the stop and shuts its workers down: by closing
+    the loader, or with SIGTERM from ``rank_pid`` itself (DataLoader's and multiprocessing's
+    fallback at exit), which still ends the worker at once (exit code 0). Both signals are
+    blocked and taken by a thread that reads who sent them; a worker whose rank is gone exits
+    by itself (torch's watchdog, within seconds).
+    """
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # threads started later inherit the mask
+    threading.Thread(target=_exit_when_the_rank_asks, args=(stop_signals, rank_pid), daemon=True,
+                     name="pfc-worker-signals").start()
+
+
+def _exit_when_the_rank_asks(stop_signals: set, rank_pid: int) -> None:
+    while True:
+        if signal.sigwaitinfo(stop_signals).si_pid == rank_pid:
+            os._exit(0)   # the rank is closing its loader: nothing of this worker is needed any more
+
+
 def _as_is(batch):
     """DataLoader's collate step: none (its default would turn arrays into tensors)."""
     return batch
@@ -314,7 +342,8 @@ class FaceLoader:
 
     def __iter__(self):
         loader = DataLoader(ShardStream(self.spec), batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
-                            prefetch_factor=self.prefetch_factor if self.num_workers else None)
+                            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                            worker_init_fn=functools.partial(ignore_stop_signals, rank_pid=os.getpid()))
         received = ReceivedBatches()
         for handle, labels, flips, skipped in loader:
             pixels, busy = received.open(handle)

@@ -1,18 +1,20 @@
-"""Fault handling for the training loop: stop signals and non-finite losses, decided collectively.
+"""Fault handling for the training loop, decided collectively: stop signals, non-finite losses, saves.
 
     stop = StopSignals()                        # SIGTERM / SIGINT only set a flag
     guard = StepGuard(max_consecutive_skips=5)
     ...                                         # forward + backward of one step
-    decision = guard.check(loss_value, stop.requested, step_finite=runner.gradients_finite())
+    decision = guard.check(loss_value, stop.requested, step_finite=runner.gradients_finite(),
+                           save_due=clock_says_so and rank == 0)
     if decision.skip: zero the gradients instead of stepping (one all-reduce, same answer everywhere)
+    if decision.save: write a checkpoint after this step (every rank, the same step)
     if decision.stop: save a checkpoint and leave the loop (decision.reason says why)
 
-A signal or a NaN seen by one rank must change what *every* rank does at the same step, or the
-next collective hangs; hence the single all-reduce of ``[non_finite, stop_requested]`` per step.
-"Non-finite" covers the loss and, when the caller passes ``step_finite``, what else the step
-computed on this rank (its gradients, the BatchNorm statistics its forward moved): a NaN that
-appears only in one rank's backward (the loss finite everywhere) would otherwise be averaged into
-every rank's weights.
+A signal, a NaN or a clock seen by one rank must change what *every* rank does at the same step,
+or the next collective hangs; hence the single all-reduce of ``[non_finite, stop_requested,
+save_due]`` per step. "Non-finite" covers the loss and, when the caller passes ``step_finite``,
+what else the step computed on this rank (its gradients, the BatchNorm statistics its forward
+moved): a NaN that appears only in one rank's backward (the loss finite everywhere) would
+otherwise be averaged into every rank's weights.
 """
 from __future__ import annotations
 
@@ -55,8 +57,10 @@ def init_process_group(backend: str, timeout: datetime.timedelta) -> None:
 
 class StopSignals:
     """Turns SIGTERM and SIGINT into a flag polled at step boundaries (previous handlers restored
-    by :meth:`restore`). A second signal of the same kind while a stop is pending raises
-    KeyboardInterrupt, so an impatient Ctrl-C still ends the process."""
+    by :meth:`restore`). A second SIGINT while a stop is pending raises KeyboardInterrupt, so an
+    impatient Ctrl-C still ends the process. A repeated SIGTERM changes nothing: schedulers often
+    deliver it twice (SLURM may signal every process of a step, and torchrun forwards its copy),
+    and their only follow-up is SIGKILL."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signal_name: str | None = None
@@ -72,9 +76,9 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self.signal_name == name:
+        if signum == signal.SIGINT and self.signal_name == name:
             raise KeyboardInterrupt(f"second {name}")
-        self.signal_name = name
+        self.signal_name = self.signal_name or name
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -84,20 +88,24 @@ class StopSignals:
 
 @dataclass(frozen=True)
 class StepDecision:
-    """What every rank does with this step: ``skip`` its update; ``stop`` after it (``reason``)."""
+    """What every rank does with this step: ``skip`` its update; ``stop`` after it (``reason``);
+    ``save`` a checkpoint after it (a stop saves regardless)."""
 
     skip: bool
     stop: bool
     reason: str = ""
+    save: bool = False
 
 
 class StepGuard:
-    """Collective per-step check of the loss and of pending stop requests.
+    """Collective per-step check of the loss, of pending stop requests and of the time to save.
 
-    ``check`` all-reduces (MAX) two flags: "my loss (or step) is not finite" and "a stop was
-    requested here". A non-finite loss or gradient on any rank skips the step on every rank and logs a warning; after
-    ``max_consecutive_skips`` skipped steps in a row (0: never) the decision is to stop.
-    ``skipped_total`` and ``consecutive`` count the skips.
+    ``check`` all-reduces (MAX) three flags: "my loss (or step) is not finite", "a stop was
+    requested here" and "a checkpoint is due". A non-finite loss or gradient on any rank skips
+    the step on every rank and logs a warning; after ``max_consecutive_skips`` skipped steps in a
+    row (0: never) the decision is to stop. ``skipped_total`` and ``consecutive`` count the
+    skips. The save flag lets one rank's clock decide for all (clocks differ between ranks and
+    nodes: pass it from one rank only), without a collective of its own.
     """
 
     def __init__(self, max_consecutive_skips: int = 5, group=None):
@@ -109,16 +117,17 @@ class StepGuard:
         self.skipped_total = 0
 
     def check(self, loss: float | torch.Tensor, stop_requested: bool = False, step: int | None = None,
-              step_finite: bool = True) -> StepDecision:
+              step_finite: bool = True, save_due: bool = False) -> StepDecision:
         """Decide this step on every rank alike (collective: every rank calls it once per step);
         ``step_finite``: False when something else this rank computed in the step (gradients,
-        statistics) holds inf/NaN, its loss being finite or not."""
+        statistics) holds inf/NaN, its loss being finite or not; ``save`` is True on every rank
+        when ``save_due`` is True on any."""
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         bad = not (math.isfinite(value) and step_finite)
-        flags = torch.tensor([1.0 if bad else 0.0, 1.0 if stop_requested else 0.0])
+        flags = torch.tensor([1.0 if bad else 0.0, float(stop_requested), float(save_due)])
         if is_distributed() and get_world_size(self.group) > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        non_finite, stop = bool(flags[0] > 0), bool(flags[1] > 0)
+        non_finite, stop, save = bool(flags[0] > 0), bool(flags[1] > 0), bool(flags[2] > 0)
         where = f"step {step}: " if step is not None else ""
         if non_finite:
             self.consecutive += 1
@@ -129,7 +138,7 @@ class StepGuard:
             self.consecutive = 0
         if non_finite and self.max_consecutive_skips and self.consecutive >= self.max_consecutive_skips:
             return StepDecision(True, True, f"{where}{self.consecutive} consecutive non-finite losses "
-                                            f"(limit {self.max_consecutive_skips}); stopping")
+                                            f"(limit {self.max_consecutive_skips}); stopping", save)
         if stop:
-            return StepDecision(non_finite, True, f"{where}stop requested by a signal")
-        return StepDecision(non_finite, False)
+            return StepDecision(non_finite, True, f"{where}stop requested by a signal", save)
+        return StepDecision(non_finite, False, "", save)

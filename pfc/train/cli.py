@@ -122,9 +122,10 @@ def check_types(config, prefix: str = "") -> None:
             check_type(path, value, annotation)
 
 
-def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
-    """``["--lr", "0.1", "--head.margin.m2=0.4", "seed=3"]``
-    → ``[("lr", "0.1"), ("head.margin.m2", "0.4"), ("seed", "3")]``."""
+def parse_overrides(argv: list[str]) -> list[tuple[str, str | None]]:
+    """``["--lr", "0.1", "--head.margin.m2=0.4", "seed=3", "--overwrite"]``
+    → ``[("lr", "0.1"), ("head.margin.m2", "0.4"), ("seed", "3"), ("overwrite", None)]``: a ``--name``
+    last or followed by another ``--name`` has no value (a boolean field then means true)."""
     pairs, index = [], 0
     while index < len(argv):
         token = argv[index]
@@ -132,9 +133,9 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
             key = token[2:]
             if "=" in key:
                 key, value = key.split("=", 1)
+            elif index + 1 >= len(argv) or argv[index + 1].startswith("--"):
+                value = None
             else:
-                if index + 1 >= len(argv):
-                    raise ConfigError(f"--{key}: missing value")
                 index += 1
                 value = argv[index]
         elif "=" in token:
@@ -171,15 +172,18 @@ def resolve(key: str, config, aliases: dict[str, str]) -> str:
     raise ConfigError(f"unknown config field {key!r}{hint}")
 
 
-def apply_overrides(config, overrides: list[tuple[str, str]], aliases: dict[str, str]):
-    """A deep copy of ``config`` with each ``(name, text)`` override parsed to its field's type."""
+def apply_overrides(config, overrides: list[tuple[str, str | None]], aliases: dict[str, str]):
+    """A deep copy of ``config`` with each ``(name, text)`` override parsed to its field's type
+    (``text`` None: true for a boolean field, else a missing value)."""
     config = _deep_copy(config)
     owners = {path: (owner, name, annotation) for path, owner, name, annotation in leaves(config)}
     for key, text in overrides:
         path = resolve(key, config, aliases)
         owner, name, annotation = owners[path]
         label = key if key == path else f"{key} ({path})"
-        setattr(owner, name, convert(label, text, annotation))
+        if text is None and annotation is not bool:
+            raise ConfigError(f"--{key}: missing value")
+        setattr(owner, name, True if text is None else convert(label, text, annotation))
     return config
 
 

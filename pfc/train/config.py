@@ -219,6 +219,8 @@ class CheckpointConfig:
 
     every: int = 0
     """checkpoint period in steps; 0: none (a stop signal still saves)"""
+    every_minutes: float = 30.0
+    """checkpoint period in minutes of wall time (rank 0's clock); 0: none"""
     keep: int = 3
     """newest complete checkpoints kept"""
     resume: str = ""
@@ -233,6 +235,8 @@ class TrainConfig:
 
     output: str = "runs/default"
     """folder for config.json, metrics, checkpoints and the exported backbone"""
+    overwrite: bool = False
+    """a fresh run into an output folder holding another run's files first removes them"""
     seed: int = 2048
     """seed of the initialisation, the sampling and the data order"""
     log_every: int = 10
@@ -262,7 +266,8 @@ ALIASES: dict[str, str] = {
     "lr_schedule": "schedule.kind", "lr_power": "schedule.power", "min_lr": "schedule.min_lr",
     "val_pairs": "eval.pairs", "val_root": "eval.root", "val_bins": "eval.bins", "eval_every": "eval.every",
     "eval_batch_size": "eval.batch_size",
-    "save_every": "checkpoint.every", "keep_checkpoints": "checkpoint.keep", "resume": "checkpoint.resume",
+    "save_every": "checkpoint.every", "save_every_minutes": "checkpoint.every_minutes",
+    "keep_checkpoints": "checkpoint.keep", "resume": "checkpoint.resume",
     "max_nonfinite_skips": "checkpoint.max_nonfinite_skips",
 }
 
@@ -279,8 +284,8 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"config field {path!r}: {value!r} is not one of {', '.join(allowed)}")
     at_least = {"data.batch_size": 1, "optim.grad_accumulation": 1, "schedule.num_epochs": 1, "log_every": 1,
                 "eval.batch_size": 1, "data.num_workers": 0, "data.num_classes": 0, "data.num_samples": 0,
-                "schedule.max_steps": 0, "eval.every": 0, "checkpoint.every": 0, "checkpoint.keep": 0,
-                "checkpoint.max_nonfinite_skips": 0, "optim.grad_clip": 0}
+                "schedule.max_steps": 0, "eval.every": 0, "checkpoint.every": 0, "checkpoint.every_minutes": 0,
+                "checkpoint.keep": 0, "checkpoint.max_nonfinite_skips": 0, "optim.grad_clip": 0}
     for path, minimum in at_least.items():
         value = cli.get_path(config, path)
         if value < minimum:

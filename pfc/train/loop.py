@@ -11,7 +11,10 @@ One optimizer step (N ranks, ``grad_accumulation`` micro-batches of ``batch_size
   DDP: it owns its shard of the class centers and does its own collectives (see pfc/head).
 
 Everything a resume needs lives in :class:`pfc.train.state.TrainState`: saved every
-``save_every`` steps, on a stop and at the end; restored by ``resume`` (:mod:`pfc.train.resume`).
+``save_every`` steps and every ``save_every_minutes`` minutes (rank 0's clock, decided in the
+step's collective check), on a stop, and at the end when either is set; restored by ``resume``
+(:mod:`pfc.train.resume`). A fresh run refuses an output folder holding another run's files
+(:mod:`pfc.train.output`).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from pfc.train.builders import build_loader, build_train_state
 from pfc.train.config import TrainConfig, apply_dataset, to_dict
 from pfc.train.finite import NonFiniteLossError, NonFiniteStateError, check_state_finite  # noqa: F401 (re-exported)
 from pfc.train.metrics import MetricsWindow, SkippedSamples, TrainLogger, write_json
+from pfc.train.output import claim_output
 from pfc.train.resume import restore_train_state, save_train_checkpoint
 from pfc.train.rollback import StepRollback
 from pfc.train.runtime import Runtime, init_runtime, seed_everything
@@ -63,17 +67,12 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     runtime = runtime or init_runtime()
     if not config.data.root:
         raise ConfigError("no training data: set --data DIR (a folder with dataset.json and the shards)")
+    claim_output(config, runtime)
     manifest = read_manifest(config.data.root)
     config = apply_dataset(config, int(manifest["num_classes"]), int(manifest["num_samples"]),
                            manifest_source(config.data.root))
     image_size = image_side(manifest)
     val_sets = load_val_sets(config, runtime, image_size)
-    if runtime.is_main:
-        os.makedirs(config.output, exist_ok=True)
-        write_json(os.path.join(config.output, "config.json"), to_dict(config))
-        if runtime.device.type != "cuda" and config.backbone.precision != "fp32":
-            print(f"note: precision {config.backbone.precision} applies on GPU only; training in fp32 on CPU")
-
     seed_everything(config.seed, runtime.rank)
     batches_per_epoch = len(build_loader(config, runtime, epoch=0))
     steps_per_epoch = batches_per_epoch // config.optim.grad_accumulation
@@ -82,13 +81,24 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
                           f"{config.optim.grad_accumulation}: use more data or a smaller batch_size")
     state = build_train_state(config, runtime, image_size, steps_per_epoch, to_dict(config))
     restore_train_state(state, config, runtime)
+    if runtime.is_main:  # only now: a run that fails to start leaves nothing behind
+        os.makedirs(config.output, exist_ok=True)
+        write_json(os.path.join(config.output, "config.json"), to_dict(config))
+        if runtime.device.type != "cuda" and config.backbone.precision != "fp32":
+            print(f"note: precision {config.backbone.precision} applies on GPU only; training in fp32 on CPU")
     with TrainLogger(config.output, runtime.is_main) as logger:
         start = time.perf_counter()
-        last_loss, stopped, guard, history = _run(state, config, runtime, logger, val_sets, image_size)
-        if stopped or config.checkpoint.every:  # at the end, and on a stop even without periodic checkpoints
-            path = save_train_checkpoint(state, config)
-            if stopped and runtime.is_main:
-                print(f"stopped at step {state.step}: {stopped}; checkpoint {path} (continue with --resume auto)")
+        # _run polls its own handlers; these outer ones are in force once it returns, so that a
+        # repeated SIGTERM (schedulers often send two) cannot kill the stop's checkpoint half-way
+        outer_signals = StopSignals()
+        try:
+            last_loss, stopped, guard, history = _run(state, config, runtime, logger, val_sets, image_size)
+            if stopped or config.checkpoint.every or config.checkpoint.every_minutes:  # a stop saves regardless
+                path = save_train_checkpoint(state, config)
+                if stopped and runtime.is_main:
+                    print(f"stopped at step {state.step}: {stopped}; checkpoint {path} (continue with --resume auto)")
+        finally:
+            outer_signals.restore()
         if stopped and guard.consecutive:
             raise NonFiniteLossError(f"{stopped}; the last good state is in the checkpoint of step {state.step}")
         if stopped:
@@ -103,6 +113,7 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
     """The epochs, from ``state``'s position to ``total_steps`` or a stop; returns
     ``(last loss, stop reason or "", the step guard, verification summaries so far)``."""
     stop_signals, guard = StopSignals(), StepGuard(config.checkpoint.max_nonfinite_skips)
+    last_save, save_period_s = time.monotonic(), config.checkpoint.every_minutes * 60
     window = MetricsWindow(config.data.batch_size * config.optim.grad_accumulation * runtime.world_size)
     last_loss, stopped, history = float("nan"), "", []
     batches_per_epoch = state.steps_per_epoch * config.optim.grad_accumulation
@@ -123,8 +134,9 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
                        disable=not (runtime.is_main and sys.stderr.isatty()))
             for _ in range(steps):
                 lr_used = state.runner.optimizer.param_groups[0]["lr"]
+                save_due = runtime.is_main and 0 < save_period_s <= time.monotonic() - last_save  # rank 0 decides
                 last_loss, stats, decision = train_step(state, config, runtime, loader, guard, stop_signals,
-                                                        rollback)
+                                                        rollback, save_due)
                 state.step += 1
                 window.add(last_loss, stats)
                 bar.update(1)
@@ -132,15 +144,16 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
                     record = window.record(state, lr_used)
                     record["skipped_samples"] = samples_skipped.total_over_ranks()  # collective, at log steps
                     logger.log_train(record, write=tqdm.write)
+                if decision.stop:  # before a verification: the stop must fit in the scheduler's grace period
+                    stopped = decision.reason
+                    break
                 if config.eval.every and state.step % config.eval.every == 0 and state.step < state.total_steps:
                     summaries = run_verification(state, val_sets, config, runtime, image_size)
                     logger.log_eval(summaries, write=tqdm.write)
                     history.extend(summaries)
-                if decision.stop:
-                    stopped = decision.reason
-                    break
-                if config.checkpoint.every and state.step % config.checkpoint.every == 0:
+                if decision.save or (config.checkpoint.every and state.step % config.checkpoint.every == 0):
                     save_train_checkpoint(state, config)
+                    last_save = time.monotonic()
             bar.close()
             if state.batch_in_epoch >= batches_per_epoch:  # the epoch ran to its end
                 state.epoch += 1
@@ -184,7 +197,8 @@ def _next_batch(state: TrainState, loader, device):
 
 
 def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader, guard: StepGuard,
-               stop_signals: StopSignals, rollback: StepRollback) -> tuple[float, dict, StepDecision]:
+               stop_signals: StopSignals, rollback: StepRollback,
+               save_due: bool = False) -> tuple[float, dict, StepDecision]:
     """One optimizer step over ``grad_accumulation`` micro-batches from ``loader``; returns
     (loss, head stats, the guard's decision).
 
@@ -194,7 +208,7 @@ def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader,
     (BatchNorm statistics, centers updated in the head's backward), so a skipped step (or one
     the engine skipped itself: an fp16 overflow) leaves the whole model state as it was; the LR
     schedules still advance (the step index moves on). A stop signal on any rank stops after
-    this step.
+    this step; ``save_due`` on any rank (rank 0's clock) saves after it.
     """
     state.head.set_iteration(state.step)
     rollback.begin()
@@ -207,7 +221,8 @@ def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader,
         for key, value in state.head.last_stats.items():
             stats[key] = stats.get(key, 0.0) + value / config.optim.grad_accumulation
     decision = guard.check(step_loss, stop_signals.requested, step=state.step,
-                           step_finite=state.runner.gradients_finite() and rollback.buffers_finite())
+                           step_finite=state.runner.gradients_finite() and rollback.buffers_finite(),
+                           save_due=save_due)
     if decision.skip:
         state.runner.skip(state.head_optimizer)
         rollback.restore()
