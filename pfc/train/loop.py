@@ -204,9 +204,10 @@ def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader,
 
     The loss is the mean over micro-batches, the head's stats likewise. Before the update,
     ``guard`` decides on every rank alike: a non-finite loss, backbone gradient or BatchNorm
-    statistic on any rank skips the update, and ``rollback`` puts back what the step changed before the decision
-    (BatchNorm statistics, centers updated in the head's backward), so a skipped step (or one
-    the engine skipped itself: an fp16 overflow) leaves the whole model state as it was; the LR
+    statistic on any rank skips the update, and ``rollback`` puts back what the step changed
+    before the decision (BatchNorm statistics, centers updated in the head's backward), so a
+    skipped step (or one the engine skipped itself: an fp16 overflow) leaves the whole model
+    state as it was; the LR
     schedules still advance (the step index moves on). A stop signal on any rank stops after
     this step; ``save_due`` on any rank (rank 0's clock) saves after it.
     """
