@@ -58,3 +58,12 @@ def errors_agreed(rank: int, world_size: int) -> list:
 def test_an_error_on_one_rank_is_raised_on_every_rank():
     for outcomes in run_ranks(errors_agreed, 3, timeout=60):
         assert outcomes == ["ok", "loading batch 1 failed on rank 1: ValueError: label 12 outside [0, 10)", "ok"]
+
+
+def test_a_signal_right_after_a_skipped_step_is_a_stop_not_giving_up():
+    guard = StepGuard(max_consecutive_skips=3)
+    decision = guard.check(float("nan"), stop_requested=True, step=4)
+    assert decision.skip and decision.stop and "stop requested by a signal" in decision.reason
+    assert guard.consecutive == 1 and not guard.gave_up        # the trainer exits 0, not NonFiniteLossError
+    guard.check(float("nan"))
+    assert guard.check(float("nan")).stop and guard.gave_up

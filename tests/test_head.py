@@ -264,7 +264,7 @@ def test_single_process_bad_input_names_the_cause():
 
 
 def test_without_the_private_use_count_the_gradient_memory_is_never_recycled(monkeypatch):
-    """pfc.head.torch_private.storage_use_count may be missing in another torch: the workspace
+    """pfc.torch_private.storage_use_count may be missing in another torch: the workspace
     then allocates a fresh gradient every backward, with the same results."""
     import pfc.head.scratch
 

@@ -77,7 +77,7 @@ def test_bad_hyper_parameters():
 
 
 def test_without_the_private_sparse_accessors_the_update_is_the_same(monkeypatch):
-    """pfc.head.torch_private.uncoalesced_rows may find no ``_indices``/``_values`` in another
+    """pfc.torch_private.uncoalesced_rows may find no ``_indices``/``_values`` in another
     torch: the optimizer then coalesces, with the same result bit for bit."""
     import pfc.head.optim
 

@@ -159,3 +159,21 @@ def test_sigkill_under_torchrun_restarts_and_resumes(shard_set, tmp_path):
     assert checkpoints[-1] == checkpoint_path(output, steps)
     for path in checkpoints:
         validate_checkpoint(path)                           # none is corrupt
+
+
+def resumed_from_an_earlier_checkpoint(rank: int, world_size: int, data: str, output: str) -> None:
+    from pfc.train import loop
+
+    loop.train(make_config(data, output, max_steps=4, save_every=2, lr=0.1))
+    loop.train(make_config(data, output, max_steps=4, save_every=2, lr=0.05,
+                           resume=str(checkpoint_path(output, 2))))
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_newer_ones_aside_and_saves_its_own(shard_set, tmp_path):
+    output = str(tmp_path / "run")
+    run_ranks(resumed_from_an_earlier_checkpoint, 2, shard_set, output, timeout=300)
+    manifest = json.loads((checkpoint_path(output, 4) / "pfc_checkpoint.json").read_text())
+    assert manifest["config"]["optim"]["lr"] == 0.05        # the resumed run's own step 4, not the old one
+    old = tmp_path / "run" / "checkpoint-00000004.superseded"
+    assert json.loads((old / "pfc_checkpoint.json").read_text())["config"]["optim"]["lr"] == 0.1
+    assert find_latest(output) == checkpoint_path(output, 4)

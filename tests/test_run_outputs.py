@@ -113,3 +113,45 @@ def test_backbone_is_saved_before_the_final_verification(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="the verification broke"):
         loop.train(make_config(data, str(tmp_path / "run"), val_pairs=pairs, max_steps=3))
     assert (tmp_path / "run" / "backbone.pt").stat().st_size > 0
+
+
+def verification_failing_on_rank_0(rank: int, world_size: int) -> str:
+    from types import SimpleNamespace
+
+    import torch
+
+    from pfc.evaluation import VerificationSet
+    from pfc.train.config import TrainConfig
+    from pfc.train.runtime import Runtime
+    from pfc.train.validation import run_verification
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4))
+    state = SimpleNamespace(runner=SimpleNamespace(model=model), step=3)
+    # rank 0's set holds an image that does not decode (as if the file changed after loading)
+    sets = [VerificationSet("broken", [b"not a jpeg"] * 20, [True, False] * 5)] if rank == 0 else []
+    runtime = Runtime(rank, world_size, 0, torch.device("cpu"))
+    try:
+        run_verification(state, sets, TrainConfig(), runtime, image_size=16)
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_verification_failure_on_rank_0_is_raised_on_every_rank_instead_of_a_hang():
+    for message in run_ranks(verification_failing_on_rank_0, 2, timeout=60, collective_timeout=30):
+        assert message.startswith("verification at step 3 failed on rank 0:"), message
+
+
+def test_a_bf16_backbone_is_evaluated_in_its_own_dtype():
+    import torch
+
+    from pfc.evaluation.verification import embed_images
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(8))
+    model(torch.zeros(1, 3, 16, 16))
+    images = [np.full((16, 16, 3), value, dtype=np.uint8) for value in (0, 90, 180)]
+    full = embed_images(model, images, image_size=16)
+    half = embed_images(model.to(torch.bfloat16), images, image_size=16)   # a DeepSpeed bf16 engine's module
+    assert half.dtype == np.float32 and np.allclose(half, full, atol=3e-2)

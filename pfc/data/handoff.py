@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pfc.torch_private import new_shared_storage_maker
+
 
 @dataclass
 class SharedBatch:
@@ -46,7 +48,7 @@ class BatchBuffers:
         self.pool: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.dropped: list[int] = []
         self.next_id = 0
-        self.new_shared = getattr(torch.UntypedStorage, "_new_shared", None) if shared else None
+        self.new_shared = new_shared_storage_maker() if shared else None
 
     def acquire(self) -> tuple[torch.Tensor, torch.Tensor | SharedBatch]:
         """(uint8 tensor of ``shape`` to decode into, what to yield for it: the tensor itself, or

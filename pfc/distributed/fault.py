@@ -116,6 +116,12 @@ class StepGuard:
         self.consecutive = 0
         self.skipped_total = 0
 
+    @property
+    def gave_up(self) -> bool:
+        """True once ``max_consecutive_skips`` non-finite steps in a row made the guard stop the
+        run (a stop for a signal after a skipped step is not giving up)."""
+        return bool(self.max_consecutive_skips) and self.consecutive >= self.max_consecutive_skips
+
     def check(self, loss: float | torch.Tensor, stop_requested: bool = False, step: int | None = None,
               step_finite: bool = True, save_due: bool = False) -> StepDecision:
         """Decide this step on every rank alike (collective: every rank calls it once per step);

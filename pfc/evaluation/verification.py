@@ -194,17 +194,19 @@ def embed_images(backbone: torch.nn.Module, images: list, image_size: int = 112,
                  batch_size: int = 64, device: torch.device | str | None = None) -> np.ndarray:
     """Flip-averaged normalised embeddings: ``normalize(f(x) + f(flip(x)))``, float32 ``[len(images), D]``.
 
-    The backbone is run in eval mode (restored afterwards) on ``device`` (default: its parameters').
+    The backbone is run in eval mode (restored afterwards) on ``device`` (default: its parameters'),
+    the images in its parameters' dtype (a DeepSpeed bf16 engine holds bf16 weights).
     """
-    if device is None:
-        device = next(backbone.parameters()).device
+    parameter = next(backbone.parameters())
+    device = parameter.device if device is None else device
+    dtype = parameter.dtype if parameter.is_floating_point() else torch.float32  # a bf16 engine's weights
     was_training = backbone.training
     backbone.eval()
     outputs = []
     try:
         for start in range(0, len(images), batch_size):
             batch = np.stack([load_image(item, image_size) for item in images[start:start + batch_size]])
-            x = to_tensor(batch).to(device)
+            x = to_tensor(batch).to(device=device, dtype=dtype)
             features = backbone(x).float() + backbone(torch.flip(x, dims=[3])).float()
             outputs.append(F.normalize(features, dim=1).cpu().numpy())
     finally:

@@ -7,7 +7,7 @@ margins, regularisers and the row-sparse center optimizer. Usable without the tr
     regularizers.py  MHE (its math, forward and backward), AngularTriplet
     optim.py         SparseRowSGD and the update-in-backward seam
     partition.py     which rows of the centers each rank owns
-    scratch.py, norms.py, torch_private.py   scratch memory, norm floor, private torch internals
+    scratch.py       scratch memory; norms.py the norm floor (torch internals: pfc/torch_private.py)
 """
 from pfc.head.margins import ArcFace, CombinedMargin, CosFace, Margin, NormFace, SphereFace
 from pfc.head.optim import SparseRowSGD

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from pfc.head.scratch import ScratchBlocks
-from pfc.head.torch_private import uncoalesced_rows
+from pfc.torch_private import uncoalesced_rows
 
 
 class SparseRowSGD(torch.optim.Optimizer):

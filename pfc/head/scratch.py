@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pfc.head.torch_private import storage_use_count
+from pfc.torch_private import storage_use_count
 
 
 class ScratchBlocks:

@@ -99,7 +99,7 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
                     print(f"stopped at step {state.step}: {stopped}; checkpoint {path} (continue with --resume auto)")
         finally:
             outer_signals.restore()
-        if stopped and guard.consecutive:
+        if stopped and guard.gave_up:
             raise NonFiniteLossError(f"{stopped}; the last good state is in the checkpoint of step {state.step}")
         if stopped:
             return TrainResult(state.step, last_loss, [], state.skipped_steps, stopped)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 
-from pfc.train.checkpoint import load_checkpoint, save_checkpoint, select_checkpoint
+from pfc.distributed.agree import run_on_every_rank
+from pfc.train.checkpoint import load_checkpoint, save_checkpoint, select_checkpoint, store
 from pfc.train.config import TrainConfig
 from pfc.train.finite import check_state_finite
 from pfc.train.runtime import Runtime, seed_everything
@@ -32,7 +33,9 @@ def restore_train_state(state: TrainState, config: TrainConfig, runtime: Runtime
     warning; an error listing each when there are checkpoints and none is usable; a path must
     be complete and undamaged), so every rank loads the same one. A checkpoint from another
     world size continues at the same number of samples into the epoch (``batch_in_epoch``
-    scaled by old/new world size) with freshly seeded RNGs.
+    scaled by old/new world size) with freshly seeded RNGs. Checkpoints newer than the one
+    resumed from (``--resume PATH`` to an earlier step) are set aside as ``.superseded``: this run
+    writes its own at those steps.
     """
     request = resume_request(config)
     if not request:
@@ -45,6 +48,8 @@ def restore_train_state(state: TrainState, config: TrainConfig, runtime: Runtime
     info = load_checkpoint(path, state, check_content=False)  # select_checkpoint has just checked it
     progress = info.progress
     state.step, state.epoch = int(progress["step"]), int(progress["epoch"])
+    run_on_every_rank(lambda: runtime.is_main and store.set_aside_newer(config.output, state.step),
+                      f"setting aside the checkpoints after step {state.step} in {config.output}")
     state.skipped_steps = int(progress.get("skipped_steps", 0))
     position = int(progress["batch_in_epoch"]) * info.saved_world_size // runtime.world_size
     position = min(position, state.steps_per_epoch * config.optim.grad_accumulation)

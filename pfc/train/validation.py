@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 
-import torch.distributed as dist
 
 from pfc.distributed.agree import run_on_every_rank
 from pfc.errors import DataError
@@ -41,15 +40,17 @@ def load_val_sets(config: TrainConfig, runtime: Runtime, image_size: int) -> lis
 
 def run_verification(state: TrainState, val_sets: list[VerificationSet], config: TrainConfig,
                      runtime: Runtime, image_size: int, roc_plot: str | None = None) -> list[dict]:
-    """Rank 0 evaluates the bare backbone on every set (the others wait at a barrier); the ROC
-    curves go to ``roc_plot`` when given. Returns the summaries, tagged with the step."""
-    summaries = []
-    if runtime.is_main and val_sets:
+    """Rank 0 evaluates the bare backbone on every set while the others wait; a failure there is
+    raised on every rank (never a rank left waiting). The ROC curves go to ``roc_plot`` when
+    given. Returns the summaries, tagged with the step (empty on the other ranks)."""
+
+    def evaluate_sets() -> list[dict]:
+        if not (runtime.is_main and val_sets):
+            return []
         results = [evaluate(state.runner.model, pairs, image_size, config.eval.batch_size, runtime.device)
                    for pairs in val_sets]
-        summaries = [dict(result.summary(), step=state.step) for result in results]
         if roc_plot:
             save_roc_plot(results, roc_plot)
-    if runtime.world_size > 1:
-        dist.barrier()
-    return summaries
+        return [dict(result.summary(), step=state.step) for result in results]
+
+    return run_on_every_rank(evaluate_sets, f"verification at step {state.step}")

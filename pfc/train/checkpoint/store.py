@@ -213,15 +213,24 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
     return Path(resume)
 
 
-def set_aside(path: Path) -> Path:
-    """Rename the damaged checkpoint ``path`` to ``checkpoint-STEP.damaged`` (``.damaged-N`` when
-    taken), a name no reader considers; returns the new path."""
-    target, number = path.with_name(path.name + ".damaged"), 1
+def set_aside(path: Path, why: str = "damaged") -> Path:
+    """Rename the checkpoint ``path`` to ``checkpoint-STEP.WHY`` (``.WHY-N`` when taken), a name no
+    reader considers ("damaged"; "superseded": newer than the one a run resumed from); returns
+    the new path."""
+    target, number = path.with_name(f"{path.name}.{why}"), 1
     while target.exists():
-        target, number = path.with_name(f"{path.name}.damaged-{number}"), number + 1
+        target, number = path.with_name(f"{path.name}.{why}-{number}"), number + 1
     os.rename(path, target)
-    logger.warning("checkpoint %s is damaged: moved aside to %s", path, target.name)
+    logger.warning("checkpoint %s is %s: moved aside to %s", path, why, target.name)
     return target
+
+
+def set_aside_newer(output_dir: str | os.PathLike, step: int) -> list[Path]:
+    """Set aside (as "superseded") every checkpoint in ``output_dir`` newer than ``step``: a run
+    resumed from an older checkpoint continues another trajectory, and its own saves at those
+    steps must not be taken for the old ones (nor the old ones for its)."""
+    return [set_aside(path, "superseded") for path in list_checkpoints(output_dir)
+            if int(_NAME_PATTERN.match(path.name).group(1)) > step]
 
 
 def _remove_checkpoint_dir(path: Path) -> None:

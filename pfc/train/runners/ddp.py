@@ -82,16 +82,20 @@ class DDPRunner:
         if scaler is not None:
             scaler.unscale_(self.optimizer)
             scaler.unscale_(head_optimizer)
-        if self.grad_clip > 0 and self._grad_norm is not None:  # the norm gradients_finite measured
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            self._grad_norm = nn.utils.get_total_norm(grads) if grads else None
+        if self.grad_clip > 0 and self._grad_norm is not None:  # the norm measured once
             nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, self._grad_norm)
         elif self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         if scaler is not None:
-            scale_before = scaler.get_scale()
-            scaler.step(self.optimizer)
-            scaler.step(head_optimizer)
+            # one decision for both optimizers, the same on every rank (the backbone's gradients
+            # are all-reduced): an fp16 overflow skips the head's update too; the scale backs off
+            applied = self._grad_norm is None or bool(torch.isfinite(self._grad_norm))
+            if applied:
+                scaler.step(self.optimizer)
+                scaler.step(head_optimizer)
             scaler.update()
-            applied = scaler.get_scale() >= scale_before  # the scale drops only on an overflow
         else:
             self.optimizer.step()
             head_optimizer.step()

@@ -1,5 +1,6 @@
-"""The private torch internals the head uses, all of them, each with what it relies on and what
-happens without it. Nothing else in :mod:`pfc.head` touches a private torch name.
+"""The private torch internals pfc uses, all of them, each with what it relies on and what
+happens without it. Nothing else in pfc touches a private torch name (the DCP internals of the
+checkpoint planner excepted: :mod:`pfc.train.checkpoint.dcp_planner` lists those).
 
 - ``torch._C._storage_Use_Count(storage._cdata)`` (:func:`storage_use_count`): the reference
   count of an untyped storage, i.e. how many tensors and storage handles share its memory.
@@ -15,6 +16,12 @@ happens without it. Nothing else in :mod:`pfc.head` touches a private torch name
   then needs no copy. It relies on them returning the stored tensors themselves, not copies.
   Missing: the function returns None and the optimizer coalesces (one sort and copy of the
   gradient, the same values).
+- ``torch.UntypedStorage._new_shared(nbytes)`` (:func:`new_shared_storage_maker`): an untyped storage
+  in shared memory, made directly in a DataLoader worker so that a decoded batch crosses to the
+  consumer without a copy (:class:`pfc.data.handoff.BatchBuffers`). It relies on the storage
+  being shareable with the consumer by its handle, as torch's own DataLoader does. Missing: the
+  buffers are plain tensors, and the DataLoader moves each batch through its own shared-memory
+  copy (about 9 page faults per image more, the same pixels).
 """
 from __future__ import annotations
 
@@ -34,3 +41,9 @@ def uncoalesced_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | 
     if indices is None or values is None:
         return None
     return indices()[0], values()
+
+
+def new_shared_storage_maker():
+    """``torch.UntypedStorage._new_shared`` (``nbytes → storage in shared memory``); None where
+    this torch does not offer it."""
+    return getattr(torch.UntypedStorage, "_new_shared", None)
