@@ -17,7 +17,7 @@ from pfc.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     read_checkpoint_tensors,
-    resolve_resume,
+    select_checkpoint,
     save_checkpoint,
     validate_checkpoint,
 )
@@ -178,20 +178,27 @@ def test_truncated_checkpoint_is_detected_and_auto_falls_back(tmp_path):
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(newest, build_state())
     with pytest.raises(CheckpointError, match="truncated"):
-        resolve_resume(str(newest), tmp_path)
+        select_checkpoint(str(newest), tmp_path)
     assert find_latest(tmp_path) == checkpoint_path(tmp_path, 1)
-    assert resolve_resume("auto", tmp_path) == checkpoint_path(tmp_path, 1)
-    assert resolve_resume("", tmp_path) is None
-    assert resolve_resume("auto", tmp_path / "empty") is None
+    assert select_checkpoint("", tmp_path) is None
+    assert select_checkpoint("auto", tmp_path / "empty") is None
 
     fresh = build_state(seed=3)
-    info = load_checkpoint(resolve_resume("auto", tmp_path), fresh)
+    info = load_checkpoint(find_latest(tmp_path), fresh)
     assert info.step == 1 and torch.equal(fresh.head.weight.detach(), global_matrices(1)[0])
 
     # a later save with the same step as an incomplete directory replaces it
     set_version(state, 8)
     save_checkpoint(tmp_path, state, keep_last=5)
     assert find_latest(tmp_path) == checkpoint_path(tmp_path, 8)
+    assert select_checkpoint("auto", tmp_path) == checkpoint_path(tmp_path, 8)
+    # what auto skipped on its way is set aside, never chosen again
+    set_version(state, 9)
+    save_checkpoint(tmp_path, state, keep_last=5)
+    damaged = checkpoint_path(tmp_path, 9) / "state" / "__0_0.distcp"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    assert select_checkpoint("auto", tmp_path) == checkpoint_path(tmp_path, 8)
+    assert (tmp_path / "checkpoint-00000009.damaged").is_dir() and not checkpoint_path(tmp_path, 9).exists()
 
 
 class _Exploit:

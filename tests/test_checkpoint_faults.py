@@ -25,7 +25,7 @@ from pfc.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     read_checkpoint_tensors,
-    resolve_resume,
+    select_checkpoint,
     save_checkpoint,
     validate_checkpoint,
 )
@@ -138,7 +138,7 @@ def test_damaged_content_is_named_and_auto_falls_back(tmp_path):
     newest = checkpoint_path(tmp_path, 3)
     damaged = rf"checkpoint {newest} is damaged: the content of state/__0_0\.distcp changed after the save"
     for check in (validate_checkpoint, read_checkpoint_tensors, lambda path: load_checkpoint(path, build_state()),
-                  lambda path: resolve_resume(str(path), tmp_path)):
+                  lambda path: select_checkpoint(str(path), tmp_path)):
         with pytest.raises(CheckpointError, match=damaged):
             check(newest)
     assert find_latest(tmp_path) == checkpoint_path(tmp_path, 2)
@@ -147,10 +147,10 @@ def test_damaged_content_is_named_and_auto_falls_back(tmp_path):
     (checkpoint_path(tmp_path, 1) / MANIFEST_NAME).write_text("{")
     assert find_latest(tmp_path) is None
     with pytest.raises(CheckpointError, match=r"none of the 3 checkpoints in .* can be used") as raised:
-        resolve_resume("auto", tmp_path)
+        select_checkpoint("auto", tmp_path)
     for step in (1, 2, 3):
         assert str(checkpoint_path(tmp_path, step)) in str(raised.value)
-    assert resolve_resume("auto", tmp_path / "nothing") is None     # no checkpoint at all: a fresh start
+    assert select_checkpoint("auto", tmp_path / "nothing") is None     # no checkpoint at all: a fresh start
 
 
 # ---------------------------------------------------------------- a full disk (a real tmpfs)

@@ -20,10 +20,9 @@ from pfc.train.checkpoint.store import (
     checkpoint_path,
     find_latest,
     list_checkpoints,
-    resolve_resume,
     validate_checkpoint,
 )
 
 __all__ = ["CheckpointError", "LoadedCheckpoint", "checkpoint_path", "find_latest", "list_checkpoints",
-           "load_checkpoint", "read_checkpoint_tensors", "resolve_resume", "save_checkpoint", "select_checkpoint",
+           "load_checkpoint", "read_checkpoint_tensors", "save_checkpoint", "select_checkpoint",
            "validate_checkpoint", "verify_checkpoint"]

@@ -196,23 +196,6 @@ def find_latest(output_dir: str | os.PathLike) -> Path | None:
     return newest_valid(output_dir)[0]
 
 
-def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Path | None:
-    """``""`` → None (fresh start); ``"auto"`` → :func:`find_latest`: None when ``output_dir``
-    holds no checkpoint, CheckpointError listing each one and why when it holds some but none is
-    usable; anything else is a checkpoint path, which must be complete and undamaged
-    (CheckpointError otherwise). One process; the trainer uses the collective
-    :func:`pfc.train.checkpoint.save_load.select_checkpoint`."""
-    if not resume:
-        return None
-    if resume == "auto":
-        path, rejected = newest_valid(output_dir)
-        if path is None and rejected:
-            raise all_damaged_error(output_dir, rejected)
-        return path
-    validate_checkpoint(resume)
-    return Path(resume)
-
-
 def set_aside(path: Path, why: str = "damaged") -> Path:
     """Rename the checkpoint ``path`` to ``checkpoint-STEP.WHY`` (``.WHY-N`` when taken), a name no
     reader considers ("damaged"; "superseded": newer than the one a run resumed from); returns
