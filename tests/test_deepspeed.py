@@ -255,3 +255,21 @@ def test_engine_deepspeed_without_deepspeed_installed_names_the_extra(monkeypatc
     monkeypatch.setitem(sys.modules, "deepspeed", None)       # as if it were not installed
     with pytest.raises(ConfigError, match=r"needs DeepSpeed, which is not installed: pip install 'pfc\[deepspeed\]'"):
         build_deepspeed_runner(small_backbone(), {"zero_optimization": {"stage": 1}}, micro_batch_size=BATCH)
+
+
+def test_a_deepspeed_file_must_agree_with_the_configured_precision(tmp_path):
+    from pfc.errors import ConfigError
+    from pfc.train.builders import deepspeed_settings
+    from pfc.train.config import load_config
+    from pfc.train.runtime import Runtime
+
+    runtime = Runtime(0, 1, 0, torch.device("cpu"))
+    fp32_file, bf16_file = tmp_path / "zero1.json", tmp_path / "zero2_bf16.json"
+    fp32_file.write_text('{"zero_optimization": {"stage": 1}}')
+    bf16_file.write_text('{"zero_optimization": {"stage": 2}, "bf16": {"enabled": true}}')
+    with pytest.raises(ConfigError, match="'backbone.precision' is 'bf16' but the DeepSpeed config .* trains in fp32"):
+        deepspeed_settings(load_config(None, ["--precision", "bf16", "--deepspeed_config", str(fp32_file)]), runtime)
+    assert deepspeed_settings(load_config(None, ["--precision", "bf16", "--deepspeed_config", str(bf16_file)]),
+                              runtime)["bf16"] == {"enabled": True}
+    assert "bf16" not in deepspeed_settings(load_config(None, ["--deepspeed_config", str(fp32_file)]), runtime)
+    assert deepspeed_settings(load_config(None, ["--precision", "bf16"]), runtime)["bf16"] == {"enabled": True}

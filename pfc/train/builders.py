@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pfc.backbones import build_backbone
+from pfc.errors import ConfigError
 from pfc.head.partial_fc import PartialFC
 from pfc.train.cli import check_component
 from pfc.train.config import TrainConfig
@@ -35,16 +36,26 @@ def build_backbone_optimizer(config: TrainConfig, backbone: nn.Module) -> torch.
     return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
-def _deepspeed_settings(config: TrainConfig, runtime: Runtime) -> dict | str:
-    """The DeepSpeed config file, or ZeRO-1 defaults with the precision of the trainer's config."""
+def deepspeed_settings(config: TrainConfig, runtime: Runtime) -> dict:
+    """The DeepSpeed config: the file of ``backbone.deepspeed_config``, whose precision must agree
+    with ``backbone.precision`` (ConfigError otherwise: a file without bf16 would silently train
+    a ``--precision bf16`` run in fp32), or ZeRO-1 defaults with the trainer's precision."""
+    from pfc.train.runners.deepspeed import load_deepspeed_config
+
     backbone = config.backbone
-    if backbone.deepspeed_config:
-        return backbone.deepspeed_config
-    settings: dict = {"zero_optimization": {"stage": 1}}
-    if backbone.precision == "bf16":
-        settings["bf16"] = {"enabled": True}
-    if backbone.precision == "fp16" and runtime.device.type == "cuda":
-        settings["fp16"] = {"enabled": True}
+    wanted = {"bf16": backbone.precision == "bf16",
+              "fp16": backbone.precision == "fp16" and runtime.device.type == "cuda"}
+    if not backbone.deepspeed_config:
+        settings: dict = {"zero_optimization": {"stage": 1}}
+        settings.update({name: {"enabled": True} for name, enabled in wanted.items() if enabled})
+        return settings
+    settings = load_deepspeed_config(backbone.deepspeed_config)
+    given = {name: bool(settings.get(name, {}).get("enabled", False)) for name in wanted}
+    if backbone.precision != "fp32" and given != wanted:
+        in_file = ", ".join(name for name, enabled in given.items() if enabled) or "fp32"
+        raise ConfigError(f"config field 'backbone.precision' is {backbone.precision!r} but the DeepSpeed config "
+                          f"{backbone.deepspeed_config} trains in {in_file}: make them agree (or leave "
+                          f"precision at fp32 to let the DeepSpeed file decide)")
     return settings
 
 
@@ -57,7 +68,7 @@ def build_runner(config: TrainConfig, runtime: Runtime, model: nn.Module,
     if config.backbone.engine == "deepspeed":
         from pfc.train.runners.deepspeed import build_deepspeed_runner
 
-        return build_deepspeed_runner(model, _deepspeed_settings(config, runtime),
+        return build_deepspeed_runner(model, deepspeed_settings(config, runtime),
                                       micro_batch_size=config.data.batch_size,
                                       grad_accumulation=optim.grad_accumulation, grad_clip=optim.grad_clip,
                                       optimizer=optimizer)
