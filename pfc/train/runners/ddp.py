@@ -71,19 +71,20 @@ class DDPRunner:
         self._grad_norm = None
         if self.grad_scaler is not None:
             return True
+        self._grad_norm = self._gradient_norm()
+        return self._grad_norm is None or bool(torch.isfinite(self._grad_norm))
+
+    def _gradient_norm(self) -> torch.Tensor | None:
+        """The total 2-norm of the backbone's gradients (None when it has none)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return True
-        self._grad_norm = nn.utils.get_total_norm(grads)
-        return bool(torch.isfinite(self._grad_norm))
+        return nn.utils.get_total_norm(grads) if grads else None
 
     def step(self, head_optimizer):
         scaler = self.grad_scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
             scaler.unscale_(head_optimizer)
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            self._grad_norm = nn.utils.get_total_norm(grads) if grads else None
+            self._grad_norm = self._gradient_norm()
         if self.grad_clip > 0 and self._grad_norm is not None:  # the norm measured once
             nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, self._grad_norm)
         elif self.grad_clip > 0:
