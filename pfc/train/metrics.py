@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from pfc.distributed.collectives import all_reduce_, is_distributed
+from pfc.distributed.collectives import all_reduce_
 from pfc.evaluation.roc import format_rate
 from pfc.train.state import TrainState
 
@@ -59,8 +59,6 @@ class SkippedSamples:
         """Collective (one all-reduce of one number; every rank calls it at the same steps): the
         samples skipped so far in this run, summed over the ranks."""
         mine = self.done_epochs + (int(self.loader.stats["skipped"]) if self.loader is not None else 0)
-        if not is_distributed():
-            return mine
         return int(all_reduce_(torch.tensor([mine], dtype=torch.int64)).item())
 
 
