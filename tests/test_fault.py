@@ -67,3 +67,24 @@ def test_a_signal_right_after_a_skipped_step_is_a_stop_not_giving_up():
     assert guard.consecutive == 1 and not guard.gave_up        # the trainer exits 0, not NonFiniteLossError
     guard.check(float("nan"))
     assert guard.check(float("nan")).stop and guard.gave_up
+
+
+def rank_zero_runs(rank: int, world_size: int) -> list:
+    from pfc.distributed.agree import run_on_rank_zero
+
+    calls = []
+    value = run_on_rank_zero(lambda: calls.append(rank) or {"listed": [1, 2]}, "listing")
+    try:
+        run_on_rank_zero(lambda: (_ for _ in ()).throw(ValueError("folder gone")), "listing checkpoints")
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    return [value, calls, error]
+
+
+def test_rank_zero_decides_for_every_rank_and_its_error_is_raised_everywhere():
+    results = run_ranks(rank_zero_runs, 3, timeout=60)
+    assert [calls for _, calls, _ in results] == [[0], [], []]          # only rank 0 ran it
+    for value, _, error in results:
+        assert value == {"listed": [1, 2]}
+        assert error == "listing checkpoints failed on rank 0: ValueError: folder gone"

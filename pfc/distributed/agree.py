@@ -8,6 +8,7 @@
     agree_on_error(error, "loading batch 7")     # collective: raises on every rank, or on none
 
     manifest = run_on_every_rank(lambda: validate(path), "reading checkpoint 120")
+    latest = run_on_rank_zero(lambda: newest_in(folder), "listing checkpoints")   # rank 0's, everywhere
 
 An error raised on one rank only leaves the others waiting in their next collective until the
 process-group timeout. Every place that can fail on some ranks and not on others (a sample,
@@ -106,6 +107,14 @@ def run_on_every_rank(fn: Callable[[], Result], what: str, group=None) -> Result
         error = exc
     agree_on_error(error, what, group)
     return result
+
+
+def run_on_rank_zero(fn: Callable[[], Result], what: str, group=None) -> Result:
+    """Collective: call ``fn()`` on rank 0 of ``group`` only (a decision or a file operation that
+    one rank makes for all, e.g. on a shared folder) and return its result on every rank; its
+    exception is raised on every rank by :func:`agree_on_error`."""
+    first = not is_distributed() or dist.get_rank(group) == 0
+    return broadcast_object(run_on_every_rank(lambda: fn() if first else None, what, group), group)
 
 
 def broadcast_object(value, group=None, src: int = 0):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from pfc.distributed.agree import run_on_every_rank
+from pfc.distributed.agree import run_on_rank_zero
 from pfc.train.checkpoint import load_checkpoint, save_checkpoint, select_checkpoint, store
 from pfc.train.config import TrainConfig
 from pfc.train.finite import check_state_finite
@@ -48,8 +48,8 @@ def restore_train_state(state: TrainState, config: TrainConfig, runtime: Runtime
     info = load_checkpoint(path, state, check_content=False)  # select_checkpoint has just checked it
     progress = info.progress
     state.step, state.epoch = int(progress["step"]), int(progress["epoch"])
-    run_on_every_rank(lambda: runtime.is_main and store.set_aside_newer(config.output, state.step),
-                      f"setting aside the checkpoints after step {state.step} in {config.output}")
+    run_on_rank_zero(lambda: store.set_aside_newer(config.output, state.step),
+                     f"setting aside the checkpoints after step {state.step} in {config.output}")
     state.skipped_steps = int(progress.get("skipped_steps", 0))
     position = int(progress["batch_in_epoch"]) * info.saved_world_size // runtime.world_size
     position = min(position, state.steps_per_epoch * config.optim.grad_accumulation)

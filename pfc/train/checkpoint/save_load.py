@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pfc.distributed.agree import agree_on_error, broadcast_object, run_on_every_rank
+from pfc.distributed.agree import agree_on_error, broadcast_object, run_on_every_rank, run_on_rank_zero
 from pfc.distributed.collectives import get_rank, get_world_size, is_distributed
 from pfc.errors import CheckpointError
 from pfc.train.checkpoint import dcp_planner, store
@@ -86,8 +86,7 @@ def _checksum_written_files(tmp: Path, rank: int, world_size: int, group=None) -
     that wrote it (its bytes are likely still in that node's page cache), the other files
     (DCP's metadata, an engine's) split evenly; every rank returns the whole mapping."""
     where = f"checksumming checkpoint files in {tmp}"
-    sizes = broadcast_object(run_on_every_rank(lambda: store.file_sizes(tmp) if rank == 0 else None, where, group),
-                             group)
+    sizes = run_on_rank_zero(lambda: store.file_sizes(tmp), where, group)
     owners = {name: dcp_planner.writer_rank(Path(name).name) if name.startswith(store.STATE_DIR + "/") else None
               for name in sizes}
     mine = [name for name, owner in owners.items() if owner == rank]
@@ -137,8 +136,7 @@ def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, keep_last:
     where = f"saving checkpoint {store.checkpoint_path(output_dir, step)}"
     tmp = store.temporary_path(output_dir, step)
     try:
-        exists = run_on_every_rank(lambda: rank == 0 and store.prepare(output_dir, step), where, group)
-        if broadcast_object(exists, group):
+        if run_on_rank_zero(lambda: store.prepare(output_dir, step), where, group):
             return store.checkpoint_path(output_dir, step)
 
         def check_visible() -> None:
@@ -156,14 +154,14 @@ def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, keep_last:
                     "embedding_size": int(head.embedding_size), "engine": state.runner.engine,
                     "row_sharded": sorted(rows), "progress": state.progress(), "config": state.config,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        published = run_on_every_rank(
-            lambda: rank == 0 and store.publish(output_dir, step, manifest, keep_last, checksums), where, group)
+        published = run_on_rank_zero(lambda: store.publish(output_dir, step, manifest, keep_last, checksums),
+                                     where, group)
     except (ValueError, RuntimeError) as exc:  # agreed by run_on_every_rank or DCP: raised on every rank alike
         disk_full = _discard_failed_save(exc, output_dir, step, rank, group)
         if disk_full is not None:
             raise disk_full from exc
         raise
-    return broadcast_object(published, group)
+    return published
 
 
 def verify_checkpoint(path: str | os.PathLike, group=None) -> dict[str, Any]:
@@ -197,10 +195,10 @@ def select_checkpoint(request: str, output_dir: str | os.PathLike, group=None) -
         verify_checkpoint(request, group)
         return Path(request)
     rank = get_rank(group)
-    listed = run_on_every_rank(lambda: [str(p) for p in store.list_checkpoints(output_dir)] if rank == 0 else None,
-                               f"listing checkpoints in {output_dir}", group)
+    listed = run_on_rank_zero(lambda: [str(p) for p in store.list_checkpoints(output_dir)],
+                              f"listing checkpoints in {output_dir}", group)
     rejected, skipped = [], []
-    for path in reversed(broadcast_object(listed, group)):
+    for path in reversed(listed):
         try:
             verify_checkpoint(path, group)
         except CheckpointError as exc:  # raised on every rank alike: every rank moves on together
@@ -209,7 +207,7 @@ def select_checkpoint(request: str, output_dir: str | os.PathLike, group=None) -
             if rank == 0:
                 logger.warning("resume auto: skipping checkpoint %s: %s", path, exc)
             continue
-        run_on_every_rank(lambda: rank == 0 and [store.set_aside(damaged) for damaged in skipped],
+        run_on_rank_zero(lambda: [store.set_aside(damaged) for damaged in skipped],
                           f"setting damaged checkpoints in {output_dir} aside", group)
         return Path(path)
     if rejected:
