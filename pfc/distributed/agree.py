@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from pfc import errors
-from pfc.distributed.collectives import get_world_size, is_distributed
+from pfc.distributed.collectives import all_gather_objects, get_world_size, is_distributed
 
 Result = TypeVar("Result")
 
@@ -82,8 +82,7 @@ def agree_on_error(error: BaseException | None, what: str, group=None, *, device
         dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
         if not bool((reduced != flags).any() or flags[0]):
             return  # no rank failed, and every rank's values equal this rank's
-        reports = [None] * get_world_size(group)
-        dist.all_gather_object(reports, (mine, values), group=group)
+        reports = all_gather_objects((mine, values), group)
     failures = [(rank, report) for rank, (report, _) in enumerate(reports) if report is not None]
     if failures:
         kind = _raised_class([family for _, (family, _) in failures])

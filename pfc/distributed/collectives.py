@@ -78,3 +78,12 @@ def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch
     if get_world_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
+
+
+def all_gather_objects(value, group=None) -> list:
+    """Every rank's picklable ``value``, in rank order (``[value]`` in a world of one process)."""
+    if get_world_size(group) == 1:
+        return [value]
+    gathered = [None] * get_world_size(group)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered

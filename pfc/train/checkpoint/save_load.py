@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from pfc.distributed.agree import agree_on_error, broadcast_object, run_on_every_rank, run_on_rank_zero
-from pfc.distributed.collectives import get_rank, get_world_size, is_distributed
+from pfc.distributed.collectives import all_gather_objects, get_rank, get_world_size
 from pfc.errors import CheckpointError
 from pfc.train.checkpoint import dcp_planner, store
 from pfc.train.checkpoint.rng import rng_state, set_rng_state
@@ -73,14 +72,6 @@ def _state_tree(state: TrainState, rank: int) -> dict[str, Any]:
     }
 
 
-def _all_gather(value, group=None) -> list:
-    if not is_distributed() or get_world_size(group) == 1:
-        return [value]
-    gathered = [None] * get_world_size(group)
-    dist.all_gather_object(gathered, value, group=group)
-    return gathered
-
-
 def _checksum_written_files(tmp: Path, rank: int, world_size: int, group=None) -> dict[str, str]:
     """Collective: the CRC-32 of every file under ``tmp``, each DCP file computed by the rank
     that wrote it (its bytes are likely still in that node's page cache), the other files
@@ -93,7 +84,7 @@ def _checksum_written_files(tmp: Path, rank: int, world_size: int, group=None) -
     others = {name: size for name, size in sizes.items() if owners[name] is None or owners[name] >= world_size}
     mine += store.balanced_shares(others, world_size)[rank]
     checksums = run_on_every_rank(lambda: store.checksum_files(tmp, mine), where, group)
-    return {name: value for part in _all_gather(checksums, group) for name, value in part.items()}
+    return {name: value for part in all_gather_objects(checksums, group) for name, value in part.items()}
 
 
 _NEARLY_FULL = 1 << 20   # bytes free at a failure below which the disk is taken as full (a short write
