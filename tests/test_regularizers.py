@@ -324,3 +324,21 @@ def test_bad_regulariser_options():
         PartialFC(10, 4, interclass_filter=1.5)
     with pytest.raises(ValueError, match="positive integer"):
         AngularTriplet(m=0)
+
+
+def test_the_trainer_warns_once_when_the_triplet_found_no_pair_in_the_first_log_window():
+    from pfc.train.metrics import TripletIdleWarning
+
+    lines = []
+    idle = TripletIdleWarning(triplet_weight=0.1, enabled=True)
+    idle.check({"step": 10, "triplet_pairs": 0.0, "triplet_rows_with_positive": 0.0}, write=lines.append)
+    idle.check({"step": 20, "triplet_pairs": 0.0, "triplet_rows_with_positive": 0.0}, write=lines.append)
+    assert len(lines) == 1 and "--sampler pk" in lines[0] and "to step 10" in lines[0]
+    semihard = TripletIdleWarning(triplet_weight=0.1, enabled=True)
+    semihard.check({"step": 5, "triplet_pairs": 0.0, "triplet_rows_with_positive": 0.5}, write=lines.append)
+    assert "semi-hard" in lines[1]
+    for quiet, record in ((TripletIdleWarning(0.0, True), {"step": 1, "triplet_pairs": 0.0}),        # term off
+                          (TripletIdleWarning(0.1, False), {"step": 1, "triplet_pairs": 0.0}),       # not rank 0
+                          (TripletIdleWarning(0.1, True), {"step": 1, "triplet_pairs": 0.5})):       # pairs found
+        quiet.check(record, write=lines.append)
+    assert len(lines) == 2
