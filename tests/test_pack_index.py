@@ -61,10 +61,14 @@ def _unindexed_set(root: str) -> str:
 def test_index_command_builds_the_index_of_an_existing_shard_set(tmp_path, capsys):
     out = _unindexed_set(str(tmp_path / "old"))
     assert "no per-sample index" in verify_shards(out).describe()     # absent: not a problem
+    os.makedirs(os.path.join(out, "index.tmp999"))                     # left by a killed build
     assert pack_shards.main(["index", out, "--workers", "2"]) == 0
+    assert "index.tmp999" not in os.listdir(out)
     assert "indexed 11 samples" in capsys.readouterr().out
     assert pack_shards.main(["verify", out]) == 0
     assert "per-sample index matches the shards" in capsys.readouterr().out
+    assert pack_shards.main(["index", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not os.path.exists(tmp_path / "nothing")
 
 
 def _rewrite_array(out: str, name: str, values: np.ndarray, fix_checksum: bool) -> None:

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pfc.data.manifest import read_manifest  # noqa: E402
 from pfc.datasets import FolderSource, PackOptions, RecordSource, pack, verify_shards  # noqa: E402
 from pfc.datasets.indexing import build_index  # noqa: E402
 from pfc.datasets.outdir import output_lock, refuse_output_inside  # noqa: E402
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "index":
+        read_manifest(args.out)   # a clear error, and no lock file left, where there is no shard set
         with output_lock(args.out):
             rows, problems = build_index(args.out, max(1, args.workers))
         print(f"indexed {rows} samples into {os.path.join(args.out, 'index')}; {len(problems)} not indexed")

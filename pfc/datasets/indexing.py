@@ -93,8 +93,10 @@ def build_index(out_dir: str, workers: int = 1) -> tuple[int, list[str]]:
     manifest = manifest_io.read_manifest(out_dir)
     urls = manifest_io.shard_urls(out_dir, manifest)
     final = os.path.join(out_dir, sample_index.INDEX_DIR)
+    for leftover in os.listdir(out_dir):   # of a build that was killed (the lock says none is running)
+        if leftover.startswith((f"{sample_index.INDEX_DIR}.tmp", f"{sample_index.INDEX_DIR}.old")):
+            shutil.rmtree(os.path.join(out_dir, leftover), ignore_errors=True)
     temporary = f"{final}.tmp{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
     os.makedirs(temporary)
     info = {"format": sample_index.FORMAT, "num_samples": int(len(arrays["label"])),
             "num_classes": manifest["num_classes"],
