@@ -73,6 +73,15 @@ def test_pk_batches_are_the_same_after_a_resume_and_with_any_worker_count(shards
     assert any((a[1] != b[1]).any() for a, b in zip(other_epoch, whole))
 
 
+def test_pk_batches_do_not_depend_on_how_many_shards_a_worker_keeps_mapped(shards, monkeypatch):
+    from pfc.data import pk
+
+    whole = _batches(shards, 0, 1, workers=0)
+    monkeypatch.setattr(pk, "OPEN_SHARDS", 1)                          # a map closes at nearly every sample
+    for (images, labels), (expected_images, expected_labels) in zip(_batches(shards, 0, 1, workers=0), whole):
+        assert (labels == expected_labels).all() and (images == expected_images).all()
+
+
 def test_pk_plan_visits_each_identity_as_its_share_allows():
     sizes = np.random.default_rng(1).integers(1, 40, 500)              # 1 … 39 images, some fewer than K
     class_start = np.concatenate([[0], np.cumsum(sizes)])
