@@ -137,6 +137,8 @@ class PartialFC(nn.Module):
         self.interclass_filter = interclass_filter
         self.weight = nn.Parameter(init_centers(num_classes, embedding_size, self.class_start,
                                                 self.num_local, seed, init_std, dtype).to(device))
+        # features, margins, softmax statistics and the loss: fp32 whatever the storage type
+        self.compute_dtype = torch.promote_types(self.weight.dtype, torch.float32)
         self.iteration = 0
         self._forwards_this_iteration = 0
         self._stats: dict[str, torch.Tensor] = {}
@@ -204,7 +206,7 @@ class PartialFC(nn.Module):
         """Loss of this step; ``x [b, D]`` this rank's embeddings, ``labels [b]`` global ids."""
         self._check_inputs(x, labels)
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
-            features = F.normalize(x.to(self.weight.dtype), dim=1, eps=NORM_EPS)
+            features = F.normalize(x.to(self.compute_dtype), dim=1, eps=NORM_EPS)
             features = gather_rows(features, self.group, grad_scale=self.world_size)
             labels = all_gather_tensor(labels.to(self.weight.device, torch.int64), self.group)
             index, target = self._sample(labels)

@@ -150,10 +150,11 @@ class ShardEnergy:
                  target_positions: torch.Tensor, num_rows: int, group=None):
         self.mhe = mhe
         self.target_rows, self.target_positions = target_rows, target_positions
-        own = weight.index_select(0, target_positions if index is None else index[target_positions])
+        own = weight.index_select(0, target_positions if index is None else index[target_positions]).to(
+            torch.promote_types(weight.dtype, torch.float32))  # narrow storage: the energy in fp32
         self.own_inv_norm = inverse_norms(own)
         self.own_unit = own * self.own_inv_norm[:, None]
-        centers = weight.new_zeros(num_rows, weight.shape[1])
+        centers = own.new_zeros(num_rows, weight.shape[1])
         centers[target_rows] = self.own_unit
         self.centers = all_reduce_(centers, dist.ReduceOp.SUM, group)
         self.column_weight, self.count = mhe.column_weights(index, target_positions, weight.shape[0])

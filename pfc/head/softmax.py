@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from pfc.distributed.collectives import all_reduce_
+from pfc.head.gemm import StorageGemm
 from pfc.head.margins import Margin
 from pfc.head.norms import inverse_norms
 from pfc.head.optim import SparseRowSGD, UpdateInBackward
@@ -107,12 +108,13 @@ def _chunk_rows(weight, index, start, stop, workspace, kept=None):
     return torch.index_select(weight, 0, index[start:stop], out=out)
 
 
-def _chunk_cosines(rows, operand, logits, inv_norm, start, stop):
+def _chunk_cosines(rows, operand, logits, inv_norm, start, stop, gemm):
     """Step 1a: ``logits[start:stop] = clamp(r·(rows·operandᵀ), −1, 1)`` and
-    ``inv_norm[start:stop] = r``; returns the block."""
+    ``inv_norm[start:stop] = r`` (fp32 whatever the storage type); returns the block."""
     block = logits[start:stop]
+    rows = gemm.rows(rows)
     inv = inverse_norms(rows, out=inv_norm[start:stop])
-    torch.mm(rows, operand.t(), out=block)
+    gemm.mm(rows, operand.t(), out=block)
     block.mul_(inv[:, None]).clamp_(-1.0, 1.0)  # in place: the block is the kept logits
     return block
 
@@ -166,7 +168,7 @@ def _softmax_grad_chunk(logits_chunk, row_max, shift, coefficient, fold, targets
 
 
 def _center_grad_chunk(grad_block, block, rows, inv, operand, mask, cells, grad_target, target_shift,
-                       scale, num_rows, workspace, out):
+                       scale, num_rows, workspace, gemm, out):
     """Step 8: ``out = ∂/∂w_j = r_j·A_j − r_j²·u_j·w_j`` for the chunk's centers, with
     ``A = Gᵀ·[X̂; P̂]`` and ``u_j = Σ_i G_ji·c_ji``, where ``c = z/s`` in the softmax block except at
     the targets (there the raw cosine, ``z/s + target_shift``) and the cosine itself in the MHE
@@ -177,7 +179,7 @@ def _center_grad_chunk(grad_block, block, rows, inv, operand, mask, cells, grad_
         u_scaled += product[:, num_rows:].sum(dim=1)
     positions, _ = cells
     u_scaled.index_add_(0, positions, grad_target * inv[positions, 0] * target_shift[mask])
-    torch.mm(grad_block, operand, out=out)  # r_j·A_j
+    gemm.mm(gemm.operand(grad_block), operand, out=out)  # r_j·A_j
     out.addcmul_(rows, u_scaled[:, None] * inv, value=-1.0)
 
 
@@ -199,6 +201,8 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         update = options.optimizer is not None and index is not None and weight.requires_grad
         kept = workspace.keep_rows(num_sampled, weight) if update else None
 
+        gemm = StorageGemm(weight.dtype, weight.device, workspace)
+        gemm_operand = gemm.operand(operand)
         logits = features.new_empty(num_sampled, operand.shape[0])
         inv_norm = features.new_empty(num_sampled)
         stats = _RowStatistics(num_rows, features)
@@ -206,7 +210,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         for start in range(0, num_sampled, options.chunk_rows):
             stop = min(start + options.chunk_rows, num_sampled)
             rows = _chunk_rows(weight, index, start, stop, workspace, None if kept is None else kept.rows)
-            block = _chunk_cosines(rows, operand, logits, inv_norm, start, stop)
+            block = _chunk_cosines(rows, gemm_operand, logits, inv_norm, start, stop, gemm)
             mask, cells = targets.in_chunk(start, stop)
             if energy is not None:  # Σ_{j ≠ y_i} f(ŵ_yi, ŵ_j) over this chunk's centers
                 mhe_sum += energy.chunk_sum(block[:, num_rows:], start, cells)
@@ -255,10 +259,13 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             grad_values = workspace.gradient(num_sampled, operand) if update is None else \
                 workspace.get("grad_values", num_sampled, operand)
         kept = workspace.kept(ctx.kept)
+        gemm = StorageGemm(weight.dtype, weight.device, workspace)
+        gemm_operand = gemm.operand(operand)
         grad_operand = torch.zeros_like(operand)
         for start in range(0, num_sampled, options.chunk_rows):
             stop = min(start + options.chunk_rows, num_sampled)
             rows = kept[start:stop] if kept is not None else _chunk_rows(weight, index, start, stop, workspace)
+            rows_operand = gemm.rows(rows)  # the stored rows as a GEMM operand (upcast on the CPU)
             inv, block = inv_norm[start:stop, None], logits[start:stop]
             grad_block = workspace.get("grad", stop - start, logits)
             mask, cells = targets.in_chunk(start, stop)
@@ -271,9 +278,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             if weight_needs_grad:
                 grad_rows = grad_values[start:stop] if grad_values is not None else \
                     workspace.get("grad_rows", stop - start, operand)
-                _center_grad_chunk(grad_block, block, rows, inv, operand, mask, cells, grad_target, target_shift,
-                                   scale, num_rows, workspace, out=grad_rows)
-            grad_operand.addmm_(grad_block.t(), rows)  # Σ_j G_j r_j w_j
+                _center_grad_chunk(grad_block, block, rows_operand, inv, gemm_operand, mask, cells, grad_target,
+                                   target_shift, scale, num_rows, workspace, gemm, out=grad_rows)
+            gemm.addmm_(grad_operand, gemm.operand(grad_block.t()), rows_operand)  # Σ_j G_j r_j w_j
             if update is not None:  # the rows are no longer needed as they were: update them in place
                 update.chunk(start, stop, grad_rows, rows)
 
