@@ -40,7 +40,7 @@ class StorageGemm:
     def rows(self, rows: torch.Tensor, name: str = "rows_fp32") -> torch.Tensor:
         """A chunk of stored centers as a GEMM operand: itself, or upcast into a scratch block
         (narrow storage on the CPU)."""
-        if not self.narrow or self.native:
+        if rows.dtype in _WIDE or self.native:
             return rows
         return self.scratch.get(name, rows.shape[0], rows.new_empty((0, rows.shape[1]), dtype=torch.float32)) \
             .copy_(rows)
