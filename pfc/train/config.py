@@ -264,7 +264,6 @@ ALIASES: dict[str, str] = {
     "network": "backbone.network", "embedding_size": "backbone.embedding_size", "dropout": "backbone.dropout",
     "precision": "backbone.precision", "engine": "backbone.engine", "deepspeed_config": "backbone.deepspeed_config",
     "margin": "head.margin", "sample_rate": "head.sample_rate", "interclass_filter": "head.interclass_filter",
-    "interclass_filter_mode": "head.interclass_filter_mode",
     "mhe_weight": "head.mhe.weight", "mhe_kernel": "head.mhe.kernel", "mhe_power": "head.mhe.power",
     "triplet_weight": "head.triplet.weight", "triplet_m": "head.triplet.m",
     "optimizer": "optim.name", "lr": "optim.lr", "momentum": "optim.momentum",
