@@ -29,11 +29,12 @@ def _data(world_size):
     return features, labels
 
 
-def _storage_worker(rank, world_size, dtype_name):
+def _storage_worker(rank, world_size):
     features, labels = _data(world_size)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
     results = []
-    for margin_name, margin in MARGINS.items():
+    for dtype_name, margin_name in CASES:
+        margin = MARGINS[margin_name]
         x = features[rows].clone().requires_grad_()
         head = PartialFC(NUM_CLASSES, DIM, margin=margin(), sample_rate=1.0, seed=SEED, chunk_rows=5,
                          dtype=DTYPES[dtype_name])
@@ -46,15 +47,17 @@ def _storage_worker(rank, world_size, dtype_name):
     return results
 
 
-@pytest.mark.parametrize("dtype_name,world_size", [("bf16", 1), ("bf16", 2), ("bf16", 3), ("fp16", 2)])
-def test_narrow_storage_equals_float64_reference_at_the_stored_centers(dtype_name, world_size):
-    per_rank = run_ranks(_storage_worker, world_size, dtype_name)
+CASES = [("bf16", "arc"), ("bf16", "cos"), ("fp16", "arc")]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_narrow_storage_equals_float64_reference_at_the_stored_centers(world_size):
+    per_rank = run_ranks(_storage_worker, world_size, timeout=300)
     fp32_centers = init_centers(NUM_CLASSES, DIM, 0, NUM_CLASSES, SEED)
-    stored = fp32_centers.to(DTYPES[dtype_name]).double().requires_grad_()
     features, labels = _data(world_size)
-    for case, margin_name in enumerate(MARGINS):
+    for case, (dtype_name, margin_name) in enumerate(CASES):
+        stored = fp32_centers.to(DTYPES[dtype_name]).double().requires_grad_()
         features64 = features.double().requires_grad_()
-        stored.grad = None
         expected = reference_loss(features64, labels, stored, MARGINS[margin_name]())
         expected.backward()
         unrounded = reference_loss(features.double(), labels, fp32_centers.double(), MARGINS[margin_name]())

@@ -127,9 +127,10 @@ class HeadConfig:
     interclass_filter: float = 0.0
     """a cosine t: non-target cosines above t are filtered (label-noise filter); 0: off"""
     interclass_filter_mode: str = "exclude"
-    """exclude: a filtered logit leaves the softmax | zero: it becomes 0 and still adds exp(0) (insightface's recipes)"""
+    """exclude: a filtered logit leaves the softmax | zero: it is 0, still adds exp(0) (insightface)"""
     logits: str = "auto"
-    """keep | recompute | auto: keep the [S, B] logits for the backward, or recompute each chunk's there (one more GEMM); auto recomputes past 10 % of the center storage"""
+    """keep | recompute | auto: keep the [S, B] logits for the backward or recompute them (one more GEMM);
+    auto recomputes when they would exceed 10 % of the center storage"""
     chunk_rows: int = 2048
     """rows of centers per chunk of the fused softmax (memory vs. speed)"""
     margin: MarginConfig = field(default_factory=MarginConfig)
