@@ -219,13 +219,11 @@ class SparseRowSGD(torch.optim.Optimizer):
         """Write ``values`` (compute type) into ``storage``, rounded, unless ``update.skip``."""
         if values is storage:
             return
-        rows = len(storage)
-        noise = self._scratch.get("noise", rows, _like(values, torch.int32)) if update.generator is not None else None
         if update.skip is None:
-            round_into(storage, values, self.rounding, update.generator, noise)
+            round_into(storage, values, self.rounding, update.generator, self._scratch)
             return
         rounded = values if values.dtype == storage.dtype else round_into(
-            self._scratch.get(name, rows, storage), values, self.rounding, update.generator, noise)
+            self._scratch.get(name, len(storage), storage), values, self.rounding, update.generator, self._scratch)
         torch.where(update.skip, storage, rounded, out=storage)   # decided on the device
 
 

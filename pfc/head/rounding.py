@@ -15,7 +15,7 @@ trained with it). Values the type holds exactly come back unchanged, with no ran
   the sign bit is untouched, so negative values round symmetrically. Exact for every finite
   float32, subnormals included.
 - float16 has its own exponent range, so SR works on values: with ``spacing`` the float16
-  spacing at ``|x|`` (``2^(e−10)`` for ``2^e ≤ |x| < 2^(e+1)``, at least ``2^−24``, the
+  spacing at ``|x|`` (``2^(e−10)`` for ``2^e ≤ |x| < 2^(e+1)``, read from the float32 exponent bits; at least ``2^−24``, the
   subnormal spacing), ``q = |x|/spacing`` (exact: a power-of-two scale), ``lo = floor(q)``, and
   the result is ``sign(x)·(lo + [u < q − lo])·spacing`` with ``u`` uniform on ``[0, 1)`` in steps
   of ``2^−24``. Exact for every ``|x| ≥ 2^−14`` (the fraction ``q − lo`` has at most 13 bits); below
@@ -28,11 +28,13 @@ gives 65504 or inf, |x| ≥ 65536 inf; bfloat16 only within one spacing of 3.39e
 and momentum of a face-recognition head stay many orders of magnitude inside these ranges.
 
 Random numbers come from the caller's ``torch.Generator`` on ``x``'s device (nothing is made on
-the CPU and copied); ``work`` blocks may be passed in to reuse memory across calls.
+the CPU and copied); scratch blocks may be passed in to reuse memory across calls.
 """
 from __future__ import annotations
 
 import torch
+
+from pfc.head.scratch import ScratchBlocks
 
 ROUNDINGS = ("stochastic", "nearest")
 
@@ -55,23 +57,25 @@ def is_narrow(dtype: torch.dtype) -> bool:
 
 
 def round_into(out: torch.Tensor, x: torch.Tensor, rounding: str = "nearest",
-               generator: torch.Generator | None = None, work: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, scratch: ScratchBlocks | None = None) -> torch.Tensor:
     """Write ``x`` (float32, same shape as ``out``) into ``out`` rounded to ``out.dtype``; returns ``out``.
 
     ``rounding``: ``"nearest"`` (round half to even, torch's cast) or ``"stochastic"`` (module
     docstring; needs ``generator``, on ``x``'s device, for a reproducible draw). ``out`` of a
-    wide type (float32, float64) is a plain copy either way. ``work``: an optional contiguous int32
-    block of ``x``'s shape for the random numbers. ``x`` is not
-    modified.
+    wide type (float32, float64) is a plain copy either way. ``scratch``: blocks reused across
+    calls for the random numbers and temporaries (fresh memory costs page faults on the CPU).
+    ``x`` is not modified.
     """
     check_rounding(rounding)
     if rounding == "nearest" or not is_narrow(out.dtype):
         return out.copy_(x)
     if x.dtype != torch.float32:
         raise ValueError(f"stochastic rounding takes float32 values, got {x.dtype}")
+    x = x.contiguous()
+    blocks = scratch if scratch is not None else ScratchBlocks()
     if out.dtype == torch.bfloat16:
-        return _stochastic_bfloat16(out, x, generator, work)
-    return _stochastic_float16(out, x, generator, work)
+        return _stochastic_bfloat16(out, x, generator, blocks)
+    return _stochastic_float16(out, x, generator, blocks)
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -79,44 +83,53 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     return round_into(torch.empty_like(x, dtype=dtype), x, "stochastic", generator)
 
 
-def _pairwise_noise(x: torch.Tensor, high: int, generator, work: torch.Tensor | None) -> torch.Tensor:
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a ``[rows, last dim]`` matrix (a view; ``x`` is contiguous)."""
+    return x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+
+
+def _pairwise_noise(x: torch.Tensor, high: int, generator, scratch: ScratchBlocks) -> torch.Tensor:
     """Uniform integers in ``[0, high)`` (``high`` a power of two), one per element of ``x``, as
     ``row[i] XOR column[j]`` over the ``[rows, last dim]`` view: a fresh uniform draw per row and
     per column. Each element is uniform and any two elements are independent (a 2-universal
     hash), so each value's rounding is exactly unbiased and every variance of a sum of roundings
     is that of fully independent ones; it draws ``rows + columns`` numbers instead of
     ``rows · columns`` (the CPU generator costs ~20 ns a number, a cast ~1 ns a value)."""
-    columns = x.shape[-1] if x.dim() else 1
-    rows = x.numel() // max(columns, 1)
-    noise = work if work is not None else torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    matrix = _rows(x)
+    rows, columns = matrix.shape
+    noise = scratch.get("rounding_noise", rows, matrix.new_empty((0, columns), dtype=torch.int32))
     row_draw = torch.empty((rows, 1), dtype=torch.int32, device=x.device).random_(0, high, generator=generator)
     column_draw = torch.empty((1, columns), dtype=torch.int32, device=x.device).random_(0, high, generator=generator)
-    torch.bitwise_xor(row_draw, column_draw, out=noise.view(rows, columns))
-    return noise
+    return noise.copy_(column_draw.expand(rows, columns)).bitwise_xor_(row_draw).view(x.shape)
 
 
-def _stochastic_bfloat16(out, x, generator, work):
-    x = x.contiguous()
-    bits = _pairwise_noise(x, _LOW_HALF, generator, work)  # uniform over the 2^16 dropped patterns
+def _stochastic_bfloat16(out, x, generator, scratch):
+    bits = _pairwise_noise(x, _LOW_HALF, generator, scratch)  # uniform over the 2^16 dropped patterns
     bits.add_(x.view(torch.int32)).bitwise_and_(_HIGH_HALF)  # a carry rounds the magnitude up
-    out.copy_(bits.view(torch.float32))                     # exact: the low half is zero
+    rounded = bits.view(torch.float32)
     # a NaN pattern may have carried into inf or wrapped its sign: adding 0·x' with x' = x, its
     # infinities made 0, turns exactly those back into NaN and leaves every other value as it is
-    # (−0 included: x' has the sign of x); cheaper than isnan + masked_fill on the CPU
-    return out.add_(torch.nan_to_num(x, nan=float("nan"), posinf=0.0, neginf=0.0), alpha=0.0)
+    # (−0 included: x' has the sign of x); in float32, where it is two fast passes (isnan +
+    # masked_fill, or an add into the bf16 result, are 10x slower on the CPU)
+    finite_or_nan = scratch.get("rounding_fix", len(_rows(x)), _rows(x)[:0]).view(x.shape)
+    torch.nan_to_num(x, nan=float("nan"), posinf=0.0, neginf=0.0, out=finite_or_nan)
+    rounded.add_(finite_or_nan, alpha=0.0)
+    return out.copy_(rounded)                               # exact: the low half is zero
 
 
-def _stochastic_float16(out, x, generator, work):
+def _stochastic_float16(out, x, generator, scratch):
     magnitude = x.abs()
-    _, exponent = torch.frexp(magnitude)                    # |x| = m·2^exponent, m in [0.5, 1)
-    # spacing exponent: (exponent − 1) − 10, never below the subnormal spacing 2^-24
-    spacing = torch.ldexp(torch.ones_like(magnitude),
-                          (exponent - 1 - _FP16_MANTISSA_BITS).clamp_(min=_FP16_MIN_SPACING_EXP))
+    # 2^e ≤ |x| < 2^(e+1) with e = the biased float32 exponent − 127 (float32 subnormals, e = −127,
+    # land on the clamp below; inf and NaN on a huge spacing, through which they pass unchanged)
+    exponent = x.view(torch.int32).bitwise_right_shift(23).bitwise_and_(0xFF)
+    # the float16 spacing at |x|: 2^(e − 10), never below the subnormal spacing 2^-24, made from
+    # its float32 bit pattern (biased exponent << 23)
+    exponent.sub_(127 + _FP16_MANTISSA_BITS).clamp_(min=_FP16_MIN_SPACING_EXP).add_(127).bitwise_left_shift_(23)
+    spacing = exponent.view(torch.float32)
     scaled = magnitude.div_(spacing)                        # exact: a power-of-two scale
     low = torch.floor(scaled)
     fraction = scaled.sub_(low).mul_(_UNIFORM_STEPS)        # exact: at most 13 bits below the point
-    uniform = _pairwise_noise(x, _UNIFORM_STEPS, generator, work)  # u·2^24, u uniform on [0, 1)
-    low.add_(torch.lt(uniform, fraction)).mul_(spacing)     # lo or lo + 1, back to the value (exact)
-    rounded = low.copysign_(x)
-    rounded = torch.where(torch.isfinite(x), rounded, x)    # ±inf and NaN pass through
-    return out.copy_(rounded)                               # exact, or ±inf past 65504
+    uniform = _pairwise_noise(x, _UNIFORM_STEPS, generator, scratch).to(torch.float32)  # u·2^24, u on [0, 1)
+    low.add_(uniform.lt_(fraction)).mul_(spacing)           # lo or lo + 1, back to the value (exact)
+    # ±inf and NaN come through the arithmetic as they are (inf·spacing, NaN everywhere)
+    return out.copy_(low.copysign_(x))                      # exact, or ±inf past 65504
