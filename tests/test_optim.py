@@ -286,3 +286,41 @@ def test_two_rank_bf16_update_follows_a_float64_reference_within_bf16_tolerance(
         assert outcome["moved"] > 0.5
         assert outcome["weight_error"] < 3 * 2 ** -7, outcome
         assert outcome["momentum_error"] < 3 * 2 ** -7, outcome
+
+
+def _bf16_head_steps(update_in_backward: bool, steps: int = 3, nan_at: int | None = None):
+    """A bf16 head trained ``steps`` steps; a NaN in the features at step ``nan_at``. The step()
+    path is told to skip by ``found_inf`` (what the trainer does); the backward path skips itself."""
+    from pfc.head.partial_fc import PartialFC
+
+    head = PartialFC(40, 8, sample_rate=0.5, seed=2, chunk_rows=4, dtype=torch.bfloat16)
+    optimizer = head.optimizer(lr=0.5, momentum=0.9, weight_decay=0.01, update_in_backward=update_in_backward,
+                               chunk_rows=2)
+    data = torch.Generator().manual_seed(9)
+    for step in range(steps):
+        head.set_iteration(step)
+        x = torch.randn(6, 8, generator=data)
+        if step == nan_at:
+            x[0, 0] = math.nan
+        loss = head(x, torch.randint(0, 40, (6,), generator=data))
+        loss.backward()
+        optimizer.found_inf = (~torch.isfinite(loss)).float()
+        optimizer.step()
+        optimizer.found_inf = None
+        optimizer.zero_grad()
+    return head.weight.detach().clone(), optimizer.state[head.weight]["momentum_buffer"].clone()
+
+
+def test_bf16_head_update_in_backward_agrees_with_backward_then_step_and_skips_a_non_finite_loss():
+    """The step() path gets the gradient rounded to bf16 (autograd stores ``.grad`` in the
+    parameter's type), the backward path the fp32 gradient, so they agree to bf16 precision, not
+    bit for bit; a skipped step leaves both exactly where two steps put them."""
+    weight, momentum = _bf16_head_steps(update_in_backward=False)
+    fused_weight, fused_momentum = _bf16_head_steps(update_in_backward=True)
+    assert weight.dtype == momentum.dtype == torch.bfloat16
+    scale = weight.float().abs().max()
+    assert (weight.float() - fused_weight.float()).abs().max() < 2 ** -5 * scale
+    for fused in (False, True):   # a NaN at the last step leaves the state of the first two
+        skipped = _bf16_head_steps(update_in_backward=fused, nan_at=2)
+        two_steps = _bf16_head_steps(update_in_backward=fused, steps=2)
+        assert torch.equal(skipped[0], two_steps[0]) and torch.equal(skipped[1], two_steps[1]), fused

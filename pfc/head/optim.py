@@ -53,8 +53,9 @@ class SparseRowSGD(torch.optim.Optimizer):
     :meth:`update_rows` applies the same update to given rows and their gradient directly: the
     head calls it inside its backward when built with
     ``PartialFC.optimizer(update_in_backward=True)`` (no gradient stored, ``p.grad`` stays None),
-    with a bit-identical result (with stochastic rounding too, when the head's chunk is a
-    multiple of ``chunk_rows``: the random numbers are then drawn in the same blocks).
+    with a bit-identical result for float32 storage. For narrow storage the two differ by
+    rounding: ``p.grad`` is stored in the parameter's type (autograd rounds the head's gradient to
+    it), while the backward hands its float32 gradient over directly.
 
     No method reads a tensor value on the host for the head's gradients: a sparse gradient that
     reaches the parameter flagged coalesced (the head's) while ``p.grad`` is None is noted on its
