@@ -125,11 +125,13 @@ class SparseRowSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with_grad = [(index, param) for index, param in
+                     enumerate(p for group in self.param_groups for p in group["params"]) if param.grad is not None]
+        if not with_grad:   # e.g. the update ran in the backward: nothing to do, no update counted
+            return loss
         update = self.updates
         self.updates += 1
-        for index, param in enumerate(p for group in self.param_groups for p in group["params"]):
-            if param.grad is None:
-                continue
+        for index, param in with_grad:
             rows, values = _row_gradient(param.grad, self._noted_gradients.get(param))
             rows = slice(0, values.shape[0]) if rows is None else rows
             self._apply(param, rows, values, None, self._start(param, index, update, None))
