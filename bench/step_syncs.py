@@ -15,6 +15,13 @@ inside its backward) and 2 (stored center gradients). Every step is counted from
 ``--before REF`` checks out REF's tree (``git worktree``, removed afterwards) and counts it the
 same way. The table shows rank 0's counts for a steady-state step (step 2) and a log step.
 Counts, not times: the machine's load does not change them.
+
+``--restore-rows N`` (one process, no training) times instead what deciding the rollback on the
+device costs: with the centers' update inside the head's backward, every step now runs the masked
+restore of the sampled rows (gather the updated rows, ``where``, write back) where before only a
+skipped step wrote the saved rows back; beside it the forward hook's snapshot of the same rows
+(there before and after). A shard of N rows × 512 (centers and momentum), ``--sample-rate`` of
+them sampled; medians in ms.
 """
 from __future__ import annotations
 
@@ -138,14 +145,69 @@ def table(label_counts: list[tuple[str, dict]], log_every: int) -> str:
     return "\n".join(lines)
 
 
+def restore_cost(rows: int, sample_rate: float, repeats: int) -> str:
+    """The masked restore against the snapshot it pairs with (see the module docstring)."""
+    import statistics
+    import time
+
+    import torch
+
+    from pfc.head.optim import SparseRowSGD
+    from pfc.train.rollback import StepRollback
+
+    class Shard(torch.nn.Module):  # stands for the head: a center shard and its last sample
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(rows, 512))
+            self.last_sample = (torch.randperm(rows)[:int(rows * sample_rate)].sort().values, None)
+
+        def forward(self):
+            return None
+
+    head = Shard()
+    rollback = StepRollback(torch.nn.BatchNorm1d(8), head, SparseRowSGD([head.weight], lr=0.1), True)
+
+    def median_ms(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+
+    def masked(skip: bool):
+        head()                                   # the hook's snapshot
+        rollback.restore(torch.tensor(skip))
+
+    snapshot = median_ms(head)
+    kept = median_ms(lambda: masked(False)) - snapshot
+    skipped = median_ms(lambda: masked(True)) - snapshot
+    old = median_ms(lambda: (head(), rollback.restore(True))) - snapshot
+    rollback.close()
+    sampled = int(rows * sample_rate)
+    return "\n".join([
+        f"| {rows} rows × 512, {sampled} sampled | ms |", "|---|---:|",
+        f"| snapshot of the sampled rows (forward hook, every step, before and after) | {snapshot:.2f} |",
+        f"| masked restore, step kept (after: every step) | {kept:.2f} |",
+        f"| masked restore, step skipped (after) | {skipped:.2f} |",
+        f"| host-decided restore, skipped steps only (before) | {old:.2f} |"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="main", help="git ref counted beside this tree ('' for none)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--restore-rows", type=int, default=0, help="time the masked restore instead")
+    parser.add_argument("--sample-rate", type=float, default=0.1)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.restore_rows:
+        sys.path.insert(0, ROOT)
+        print(restore_cost(args.restore_rows, args.sample_rate, args.repeats))
+        return
     if args.worker:
         sys.path.insert(0, args.worker)
         worker(args.worker, args.steps, args.log_every, args.out)
