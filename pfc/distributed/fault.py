@@ -8,8 +8,11 @@ non-finite steps decided on the device.
         decision = guard.control(stop.requested, save_due=clock_says_so and rank == 0, error=error)
         ...                                     # forward + backward
         found_inf = guard.found_inf(loss, runner.gradients_finite(), rollback.buffers_finite())
-        runner.step(head_optimizer, found_inf)  # masked on the device: a skipped step changes nothing
-        if log step: decision = guard.review(step)   # the host learns of the skips (one read)
+        applied = runner.step(head_optimizer, found_inf)   # masked on the device
+        rollback.restore(~applied)              # a skipped step changes nothing
+        if log step (or a save, or a stop):
+            review = guard.review(step)         # the host learns of the skips (one read)
+            if review.stop: decision = review   # K skipped in a row: give up (after a checkpoint)
         if decision.save: write a checkpoint after this step (every rank, the same step)
         if decision.stop: save a checkpoint and leave the loop (decision.reason says why)
 
