@@ -7,10 +7,10 @@ after it (metrics, reviews, the next epoch's loader). The run's first step (the 
 its inputs collectively) and log steps (the metrics and the guard's counts are read) may read
 values; every other step must read none.
 
-Until the head of issue 12 lands (``PartialFC.step_stats`` and ``check_inputs``; a SparseRowSGD
-that skips on ``found_inf``), the head's own reads are excluded here (``HEAD_SITES``,
-``CENTER_OPTIMIZER_SITES``); with both every site but the loader's host tensors
-(``HOST_BY_DESIGN``) must count 0 (checked with branch center-dtype, which holds head-scale, merged).
+The head is issue 12's (``step_stats``, ``check_inputs``, one gather). Until its center optimizer
+lands (a SparseRowSGD that skips on ``found_inf``, branch center-dtype), that optimizer's reads are
+excluded here (``CENTER_OPTIMIZER_SITES``); with it every site but the loader's host tensors
+(``HOST_BY_DESIGN``) must count 0 (checked with center-dtype merged).
 """
 from __future__ import annotations
 
@@ -23,14 +23,6 @@ from tests.distributed import run_ranks
 from tests.train_fixtures import make_config, write_shards
 
 LOG_EVERY, STEPS = 4, 10   # 6 steps per epoch at grad_accumulation 2: the run crosses an epoch
-
-
-@functools.cache
-def head_is_sync_free() -> bool:
-    """Whether the head of issue 12 is here (``PartialFC.step_stats`` and ``check_inputs``)."""
-    from pfc.head.partial_fc import PartialFC
-
-    return hasattr(PartialFC, "step_stats")
 
 
 @functools.cache
@@ -48,21 +40,16 @@ def center_optimizer_skips_on_device() -> bool:
 # of flipped images, DataLoader's seed at an epoch's start) are on the host by design: on a GPU none
 # of them waits for the device. Their reads are not device syncs.
 HOST_BY_DESIGN = ("at data/loader.py",)
-# Until the head of issue 12 (branch head-scale): the head's own reads and its collective input
-# check (agree_on_error on its device, every step) ...
-HEAD_SITES = ("at head/", "at distributed/agree.py")
-# ... and until its center optimizer (branch center-dtype): the optimizer's own reads (the update
-# in the backward's loss check) and the host read of the mask in masked_step (stored gradients).
+# Until the center optimizer of issue 12 (branch center-dtype): its own reads (the update in the
+# backward's loss check) and the host read of the mask in masked_step (stored gradients).
 CENTER_OPTIMIZER_SITES = ("at head/optim.py", "at train/runners/ddp.py")
 
 
 def tolerated(site: str) -> bool:
-    """A read that is not a device sync, or one issue 12's head removes (none once it is here)."""
+    """A read that is not a device sync, or one issue 12's center optimizer removes (none once it is here)."""
     if any(part in site for part in HOST_BY_DESIGN):
         return True
-    if any(part in site for part in CENTER_OPTIMIZER_SITES):
-        return not center_optimizer_skips_on_device()
-    return not head_is_sync_free() and any(part in site for part in HEAD_SITES)
+    return not center_optimizer_skips_on_device() and any(part in site for part in CENTER_OPTIMIZER_SITES)
 
 
 def counted_run(rank: int, world_size: int, data: str, output: str, overrides: dict) -> list[dict]:

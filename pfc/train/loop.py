@@ -228,13 +228,6 @@ def _next_batches(state: TrainState, config: TrainConfig, loader, guard: StepGua
     return batches, decision
 
 
-def _step_stats(head) -> dict:
-    """The head's stats of its last forward as 0-d device tensors (``head.step_stats``, no host
-    synchronisation); a head without them gives ``last_stats`` (floats: a host synchronisation)."""
-    stats = getattr(head, "step_stats", None)
-    return head.last_stats if stats is None else stats
-
-
 def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader, guard: StepGuard,
                stop_signals: StopSignals, rollback: StepRollback, save_due: bool = False,
                check_inputs: bool = True) -> tuple[torch.Tensor, dict, StepDecision]:
@@ -264,7 +257,7 @@ def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader,
         loss = state.runner.forward_backward(images, labels, state.head, micro == len(batches) - 1)
         step_loss = loss if step_loss is None else step_loss + loss
         state.batch_in_epoch += 1
-        for key, value in _step_stats(state.head).items():
+        for key, value in state.head.step_stats.items():  # 0-d device tensors, unread
             share = value / len(batches)
             stats[key] = stats[key] + share if key in stats else share
     found_inf = guard.found_inf(step_loss, state.runner.gradients_finite(), rollback.buffers_finite())
