@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from pfc.head.margins import ArcFace
-from pfc.head.optim import UpdateInBackward
 from pfc.head.partial_fc import PartialFC, hashed_normal, init_centers
 from pfc.head.regularizers import MHE
 from pfc.host_syncs import HostSyncCounter
@@ -15,7 +14,6 @@ from tests.distributed import run_ranks
 from tests.reference import reference_loss, reference_target_logit, relative_error
 
 NUM_CLASSES, DIM, BATCH = 61, 16, 6
-BEGIN_TAKES_CHECK_UPSTREAM = "check_upstream" in UpdateInBackward.begin.__code__.co_varnames
 
 
 def _step_data(world_size, rank, step):
@@ -59,8 +57,6 @@ def _sync_worker(rank, world_size, update_in_backward):
 
 @pytest.mark.parametrize("update_in_backward", [False, True])
 def test_steady_state_head_step_makes_no_host_sync(update_in_backward):
-    if update_in_backward and not BEGIN_TAKES_CHECK_UPSTREAM:
-        pytest.skip("UpdateInBackward.begin has no check_upstream yet (branch center-dtype)")
     for counts in run_ranks(_sync_worker, 2, update_in_backward):
         for name, value in counts.items():
             if name.endswith("error"):

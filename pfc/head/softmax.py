@@ -30,7 +30,6 @@ same inputs: bit-identical, with the kept rows reused when updating in the backw
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -318,14 +317,8 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
 
 def _begin_update(options, weight, index, upstream, loss, by_chunk):
     """:meth:`UpdateInBackward.begin`, with the upstream check only when the head checks its inputs."""
-    if _BEGIN_CHECKS_UPSTREAM:
-        return UpdateInBackward.begin(options.optimizer, weight, index, upstream, loss, by_chunk=by_chunk,
-                                      check_upstream=options.check_upstream)
-    return UpdateInBackward.begin(options.optimizer, weight, index, upstream, loss, by_chunk=by_chunk)
-
-
-# until pfc/head/optim.py's UpdateInBackward.begin takes check_upstream (branch center-dtype)
-_BEGIN_CHECKS_UPSTREAM = "check_upstream" in inspect.signature(UpdateInBackward.begin).parameters
+    return UpdateInBackward.begin(options.optimizer, weight, index, upstream, loss, by_chunk=by_chunk,
+                                  check_upstream=options.check_upstream)
 
 
 def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
