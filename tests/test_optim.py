@@ -205,7 +205,8 @@ def test_found_inf_and_skip_leave_rows_and_momentum_unchanged_without_a_host_syn
     rows = torch.tensor([0, 3, 4, 9, 11])
     grad = torch.randn(5, 5)
     grad[1, 2] = math.nan
-    param.grad = torch.sparse_coo_tensor(rows[None], grad.to(dtype), param.shape, is_coalesced=True)
+    param.grad = torch.sparse_coo_tensor(rows[None], grad.to(dtype), param.shape, is_coalesced=True,
+                                         check_invariants=True)
     optimizer.found_inf = torch.ones(())
     with HostSyncCounter() as counter:
         optimizer.step()
