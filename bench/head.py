@@ -14,7 +14,8 @@ gradient; ``--update backward``: the optimizer applied inside the head's backwar
 Two floors, timed in the same processes right after the steps, on every rank at once:
 
 * GEMM floor: the three ``B×D×S`` products of a step (logits, feature gradient, center
-  gradient) with the head's shapes, in the center storage type;
+  gradient) with the head's shapes and fp32 results, on operands in the center storage type on
+  a GPU and in fp32 on the CPU (as the head computes them there);
 * row floor: the four random row passes of exact momentum SGD over the S rows the head sampled
   in its last step, on the head's own centers and momentum (each in its storage type), as the
   head makes them: gather W (kept for the backward), then per chunk gather the momentum, write
@@ -78,17 +79,29 @@ def _timed_min(device, repeats, run) -> float:
 
 
 def gemm_floor(num_rows, dim, num_sampled, dtype, device, repeats=3) -> float:
-    """The three ``B×D×S`` products of a step in the storage type ``dtype``."""
-    features = torch.randn(num_rows, dim, device=device).to(dtype)
-    centers = torch.randn(num_sampled, dim, device=device).to(dtype)
-    logits = torch.empty(num_sampled, num_rows, dtype=dtype, device=device)
-    grad_centers = torch.empty(num_sampled, dim, dtype=dtype, device=device)
-    grad_features = torch.empty(num_rows, dim, dtype=dtype, device=device)
+    """The three ``B×D×S`` products of a step with fp32 results, the operands as the head has them:
+    in the storage type ``dtype`` on a GPU (``out_dtype=float32``), in fp32 on the CPU (where the
+    head upcasts narrow rows per chunk: the CPU has no narrow GEMM with an fp32 result)."""
+    operand = dtype if device.type != "cpu" else torch.float32
+    features = torch.randn(num_rows, dim, device=device).to(operand)
+    centers = torch.randn(num_sampled, dim, device=device).to(operand)
+    logits = torch.empty(num_sampled, num_rows, device=device)
+    grad_centers = torch.empty(num_sampled, dim, device=device)
+    grad_features = torch.empty(num_rows, dim, device=device)
+    grad_logits = logits.to(operand)   # the gradient block as the second GEMM operand
+
+    def mm(a, b, out):
+        if a.dtype == torch.float32:
+            return torch.mm(a, b, out=out)
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+        except (TypeError, NotImplementedError, RuntimeError):   # a torch without it: the narrow result
+            return torch.mm(a, b)
 
     def run():
-        torch.mm(centers, features.t(), out=logits)
-        torch.mm(logits, features, out=grad_centers)
-        torch.mm(logits.t(), centers, out=grad_features)
+        mm(centers, features.t(), logits)
+        mm(grad_logits, features, grad_centers)
+        mm(grad_logits.t(), centers, grad_features)
     return _timed_min(device, repeats, run)
 
 
