@@ -169,7 +169,8 @@ def _worker(rank, world_size, init_file, config, results):
         torch.cuda.set_device(device)
     torch.set_num_threads(config["threads"])
     dist.init_process_group("cpu:gloo,cuda:nccl" if on_gpu else "gloo", init_method=f"file://{init_file}",
-                            rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=1800))
+                            rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=1800),
+                            **({"device_id": device} if on_gpu else {}))
     # the runtime every training process pays before the head exists: torch, the process group,
     # and the lazily imported machinery of a torch optimizer's first step (~70 MiB)
     scalar = torch.nn.Parameter(torch.zeros(1, device=device))
