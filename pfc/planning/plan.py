@@ -102,9 +102,9 @@ def _numbers(result: RankResult) -> dict:
 
 
 def base_classes(job: Job, chunk_rows: int = 2048) -> int:
-    """``C0``: the class count from which everything is affine in C (four full chunks of sampled
+    """``C0``: the class count from which everything is affine in C (two full chunks of sampled
     rows per rank, more than the gathered batch)."""
-    rows = max(4 * chunk_rows, 2 * job.batch_size * job.gpus)
+    rows = max(2 * chunk_rows, 2 * job.batch_size * job.gpus)
     return job.gpus * math.ceil(rows / job.sample_rate)
 
 

@@ -1,0 +1,105 @@
+"""The capacity planner (tools/plan.py, pfc/planning): its simulation against real runs and itself."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pfc.errors import ConfigError
+from pfc.planning.job import Job, parse_count
+from tests.distributed import run_ranks
+
+# two gloo ranks, a tiny backbone, 4000 classes: the sampled rows (200 per rank) outnumber the
+# gathered batch (16), so the sample size does not depend on the labels' values
+SMALL = Job(num_classes=4000, gpus=2, network="tiny", batch_size=8, sample_rate=0.1, precision="fp32")
+
+
+def _real_rank(rank, world_size):
+    from pfc.planning.simulate import run_tracked
+    from pfc.planning.tracker import MemoryTracker
+    from pfc.train.runtime import Runtime
+
+    generator = torch.Generator().manual_seed(rank)
+    images = torch.rand(SMALL.batch_size, 3, 112, 112, generator=generator) * 2 - 1
+    labels = torch.randint(0, SMALL.num_classes, (SMALL.batch_size,), generator=generator)
+    tracker = MemoryTracker()
+    with tracker:
+        result = run_tracked(SMALL, Runtime(rank, world_size, 0, torch.device("cpu")), tracker, steps=2,
+                             batch=(images, labels))
+    return result.phase_peaks, result.host_syncs
+
+
+def test_simulated_rank_matches_a_real_two_rank_cpu_run_per_phase_and_category():
+    from pfc.planning.simulate import simulate
+
+    real_peaks, real_syncs = run_ranks(_real_rank, 2, timeout=300)[0]
+    simulated = simulate(SMALL)
+    assert set(simulated.phase_peaks) == set(real_peaks)
+    for phase, categories in simulated.phase_peaks.items():
+        for category, simulated_bytes in categories.items():
+            real_bytes = real_peaks[phase][category]
+            assert simulated_bytes == pytest.approx(real_bytes, rel=0.05, abs=4096), (phase, category)
+    real_peak = max(sum(categories.values()) for categories in real_peaks.values())
+    assert simulated.peak_bytes == pytest.approx(real_peak, rel=0.05)
+    assert simulated.host_syncs == real_syncs   # the same reads, at the same source lines
+
+
+def test_extrapolated_plan_matches_a_direct_simulation():
+    from pfc.planning.plan import Planner
+    from pfc.planning.simulate import simulate
+
+    planner = Planner(Job(num_classes=1, gpus=2, network="tiny", batch_size=8, sample_rate=0.1, precision="fp32"))
+    target = 3 * planner.base   # beyond 2·C0: extrapolated
+    plan = planner.plan(target)
+    direct = simulate(planner.job.with_classes(target))
+    assert plan.peak_bytes == pytest.approx(direct.peak_bytes, rel=0.01)
+    for category, value in direct.categories.items():
+        assert plan.categories[category] == pytest.approx(value, rel=0.01, abs=65536), category
+    assert plan.host_syncs_per_step == pytest.approx(
+        sum(direct.host_syncs.values()) + sum(n for site, n in direct.step_findings.items()
+                                               if site.startswith("data-dependent")), rel=0.01)
+
+
+def test_max_classes_fits_and_one_percent_more_does_not(capsys):
+    from pfc.planning.plan import Planner, fits, largest_fitting
+    from tools.plan import main
+
+    assert main(["--classes", "2M", "--gpus", "2", "--network", "tiny", "--batch-size", "8", "--precision", "fp32",
+                 "--gpu-memory", "4", "--max-classes", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"peak_bytes", "bytes_per_identity", "fits", "host_syncs_per_step", "categories", "flops_per_step",
+            "predicted_samples_per_s", "max_classes"} <= set(result)
+    largest = result["max_classes"]
+    assert result["fits"] == (2_000_000 <= largest)
+    planner = Planner(Job(num_classes=1, gpus=2, network="tiny", batch_size=8, precision="fp32"))
+    assert largest > 2 * planner.base   # found on the extrapolated plans
+    assert fits(planner.plan(largest), 4)
+    assert not fits(planner.plan(int(largest * 1.01)), 4)
+    assert largest == largest_fitting(planner, 4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--classes", "12x"], "--classes '12x' is not a number"),
+    (["--classes", "1M", "--gpus", "0"], "--gpus must be ≥ 1"),
+    (["--classes", "1M", "--network", "resnet9000"], "unknown network 'resnet9000'"),
+    (["--classes", "1M", "--gpu", "x100"], "--gpu 'x100' is not one of"),
+    (["--classes", "1M", "--center-dtype", "fp8"], "--center-dtype 'fp8' is not one of"),
+    (["--classes", "0.5"], "must be a whole number"),
+    (["--gpus", "8"], "the following arguments are required: --classes"),
+])
+def test_bad_arguments_end_with_one_line_naming_the_cause(argv, message, capsys):
+    from tools.plan import main
+
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("error: ") and message in error, error
+
+
+def test_class_counts_read_with_suffixes():
+    assert parse_count("100M") == 100_000_000
+    assert parse_count("1.5B") == 1_500_000_000
+    assert parse_count("2e8") == 200_000_000
+    assert parse_count("250k") == 250_000
+    with pytest.raises(ConfigError, match="not a number"):
+        parse_count("1.5.0M")
