@@ -32,7 +32,7 @@ def summary(plan: Plan, gpu_memory_gib: float, gpu: str, max_classes: int | None
         "step_findings": {site: round(n) for site, n in sorted(plan.step_findings.items(), key=lambda kv: -kv[1])
                           if round(n)},
         "setup_placement": {site: round(n) for site, n in plan.setup_findings.items()
-                            if "/head/" in site or "/train/" in site or "/distributed/" in site},
+                            if site.split(" at ")[-1].startswith(("head/", "train/", "distributed/"))},
         "flops_per_step": plan.flops_per_step,
         "gpu": time.gpu, "estimate": "roofline at vendor peak (an upper bound on speed)",
         "predicted_step_s": time.step_s, "predicted_backbone_s": time.backbone_s,
