@@ -99,9 +99,11 @@ def build_train_state(config: TrainConfig, runtime: Runtime, image_size: int, st
     runner = build_runner(config, runtime, model, backbone_optimizer)
     # the centers' update inside the head's backward: no stored gradient, four random passes over
     # the sampled rows instead of six; possible when the runner backpropagates the loss as it is
+    # centers and momentum in their storage types (center_dtype, momentum_dtype); updates rounded
+    # into them as config.head.rounding says, seeded by the run's seed
     head_optimizer = head.optimizer(lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
-                                    momentum_dtype=optim.momentum_dtype,
-                                    update_in_backward=runner.head_update_in_backward)
+                                    momentum_dtype=config.head.momentum_storage_dtype, rounding=config.head.rounding,
+                                    seed=config.seed, update_in_backward=runner.head_update_in_backward)
     schedulers = {"backbone": torch.optim.lr_scheduler.LambdaLR(runner.optimizer, schedule),
                   "head": torch.optim.lr_scheduler.LambdaLR(head_optimizer, schedule)}
     return TrainState(runner=runner, head=head, head_optimizer=head_optimizer, schedulers=schedulers,

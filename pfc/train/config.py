@@ -34,7 +34,10 @@ from pfc.train.schedule import LRSchedule
 ENGINES = ("ddp", "deepspeed")
 PRECISIONS = ("fp32", "fp16", "bf16")
 OPTIMIZERS = ("sgd", "adamw")
-MOMENTUM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# storage types of the centers and their momentum (the long names are accepted too)
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                  "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROUNDINGS = ("stochastic", "nearest")
 
 
 @dataclass
@@ -128,9 +131,25 @@ class HeadConfig:
     """a cosine t: non-target cosines above t leave the softmax (label-noise filter); 0: off"""
     chunk_rows: int = 2048
     """rows of centers per chunk of the fused softmax (memory vs. speed)"""
+    center_dtype: str = "fp32"
+    """fp32 | bf16 | fp16: storage of the class centers (bf16: half the memory; see README "Center storage type")"""
+    momentum_dtype: str = ""
+    """fp32 | bf16 | fp16: storage of the centers' momentum; "": the centers' type"""
+    rounding: str = "stochastic"
+    """stochastic | nearest: how updates are rounded into bf16/fp16 centers and momentum"""
     margin: MarginConfig = field(default_factory=MarginConfig)
     mhe: MHE = field(default_factory=lambda: MHE(weight=0.0))
     triplet: AngularTriplet = field(default_factory=lambda: AngularTriplet(weight=0.0))
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """``center_dtype`` as a torch dtype."""
+        return STORAGE_DTYPES[self.center_dtype]
+
+    @property
+    def momentum_storage_dtype(self) -> torch.dtype:
+        """``momentum_dtype`` as a torch dtype (the centers' when empty)."""
+        return STORAGE_DTYPES[self.momentum_dtype] if self.momentum_dtype else self.storage_dtype
 
     def check(self, embedding_size: int) -> None:
         """The head's own option checks (:meth:`PartialFC.check_options`)."""
@@ -141,7 +160,7 @@ class HeadConfig:
         """:class:`PartialFC` over ``num_classes`` centers with this margin and these regularisers."""
         return PartialFC(num_classes=num_classes, embedding_size=embedding_size, margin=self.margin.build(),
                          sample_rate=self.sample_rate, group=group, seed=seed, chunk_rows=self.chunk_rows,
-                         device=device, mhe=_enabled(self.mhe), triplet=_enabled(self.triplet),
+                         dtype=self.storage_dtype, device=device, mhe=_enabled(self.mhe), triplet=_enabled(self.triplet),
                          interclass_filter=self.interclass_filter or None)
 
 
@@ -161,18 +180,10 @@ class OptimConfig:
     """max L2 norm of the backbone gradient; 0: off"""
     grad_accumulation: int = 1
     """micro-batches per optimizer step"""
-    head_momentum_dtype: str = "float32"
-    """float32 | bfloat16: storage of the centers' momentum buffer (bfloat16 halves it)"""
-
-    @property
-    def momentum_dtype(self) -> torch.dtype:
-        """``head_momentum_dtype`` as a torch dtype."""
-        return MOMENTUM_DTYPES[self.head_momentum_dtype]
 
     def check(self) -> None:
         """The center optimizer's own checks (lr, momentum, weight decay), on a 1×1 parameter."""
-        SparseRowSGD([torch.zeros(1, 1)], lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                     momentum_dtype=self.momentum_dtype)
+        SparseRowSGD([torch.zeros(1, 1)], lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
 @dataclass
@@ -271,6 +282,12 @@ ALIASES: dict[str, str] = {
     "max_nonfinite_skips": "checkpoint.max_nonfinite_skips",
 }
 
+# short flags of newer fields, and fields that moved (kept working where they were)
+FLAGS: dict[str, str] = {
+    "center_dtype": "head.center_dtype",
+    "optim.head_momentum_dtype": "head.momentum_dtype",   # the momentum's type was set there before center_dtype
+}
+
 
 def validate(config: TrainConfig) -> None:
     """Check every field's type (numbers finite), the rules of no single component, and each
@@ -279,7 +296,9 @@ def validate(config: TrainConfig) -> None:
     for path, value, allowed in (("backbone.engine", config.backbone.engine, ENGINES),
                                  ("backbone.precision", config.backbone.precision, PRECISIONS),
                                  ("optim.name", config.optim.name, OPTIMIZERS),
-                                 ("optim.head_momentum_dtype", config.optim.head_momentum_dtype, tuple(MOMENTUM_DTYPES))):
+                                 ("head.center_dtype", config.head.center_dtype, tuple(STORAGE_DTYPES)),
+                                 ("head.momentum_dtype", config.head.momentum_dtype, ("", *STORAGE_DTYPES)),
+                                 ("head.rounding", config.head.rounding, ROUNDINGS)):
         if value not in allowed:
             raise ConfigError(f"config field {path!r}: {value!r} is not one of {', '.join(allowed)}")
     at_least = {"data.batch_size": 1, "optim.grad_accumulation": 1, "schedule.num_epochs": 1, "log_every": 1,
@@ -326,7 +345,7 @@ def load_config(path: str | None, argv: list[str] = ()) -> TrainConfig:
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"{path} must define 'config = TrainConfig(...)'")
     validate(config)
-    config = cli.apply_overrides(config, cli.parse_overrides(list(argv)), ALIASES)
+    config = cli.apply_overrides(config, cli.parse_overrides(list(argv)), {**ALIASES, **FLAGS})
     validate(config)
     return config
 
@@ -352,4 +371,4 @@ def to_dict(config: TrainConfig) -> dict:
 def help_text(config: TrainConfig) -> str:
     """Every field of ``config`` by component: dotted name, type, value (the default, or the
     recipe's), meaning; then the legacy flat names."""
-    return cli.help_text(config, ALIASES)
+    return cli.help_text(config, {**ALIASES, **FLAGS})
