@@ -28,12 +28,18 @@ def build_head(config: TrainConfig, runtime: Runtime) -> PartialFC:
 
 
 def build_backbone_optimizer(config: TrainConfig, backbone: nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum, weight decay on every parameter, as the recipes) or AdamW over the backbone."""
+    """SGD (momentum, weight decay on every parameter, as the recipes) or AdamW over the backbone.
+
+    Under the DDP engine the fused implementation (one kernel for all parameters), which skips a
+    step on the device when the step guard sets its ``found_inf`` (no host synchronisation, as
+    with GradScaler); DeepSpeed wraps the optimizer in its own and keeps the plain one."""
     optim = config.optim
     parameters = [p for p in backbone.parameters() if p.requires_grad]
+    fused = config.backbone.engine == "ddp"
     if optim.name == "adamw":
-        return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
-    return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay, fused=fused)
+    return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                           fused=fused)
 
 
 def deepspeed_settings(config: TrainConfig, runtime: Runtime) -> dict:
