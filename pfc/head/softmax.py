@@ -7,16 +7,20 @@ contiguous block; ``r_j = 1/‖w_j‖`` (no normalised copy of W is made).
 Forward, in named steps (the vocab-parallel cross-entropy of Megatron-LM, done chunk by chunk
 over the centers so that the ``[S, B]`` exps never exist at once):
 
-1. chunk logits (:func:`_chunk_cosines`, :func:`_margin_and_filter`): ``z = s·cos`` with the
-   margin at the target cells; a non-target cosine above the inter-class filter leaves the
-   softmax; with MHE the same GEMM yields the cosines against the positive centers, whose energy
-   the MHE pieces sum (:class:`pfc.head.regularizers.ShardEnergy`);
+1. chunk logits (:func:`_chunk_cosines`, :func:`_chunk_logits`): ``z = s·cos`` with the
+   margin at the target cells (:class:`pfc.head.targets.Targets`: dense, no host sync); a
+   non-target logit above the inter-class filter leaves the softmax or becomes 0 (:class:`_Filter`);
+   with MHE the same GEMM yields the cosines against the positive centers, whose energy the MHE
+   pieces sum (:class:`pfc.head.regularizers.ShardEnergy`). The GEMM runs in the centers'
+   storage type with an fp32 result (:class:`pfc.head.gemm.StorageGemm`);
 2. online row statistics (:class:`_RowStatistics`): each row's local max and sum of exps;
 3. global row max (:func:`_global_row_max`): one MAX all-reduce, no gradient through it;
 4. sum of exps, target logits and MHE sums (:func:`_global_sums`): one SUM all-reduce;
 5. loss ``mean_i(log Σ_j exp(z_ij − m_i) + m_i − z_i,y)`` and accuracy.
 
-Backward (no collective, except MHE's one): per chunk, recomputed from the kept logits,
+Backward (no collective, except MHE's one): per chunk, from the kept logits or, with
+``keep_logits=False``, from the chunk's logits recomputed (the same GEMM and steps 1a–1b on the
+same inputs: bit-identical, with the kept rows reused when updating in the backward),
 
 6. gradient chunk (:func:`_softmax_grad_chunk`): ``G = c·(softmax − onehot)·dz_y/dcos``;
 7. MHE gradient (:meth:`ShardEnergy.chunk_grad`) beside it;

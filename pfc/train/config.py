@@ -128,7 +128,11 @@ class HeadConfig:
     sample_rate: float = 1.0
     """ρ in (0, 1]: share of each rank's negative centers sampled per step (1: full softmax)"""
     interclass_filter: float = 0.0
-    """a cosine t: non-target cosines above t leave the softmax (label-noise filter); 0: off"""
+    """a cosine t: non-target cosines above t are filtered (label-noise filter); 0: off"""
+    interclass_filter_mode: str = "exclude"
+    """exclude: a filtered logit leaves the softmax | zero: it becomes 0 and still adds exp(0) (insightface's recipes)"""
+    logits: str = "auto"
+    """keep | recompute | auto: keep the [S, B] logits for the backward, or recompute each chunk's there (one more GEMM); auto recomputes past 10 % of the center storage"""
     chunk_rows: int = 2048
     """rows of centers per chunk of the fused softmax (memory vs. speed)"""
     center_dtype: str = "fp32"
@@ -154,14 +158,16 @@ class HeadConfig:
     def check(self, embedding_size: int) -> None:
         """The head's own option checks (:meth:`PartialFC.check_options`)."""
         PartialFC.check_options(sample_rate=self.sample_rate, embedding_size=embedding_size,
-                                chunk_rows=self.chunk_rows, interclass_filter=self.interclass_filter or None)
+                                chunk_rows=self.chunk_rows, interclass_filter=self.interclass_filter or None,
+                                interclass_filter_mode=self.interclass_filter_mode, logits=self.logits)
 
     def build(self, num_classes: int, embedding_size: int, *, seed: int, group=None, device=None) -> PartialFC:
         """:class:`PartialFC` over ``num_classes`` centers with this margin and these regularisers."""
         return PartialFC(num_classes=num_classes, embedding_size=embedding_size, margin=self.margin.build(),
                          sample_rate=self.sample_rate, group=group, seed=seed, chunk_rows=self.chunk_rows,
                          dtype=self.storage_dtype, device=device, mhe=_enabled(self.mhe), triplet=_enabled(self.triplet),
-                         interclass_filter=self.interclass_filter or None)
+                         interclass_filter=self.interclass_filter or None,
+                         interclass_filter_mode=self.interclass_filter_mode, logits=self.logits)
 
 
 @dataclass
@@ -269,6 +275,7 @@ ALIASES: dict[str, str] = {
     "network": "backbone.network", "embedding_size": "backbone.embedding_size", "dropout": "backbone.dropout",
     "precision": "backbone.precision", "engine": "backbone.engine", "deepspeed_config": "backbone.deepspeed_config",
     "margin": "head.margin", "sample_rate": "head.sample_rate", "interclass_filter": "head.interclass_filter",
+    "interclass_filter_mode": "head.interclass_filter_mode",
     "mhe_weight": "head.mhe.weight", "mhe_kernel": "head.mhe.kernel", "mhe_power": "head.mhe.power",
     "triplet_weight": "head.triplet.weight", "triplet_m": "head.triplet.m",
     "optimizer": "optim.name", "lr": "optim.lr", "momentum": "optim.momentum",
