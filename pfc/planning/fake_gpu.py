@@ -21,7 +21,11 @@ caused it:
 - an op whose output size depends on values (``nonzero``, ``unique``, a boolean-mask index): a
   **data-dependent size**, which on a GPU is a host synchronisation; the size is taken at its
   upper bound (every element selected), so memory is over- rather than under-estimated;
-- a read of a value (``item``/``float``/``bool``, counted by :class:`pfc.host_syncs.HostSyncCounter`):
+- host tensors made from Python values (``torch.tensor([...])``: control flags, counts) stay real
+  tensors, and ops on real host tensors only run for real, so the host's logic sees true values;
+- a device tensor made from host values (a flag tensor) keeps them through copies and in-place
+  collectives (every rank is taken to hold the same), and a read returns them;
+- a read of another fake value (``item``/``float``/``bool``, counted by :class:`pfc.host_syncs.HostSyncCounter`):
   answered with a plausible value so the step goes on as a healthy step would: 1.0 for a float,
   0 for an integer (no error flag, a label in range), and for a bool True when it comes from
   ``isfinite``/``all`` and False when it comes from ``any``/a comparison (no rank failed).
@@ -202,6 +206,7 @@ class FakeGpu(TorchDispatchMode):
         self.by_phase: dict[str, Counter[str]] = {}
         self.phase = "setup"
         self._producer = WeakIdKeyDictionary()
+        self._values = WeakIdKeyDictionary()   # device tensors made from host values: those values
         self._generator = None
 
     def set_phase(self, phase: str) -> None:
@@ -222,11 +227,12 @@ class FakeGpu(TorchDispatchMode):
         fake = self
 
         def tolist(tensor):
-            value = fake._plausible_value(tensor)
-            nested = value
-            for size in reversed(tensor.shape):
-                nested = [nested] * size if not isinstance(nested, list) else [list(nested) for _ in range(size)]
-            return nested
+            if not isinstance(tensor, FakeTensor):
+                return self._tolist[0](tensor)
+            known = fake._values.get(tensor)
+            if known is not None and len(known) == tensor.numel():
+                return _nested(known, tensor.shape)
+            return _nested([fake._plausible_value(tensor)] * tensor.numel(), tensor.shape)
 
         torch.Tensor.tolist = tolist
         if self._tolist[1] is not None:
@@ -243,10 +249,25 @@ class FakeGpu(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _on_host_for_real(args, kwargs):
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():   # host-side flags and counts: computed for real
+                return func(*args, **kwargs)
         if func is aten._local_scalar_dense.default:
-            return self._plausible_value(args[0])
+            known = self._values.get(args[0])
+            return known[0] if known is not None and len(known) == 1 else self._plausible_value(args[0])
         if func in (aten._to_copy.default, aten.copy_.default) and self._host_to_device(func, args, kwargs):
             self._record("CPU tensor copied to the GPU")
+        if func in _KEEPS_VALUES and isinstance(args[0], torch.Tensor) and args[0].numel() <= 64:
+            source = args[0] if func is not aten.copy_.default else args[1]
+            known = self._values.get(source) if isinstance(source, FakeTensorType()) else _host_values(source)
+            out = func(*args, **kwargs)
+            if known is not None:
+                self._values[out] = known
+            return out
+        if func._overloadpacket.__name__ in _FUSED_OPTIMIZERS:
+            return None   # in place on existing tensors; no fake kernel exists (nothing to allocate)
         if func in _DYNAMIC_SIZE:
             self._record(f"data-dependent size ({func._overloadpacket.__name__})")
             return self._upper_bound(func, args)
@@ -311,6 +332,47 @@ class FakeGpu(TorchDispatchMode):
         inverse = torch.empty(tensor.shape, dtype=torch.int64, device=device)
         counts = torch.empty((tensor.numel(),), dtype=torch.int64, device=device)
         return flat, inverse, counts
+
+
+_FUSED_OPTIMIZERS = {"_fused_sgd_", "_fused_adam_", "_fused_adamw_", "_fused_adagrad_"}
+_KEEPS_VALUES = {aten._to_copy.default, aten.clone.default, aten.copy_.default, aten.detach.default,
+                 aten.alias.default, aten.view.default, aten._unsafe_view.default, aten.lift_fresh.default}
+
+
+def FakeTensorType():
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return FakeTensor
+
+
+def _nested(flat: list, shape) -> list:
+    """``flat`` as nested lists of ``shape`` (what ``tolist`` returns)."""
+    if len(shape) == 0:
+        return flat[0]
+    step = len(flat) // shape[0] if shape[0] else 0
+    return [_nested(flat[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+def _host_values(tensor):
+    """The values of a real host tensor (small), else None."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and not isinstance(tensor, FakeTensorType()):
+        with unset_fake_temporarily():
+            return tensor.reshape(-1).tolist()
+    return None
+
+
+def _on_host_for_real(args, kwargs) -> bool:
+    """Whether an op only involves real host tensors (the control flags made from Python values:
+    ``torch.tensor([...])`` lifts a real tensor); those run for real, so the host logic that reads
+    them (an all-reduced error flag, a batch size that must match) sees true values."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    device = kwargs.get("device")
+    return (bool(tensors) and not any(isinstance(t, FakeTensor) or t.device.type != "cpu" for t in tensors)
+            and (device is None or torch.device(device).type == "cpu"))
 
 
 def _on_device(args, kwargs) -> bool:

@@ -119,9 +119,9 @@ def _instrument(state, phases: _Phases, tracker: MemoryTracker, job: Job, world_
             lambda p: tracker.tag(p.grad, "gradients")))
     runner_step, runner_finite = state.runner.step, state.runner.gradients_finite
 
-    def step(head_optimizer):
+    def step(head_optimizer, *args, **kwargs):
         phases.set("optimizer state", "optimizer")
-        applied = runner_step(head_optimizer)
+        applied = runner_step(head_optimizer, *args, **kwargs)
         for optimizer in (state.runner.optimizer, head_optimizer):
             for values in optimizer.state.values():
                 for value in values.values():
@@ -264,7 +264,10 @@ def run_tracked(job: Job, runtime: Runtime, tracker: MemoryTracker, *, steps: in
     if progress:
         progress(1)
     rollback = StepRollback(state.runner.model, state.head, state.head_optimizer, state.runner.head_update_in_backward)
-    guard, stop_signals = StepGuard(config.checkpoint.max_nonfinite_skips), StopSignals()
+    # the host's control flags go over a CPU group beside the device's (gloo beside NCCL); a fake
+    # default group serves them as well
+    control = torch.distributed.group.WORLD if fake is not None and runtime.world_size > 1 else None
+    guard, stop_signals = StepGuard(config.checkpoint.max_nonfinite_skips, control=control), StopSignals()
     handles = _instrument(state, phases, tracker, job, runtime.world_size)
     counter, step_findings = HostSyncCounter(), {}
     state.runner.train()
@@ -277,7 +280,9 @@ def run_tracked(job: Job, runtime: Runtime, tracker: MemoryTracker, *, steps: in
                 work.reset()
             before = dict(fake.findings) if fake is not None else {}
             with counter if last else contextlib.nullcontext():
-                train_step(state, config, runtime, _Batches(*batch), guard, stop_signals, rollback)
+                # as the trainer: inputs checked collectively on the first step (and log steps)
+                train_step(state, config, runtime, _Batches(*batch), guard, stop_signals, rollback,
+                           check_inputs=number == 0)
             if last and fake is not None:
                 step_findings = {site: n - before.get(site, 0) for site, n in fake.findings.items()
                                  if n > before.get(site, 0)}
