@@ -11,16 +11,16 @@ already on the device. Module hooks only name the phase that allocates (backbone
 backbone backward, optimizer step) and tag storages known by identity (parameters, centers,
 their momentum, gradients, optimizer states).
 
-One thing differs from a real run, on fake tensors only: the centers' initial values are not
-drawn (:func:`pfc.head.partial_fc.init_centers` draws every row in 4096-row blocks, minutes at
-1B classes even on fake tensors); it runs for real on one block of rows on the device it
-would use, and the full ``[num_local, D]`` tensor is made empty on that device. Memory and
-placement are those of the real function.
+The simulated rank is a GPU rank: the head makes its centers on the device (its device path),
+while the real CPU run of the validation takes the head's CPU path; the two differ at setup
+only. Two things stand in for what fake tensors cannot run: the backbone is made on the device
+directly (a fake parameter cannot be moved by ``Module.to``), and DDP is :class:`SimulatedDDP`
+(its C++ reducer reads tensor data); the runner's autocast, enabled on device type ``cuda``
+only, is enabled the same way on the simulated GPU.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -212,29 +212,6 @@ class SimulatedDDP(nn.Module):
                     torch.distributed.all_reduce(bucket)
 
 
-@contextlib.contextmanager
-def _centers_not_drawn():
-    """See the module docstring: ``init_centers`` runs on one block of rows only."""
-    import pfc.head.partial_fc as partial_fc
-
-    original = partial_fc.init_centers
-    signature = inspect.signature(original)
-
-    def init_centers(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        num_local = bound.arguments["num_local"]
-        bound.arguments["num_local"] = min(num_local, 4096)
-        probe = original(*bound.args, **bound.kwargs)
-        return torch.empty((num_local, *probe.shape[1:]), dtype=probe.dtype, device=probe.device)
-
-    partial_fc.init_centers = init_centers
-    try:
-        yield
-    finally:
-        partial_fc.init_centers = original
-
-
 def run_tracked(job: Job, runtime: Runtime, tracker: MemoryTracker, *, steps: int = 2, work: WorkCounter | None = None,
                 fake: FakeGpu | None = None, batch: tuple[torch.Tensor, torch.Tensor] | None = None,
                 progress=None) -> RankResult:
@@ -318,8 +295,7 @@ def simulate(job: Job, *, steps: int = 2, progress=None) -> RankResult:
     """Rank 0 of ``job`` on fake CUDA tensors with a fake process group of ``job.gpus`` ranks."""
     tracker, work, fake = MemoryTracker(), WorkCounter(), FakeGpu()
     runtime = Runtime(rank=0, world_size=job.gpus, local_rank=0, device=sim_device())
-    with fake_process_group(job.gpus), _centers_not_drawn(), _backbone_made_on(runtime.device), \
-            fake_tensor_mode(), tracker, work, fake:
+    with fake_process_group(job.gpus), _backbone_made_on(runtime.device), fake_tensor_mode(), tracker, work, fake:
         return run_tracked(job, runtime, tracker, steps=steps, work=work, fake=fake, progress=progress)
 
 
