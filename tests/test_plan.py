@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 
 import pytest
 import torch
@@ -30,11 +31,22 @@ def _real_rank(rank, world_size):
     return result.phase_peaks, result.host_syncs
 
 
-def test_simulated_rank_matches_a_real_two_rank_cpu_run_per_phase_and_category():
+def _in_fresh_process(fn, *args):
+    """``fn(*args)`` in a spawned process: the simulated GPU must exist before the process's
+    first backward pass (see pfc.planning.fake_gpu.sim_device), and earlier tests ran some."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _simulate(job):
     from pfc.planning.simulate import simulate
 
+    return simulate(job)
+
+
+def test_simulated_rank_matches_a_real_two_rank_cpu_run_per_phase_and_category():
     real_peaks, real_syncs = run_ranks(_real_rank, 2, timeout=300)[0]
-    simulated = simulate(SMALL)
+    simulated = _in_fresh_process(_simulate, SMALL)
     assert set(simulated.phase_peaks) == set(real_peaks)
     # setup differs by design: the head makes its centers by its device path on the simulated
     # GPU (blocks joined by one cat) and by its CPU path in the real run
@@ -51,14 +63,17 @@ def test_simulated_rank_matches_a_real_two_rank_cpu_run_per_phase_and_category()
     assert simulated.host_syncs == real_syncs   # the same reads, at the same source lines
 
 
-def test_extrapolated_plan_matches_a_direct_simulation():
+def _extrapolated_and_direct():
     from pfc.planning.plan import Planner
     from pfc.planning.simulate import simulate
 
     planner = Planner(Job(num_classes=1, gpus=2, network="tiny", batch_size=8, sample_rate=0.1, precision="fp32"))
     target = 3 * planner.base   # beyond 2·C0: extrapolated
-    plan = planner.plan(target)
-    direct = simulate(planner.job.with_classes(target))
+    return planner.plan(target), simulate(planner.job.with_classes(target))
+
+
+def test_extrapolated_plan_matches_a_direct_simulation():
+    plan, direct = _in_fresh_process(_extrapolated_and_direct)
     assert plan.peak_bytes == pytest.approx(direct.peak_bytes, rel=0.01)
     for category, value in direct.categories.items():
         assert plan.categories[category] == pytest.approx(value, rel=0.01, abs=65536), category
@@ -67,22 +82,34 @@ def test_extrapolated_plan_matches_a_direct_simulation():
                                                if site.startswith("data-dependent")), rel=0.01)
 
 
-def test_max_classes_fits_and_one_percent_more_does_not(capsys):
+def _plan_tool_and_bisection():
+    import contextlib
+    import io
+
     from pfc.planning.plan import Planner, fits, largest_fitting
     from tools.plan import main
 
-    assert main(["--classes", "2M", "--gpus", "2", "--network", "tiny", "--batch-size", "8", "--precision", "fp32",
-                 "--gpu-memory", "4", "--max-classes", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        code = main(["--classes", "2M", "--gpus", "2", "--network", "tiny", "--batch-size", "8",
+                     "--precision", "fp32", "--gpu-memory", "4", "--max-classes", "--json"])
+    result = json.loads(output.getvalue().strip().splitlines()[-1])
+    planner = Planner(Job(num_classes=1, gpus=2, network="tiny", batch_size=8, precision="fp32"))
+    largest = result["max_classes"]
+    return (code, result, largest > 2 * planner.base, fits(planner.plan(largest), 4),
+            fits(planner.plan(int(largest * 1.01)), 4), largest_fitting(planner, 4))
+
+
+def test_max_classes_fits_and_one_percent_more_does_not():
+    code, result, beyond_simulations, fits_at, fits_above, bisected = _in_fresh_process(_plan_tool_and_bisection)
+    assert code == 0
     assert {"peak_bytes", "bytes_per_identity", "fits", "host_syncs_per_step", "categories", "flops_per_step",
             "predicted_samples_per_s", "max_classes"} <= set(result)
     largest = result["max_classes"]
     assert result["fits"] == (2_000_000 <= largest)
-    planner = Planner(Job(num_classes=1, gpus=2, network="tiny", batch_size=8, precision="fp32"))
-    assert largest > 2 * planner.base   # found on the extrapolated plans
-    assert fits(planner.plan(largest), 4)
-    assert not fits(planner.plan(int(largest * 1.01)), 4)
-    assert largest == largest_fitting(planner, 4)
+    assert beyond_simulations   # found on the extrapolated plans
+    assert fits_at and not fits_above
+    assert largest == bisected
 
 
 @pytest.mark.parametrize("argv, message", [

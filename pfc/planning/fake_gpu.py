@@ -70,7 +70,9 @@ class _SimGpuModule:
 
     @staticmethod
     def is_available() -> bool:
-        return True
+        # False: a plain FakeTensorMode made later in this process (another library, a test) keeps
+        # treating the machine as GPU-less (its avoid_device_init), as before this backend existed
+        return False
 
     @staticmethod
     def device_count() -> int:
@@ -93,9 +95,15 @@ class _SimGpuModule:
         return True
 
 
+_backward_works: list[bool] = []   # whether autograd runs on the simulated GPU in this process
+
+
 def sim_device() -> torch.device:
-    """The simulated GPU (see the module docstring), set up once per process. Raises
-    RuntimeError when something else already named torch's PrivateUse1 backend."""
+    """The simulated GPU (see the module docstring), set up once per process. It must be set up
+    before the process's first backward pass: the autograd engine sizes its per-device queues
+    once, when it first runs (tools/plan.py is a fresh process; tests simulate in a spawned one).
+    Raises RuntimeError when that is too late, or when something else already named torch's
+    PrivateUse1 backend."""
     name = torch._C._get_privateuse1_backend_name()
     if name != SIM_DEVICE_TYPE:
         if name != "privateuseone":
@@ -104,7 +112,24 @@ def sim_device() -> torch.device:
 
         _setup_privateuseone_for_python_backend(SIM_DEVICE_TYPE, backend_module=_SimGpuModule())
         _register_autocast()
+    if not _backward_works:
+        _backward_works.append(_probe_backward())
+    if not _backward_works[0]:
+        raise RuntimeError("the simulated GPU was set up after this process's first backward pass, and "
+                           "autograd cannot use it: run the simulation in a fresh process")
     return torch.device(SIM_DEVICE_TYPE, 0)
+
+
+def _probe_backward() -> bool:
+    with fake_tensor_mode():
+        tensor = torch.empty(1, device=torch.device(SIM_DEVICE_TYPE, 0), requires_grad=True)
+        try:
+            (tensor * 2).sum().backward()
+        except RuntimeError as error:
+            if "device_ready_queues_" not in str(error):
+                raise
+            return False
+    return True
 
 
 # CUDA autocast's policy (torch/csrc/autocast_mode.cpp), the ops a face-recognition step meets:
