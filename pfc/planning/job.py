@@ -1,0 +1,87 @@
+"""The job a plan is for, and the trainer configuration that runs it.
+
+    job = Job(num_classes=parse_count("100M"), gpus=8, network="iresnet100", batch_size=128,
+              sample_rate=0.1, precision="bf16", center_dtype="bf16")
+    config = train_config(job)        # a checked pfc.train.config.TrainConfig
+
+Every check raises :class:`pfc.errors.ConfigError` naming the bad value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+from pfc.errors import ConfigError
+from pfc.train.config import HeadConfig, TrainConfig, validate
+
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbg]?)\s*$", re.IGNORECASE)
+CENTER_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def parse_count(text: str, what: str = "count") -> int:
+    """``"100M"`` → 100000000; accepts k/M/B suffixes and ``2e8``; a whole positive number."""
+    match = _COUNT.match(str(text))
+    if not match:
+        raise ConfigError(f"{what} {text!r} is not a number like 100M, 1.5B, 2e8 or 250000")
+    value = float(match.group(1)) * _SUFFIXES[match.group(2).lower()]
+    if not math.isfinite(value) or value != int(value) or value < 1:
+        raise ConfigError(f"{what} {text!r} must be a whole number ≥ 1")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One data-parallel backbone + Partial-FC job: ``gpus`` ranks, ``batch_size`` per rank."""
+
+    num_classes: int
+    gpus: int
+    network: str = "iresnet100"
+    batch_size: int = 128
+    sample_rate: float = 0.1
+    precision: str = "bf16"
+    center_dtype: str = "fp32"
+    engine: str = "ddp"
+    embedding_size: int = 512
+    image_size: int = 112
+
+    def with_classes(self, num_classes: int) -> Job:
+        return dataclasses.replace(self, num_classes=num_classes)
+
+
+def centers_configurable() -> bool:
+    """Whether this pfc can store the centers in another type than fp32 (``head.center_dtype``)."""
+    return any(f.name == "center_dtype" for f in dataclasses.fields(HeadConfig))
+
+
+def train_config(job: Job) -> TrainConfig:
+    """The trainer configuration of ``job`` (checked as ``launch/train.py`` checks it)."""
+    if job.gpus < 1:
+        raise ConfigError(f"--gpus must be ≥ 1, got {job.gpus}")
+    if job.num_classes < job.gpus:
+        raise ConfigError(f"{job.num_classes} classes cannot be sharded over {job.gpus} GPUs (fewer than one each)")
+    if job.center_dtype not in CENTER_DTYPES:
+        raise ConfigError(f"--center-dtype {job.center_dtype!r} is not one of {', '.join(CENTER_DTYPES)}")
+    if job.engine != "ddp":
+        raise ConfigError(f"--engine {job.engine!r}: the planner simulates the ddp engine only (DeepSpeed "
+                          "does not initialise on fake tensors)")
+    config = TrainConfig()
+    config.data.num_classes = job.num_classes
+    config.data.batch_size = job.batch_size
+    config.data.num_workers = 0
+    config.backbone.network = job.network
+    config.backbone.precision = job.precision
+    config.backbone.engine = job.engine
+    config.backbone.embedding_size = job.embedding_size
+    config.head.sample_rate = job.sample_rate
+    config.schedule.max_steps = 1000
+    config.checkpoint.every_minutes = 0
+    if centers_configurable():
+        config.head.center_dtype = job.center_dtype
+    elif job.center_dtype != "fp32":
+        raise ConfigError(f"--center-dtype {job.center_dtype}: this pfc stores the centers in fp32 only "
+                          "(no head.center_dtype yet)")
+    validate(config)
+    return config

@@ -1,0 +1,169 @@
+"""Will the job fit? One rank's memory, host syncs and time at any class count, from a few simulations.
+
+    plan = make_plan(Job(num_classes=100_000_000, gpus=8, ...), gpu_memory_gib=80)
+    plan.peak_bytes, plan.categories, plan.fits, plan.host_syncs_per_step
+    largest_fitting(plan_maker, 80)      # --max-classes
+
+Simulating the head at 1B classes op by op is too slow (≈ 6,000 chunks of the fused softmax per
+step, each a few dozen ops on fake tensors), so a plan combines simulations (see
+:mod:`pfc.planning.simulate`) that cost the same at any class count:
+
+- the **job** itself (its backbone) at a small class count ``C0``;
+- the same job with the ``tiny`` backbone (same embedding width, batch, ranks, head options)
+  at ``C0`` and at the target ``C``, or, for large ``C``, at ``C0`` and ``2·C0`` (``C0`` is
+  chosen so the head already runs several full chunks there).
+
+Every number (per phase of the step, bytes by category at its high-water mark; host syncs and
+findings per source line; flops, bytes and roofline seconds per part) is then
+``job(C0) − tiny(C0) + tiny(C)``: the backbone's share does not depend on C, and with the tiny
+backbone every number is affine in C once the sampled rows fill whole chunks (the centers,
+their momentum and the sampled rows grow with C; the softmax's chunk scratch does not; syncs
+and work grow with the chunk count), which :func:`tiny_at` extends linearly. The peak is the
+largest phase mark. tests/test_plan.py checks the extrapolation against a direct simulation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from pfc.planning.job import Job
+from pfc.planning.simulate import RankResult, simulate
+
+# what a GPU holds besides the tensors PyTorch allocates, and what the caching allocator loses
+CUDA_RESERVED_GIB = 1.5      # CUDA context (~0.5 GiB), cuBLAS/cuDNN workspaces, NCCL buffers
+FRAGMENTATION = 0.05         # of the rest: blocks the caching allocator cannot reuse
+HEADROOM_NOTE = (f"fits = peak ≤ (GPU memory − {CUDA_RESERVED_GIB} GiB for the CUDA context, cuBLAS/cuDNN "
+                 f"workspaces and NCCL) × {1 - FRAGMENTATION:.2f} (allocator fragmentation)")
+GIB = 2**30
+
+
+@dataclass
+class Plan:
+    """One rank of ``job``: per phase its high-water mark by category, and what it implies."""
+
+    job: Job
+    phase_peaks: dict[str, dict[str, float]]
+    host_syncs: dict[str, float]
+    step_findings: dict[str, float]
+    setup_findings: dict[str, float]
+    flops: dict[str, float]
+    comm_bytes: dict[str, float]
+    seconds: dict[str, dict[str, float]]
+    bytes_per_identity: float = 0.0
+    method: str = ""
+    simulated: list[int] = field(default_factory=list)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phase_peaks, key=lambda phase: sum(self.phase_peaks[phase].values()))
+
+    @property
+    def peak_bytes(self) -> int:
+        return round(sum(self.phase_peaks[self.peak_phase].values()))
+
+    @property
+    def categories(self) -> dict[str, int]:
+        return {name: round(value) for name, value in self.phase_peaks[self.peak_phase].items()}
+
+    @property
+    def host_syncs_per_step(self) -> int:
+        """Value reads (item/bool/…) plus data-dependent sizes (each a host sync on a GPU)."""
+        dynamic = sum(count for site, count in self.step_findings.items() if site.startswith("data-dependent"))
+        return round(sum(self.host_syncs.values()) + dynamic)
+
+    @property
+    def flops_per_step(self) -> int:
+        return round(sum(self.flops.values()))
+
+
+def usable_bytes(gpu_memory_gib: float) -> float:
+    """What the tensors of one rank may use on a GPU of ``gpu_memory_gib`` (see HEADROOM_NOTE)."""
+    return max(gpu_memory_gib - CUDA_RESERVED_GIB, 0.0) * (1 - FRAGMENTATION) * GIB
+
+
+def fits(plan: Plan, gpu_memory_gib: float) -> bool:
+    return plan.peak_bytes <= usable_bytes(gpu_memory_gib)
+
+
+def _combine(terms):
+    """Σ coefficient × value over nested dicts of numbers (a missing key counts 0)."""
+    if any(isinstance(value, dict) for _, value in terms):
+        keys = set().union(*(value.keys() for _, value in terms if isinstance(value, dict)))
+        return {key: _combine([(coef, value.get(key, 0) if isinstance(value, dict) else 0) for coef, value in terms])
+                for key in keys}
+    return sum(coef * value for coef, value in terms)
+
+
+def _numbers(result: RankResult) -> dict:
+    return {"phase_peaks": result.phase_peaks, "host_syncs": result.host_syncs,
+            "step_findings": result.step_findings, "setup_findings": result.setup_findings,
+            "flops": result.flops, "comm_bytes": result.comm_bytes, "seconds": result.seconds}
+
+
+def base_classes(job: Job, chunk_rows: int = 2048) -> int:
+    """``C0``: the class count from which everything is affine in C (two full chunks of sampled
+    rows per rank, more than the gathered batch)."""
+    rows = max(2 * chunk_rows, 2 * job.batch_size * job.gpus)
+    return job.gpus * math.ceil(rows / job.sample_rate)
+
+
+class Planner:
+    """Makes plans for one job at any class count, reusing its simulations (see the module docstring)."""
+
+    def __init__(self, job: Job, progress=None):
+        self.job = job
+        self.progress = progress
+        self.base = base_classes(job)
+        self._runs: dict[tuple[str, int], dict] = {}
+
+    def _run(self, network: str, num_classes: int) -> dict:
+        key = (network, num_classes)
+        if key not in self._runs:
+            job = dataclasses.replace(self.job, network=network, num_classes=num_classes)
+            self._runs[key] = _numbers(simulate(job, progress=self.progress))
+        return self._runs[key]
+
+    def tiny_at(self, num_classes: int) -> dict:
+        """The tiny-backbone numbers at ``num_classes``: simulated up to 2·C0, linear beyond."""
+        if num_classes <= 2 * self.base:
+            return self._run("tiny", num_classes)
+        low, high = self._run("tiny", self.base), self._run("tiny", 2 * self.base)
+        ratio = (num_classes - self.base) / self.base
+        return _combine([(1 - ratio, low), (ratio, high)])
+
+    def plan(self, num_classes: int) -> Plan:
+        """The plan of the job at ``num_classes``."""
+        if self.job.network == "tiny":
+            numbers, method = self.tiny_at(num_classes), "tiny backbone"
+        else:
+            numbers = _combine([(1, self._run(self.job.network, self.base)), (-1, self._run("tiny", self.base)),
+                                (1, self.tiny_at(num_classes))])
+            method = f"{self.job.network} at {self.base:,} classes, its head's growth from the tiny backbone"
+        if num_classes > 2 * self.base:
+            method += f" (linear in C beyond {2 * self.base:,})"
+        low, high = self.tiny_at(self.base), self.tiny_at(2 * self.base)
+        slope = (_peak(high["phase_peaks"]) - _peak(low["phase_peaks"])) / self.base
+        return Plan(self.job.with_classes(num_classes), **numbers, bytes_per_identity=slope * self.job.gpus,
+                    method=method, simulated=sorted(c for _, c in self._runs))
+
+
+def _peak(phase_peaks: dict) -> float:
+    return max(sum(categories.values()) for categories in phase_peaks.values())
+
+
+def largest_fitting(planner: Planner, gpu_memory_gib: float, upper: int = 10**12) -> int:
+    """Bisection over the class count: the largest C whose plan fits (0 when none does)."""
+    budget = usable_bytes(gpu_memory_gib)
+    low, high = 2 * planner.base, upper   # from 2·C0 on, no new simulation is needed
+    if planner.plan(low).peak_bytes > budget:
+        low, high = planner.job.gpus, low
+        if planner.plan(low).peak_bytes > budget:
+            return 0
+    while high - low > max(1, low // 10**4):   # to 0.01 %
+        middle = (low + high) // 2
+        if planner.plan(middle).peak_bytes <= budget:
+            low = middle
+        else:
+            high = middle
+    return low

@@ -1,0 +1,89 @@
+"""A plan as the tool prints it: a table by category, the verdict, syncs, findings, time on paper."""
+from __future__ import annotations
+
+from pfc.planning.plan import GIB, HEADROOM_NOTE, Plan, fits, usable_bytes
+from pfc.planning.roofline import GPUS, TimeEstimate, roofline
+from pfc.planning.tracker import CATEGORIES
+
+
+def estimate(plan: Plan, gpu: str) -> TimeEstimate:
+    """The plan's roofline estimate on ``gpu`` (a key of GPUS)."""
+    spec = GPUS[gpu]
+    return roofline(plan.seconds.get(spec.name, {}), plan.comm_bytes, spec, plan.job.batch_size * plan.job.gpus)
+
+
+def summary(plan: Plan, gpu_memory_gib: float, gpu: str, max_classes: int | None = None,
+            baseline: Plan | None = None) -> dict:
+    """Everything the tool reports, JSON-ready (the keys of ``--json``)."""
+    time = estimate(plan, gpu)
+    job = plan.job
+    result = {
+        "job": {"classes": job.num_classes, "gpus": job.gpus, "network": job.network, "batch_size": job.batch_size,
+                "sample_rate": job.sample_rate, "precision": job.precision, "center_dtype": job.center_dtype,
+                "engine": job.engine},
+        "peak_bytes": plan.peak_bytes, "peak_phase": plan.peak_phase,
+        "categories": plan.categories,
+        "bytes_per_identity": round(plan.bytes_per_identity),
+        "gpu_memory_gib": gpu_memory_gib, "usable_bytes": round(usable_bytes(gpu_memory_gib)),
+        "fits": fits(plan, gpu_memory_gib), "headroom": HEADROOM_NOTE,
+        "host_syncs_per_step": plan.host_syncs_per_step,
+        "host_sync_sites": {site: round(n) for site, n in sorted(plan.host_syncs.items(), key=lambda kv: -kv[1])
+                            if round(n)},
+        "step_findings": {site: round(n) for site, n in sorted(plan.step_findings.items(), key=lambda kv: -kv[1])
+                          if round(n)},
+        "setup_placement": {site: round(n) for site, n in plan.setup_findings.items()
+                            if site.split(" at ")[-1].startswith(("head/", "train/", "distributed/"))},
+        "flops_per_step": plan.flops_per_step,
+        "gpu": time.gpu, "estimate": "roofline at vendor peak (an upper bound on speed)",
+        "predicted_step_s": time.step_s, "predicted_backbone_s": time.backbone_s,
+        "predicted_head_s": time.head_s + time.head_comm_s, "head_share": time.head_share,
+        "predicted_samples_per_s": time.samples_per_s,
+        "method": plan.method, "simulated_class_counts": plan.simulated,
+    }
+    if max_classes is not None:
+        result["max_classes"] = max_classes
+    if baseline is not None:
+        base_time = estimate(baseline, gpu)
+        result["baseline_classes"] = baseline.job.num_classes
+        result["baseline_samples_per_s"] = base_time.samples_per_s
+        result["throughput_vs_baseline"] = time.samples_per_s / base_time.samples_per_s
+    return result
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:9.2f}"
+
+
+def format_report(result: dict) -> str:
+    """The human-readable report of :func:`summary`'s result."""
+    job = result["job"]
+    lines = [f"one rank of {job['gpus']} × {job['network']}, batch {job['batch_size']}/GPU, "
+             f"{job['classes']:,} classes, ρ = {job['sample_rate']}, {job['precision']} autocast, "
+             f"{job['center_dtype']} centers, {job['engine']}",
+             f"{'category':<26}{'GiB':>9}{'share':>8}"]
+    peak = result["peak_bytes"] or 1
+    for name in CATEGORIES:
+        value = result["categories"].get(name, 0)
+        lines.append(f"{name:<26}{_gib(value)}{100 * value / peak:7.1f}%")
+    lines += [f"{'peak (' + result['peak_phase'] + ')':<26}{_gib(result['peak_bytes'])}",
+              f"bytes per identity (all ranks): {result['bytes_per_identity']:,}",
+              f"fits in {result['gpu_memory_gib']} GiB: {'yes' if result['fits'] else 'NO'} "
+              f"(usable {result['usable_bytes'] / GIB:.2f} GiB; {result['headroom']})"]
+    if "max_classes" in result:
+        lines.append(f"largest class count that fits: {result['max_classes']:,}")
+    lines.append(f"host syncs per step: {result['host_syncs_per_step']} (target 0)")
+    for site, count in list(result["host_sync_sites"].items())[:8]:
+        lines.append(f"  {count:6d} × {site}")
+    for site, count in list(result["step_findings"].items())[:8]:
+        lines.append(f"  {count:6d} × {site}")
+    for site, count in result["setup_placement"].items():
+        lines.append(f"  setup: {count} × {site}")
+    lines.append(f"estimate on {result['gpu']} ({result['estimate']}): step {1e3 * result['predicted_step_s']:.1f} ms "
+                 f"(backbone {1e3 * result['predicted_backbone_s']:.1f}, head {1e3 * result['predicted_head_s']:.1f}, "
+                 f"head share {100 * result['head_share']:.0f} %), {result['predicted_samples_per_s']:,.0f} samples/s, "
+                 f"{result['flops_per_step'] / 1e12:.2f} TFLOP per step on this rank")
+    if "baseline_classes" in result:
+        lines.append(f"throughput vs {result['baseline_classes']:,} classes: "
+                     f"{100 * result['throughput_vs_baseline']:.0f} %")
+    lines.append(f"method: {result['method']}")
+    return "\n".join(lines)
