@@ -82,7 +82,8 @@ LEGACY_VALUES = {"data": "/shards", "output": "/out", "max_steps": "50", "num_ep
                  "grad_accumulation": "2", "optimizer": "adamw", "momentum": "0.8", "weight_decay": "1e-4",
                  "lr_schedule": "cosine", "lr_power": "1.5", "min_lr": "0.001", "grad_clip": "1",
                  "keep_checkpoints": "2", "max_nonfinite_skips": "0", "deepspeed_config": "ds.json",
-                 "eval_batch_size": "16", "save_every_minutes": "0.5", "overwrite": "true"}
+                 "eval_batch_size": "16", "save_every_minutes": "0.5", "overwrite": "true",
+                 "sampler": "pk", "pk_k": "8"}
 UNCHANGED = {"output", "seed", "log_every", "overwrite"}
 
 
@@ -250,3 +251,13 @@ def test_launch_prints_a_config_error_as_one_line_and_exits_2():
                             timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error (rank 0): config field 'optim.lr' must be a finite number, got nan"
+
+
+def test_pk_sampler_needs_a_k_that_divides_the_batch():
+    config = load_config(None, ["--sampler", "pk", "--pk_k", "4", "--batch_size", "32"])
+    assert (config.data.sampler, config.data.pk_k) == ("pk", 4)
+    with pytest.raises(ConfigError, match="batch_size 30 is not a multiple of pk_k 4"):
+        load_config(None, ["--sampler", "pk", "--pk_k", "4", "--batch_size", "30"])
+    with pytest.raises(ConfigError, match="'data.sampler'"):
+        load_config(None, ["--sampler", "balanced"])
+    assert load_config(None, ["--batch_size", "30"]).data.sampler == "shuffle"   # K is the P×K sampler's only

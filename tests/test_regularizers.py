@@ -181,7 +181,9 @@ def _triplet_worker(rank, world_size, semihard):
     standalone = AngularTriplet(m=2, semihard=semihard, base=10.0, lambda_min=0.5)
     standalone.set_iteration(40)
     alone = standalone(features[rows], labels[rows])
-    return dict(loss=loss.item(), stats=head.last_stats, x_grad=x.grad, alone=alone.item())
+    stats_are_tensors = all(isinstance(value, torch.Tensor) and value.dim() == 0 for value in head._stats.values())
+    return dict(loss=loss.item(), stats=head.last_stats, x_grad=x.grad, alone=alone.item(),
+                stats_are_tensors=stats_are_tensors)
 
 
 @pytest.mark.parametrize("world_size,semihard", [(1, False), (2, True), (3, False)])
@@ -196,8 +198,12 @@ def test_triplet_equals_float64_reference(world_size, semihard):
     total = reference_loss(x, labels, centers, ArcFace()) + 0.7 * value
     total.backward()
     assert len(kept) > 0
+    same = labels[:, None] == labels[None, :]
+    rows_with_positive = float((same.sum(dim=1) > 1).double().mean())
     for rank, got in enumerate(per_rank):
+        assert got["stats_are_tensors"]
         assert got["stats"]["triplet_pairs"] == len(kept)
+        assert got["stats"]["triplet_rows_with_positive"] == pytest.approx(rows_with_positive, rel=1e-6)
         assert got["stats"]["triplet"] == pytest.approx(value.item(), rel=1e-5)
         assert got["alone"] == pytest.approx(value.item(), rel=1e-5)
         assert got["loss"] == pytest.approx(total.item(), rel=1e-5)
@@ -215,11 +221,12 @@ def test_semihard_selection_on_a_constructed_batch():
     features = torch.stack([_unit(0), _unit(10), _unit(30), _unit(50), _unit(40)]).requires_grad_()
     labels = torch.tensor([0, 0, 0, 0, 1])
     triplet = AngularTriplet(m=2, s=30.0, semihard=True, base=0.0, lambda_min=0.0)  # λ = 0: ψ = cos 2θ
-    value, kept = triplet.term(features, labels)
+    value, kept, rows_with_positive = triplet.term(features, labels)
     expected, expected_pairs = reference_triplet(features, labels, triplet)
+    assert rows_with_positive.item() == pytest.approx(4 / 5)
     # ψ(θ_ap) ≤ cos 40° < cos θ_ap: for the anchor at 0° only the 30° positive qualifies
     assert (0, 2) in expected_pairs and (0, 1) not in expected_pairs and (0, 3) not in expected_pairs
-    assert kept == len(expected_pairs)
+    assert kept.item() == len(expected_pairs)
     assert value.item() == pytest.approx(expected.item(), rel=1e-9)
 
 
@@ -234,6 +241,26 @@ def test_triplet_without_positives_is_zero_with_finite_gradients():
     value = AngularTriplet(semihard=False)(features, one_class)
     value.backward()
     assert value.item() == 0.0 and torch.isfinite(features.grad).all()
+
+
+def test_triplet_term_reports_no_pairs_and_no_rows_with_positive_on_distinct_labels():
+    features = F.normalize(torch.randn(6, 8), dim=1)
+    result = AngularTriplet(semihard=False).term(features, torch.arange(6))
+    assert result.pairs.item() == 0 and result.rows_with_positive.item() == 0
+    assert all(part.dim() == 0 for part in result)
+
+
+def test_triplet_term_makes_no_host_sync():
+    from pfc.host_syncs import HostSyncCounter
+
+    features = F.normalize(torch.randn(8, 6), dim=1).requires_grad_()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4])
+    triplet = AngularTriplet(semihard=True, base=10.0, lambda_min=0.5)
+    with HostSyncCounter() as counter:
+        result = triplet.term(features, labels)
+        result.value.backward()
+    assert counter.count == 0, counter.report()
+    assert result.rows_with_positive.item() == pytest.approx(6 / 8)
 
 
 FILTER_CLASSES = 10
@@ -297,3 +324,21 @@ def test_bad_regulariser_options():
         PartialFC(10, 4, interclass_filter=1.5)
     with pytest.raises(ValueError, match="positive integer"):
         AngularTriplet(m=0)
+
+
+def test_the_trainer_warns_once_when_the_triplet_found_no_pair_in_the_first_log_window():
+    from pfc.train.metrics import TripletIdleWarning
+
+    lines = []
+    idle = TripletIdleWarning(triplet_weight=0.1, enabled=True)
+    idle.check({"step": 10, "triplet_pairs": 0.0, "triplet_rows_with_positive": 0.0}, write=lines.append)
+    idle.check({"step": 20, "triplet_pairs": 0.0, "triplet_rows_with_positive": 0.0}, write=lines.append)
+    assert len(lines) == 1 and "--sampler pk" in lines[0] and "to step 10" in lines[0]
+    semihard = TripletIdleWarning(triplet_weight=0.1, enabled=True)
+    semihard.check({"step": 5, "triplet_pairs": 0.0, "triplet_rows_with_positive": 0.5}, write=lines.append)
+    assert "semi-hard" in lines[1]
+    for quiet, record in ((TripletIdleWarning(0.0, True), {"step": 1, "triplet_pairs": 0.0}),        # term off
+                          (TripletIdleWarning(0.1, False), {"step": 1, "triplet_pairs": 0.0}),       # not rank 0
+                          (TripletIdleWarning(0.1, True), {"step": 1, "triplet_pairs": 0.5})):       # pairs found
+        quiet.check(record, write=lines.append)
+    assert len(lines) == 2

@@ -4,9 +4,12 @@
                                                [--landmarks FILE] [--image-size 112]
     python tools/pack_shards.py rec PREFIX OUT [same options]      # PREFIX.rec + PREFIX.idx
     python tools/pack_shards.py verify OUT
+    python tools/pack_shards.py index OUT [--workers K]            # the per-sample index (--sampler pk)
 
 Links in SRC are followed only out of the tree; empty classes are left out of the label space;
-both are listed. OUT must not lie inside SRC; one packer at a time writes OUT.
+both are listed. OUT must not lie inside SRC; one packer at a time writes OUT. Packing also
+writes the per-sample index OUT/index/ that the P×K sampler (--sampler pk) needs; ``index`` builds
+it for a shard set packed before it existed (or rebuilds a stale one).
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pfc.data.manifest import read_manifest  # noqa: E402
 from pfc.datasets import FolderSource, PackOptions, RecordSource, pack, verify_shards  # noqa: E402
-from pfc.datasets.outdir import refuse_output_inside  # noqa: E402
+from pfc.datasets.indexing import build_index  # noqa: E402
+from pfc.datasets.outdir import output_lock, refuse_output_inside  # noqa: E402
 from tools._cli import one_line_errors  # noqa: E402
 
 
@@ -46,7 +51,19 @@ def main(argv=None) -> int:
     _add_pack_options(rec)
     verify = commands.add_parser("verify", help="check every sample of a packed shard set")
     verify.add_argument("out", help="directory holding dataset.json")
+    index = commands.add_parser("index", help="build the per-sample index of a local shard set (for --sampler pk)")
+    index.add_argument("out", help="directory holding dataset.json and the shards")
+    index.add_argument("--workers", type=int, default=1, help="parallel scanning processes")
     args = parser.parse_args(argv)
+
+    if args.command == "index":
+        read_manifest(args.out)   # a clear error, and no lock file left, where there is no shard set
+        with output_lock(args.out):
+            rows, problems = build_index(args.out, max(1, args.workers))
+        print(f"indexed {rows} samples into {os.path.join(args.out, 'index')}; {len(problems)} not indexed")
+        for problem in problems:
+            print(f"  {problem}")
+        return 0
 
     if args.command == "verify":
         report = verify_shards(args.out)

@@ -2,6 +2,9 @@
 
     loader.py    the pipeline (read, shuffle, decode in workers; float conversion where consumed)
     plan.py      the epoch plan: which positions each rank and worker reads (pure arithmetic)
+    pk_plan.py   the P×K epoch plan: which identities and samples make each batch (pure arithmetic)
+    pk.py        P×K batches read at random through the per-sample index (``sampler="pk"``)
+    sample_index.py  the per-sample index beside ``dataset.json``: format, opening, staleness
     tarstream.py the lean tar reader
     handoff.py   zero-copy hand-off of decoded batches from workers to the consumer
     manifest.py  ``dataset.json``: reading, validating, locating shards, image side

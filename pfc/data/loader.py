@@ -28,6 +28,9 @@ batch's content is a function of the plan and the bytes on disk alone, corrupt s
 included, and a resume reproduces it as long as the shards are unchanged. Only data with no
 readable sample at all is an error.
 
+P×K batches (``sampler="pk"``, for the angular triplet): :mod:`pfc.data.pk`, the same length,
+hand-off and resume guarantees, from local shards read at random through their per-sample index.
+
 Work split: DataLoader workers read, decode (simplejpeg, straight into a batch buffer in shared
 memory that is reused once the consumer is done with it: the hand-off to the main process copies
 nothing, see :mod:`pfc.data.handoff`) and pick the flips; they hand over uint8 [b, H, W, 3]
@@ -59,6 +62,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pfc.data.handoff import BatchBuffers, ReceivedBatches, release
 from pfc.data.manifest import read_manifest, shard_urls
+from pfc.data.pk import check_pk_data, check_sampler, pk_worker_batches
 from pfc.data.plan import (batches_per_rank, epoch_shard_order, resumed_role, top_up_start, window_batches,
                            window_order, worker_range)
 from pfc.data.tarstream import read_positions
@@ -265,6 +269,9 @@ class LoaderSpec:
     augment: bool
     shuffle_buffer: int
     start_batch: int = 0
+    sampler: str = "shuffle"
+    pk_k: int = 4
+    index_root: str = ""
 
 
 class ShardStream(IterableDataset):
@@ -283,6 +290,9 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
 
+        if spec.sampler == "pk":
+            yield from pk_worker_batches(spec, worker, num_workers, info is not None)
+            return
         role, first_batch = resumed_role(spec.start_batch, num_workers, worker)
         plan = WorkerEpoch(spec, role, num_workers)
         if first_batch < plan.batches:
@@ -360,7 +370,7 @@ class FaceLoader:
 def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: int, num_workers: int,
                 seed: int, epoch: int, augment: bool = True, allow_pipe: bool = False,
                 shuffle_buffer_size: int = 1000, prefetch_factor: int | None = 2, device=None,
-                start_batch: int = 0) -> FaceLoader:
+                start_batch: int = 0, sampler: str = "shuffle", pk_k: int = 4) -> FaceLoader:
     """The training batches of ``rank`` of ``world_size`` for one epoch (see the module docstring),
     from the rank's batch ``start_batch`` of the epoch on: exactly the batches the loader started
     at 0 yields from there (with the same ``num_workers``), without decoding the ones before.
@@ -375,6 +385,7 @@ def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: i
     :func:`to_float_images`). Shard locations are local paths or URLs webdataset opens; ``pipe:`` URLs (shell commands) only with ``allow_pipe=True``. Raises DataError for a
     missing/malformed manifest, an empty shard list, a missing local shard or a dataset smaller
     than one batch per rank; ValueError for bad arguments (a caller's bug, e.g. ``start_batch > B``).
+    ``sampler="pk"``: ``pk_k`` images of each of ``batch_size / pk_k`` identities (:mod:`pfc.data.pk`).
     """
     for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
                              ("num_workers", num_workers, 0), ("shuffle_buffer_size", shuffle_buffer_size, 1)):
@@ -382,13 +393,16 @@ def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: i
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank!r} outside [0, {world_size})")
+    check_sampler(sampler, root_or_manifest, batch_size, pk_k)
     manifest = read_manifest(root_or_manifest, allow_pipe=allow_pipe)
     urls = shard_urls(root_or_manifest, manifest, allow_pipe=allow_pipe)
+    if sampler == "pk":
+        check_pk_data(root_or_manifest, manifest, urls, batch_size, pk_k)
     spec = LoaderSpec(urls=tuple(urls), counts=tuple(s["num_samples"] for s in manifest["shards"]),
                       num_classes=manifest["num_classes"], image_size=tuple(manifest["image_size"]),
                       batch_size=batch_size, rank=rank, world_size=world_size, seed=int(seed),
                       epoch=int(epoch), augment=bool(augment), shuffle_buffer=shuffle_buffer_size,
-                      start_batch=start_batch)
+                      start_batch=start_batch, sampler=sampler, pk_k=pk_k, index_root=str(root_or_manifest))
     batches = batches_per_rank(manifest["num_samples"], batch_size, world_size)
     if batches == 0:
         raise DataError(f"{manifest['num_samples']} samples are fewer than one batch of {batch_size} "

@@ -6,6 +6,7 @@
     align.py      five-point similarity alignment onto the 112x112 template
     packing.py    pack: shuffle, cut into shards, write in parallel, resumable
     outdir.py     the output folder: one packer at a time (lock), not inside the source, one plan
+    indexing.py   the per-sample index (for P×K batches): built by pack and ``pack_shards.py index``, checked
     verify.py     verify_shards: every sample of a shard set checked against its manifest
     synthetic.py  procedural face-like identities for demos and tests
 """

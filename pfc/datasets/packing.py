@@ -8,7 +8,8 @@ Sources (:mod:`pfc.datasets.sources`): a class-per-folder tree or insightface Re
 into shards of ``shard_size``, and writes the shards in parallel. Each shard goes to a temporary
 name and is renamed when complete, with a small record of its count and skipped inputs in
 ``OUT/.pack/``; a re-run with the same inputs keeps finished shards and redoes the rest.
-``dataset.json`` and ``classes.txt`` are written last. Unreadable input images are skipped and
+``dataset.json`` and ``classes.txt`` are written last, then the per-sample index
+(:mod:`pfc.datasets.indexing`) beside them. Unreadable input images are skipped and
 listed; a class left with no packed image is listed and left out of the label space (labels stay
 contiguous, ``classes.txt`` line k names label k). One packer at a time writes an output folder
 (a lock, :mod:`pfc.datasets.outdir`). Options that cannot be used and an output folder inside the
@@ -33,6 +34,7 @@ from PIL import Image
 
 from pfc.data import manifest as manifest_io
 from pfc.datasets.align import align_face
+from pfc.datasets.indexing import build_index
 from pfc.datasets.outdir import STATE_DIR, claim_output, output_lock, refuse_output_inside, write_atomic
 from pfc.datasets.sources import read_landmarks
 from pfc.errors import ConfigError, DataError
@@ -248,6 +250,7 @@ def _pack_locked(source, out_dir: str, options: PackOptions) -> PackSummary:
                 "source": source.describe()}
     write_atomic(os.path.join(out_dir, manifest_io.CLASSES_NAME), "".join(f"{name}\n" for name in classes).encode())
     write_atomic(os.path.join(out_dir, manifest_io.MANIFEST_NAME), json.dumps(manifest, indent=1).encode())
+    build_index(out_dir, options.workers)   # beside dataset.json: the P×K sampler reads samples by offset
     left_out = sorted([(name, "no images") for name in getattr(source, "empty_classes", [])] + lost)
     return PackSummary(out_dir=out_dir, num_classes=len(classes), num_samples=total,
                        num_shards=num_shards, shards_written=len(tasks), shards_kept=len(kept),

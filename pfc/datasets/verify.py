@@ -17,6 +17,7 @@ import numpy as np
 import simplejpeg
 
 from pfc.data import manifest as manifest_io
+from pfc.datasets.indexing import check_index
 from pfc.errors import DataError
 
 
@@ -30,6 +31,8 @@ class VerifyReport:
     images_per_class_min: int = 0
     images_per_class_max: int = 0
     problems: list[str] = field(default_factory=list)
+    index: str = ""
+    """the per-sample index's status (absent, matches the shards, or what is wrong)"""
     max_problems: int = field(default=1000, repr=False)
 
     @property
@@ -44,6 +47,8 @@ class VerifyReport:
     def describe(self) -> str:
         lines = [f"{self.num_shards} shards, {self.num_samples} samples, {self.num_classes} classes "
                  f"({self.images_per_class_min}..{self.images_per_class_max} images per class)"]
+        if self.index:
+            lines.append(self.index)
         lines += [f"PROBLEM: {problem}" for problem in self.problems]
         lines.append("OK" if self.ok else f"FAILED: {len(self.problems)} problems")
         return "\n".join(lines)
@@ -53,7 +58,8 @@ def verify_shards(out_dir: str, max_problems: int = 1000) -> VerifyReport:
     """Read every sample of the shard set in ``out_dir``: JPEG decodes to the manifest's image size
     (same decoder as the loader), label is an integer in [0, num_classes), every key has exactly one
     ``.jpg`` and one ``.cls``, keys are unique, per-shard / total counts and ``classes.txt`` match
-    the manifest, and every class has a good sample. Problems are collected (up to
+    the manifest, every class has a good sample, and the per-sample index (when there is one)
+    is not stale, matches its checksums and equals a fresh scan of the shards. Problems are collected (up to
     ``max_problems``), not raised."""
     report = VerifyReport(max_problems=max_problems)
     try:
@@ -90,6 +96,9 @@ def verify_shards(out_dir: str, max_problems: int = 1000) -> VerifyReport:
     _check_no_empty_class(per_class, os.path.join(out_dir, manifest_io.CLASSES_NAME), report)
     report.images_per_class_min = int(per_class.min())
     report.images_per_class_max = int(per_class.max())
+    report.index, problems = check_index(out_dir)
+    for problem in problems:
+        report.problem(problem)
     return report
 
 

@@ -176,7 +176,7 @@ class PartialFC(nn.Module):
         """Parts of the last forward as floats: ``loss`` (the total), ``ce`` (the cross-entropy),
         ``accuracy`` (share of the gathered batch whose target is the top sampled logit), and
         when enabled ``mhe`` (E, unweighted), ``triplet`` (the term, unweighted) and
-        ``triplet_pairs``. Reading it synchronises with the device."""
+        ``triplet_pairs``, ``triplet_rows_with_positive``. Reading it synchronises with the device."""
         return {name: float(value) for name, value in self._stats.items()}
 
     def optimizer(self, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
@@ -217,9 +217,10 @@ class PartialFC(nn.Module):
                 loss = loss + self.mhe.weight * energy
                 stats["mhe"] = energy.detach()
             if self.triplet is not None:
-                triplet, pairs = self.triplet.term(features, labels, self.group)
-                loss = loss + self.triplet.weight * triplet
-                stats["triplet"], stats["triplet_pairs"] = triplet.detach(), torch.tensor(pairs)
+                triplet = self.triplet.term(features, labels, self.group)
+                loss = loss + self.triplet.weight * triplet.value
+                stats.update(triplet=triplet.value.detach(), triplet_pairs=triplet.pairs,
+                             triplet_rows_with_positive=triplet.rows_with_positive)
         self._stats = {"loss": loss.detach(), **stats}
         self.last_sample = (index, target)
         return loss

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -192,6 +193,17 @@ class ShardEnergy:
         grad_values.index_add_(0, self.target_positions, own_grad)
 
 
+class TripletTerm(NamedTuple):
+    """What :meth:`AngularTriplet.term` computed, as 0-d tensors on the features' device (no host
+    sync): ``value`` (the term, the same on every rank; this rank's anchors carry its gradient),
+    ``pairs`` (anchor–positive pairs kept on all ranks, float) and ``rows_with_positive`` (the
+    share of gathered rows whose class appears on another row too: 0 means the term is idle)."""
+
+    value: torch.Tensor
+    pairs: torch.Tensor
+    rows_with_positive: torch.Tensor
+
+
 @dataclass
 class AngularTriplet:
     """Angular triplet loss (ATL's "easy triplet") on the gathered batch.
@@ -206,8 +218,11 @@ class AngularTriplet:
     ``semihard=True`` keeps only pairs that are right without the margin and wrong with it:
     ``cos θ_ap > max_n cos θ_an ≥ ψ_λ(cos θ_ap)``. As in ATL, positives and negatives are fixed
     centers (no gradient); only the anchor is updated. Pairs need a positive and a negative in
-    the gathered batch: rows whose class appears once contribute nothing (use an
-    identity-balanced batch for a strong signal; no such sampler is provided here).
+    the gathered batch: rows whose class appears once contribute nothing. With uniformly
+    shuffled batches over many identities that is nearly every row, so the term needs
+    identity-balanced batches: the loader's P×K sampler (``--sampler pk --pk_k K``, K images of
+    each of b/K identities per rank batch). :meth:`term` reports the pairs it used and the share of
+    rows with a positive, so a run can see when the term is idle.
     """
 
     weight: float = 1.0
@@ -237,37 +252,40 @@ class AngularTriplet:
         """Advance the λ schedule of the margin."""
         self.margin.set_iteration(iteration)
 
-    def term(self, features: torch.Tensor, labels: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
+    def term(self, features: torch.Tensor, labels: torch.Tensor, group=None) -> TripletTerm:
         """The term on the gathered, normalised ``features [B, D]`` and ``labels [B]``; this rank's
-        anchors are its own rows. Returns ``(value, number of pairs kept on all ranks)``."""
+        anchors are its own rows ``[rank·b, (rank+1)·b)``. One all-reduce of three numbers and no
+        host sync: every pair is a cell of the static ``[b, B]`` anchor × row matrix, selected by
+        masks (no ``nonzero``, no boolean indexing), so the shapes do not depend on the labels.
+        Returns a :class:`TripletTerm` (value, pairs kept on all ranks, share of rows with a positive)."""
         world_size, rank = get_world_size(group), get_rank(group)
         rows_per_rank = features.shape[0] // world_size
-        anchor_ids = torch.arange(rank * rows_per_rank, (rank + 1) * rows_per_rank, device=features.device)
-        anchors = features[anchor_ids]
+        anchors = features.narrow(0, rank * rows_per_rank, rows_per_rank)
+        anchor_labels = labels.narrow(0, rank * rows_per_rank, rows_per_rank)
         cos = anchors @ features.detach().t()  # [b, B]
-        same = labels[anchor_ids, None] == labels[None, :]
-        positive = same.clone()
-        positive[torch.arange(len(anchor_ids)), anchor_ids] = False
+        same = anchor_labels[:, None] == labels[None, :]
+        columns = torch.arange(features.shape[0], device=features.device)
+        itself = columns[None, :] == (rank * rows_per_rank + columns[:rows_per_rank])[:, None]
+        positive = same & ~itself
         negative = ~same
+        has_negative = negative.any(dim=1, keepdim=True)
         negative_cos = cos.masked_fill(~negative, -math.inf)
-        has_negative = negative.any(dim=1)
-        pair_anchor, pair_positive = (positive & has_negative[:, None]).nonzero(as_tuple=True)
-
-        pair_cos = cos[pair_anchor, pair_positive]
-        z_positive = self.s * self.margin(pair_cos)
-        hardest = negative_cos.detach().amax(dim=1)[pair_anchor]
-        keep = torch.ones_like(pair_cos, dtype=torch.bool)
+        # a row without negatives gets a finite stand-in (its cells are masked out below), so that
+        # no -inf - -inf reaches the gradient
+        negative_lse = torch.logsumexp(torch.where(has_negative, self.s * negative_cos, 0.0), dim=1, keepdim=True)
+        # the margin on every cell; the cells that are no pair see cos 0 (finite value and derivative)
+        z_positive = self.s * self.margin(torch.where(positive, cos, 0.0))
+        pair = positive & has_negative
         if self.semihard:
-            keep = (pair_cos.detach() > hardest) & (z_positive.detach() / self.s <= hardest)
-        negative_lse = torch.logsumexp(self.s * negative_cos[has_negative], dim=1)
-        anchor_slot = torch.cumsum(has_negative.long(), 0) - 1
-        pair_loss = F.softplus(negative_lse[anchor_slot[pair_anchor]] - z_positive)
-        local_sum = pair_loss[keep].sum()
-
-        totals = torch.stack([local_sum.detach(), local_sum.new_tensor(float(keep.sum()))])
+            hardest = negative_cos.detach().amax(dim=1, keepdim=True)
+            pair &= (cos.detach() > hardest) & (z_positive.detach() / self.s <= hardest)
+        pair_loss = torch.where(pair, F.softplus(negative_lse - z_positive), 0.0)
+        local_sum = pair_loss.sum()
+        totals = torch.stack([local_sum.detach(), pair.sum().to(local_sum.dtype),
+                              positive.any(dim=1).sum().to(local_sum.dtype)])
         all_reduce_(totals, dist.ReduceOp.SUM, group)
-        kept = int(round(float(totals[1])))
-        return _global_value(local_sum, totals[0]) / max(kept, 1), kept
+        value = _global_value(local_sum, totals[0]) / totals[1].clamp_min(1.0)
+        return TripletTerm(value, totals[1], totals[2] / features.shape[0])
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, group=None) -> torch.Tensor:
         """Standalone use: ``x [b, D]`` this rank's embeddings, ``labels [b]``; gathers both and
@@ -275,5 +293,4 @@ class AngularTriplet:
         convention (N · ∂term/∂x_r)."""
         world_size = get_world_size(group)
         features = gather_rows(F.normalize(x, dim=1), group, grad_scale=world_size)
-        value, _ = self.term(features, all_gather_tensor(labels, group), group)
-        return value
+        return self.term(features, all_gather_tensor(labels, group), group).value

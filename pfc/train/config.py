@@ -34,6 +34,7 @@ from pfc.train.schedule import LRSchedule
 ENGINES = ("ddp", "deepspeed")
 PRECISIONS = ("fp32", "fp16", "bf16")
 OPTIMIZERS = ("sgd", "adamw")
+SAMPLERS = ("shuffle", "pk")
 MOMENTUM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -53,6 +54,18 @@ class DataConfig:
     """identities; 0: taken from dataset.json (a set value must agree with it)"""
     num_samples: int = 0
     """training images; 0: taken from dataset.json (a set value must agree with it)"""
+    sampler: str = "shuffle"
+    """shuffle: shards in windows | pk: pk_k images of each of batch_size/pk_k identities (local shards + index)"""
+    pk_k: int = 4
+    """images per identity in a P×K batch (sampler pk; must divide batch_size)"""
+
+    def check(self) -> None:
+        """The sampler's own rules: a known sampler, and K dividing the batch for P×K."""
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"config field 'data.sampler': {self.sampler!r} is not one of {', '.join(SAMPLERS)}")
+        if self.sampler == "pk" and (self.pk_k < 1 or self.batch_size % self.pk_k):
+            raise ConfigError(f"--sampler pk needs batch_size divisible by pk_k: batch_size {self.batch_size} "
+                              f"is not a multiple of pk_k {self.pk_k}")
 
 
 @dataclass
@@ -255,6 +268,7 @@ ALIASES: dict[str, str] = {
     # "margin" is a prefix: margin.X → head.margin.X. "data" alone is data.root; data.X is the group.
     "data": "data.root", "batch_size": "data.batch_size", "num_workers": "data.num_workers",
     "augment": "data.augment", "num_classes": "data.num_classes", "num_samples": "data.num_samples",
+    "sampler": "data.sampler", "pk_k": "data.pk_k",
     "network": "backbone.network", "embedding_size": "backbone.embedding_size", "dropout": "backbone.dropout",
     "precision": "backbone.precision", "engine": "backbone.engine", "deepspeed_config": "backbone.deepspeed_config",
     "margin": "head.margin", "sample_rate": "head.sample_rate", "interclass_filter": "head.interclass_filter",
@@ -283,13 +297,14 @@ def validate(config: TrainConfig) -> None:
         if value not in allowed:
             raise ConfigError(f"config field {path!r}: {value!r} is not one of {', '.join(allowed)}")
     at_least = {"data.batch_size": 1, "optim.grad_accumulation": 1, "schedule.num_epochs": 1, "log_every": 1,
-                "eval.batch_size": 1, "data.num_workers": 0, "data.num_classes": 0, "data.num_samples": 0,
+                "eval.batch_size": 1, "data.pk_k": 1, "data.num_workers": 0, "data.num_classes": 0, "data.num_samples": 0,
                 "schedule.max_steps": 0, "eval.every": 0, "checkpoint.every": 0, "checkpoint.every_minutes": 0,
                 "checkpoint.keep": 0, "checkpoint.max_nonfinite_skips": 0, "optim.grad_clip": 0}
     for path, minimum in at_least.items():
         value = cli.get_path(config, path)
         if value < minimum:
             raise ConfigError(f"config field {path!r} must be ≥ {minimum}, got {value}")
+    config.data.check()
     if not config.optim.lr > 0:
         raise ConfigError(f"config field 'optim.lr' must be > 0, got {config.optim.lr}")
     if config.backbone.network not in available_backbones():

@@ -33,7 +33,7 @@ from pfc.evaluation.export import save_backbone
 from pfc.train.builders import build_loader, build_train_state
 from pfc.train.config import TrainConfig, apply_dataset, to_dict
 from pfc.train.finite import NonFiniteLossError, NonFiniteStateError, check_state_finite  # noqa: F401 (re-exported)
-from pfc.train.metrics import MetricsWindow, SkippedSamples, TrainLogger, write_json
+from pfc.train.metrics import MetricsWindow, SkippedSamples, TrainLogger, TripletIdleWarning, write_json
 from pfc.train.output import claim_output
 from pfc.train.resume import restore_train_state, save_train_checkpoint
 from pfc.train.rollback import StepRollback
@@ -115,6 +115,7 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
     stop_signals, guard = StopSignals(), StepGuard(config.checkpoint.max_nonfinite_skips)
     last_save, save_period_s = time.monotonic(), config.checkpoint.every_minutes * 60
     window = MetricsWindow(config.data.batch_size * config.optim.grad_accumulation * runtime.world_size)
+    idle_triplet = TripletIdleWarning(config.head.triplet.weight, runtime.is_main)
     last_loss, stopped, history = float("nan"), "", []
     batches_per_epoch = state.steps_per_epoch * config.optim.grad_accumulation
     state.runner.train()
@@ -142,6 +143,7 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
                 bar.update(1)
                 if state.step % config.log_every == 0 or state.step == state.total_steps:
                     record = window.record(state, lr_used)
+                    idle_triplet.check(record, write=tqdm.write)   # once: a triplet term with no pairs
                     record["skipped_samples"] = samples_skipped.total_over_ranks()  # collective, at log steps
                     logger.log_train(record, write=tqdm.write)
                 if decision.stop:  # before a verification: the stop must fit in the scheduler's grace period

@@ -62,6 +62,38 @@ class SkippedSamples:
         return int(all_reduce_(torch.tensor([mine], dtype=torch.int64)).item())
 
 
+class TripletIdleWarning:
+    """A warning, once, on the first log record of a run with the triplet term on
+    (``triplet_weight > 0``) when the term used no pair over that whole window: with uniformly
+    shuffled batches over many identities no class appears twice in a gathered batch, so the term
+    silently does nothing. Reads the window's ``triplet_pairs`` and ``triplet_rows_with_positive``
+    (averages over its steps; 0 only when every step had none).
+
+        idle_triplet = TripletIdleWarning(config.head.triplet.weight, runtime.is_main)
+        ...   # at each log step, after the window's record is made:
+        idle_triplet.check(record, write=tqdm.write)
+    """
+
+    def __init__(self, triplet_weight: float, enabled: bool):
+        self.pending = bool(enabled) and triplet_weight > 0
+
+    def check(self, record: dict, write=print) -> None:
+        """Warn (with ``write``) if ``record``, the first log record seen, shows no triplet pair."""
+        if not self.pending or "triplet_pairs" not in record:
+            return
+        self.pending = False
+        if record["triplet_pairs"] > 0:
+            return
+        if record.get("triplet_rows_with_positive", 0.0) > 0:
+            cause = ("rows with a positive were found but the semi-hard selection kept no pair "
+                     "(--head.triplet.semihard false keeps every pair)")
+        else:
+            cause = ("no identity appeared twice in a gathered batch; use identity-balanced batches: "
+                     "--sampler pk --pk_k 4 (K images of each of batch_size/K identities, see the README)")
+        write(f"warning: the triplet term (triplet_weight > 0) used no pair in the first log window (to step "
+              f"{record['step']}) and adds nothing to the loss: {cause}")
+
+
 class TrainLogger:
     """Rank-0 logging: console lines, ``metrics.jsonl``, ``eval.jsonl`` and TensorBoard when installed."""
 
