@@ -13,11 +13,11 @@ architecture, each seed's initialisation, ``tools/evaluate.py --untrained``) is 
 
 Rows (``--rows``; default all): NormFace (no margin), CosFace, ArcFace at m = 0.3 and 0.5, the
 combined margin (1, 0.3, 0.2), SphereFace (m = 4) with its λ schedule, ArcFace + MHE at the
-SphereFace+ weight, ArcFace + the angular triplet on P×K batches. SphereFace's and the triplet's
-λ schedules are the papers' (base 1000, power 1) with γ scaled to the run: SphereFace reaches
-λ_min at 1658 of its 28k iterations (6 %), so γ = 0.12 · 28000 / steps keeps that share.
-The triplet row needs the P×K sampler (``data.sampler``); without it in the trainer's options the
-row is reported as skipped ("needs --sampler pk").
+SphereFace+ weight, ArcFace on P×K batches without and with the angular triplet. SphereFace's and
+the triplet's λ schedules are the papers' (base 1000, power 1) with γ scaled to the run:
+SphereFace reaches λ_min at 1658 of its 28k iterations (6 %), so γ = 0.12 · 28000 / steps keeps
+that share. The P×K rows need the sampler (``data.sampler``); without it in the trainer's options
+they are reported as skipped ("needs --sampler pk").
 
 A run whose folder already holds its results from the same command is not trained again, so an
 interrupted table continues where it stopped (``--fresh`` retrains). Prints a markdown table and
@@ -51,13 +51,17 @@ def rows(steps: int) -> list[dict]:
         dict(key="arcface_0.3", label="ArcFace m2 = 0.3", args=arcface),
         dict(key="arcface_0.5", label="ArcFace m2 = 0.5", args=["--head.margin.m2", "0.5"],
              note="insightface's default"),
-        dict(key="combined", label="combined (1, 0.3, 0.2)", args=["--head.margin.m2", "0.3", "--head.margin.m3", "0.2"],
+        dict(key="combined", label="combined (1, 0.3, 0.2)",
+             args=["--head.margin.m2", "0.3", "--head.margin.m3", "0.2"],
              note="insightface's combined margin"),
         dict(key="sphereface", label="SphereFace m = 4, λ annealed",
              args=["--head.margin.kind", "sphereface", "--head.margin.m1", "4", "--head.margin.gamma", f"{gamma:.4g}"],
              note=f"λ = max(1000·(1 + {gamma:.3g}·step)^-1, 5)"),
         dict(key="arcface_mhe", label="ArcFace 0.3 + MHE λ = 1", args=arcface + ["--head.mhe.weight", "1"],
              note="euclidean d^-2 kernel; SphereFace+'s range for batch 128 is 0.1-2"),
+        dict(key="arcface_pk", label="ArcFace 0.3, P×K batches (K = 4), no triplet",
+             args=arcface + ["--data.sampler", "pk", "--data.pk_k", "4"], needs=["data.sampler", "data.pk_k"],
+             note="the triplet row's control: its batches without its term"),
         dict(key="arcface_triplet", label="ArcFace 0.3 + angular triplet, P×K (K = 4)",
              args=arcface + ["--data.sampler", "pk", "--data.pk_k", "4", "--head.triplet.weight", "1",
                              "--head.triplet.m", "2", "--head.triplet.lambda_min", "3",
@@ -74,7 +78,8 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 def checked(command: list[str]) -> str:
     result = run(command)
     if result.returncode != 0:
-        raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
+        raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}\n"
+                         f"{result.stdout[-2000:]}{result.stderr[-4000:]}")
     return result.stdout
 
 
@@ -178,7 +183,8 @@ def table(report: dict) -> str:
     """The markdown table: one line per row, the untrained network last."""
     lines = ["| loss | accuracy (mean of seeds) ± fold std | seeds' std | per seed | AUC ± seeds' std "
              "| TAR @ FAR=1e-3 | Δ acc vs NormFace |", "|---|---|---|---|---|---|---|"]
-    baseline = next((r["summary"]["accuracy"] for r in report["rows"] if r["key"] == "softmax" and "summary" in r), None)
+    baseline = next((r["summary"]["accuracy"] for r in report["rows"]
+                     if r["key"] == "softmax" and "summary" in r), None)
     entries = report["rows"] + [dict(key="untrained", label="untrained network (floor)", summary=report["untrained"])]
     for row in entries:
         if "summary" not in row:
