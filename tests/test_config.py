@@ -69,7 +69,7 @@ def test_knobs_that_had_no_flag_are_reachable():
                                 "--optim.head_momentum_dtype", "bfloat16", "--head.chunk_rows", "512"])
     assert config.head.mhe.half_space and config.head.mhe.unbiased and not config.head.triplet.semihard
     assert (config.head.triplet.s, config.head.margin.g_max, config.head.chunk_rows) == (16.0, 3.0, 512)
-    assert config.optim.momentum_dtype is __import__("torch").bfloat16
+    assert config.head.momentum_storage_dtype is __import__("torch").bfloat16   # moved to head.momentum_dtype
 
 
 LEGACY_VALUES = {"data": "/shards", "output": "/out", "max_steps": "50", "num_epochs": "3", "seed": "5",
@@ -127,7 +127,9 @@ def test_data_alone_is_the_root_and_data_dot_addresses_the_group():
     (["--lr"], "--lr: missing value"),
     (["--sample_rate", "1.5"], "config field 'head.sample_rate': sample_rate=1.5 outside (0, 1]"),
     (["--optimizer", "lamb"], "'optim.name': 'lamb' is not one of sgd, adamw"),
-    (["--optim.head_momentum_dtype", "float16"], "'optim.head_momentum_dtype': 'float16' is not one of"),
+    (["--optim.head_momentum_dtype", "float8"], "'head.momentum_dtype': 'float8' is not one of"),
+    (["--center_dtype", "int8"], "'head.center_dtype': 'int8' is not one of fp32, bf16, fp16"),
+    (["--head.rounding", "up"], "'head.rounding': 'up' is not one of stochastic, nearest"),
     (["--batch_size", "0"], "'data.batch_size' must be ≥ 1"),
     (["--network", "resnet9"], "'backbone.network': unknown network 'resnet9'"),
 ])

@@ -73,6 +73,37 @@ def test_pk_batches_are_the_same_after_a_resume_and_with_any_worker_count(shards
     assert any((a[1] != b[1]).any() for a, b in zip(other_epoch, whole))
 
 
+def test_pk_batches_do_not_depend_on_how_many_shards_a_worker_keeps_mapped(shards, monkeypatch):
+    from pfc.data import pk
+
+    whole = _batches(shards, 0, 1, workers=0)
+    monkeypatch.setattr(pk, "OPEN_SHARDS", 1)                          # a map closes at nearly every sample
+    for (images, labels), (expected_images, expected_labels) in zip(_batches(shards, 0, 1, workers=0), whole):
+        assert (labels == expected_labels).all() and (images == expected_images).all()
+
+
+def _two_identities(root: str, garbage: int) -> str:
+    """Identities 0 and 1, four images each; the first ``garbage`` images of identity 0 do not decode."""
+    samples = [(f"{n:03d}", {"jpg": b"\xff\xd8 garbage" if n < garbage else
+                             jpeg(np.full((16, 16, 3), 15 * (n // 4), dtype=np.uint8)), "cls": str(n // 4).encode()})
+               for n in range(8)]
+    write_shard_set(root, [samples[:5], samples[5:]], 2, size=(16, 16))
+    build_index(root)
+    return root
+
+
+def test_pk_replaces_a_corrupt_image_by_another_of_its_identity(tmp_path):
+    root = _two_identities(str(tmp_path / "one_bad"), garbage=1)
+    loader = make_loader(root, 8, 0, 1, 0, seed=0, epoch=0, sampler="pk", pk_k=4)
+    [(images, labels)] = list(loader)
+    grey = ((images[:, 0, 0, 0] + 1) * 127.5 / 15).round().long()
+    assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 and grey.tolist() == labels.tolist()
+    assert loader.stats["skipped"] == 1
+    with pytest.raises(DataError, match="identity 0 has no readable image"):
+        list(make_loader(_two_identities(str(tmp_path / "all_bad"), garbage=4), 8, 0, 1, 0, seed=0, epoch=0,
+                         sampler="pk", pk_k=4))
+
+
 def test_pk_plan_visits_each_identity_as_its_share_allows():
     sizes = np.random.default_rng(1).integers(1, 40, 500)              # 1 … 39 images, some fewer than K
     class_start = np.concatenate([[0], np.cumsum(sizes)])

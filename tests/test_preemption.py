@@ -261,7 +261,7 @@ def two_rank_runs(rank: int, world_size: int, data: str, timed: str, off: str) -
     from pfc.train.runtime import init_runtime
 
     guard = StepGuard()   # rank 0's clock says "save" at step 2 only; rank 1 never passes the flag
-    decisions = [guard.check(1.0, step=step, save_due=rank == 0 and step == 2).save for step in range(4)]
+    decisions = [guard.control(save_due=rank == 0 and step == 2, step=step).save for step in range(4)]
     train(make_config(data, timed, save_every=0, save_every_minutes=0.001, keep_checkpoints=50, max_steps=10))
     train(make_config(data, off, save_every=0, save_every_minutes=0.0, max_steps=3))
     try:

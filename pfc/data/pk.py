@@ -108,20 +108,25 @@ class PKWorkerEpoch:
             rows, labels = self.plan.batch(spec.rank, batch)
             pixels, handle = buffers.acquire()
             images = pixels.numpy()
-            for slot, row in enumerate(rows.tolist()):
-                self._decode(row, int(labels[slot]), images[slot], counter, decode_into)
+            places = zip(rows.tolist(), labels.tolist(), self.index.shard[rows].tolist(),
+                         self.index.offset[rows].tolist(), self.index.size[rows].tolist())
+            for slot, (row, identity, shard, offset, size) in enumerate(places):
+                if not decode_into(self._sample(shard, offset, size), images[slot], counter):
+                    self._replace(row, identity, images[slot], counter, decode_into)
             flips = self.plan.flips(spec.rank, batch) if spec.augment else None
             yield handle, labels, flips, counter.take()
 
-    def _decode(self, row: int, identity: int, out: np.ndarray, counter, decode_into) -> None:
-        """Decode sample ``row`` into ``out``; a bad one is replaced by the identity's next image."""
+    def _sample(self, shard: int, offset: int, size: int) -> dict:
+        """The sample (as the decoder takes it) whose JPEG is at ``offset`` of shard ``shard``."""
+        return {"__url__": self.spec.urls[shard], "__key__": f"@{offset}", "jpg": self.maps.member(shard, offset, size)}
+
+    def _replace(self, row: int, identity: int, out: np.ndarray, counter, decode_into) -> None:
+        """Decode into ``out`` the first readable image of ``identity`` after sample ``row``."""
         first, size = int(self.index.class_start[identity]), int(self.plan.sizes[identity])
-        for attempt in range(size):
+        for attempt in range(1, size):
             current = first + (row - first + attempt) % size
-            url = self.spec.urls[int(self.index.shard[current])]
-            sample = {"__url__": url, "__key__": f"@{int(self.index.offset[current])}",
-                      "jpg": self.maps.member(int(self.index.shard[current]), int(self.index.offset[current]),
-                                              int(self.index.size[current]))}
+            sample = self._sample(int(self.index.shard[current]), int(self.index.offset[current]),
+                                  int(self.index.size[current]))
             if decode_into(sample, out, counter):
                 return
         raise DataError(f"identity {identity} has no readable image ({size} in the index); "

@@ -6,6 +6,7 @@
     except Exception as exc:
         error = exc
     agree_on_error(error, "loading batch 7")     # collective: raises on every rank, or on none
+    flags = agree_on_error(error, "loading batch 7", cpu_group, flags={"stop": 1})   # the MAX of each flag too
 
     manifest = run_on_every_rank(lambda: validate(path), "reading checkpoint 120")
     latest = run_on_rank_zero(lambda: newest_in(folder), "listing checkpoints")   # rank 0's, everywhere
@@ -13,7 +14,9 @@
 An error raised on one rank only leaves the others waiting in their next collective until the
 process-group timeout. Every place that can fail on some ranks and not on others (a sample,
 a file, the inputs of the head) goes through :func:`agree_on_error`: one MAX all-reduce of a
-small flag vector when all is well; the messages are exchanged only on failure.
+small flag vector when all is well; the messages are exchanged only on failure. Other per-step
+flags that every rank must act on alike (a stop signal, a save that is due) ride in the same
+all-reduce (``flags``), so a step's control plane is one collective.
 
 The raised class: when every failing rank raised the same :class:`pfc.errors.PfcError` class
 (a user's config, data or checkpoint problem) that class; when each raised some ``ValueError``
@@ -29,6 +32,7 @@ import torch.distributed as dist
 
 from pfc import errors
 from pfc.distributed.collectives import all_gather_objects, get_world_size, is_distributed
+from pfc.host_syncs import read_host
 
 Result = TypeVar("Result")
 
@@ -61,27 +65,37 @@ def _raised_class(families: list[str]) -> type[Exception]:
 
 
 def agree_on_error(error: BaseException | None, what: str, group=None, *, device=None,
-                   must_match: dict[str, int] | None = None) -> None:
+                   must_match: dict[str, int] | None = None, flags: dict[str, int] | None = None) -> dict[str, int]:
     """Collective: every rank of ``group`` calls it once with its own ``error`` (or None); if any
     rank has one, every rank raises ``"{what} failed on rank R: message; rank S: …"`` (in a world
     of one process ``"{what} failed: message"``).
 
     ``must_match`` names integers that must be equal on every rank (a batch size, a dtype code);
     a difference fails every rank with ``"{what}: NAME differs across ranks: [v0, v1, …]"``.
-    ``device``: where the flag tensor lives (the group's device: ``cuda`` for a pure NCCL group;
-    default CPU). In a world of size 1 no collective runs.
+    ``flags`` names non-negative integers to combine over the ranks in the same all-reduce (a
+    control plane riding on the error check: "a stop was requested here", "a save is due");
+    returned as ``{name: max over the ranks}`` when no rank failed.
+    ``device``: where the flag tensor lives (the group's device: ``cuda`` for a pure NCCL group);
+    default: the host, whose all-reduced values are read without a device synchronisation
+    (:func:`pfc.host_syncs.read_host`; on a GPU job ``group`` must then be a CPU (gloo) group).
+    Reading a tensor on a given ``device`` is a host sync. In a world of size 1 no collective runs.
     """
     values = list((must_match or {}).values())
+    names, raised = list(flags or {}), list((flags or {}).values())
+    if any(value < 0 for value in raised):
+        raise ValueError(f"{what}: flags must be >= 0, got {flags}")
     mine = None if error is None else (_family(error), _message(error))
     if not is_distributed() or get_world_size(group) == 1:
         reports = [(mine, values)]
     else:
-        flags = torch.tensor([0 if error is None else 1] + [v for value in values for v in (value, -value)],
-                             dtype=torch.int64, device=device)
-        reduced = flags.clone()
+        local = [0 if error is None else 1] + raised + [v for value in values for v in (value, -value)]
+        reduced = torch.tensor(local, dtype=torch.int64, device=device)
         dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
-        if not bool((reduced != flags).any() or flags[0]):
-            return  # no rank failed, and every rank's values equal this rank's
+        reduced = read_host(reduced) if device is None else reduced.tolist()
+        raised = reduced[1:1 + len(names)]
+        checked = 1 + len(names)
+        if not reduced[0] and reduced[checked:] == local[checked:]:
+            return dict(zip(names, raised))  # no rank failed, and every rank's values equal this rank's
         reports = all_gather_objects((mine, values), group)
     failures = [(rank, report) for rank, (report, _) in enumerate(reports) if report is not None]
     if failures:
@@ -94,6 +108,7 @@ def agree_on_error(error: BaseException | None, what: str, group=None, *, device
         seen = [rank_values[position] for _, rank_values in reports]
         if len(set(seen)) > 1:
             raise ValueError(f"{what}: {name} differs across ranks: {seen}")
+    return dict(zip(names, raised))
 
 
 def run_on_every_rank(fn: Callable[[], Result], what: str, group=None) -> Result:

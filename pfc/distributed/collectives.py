@@ -73,6 +73,42 @@ def gather_rows(tensor: torch.Tensor, group=None, grad_scale: float = 1.0) -> to
     return _GatherRows.apply(tensor, group, float(grad_scale))
 
 
+_LABEL_SPLIT = 1 << 20  # labels travel as two exact floats: label // 2²⁰ and label % 2²⁰
+
+
+class _GatherRowsAndLabels(torch.autograd.Function):
+    """all-gather of ``[b, D]`` features with their ``[b]`` labels as two extra columns (one
+    collective); backward as :class:`_GatherRows` on the feature columns."""
+
+    @staticmethod
+    def forward(ctx, features, labels, group, grad_scale):
+        ctx.group, ctx.grad_scale, ctx.rows = group, grad_scale, features.shape[0]
+        labels = labels.to(torch.int64)
+        packed = torch.cat([features, torch.stack([labels // _LABEL_SPLIT, labels % _LABEL_SPLIT], dim=1)
+                            .to(features.dtype)], dim=1)
+        gathered = all_gather_tensor(packed, group)
+        label_parts = gathered[:, -2:].to(torch.int64)
+        ctx.mark_non_differentiable(label_parts)
+        return gathered[:, :-2], label_parts[:, 0] * _LABEL_SPLIT + label_parts[:, 1]
+
+    @staticmethod
+    def backward(ctx, grad_output, _grad_labels):
+        grad, _, _ = _GatherRows.backward(ctx, grad_output)
+        return grad, None, None, None
+
+
+def gather_rows_and_labels(features: torch.Tensor, labels: torch.Tensor, group=None, grad_scale: float = 1.0):
+    """:func:`gather_rows` of ``features [b, D]`` (fp32 or fp64) and :func:`all_gather_tensor` of
+    ``labels [b]`` (integers in ``[0, 2⁴⁴)``) in ONE collective: the labels ride as two columns
+    holding ``label // 2²⁰`` and ``label % 2²⁰``, exact in fp32. Returns ``(features [N·b, D],
+    labels [N·b] int64)``; the labels carry no gradient."""
+    if features.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"gather_rows_and_labels needs fp32 or fp64 features, got {features.dtype}")
+    if get_world_size(group) == 1:
+        return gather_rows(features, group, grad_scale), labels.to(torch.int64)
+    return _GatherRowsAndLabels.apply(features, labels, group, float(grad_scale))
+
+
 def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
     """In-place all-reduce of ``tensor`` over ``group``; a no-op in a world of size 1."""
     if get_world_size(group) > 1:

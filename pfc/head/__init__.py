@@ -3,6 +3,8 @@ margins, regularisers and the row-sparse center optimizer. Usable without the tr
 
     partial_fc.py    PartialFC: sharding, sampling, input checks (start here)
     softmax.py       the fused sharded softmax as named steps (sharded_margin_softmax)
+    targets.py       the target cells of the logits, dense over the batch (no host sync)
+    gemm.py          GEMMs against centers stored in bf16/fp16, with fp32 results
     margins.py       target-logit margins in closed form (CombinedMargin and presets, SphereFace)
     regularizers.py  MHE (its math, forward and backward), AngularTriplet
     optim.py         SparseRowSGD and the update-in-backward seam

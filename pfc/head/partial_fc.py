@@ -2,17 +2,26 @@
 
 Data flow of one step on N ranks with b rows each (B = N·b):
 
-1. inputs are checked collectively (shapes, dtypes, label range), so every rank raises the
-   same error instead of hanging in a collective;
-2. the normalised features and the labels are all-gathered: ``X̂ [B, D]``, ``Y [B]``;
-3. each rank samples its centers: every positive (a label in ``Y`` it owns) plus
-   ``⌈ρ·C_r⌉ − #positives`` others drawn uniformly (none when ρ = 1);
+1. with ``check_inputs`` (the default; the trainer turns it off on steady-state steps), inputs
+   are checked collectively (shapes, dtypes, label range), so every rank raises the same error
+   instead of hanging in a collective; this reads values on the host;
+2. the normalised features and the labels are all-gathered in one collective: ``X̂ [B, D]``,
+   ``Y [B]`` (fp32 features whatever the center storage type);
+3. each rank samples ``S_r = max(⌈ρ·C_r⌉, min(B, C_r))`` centers (a static count: no host
+   read): every positive (a label in ``Y`` it owns) plus others drawn uniformly (all when ρ = 1);
 4. :func:`pfc.head.softmax.sharded_margin_softmax` computes the exact softmax cross-entropy
    over all ranks' sampled centers with the margin on the target logit (and MHE's energy of the
    same centers, :class:`pfc.head.regularizers.MHE`, in the same pass).
 
 Rank r owns rows ``[class_start, class_start + num_local)`` of the ``C × D`` center matrix
-(:mod:`pfc.head.partition`).
+(:mod:`pfc.head.partition`), stored in ``dtype`` (fp32, bf16 or fp16: :mod:`pfc.head.gemm`).
+
+Collectives of one training step (``check_inputs`` off): forward: the all-gather of features and
+labels, the MAX and the SUM all-reduce of the softmax; backward: the reduce-scatter of the
+feature gradient. Four in all; MHE adds one all-reduce in each pass, the triplet one in the
+forward; ``check_inputs`` adds the collective input check. A steady-state step (``check_inputs``
+off) reads no tensor value on the host: shapes are static, decisions are made on the device
+(``step_stats`` holds the parts of the loss as device tensors).
 
 Gradient convention (it makes DDP's averaging of the backbone exact): the returned loss is the
 mean over the B gathered rows, identical on every rank; ``weight.grad = ∂loss/∂W_r`` (a sparse
@@ -30,14 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pfc.distributed.agree import agree_on_error
-from pfc.distributed.collectives import all_gather_tensor, gather_rows, get_rank, get_world_size
+from pfc.distributed.collectives import gather_rows_and_labels, get_rank, get_world_size
 from pfc.head.margins import ArcFace, Margin
 from pfc.head.norms import NORM_EPS
 from pfc.head.optim import SparseRowSGD
 from pfc.head.partition import class_partition
 from pfc.head.regularizers import MHE, AngularTriplet
 from pfc.head.scratch import Workspace
-from pfc.head.softmax import sharded_margin_softmax
+from pfc.head.softmax import FILTER_MODES, LOGITS_MODES, sharded_margin_softmax
 
 _INIT_BLOCK_ROWS = 4096
 # the embedding dtypes the head takes, numbered for the cross-rank comparison of the inputs
@@ -46,11 +55,20 @@ _DTYPE_LEGEND = ", ".join(f"{code} {str(dtype).removeprefix('torch.')}" for code
 
 
 def init_centers(num_classes: int, embedding_size: int, class_start: int, num_local: int,
-                 seed: int = 0, std: float = 0.01, dtype=torch.float32) -> torch.Tensor:
+                 seed: int = 0, std: float = 0.01, dtype=torch.float32, device=None) -> torch.Tensor:
     """Rows ``[class_start, class_start + num_local)`` of a ``num_classes × D`` matrix drawn from
-    ``N(0, std²)``. Rows are generated in fixed global blocks seeded by ``(seed, block)``, so the
-    full matrix is the same whatever the world size (a 2-rank run and a 1-rank run start equal).
+    ``N(0, std²)``, created on ``device``. Rows are generated in fixed global blocks seeded by
+    ``(seed, block)``, so the full matrix is the same whatever the world size (a 2-rank run and a
+    1-rank run start equal). On the CPU with torch's generator; on any other device from a
+    counter-based hash (:func:`hashed_normal`, no generator object, so fake CUDA tensors work too).
     """
+    if device is not None and torch.device(device).type != "cpu":
+        # blocks joined by one cat (an in-place write into a slice breaks fake CUDA tensors): the
+        # transient 2× storage comes before the momentum and scratch exist, below a step's peak
+        blocks = [(hashed_normal(seed, class_start + start, min(_INIT_BLOCK_ROWS, num_local - start),
+                                 embedding_size, device) * std).to(dtype)
+                  for start in range(0, num_local, _INIT_BLOCK_ROWS)]
+        return torch.cat(blocks)
     out = torch.empty(num_local, embedding_size, dtype=dtype)
     generator = torch.Generator()
     first_block = class_start // _INIT_BLOCK_ROWS
@@ -65,31 +83,71 @@ def init_centers(num_classes: int, embedding_size: int, class_start: int, num_lo
     return out
 
 
-def sample_classes(labels: torch.Tensor, class_start: int, num_local: int, sample_rate: float,
-                   generator: torch.Generator | None = None):
-    """Choose this rank's centers for one step and remap the labels to them.
+def sample_size(sample_rate: float, num_local: int, num_rows: int) -> int:
+    """Centers a rank samples per step: ``max(⌈ρ·C_r⌉, min(B, C_r))``, enough for every positive
+    whatever the labels (a static shape: no host read of the labels)."""
+    return max(math.ceil(sample_rate * num_local - 1e-9), min(num_rows, num_local))
+
+
+def sample_classes(labels: torch.Tensor, class_start: int, num_local: int, sample_rate: float, key: int = 0):
+    """Choose this rank's centers for one step and remap the labels to them, without a host sync.
 
     ``labels`` are the gathered global labels ``[B]``. Returns ``(index, target)``: ``index`` the
-    sorted local rows sampled (``None`` when every row is used), ``target[i]`` the position of
-    row i's class in the sampled set, or −1 when another rank owns it. Every local positive is
-    kept; the number sampled is ``max(⌈ρ·C_r⌉, #positives)``, the rest drawn uniformly without
-    replacement from the other local classes.
+    sorted local rows sampled (``None`` when ρ = 1), ``target[i]`` the position of row i's class
+    in the sampled set, or −1 when another rank owns it. Every local positive is kept; the number
+    sampled is :func:`sample_size`, the rest drawn uniformly without replacement from the other
+    local classes by the scores :func:`hashed_scores` of ``key`` (the same on every device).
     """
     local = labels - class_start
     owned = (local >= 0) & (local < num_local)
     if sample_rate >= 1.0:
-        return None, torch.where(owned, local, torch.full_like(local, -1))
-    positives = torch.unique(local[owned])
-    num_sample = max(math.ceil(sample_rate * num_local - 1e-9), positives.numel())
+        return None, torch.where(owned, local, -1)
+    num_sample = sample_size(sample_rate, num_local, labels.shape[0])
     if num_sample >= num_local:
         index = torch.arange(num_local, device=labels.device)
     else:
-        score = torch.rand(num_local, generator=generator, device=labels.device)
-        score[positives] = 2.0  # above every uniform draw: positives are always taken
-        index = torch.topk(score, num_sample, sorted=False).indices.sort().values
-    target = torch.full_like(local, -1)
-    target[owned] = torch.searchsorted(index, local[owned])
-    return index, target
+        score = hashed_scores(key, class_start, num_local + 1, labels.device)
+        # positives score above every draw: always taken; rows owned elsewhere mark the spare last slot
+        score = score.index_fill(0, torch.where(owned, local, num_local), torch.iinfo(torch.int64).max)
+        index = torch.topk(score[:num_local], num_sample, sorted=False).indices.sort().values
+    return index, torch.where(owned, torch.searchsorted(index, local.clamp(0, num_local - 1)), -1)
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _splitmix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (wrapping arithmetic; logical shifts by masking)."""
+    for shift, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
+        z = z ^ ((z >> shift) & ((1 << (64 - shift)) - 1))
+        if factor is not None:
+            z = z * factor
+    return z
+
+
+def hashed_scores(key: int, first: int, count: int, device) -> torch.Tensor:
+    """``count`` pseudo-random int64 scores for ids ``first …``, a pure function of ``(key, id)``:
+    SplitMix64 of ``key + id·φ``. Made on ``device`` from nothing but an ``arange`` (no generator)."""
+    ids = torch.arange(first, first + count, device=device, dtype=torch.int64)
+    return _splitmix64(ids * _GOLDEN + _signed(key % (1 << 64)))
+
+
+def hashed_normal(seed: int, first_row: int, rows: int, dim: int, device) -> torch.Tensor:
+    """``[rows, dim]`` standard normal values for global rows ``first_row …`` (Box–Muller on two
+    24-bit uniforms from :func:`hashed_scores`); the same values on every device and world size."""
+    keys = np.random.SeedSequence([seed, 1]).generate_state(2, dtype=np.uint64)
+    radius_bits, angle_bits = (hashed_scores(int(key), first_row * dim, rows * dim, device) for key in keys)
+    radius = torch.sqrt(-2.0 * torch.log(_unit_interval(radius_bits)))
+    return (radius * torch.cos(2.0 * math.pi * _unit_interval(angle_bits))).reshape(rows, dim)
+
+
+def _unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """Uniform fp32 values in (0, 1) from the top 24 bits of int64 scores."""
+    return (((bits >> 40) & ((1 << 24) - 1)).to(torch.float32) + 0.5) * 2.0 ** -24
 
 
 class PartialFC(nn.Module):
@@ -99,15 +157,26 @@ class PartialFC(nn.Module):
     matrix, ``num_local = C//N + (r < C%N)``. ``forward(x, labels)`` takes this rank's
     embeddings ``[b, D]`` and global labels ``[b]`` and returns the loss (the same scalar on
     every rank); see the module docstring for the gradient convention. ``sample_rate`` ρ < 1
-    samples ``max(⌈ρ·C_r⌉, #positives)`` centers per rank per step in training mode (all
-    centers in eval mode); the sample is reproducible from ``(seed, rank, iteration)``.
+    samples ``max(⌈ρ·C_r⌉, min(B, C_r))`` centers per rank per step in training mode (all
+    centers in eval mode; B the gathered batch); the sample is reproducible from
+    ``(seed, iteration)`` and the same on every device.
+
+    ``dtype`` is the centers' storage type (fp32, bf16, fp16; GEMMs in it with fp32 results);
+    ``logits``: ``keep`` the ``[S, B]`` logits for the backward, ``recompute`` each chunk's in the
+    backward (one more GEMM, no ``[S, B]`` block), ``auto`` recomputes when the kept logits would
+    exceed ``logits_budget`` × the centers' storage bytes. ``check_inputs`` (attribute too): the
+    collective input check of each forward (host syncs); turn it off on steady-state steps when
+    the labels are checked elsewhere (the trainer checks them on the loader's CPU tensors).
 
     Optional terms, added to the returned loss: ``mhe`` (:class:`pfc.head.regularizers.MHE`, weight·E
     on the sampled centers), ``triplet`` (:class:`pfc.head.regularizers.AngularTriplet`, weight·term on
     the gathered batch); ``interclass_filter=t`` leaves non-target cosines above t out of the
-    softmax (label-noise filtering as in the WebFace42M recipes), identically on every rank.
+    softmax (``interclass_filter_mode="exclude"``, the default) or sets their logit to 0, so each
+    still adds exp(0) to its row's softmax (``"zero"``: insightface's WebFace42M recipes multiply
+    the filtered cosine by 0), identically on every rank; neither passes a gradient to the cell.
 
-    After a forward, ``last_stats`` holds its parts as floats and ``last_sample`` the
+    After a forward, ``step_stats`` holds its parts as 0-d device tensors, ``last_stats`` the same
+    as floats (a host sync) and ``last_sample`` the
     ``(index, target)`` of :func:`sample_classes` (which local rows took part, where each row's
     class sits among them).
     """
@@ -116,10 +185,14 @@ class PartialFC(nn.Module):
                  sample_rate: float = 1.0, group=None, seed: int = 0, init_std: float = 0.01,
                  chunk_rows: int = 2048, dtype: torch.dtype = torch.float32, device=None,
                  mhe: MHE | None = None, triplet: AngularTriplet | None = None,
-                 interclass_filter: float | None = None):
+                 interclass_filter: float | None = None, interclass_filter_mode: str = "exclude",
+                 logits: str = "auto", logits_budget: float = 0.1, check_inputs: bool = True):
         super().__init__()
         self.check_options(sample_rate=sample_rate, embedding_size=embedding_size, chunk_rows=chunk_rows,
-                           interclass_filter=interclass_filter)
+                           interclass_filter=interclass_filter, interclass_filter_mode=interclass_filter_mode,
+                           logits=logits, logits_budget=logits_budget)
+        if mhe is not None and num_classes < 2:
+            raise ValueError(f"MHE needs at least two classes, got num_classes={num_classes}")
         self.group = group
         self.rank = get_rank(group)
         self.world_size = get_world_size(group)
@@ -135,8 +208,14 @@ class PartialFC(nn.Module):
         self.mhe = mhe
         self.triplet = triplet
         self.interclass_filter = interclass_filter
+        self.interclass_filter_mode = interclass_filter_mode
+        self.logits = logits
+        self.logits_budget = float(logits_budget)
+        self.check_inputs = check_inputs
         self.weight = nn.Parameter(init_centers(num_classes, embedding_size, self.class_start,
-                                                self.num_local, seed, init_std, dtype).to(device))
+                                                self.num_local, seed, init_std, dtype, device))
+        # features, margins, softmax statistics and the loss: fp32 whatever the storage type
+        self.compute_dtype = torch.promote_types(self.weight.dtype, torch.float32)
         self.iteration = 0
         self._forwards_this_iteration = 0
         self._stats: dict[str, torch.Tensor] = {}
@@ -146,7 +225,8 @@ class PartialFC(nn.Module):
 
     @staticmethod
     def check_options(*, sample_rate: float, embedding_size: int, chunk_rows: int = 2048,
-                      interclass_filter: float | None = None) -> None:
+                      interclass_filter: float | None = None, interclass_filter_mode: str = "exclude",
+                      logits: str = "auto", logits_budget: float = 0.1) -> None:
         """Raise ValueError naming the first option the head cannot use (the constructor's checks,
         callable before building one, e.g. by a config's validation)."""
         if not 0.0 < sample_rate <= 1.0:
@@ -157,11 +237,18 @@ class PartialFC(nn.Module):
             raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
         if interclass_filter is not None and not -1.0 <= interclass_filter <= 1.0:
             raise ValueError(f"interclass_filter={interclass_filter} outside [-1, 1] (it is a cosine)")
+        if interclass_filter_mode not in FILTER_MODES:
+            raise ValueError(f"interclass_filter_mode={interclass_filter_mode!r} is not one of {FILTER_MODES}")
+        if logits not in LOGITS_MODES:
+            raise ValueError(f"logits={logits!r} is not one of {LOGITS_MODES}")
+        if not logits_budget >= 0:
+            raise ValueError(f"logits_budget={logits_budget} must be >= 0")
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
                 f"rows=[{self.class_start}, {self.class_start + self.num_local}), "
-                f"sample_rate={self.sample_rate}, margin={self.margin}")
+                f"sample_rate={self.sample_rate}, margin={self.margin}, dtype={self.weight.dtype}, "
+                f"logits={self.logits}")
 
     def set_iteration(self, iteration: int) -> None:
         """Set the training iteration: seeds the sampling and advances the margin's schedule."""
@@ -178,6 +265,11 @@ class PartialFC(nn.Module):
         when enabled ``mhe`` (E, unweighted), ``triplet`` (the term, unweighted) and
         ``triplet_pairs``, ``triplet_rows_with_positive``. Reading it synchronises with the device."""
         return {name: float(value) for name, value in self._stats.items()}
+
+    @property
+    def step_stats(self) -> dict[str, torch.Tensor]:
+        """The parts of :attr:`last_stats` as detached 0-d tensors on the head's device (no host sync)."""
+        return dict(self._stats)
 
     def optimizer(self, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
                   update_in_backward: bool = False, **options) -> SparseRowSGD:
@@ -202,15 +294,18 @@ class PartialFC(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of this step; ``x [b, D]`` this rank's embeddings, ``labels [b]`` global ids."""
-        self._check_inputs(x, labels)
+        if self.check_inputs:
+            self._check_inputs(x, labels)
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
-            features = F.normalize(x.to(self.weight.dtype), dim=1, eps=NORM_EPS)
-            features = gather_rows(features, self.group, grad_scale=self.world_size)
-            labels = all_gather_tensor(labels.to(self.weight.device, torch.int64), self.group)
+            features = F.normalize(x.to(self.compute_dtype), dim=1, eps=NORM_EPS)
+            features, labels = gather_rows_and_labels(features, labels.to(self.weight.device), self.group,
+                                                      grad_scale=self.world_size)
             index, target = self._sample(labels)
             ce, accuracy, energy = sharded_margin_softmax(
                 features, self.weight, index, target, self.margin, self.group, self.chunk_rows, self._workspace,
-                self.interclass_filter, self.mhe, self._optimizer_in_backward if self.training else None)
+                self.interclass_filter, self.mhe, self._optimizer_in_backward if self.training else None,
+                filter_mode=self.interclass_filter_mode, keep_logits=self._keep_logits(features.shape[0], index),
+                check_upstream=self.check_inputs)
             loss = ce
             stats = {"ce": ce.detach(), "accuracy": accuracy}
             if self.mhe is not None:
@@ -225,14 +320,23 @@ class PartialFC(nn.Module):
         self.last_sample = (index, target)
         return loss
 
+    def _keep_logits(self, num_rows: int, index: torch.Tensor | None) -> bool:
+        """Keep the ``[S, B]`` logits for the backward (else recompute them), per ``logits``."""
+        if self.logits != "auto":
+            return self.logits == "keep"
+        columns = num_rows * (2 if self.mhe is not None else 1)
+        num_sampled = self.num_local if index is None else index.shape[0]
+        logits_bytes = num_sampled * columns * torch.finfo(self.compute_dtype).bits // 8
+        storage_bytes = self.weight.numel() * self.weight.element_size()
+        return logits_bytes <= self.logits_budget * storage_bytes
+
     def _sample(self, labels):
         if not self.training or self.sample_rate >= 1.0:
             return sample_classes(labels, self.class_start, self.num_local, 1.0)
-        generator = torch.Generator(device=self.weight.device)
-        generator.manual_seed(int(np.random.SeedSequence(
-            [self.seed, self.rank, self.iteration, self._forwards_this_iteration]).generate_state(1)[0]))
+        key = int(np.random.SeedSequence([self.seed, self.iteration, self._forwards_this_iteration])
+                  .generate_state(2, dtype=np.uint64)[0])
         self._forwards_this_iteration += 1
-        return sample_classes(labels, self.class_start, self.num_local, self.sample_rate, generator)
+        return sample_classes(labels, self.class_start, self.num_local, self.sample_rate, key)
 
     def _check_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         """Collective: every rank checks its own inputs, then all raise the same error (naming

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pfc.distributed.collectives import all_gather_tensor, all_reduce_, gather_rows, get_rank, get_world_size
 from pfc.head.margins import SphereFace
 from pfc.head.norms import inverse_norms
+from pfc.head.targets import TargetCells, Targets
 
 _KERNELS = ("euclidean", "log", "angular")
 
@@ -98,45 +99,47 @@ class MHE:
             return squared.pow(-0.5 * self.power)
         return self.power * squared.pow(-0.5 * self.power - 1.0) * (gap > 0)
 
-    def denominator(self, num_rows: int, num_centers: int) -> float:
-        """``B·(K−1)``, doubled with ``half_space``."""
-        if num_centers < 2:
-            raise ValueError("MHE needs at least two sampled centers in total")
-        return num_rows * (num_centers - 1) * (2 if self.half_space else 1)
+    def denominator(self, num_rows: int, num_centers: torch.Tensor) -> torch.Tensor:
+        """``B·(K−1)``, doubled with ``half_space``, from ``K`` as a 0-d tensor (no host read). With
+        a single center in all (K = 1) the sum is empty and the denominator is taken as ``B``
+        (E = 0); the head refuses MHE with fewer than two classes when it is built."""
+        return num_rows * (num_centers - 1).clamp_min(1) * (2 if self.half_space else 1)
 
-    def column_weights(self, index: torch.Tensor | None, positive_columns: torch.Tensor, num_local: int):
+    def column_weights(self, index: torch.Tensor | None, targets: Targets, num_local: int):
         """``(weights [S] or None, count)``: the per-column factor of this rank's sampled centers and
-        the number of centers this rank contributes to K (see ``unbiased``)."""
+        the number of centers this rank contributes to K (see ``unbiased``); static shapes, no
+        host read."""
         if index is None:
             return None, num_local
         num_sampled = index.numel()
         if not self.unbiased:
             return None, num_sampled
-        is_positive = torch.zeros(num_sampled, dtype=torch.bool, device=index.device)
-        is_positive[positive_columns] = True
-        num_positive = int(is_positive.sum())
-        num_negative = num_sampled - num_positive
-        weights = torch.ones(num_sampled, device=index.device)
-        if num_negative > 0:
-            weights[~is_positive] = (num_local - num_positive) / num_negative
+        # mark the positive columns; rows owned elsewhere mark the spare last slot
+        is_positive = torch.zeros(num_sampled + 1, dtype=torch.bool, device=index.device).index_fill_(
+            0, torch.where(targets.owned, targets.positions, num_sampled), True)[:num_sampled]
+        num_positive = is_positive.sum()
+        num_negative = (num_sampled - num_positive).clamp_min(1)  # no negative drawn: nothing to weight
+        weights = torch.where(is_positive, 1.0, (num_local - num_positive) / num_negative).float()
         return weights, num_local
 
-    def shard_energy(self, weight: torch.Tensor, index: torch.Tensor | None, target_rows: torch.Tensor,
-                     target_positions: torch.Tensor, num_rows: int, group=None) -> ShardEnergy:
+    def shard_energy(self, weight: torch.Tensor, index: torch.Tensor | None, targets: Targets, num_rows: int,
+                     group=None) -> ShardEnergy:
         """This rank's part of E in one step of the sharded softmax (collective: gathers the
         positive centers); see :class:`ShardEnergy`."""
-        return ShardEnergy(self, weight, index, target_rows, target_positions, num_rows, group)
+        return ShardEnergy(self, weight, index, targets, num_rows, group)
 
 
 class ShardEnergy:
     """MHE's part in one step of the sharded softmax (:mod:`pfc.head.softmax`), on one rank.
 
-    Notation: ``B`` gathered rows, this rank's ``S`` sampled centers ``W_s``; the batch row
-    ``target_rows[k]`` has its class among them, at position ``target_positions[k]``.
+    Notation: ``B`` gathered rows, this rank's ``S`` sampled centers ``W_s``; batch row i has its
+    class among them at ``targets.positions[i]`` where ``targets.owned[i]``
+    (:class:`pfc.head.targets.Targets`, dense over the B rows: no host sync).
 
-    1. Made in the forward: ``centers = P̂ [B, D]``, the batch's normalised class centers, each
-       row filled by the rank that owns the class, then one SUM all-reduce. The softmax appends
-       them to the features, so one GEMM yields the logits and the cosines ``ŵ_jᵀp̂_i``.
+    1. Made in the forward: ``centers = P̂ [B, D]``, the batch's normalised class centers (fp32
+       whatever the storage type), each row filled by the rank that owns the class, then one SUM
+       all-reduce. The softmax appends them to the features, so one GEMM yields the logits and
+       the cosines ``ŵ_jᵀp̂_i``.
     2. :meth:`chunk_sum`: ``Σ_i Σ_{j ≠ y_i} f(ŵ_yi, ŵ_j)`` over a chunk of ``W_s`` (the target
        cells masked, columns weighted when ``unbiased``); the softmax adds the chunks up and
        reduces the sum and :attr:`count` (this rank's share of K) on its SUM all-reduce.
@@ -147,38 +150,38 @@ class ShardEnergy:
        summed (one all-reduce), taken through ``p̂ = w/‖w‖`` and added to the owners' rows.
     """
 
-    def __init__(self, mhe: MHE, weight: torch.Tensor, index: torch.Tensor | None, target_rows: torch.Tensor,
-                 target_positions: torch.Tensor, num_rows: int, group=None):
+    def __init__(self, mhe: MHE, weight: torch.Tensor, index: torch.Tensor | None, targets: Targets,
+                 num_rows: int, group=None):
         self.mhe = mhe
-        self.target_rows, self.target_positions = target_rows, target_positions
-        own = weight.index_select(0, target_positions if index is None else index[target_positions])
+        self.targets = targets
+        rows = targets.positions if index is None else index[targets.positions]
+        own = weight.index_select(0, rows).to(torch.promote_types(weight.dtype, torch.float32))
         self.own_inv_norm = inverse_norms(own)
         self.own_unit = own * self.own_inv_norm[:, None]
-        centers = weight.new_zeros(num_rows, weight.shape[1])
-        centers[target_rows] = self.own_unit
+        centers = torch.where(targets.owned[:, None], self.own_unit, 0.0)
         self.centers = all_reduce_(centers, dist.ReduceOp.SUM, group)
-        self.column_weight, self.count = mhe.column_weights(index, target_positions, weight.shape[0])
-        self.denominator = 1.0
+        self.column_weight, self.count = mhe.column_weights(index, targets, weight.shape[0])
+        self.denominator = None
 
-    def chunk_sum(self, cos: torch.Tensor, start: int, target_cells: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def chunk_sum(self, cos: torch.Tensor, start: int, cells: TargetCells) -> torch.Tensor:
         """``Σ f`` over ``cos [S_c, B]``, the cosines of sampled centers ``[start, start + S_c)``
-        against ``P̂``; ``target_cells = (positions − start, rows)`` of the targets in the chunk."""
+        against ``P̂``; ``cells`` the target cells of the chunk (left out)."""
         energy = self.mhe.kernel_value(cos)
-        energy[target_cells] = 0.0
+        cells.put(energy, 0.0)
         if self.column_weight is not None:
             energy.mul_(self.column_weight[start:start + cos.shape[0], None])
         return energy.sum()
 
     def value(self, total: torch.Tensor, count: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """E from the reduced ``total`` of the chunk sums and the reduced ``count`` (K)."""
-        self.denominator = self.mhe.denominator(num_rows, int(round(float(count))))
+        """E from the reduced ``total`` of the chunk sums and the reduced ``count`` (K), both 0-d tensors."""
+        self.denominator = self.mhe.denominator(num_rows, count.round())
         return total / self.denominator
 
-    def chunk_grad(self, cos: torch.Tensor, start: int, target_cells: tuple[torch.Tensor, torch.Tensor],
-                   grad_energy: torch.Tensor, out: torch.Tensor) -> None:
+    def chunk_grad(self, cos: torch.Tensor, start: int, cells: TargetCells, grad_energy: torch.Tensor,
+                   out: torch.Tensor) -> None:
         """``out = grad_energy · ∂E/∂cos`` for the chunk of :meth:`chunk_sum`."""
         torch.mul(self.mhe.kernel_grad(cos), grad_energy / self.denominator, out=out)
-        out[target_cells] = 0.0
+        cells.put(out, 0.0)
         if self.column_weight is not None:
             out.mul_(self.column_weight[start:start + cos.shape[0], None])
 
@@ -186,11 +189,11 @@ class ShardEnergy:
         """Add ``∂/∂w`` of the positive centers to ``grad_values [S, D]`` (collective), given this
         rank's share ``grad_centers [B, D]`` of the gradient of ``P̂``."""
         grad_centers = all_reduce_(grad_centers.contiguous(), dist.ReduceOp.SUM, group)
-        own_grad = grad_centers[self.target_rows]
-        # p̂ = w·r: ∂/∂w = r·(g − p̂·(p̂ᵀg)), in place on the gathered copy
+        own_grad = torch.where(self.targets.owned[:, None], grad_centers, 0.0)  # rows owned elsewhere add 0
+        # p̂ = w·r: ∂/∂w = r·(g − p̂·(p̂ᵀg)), in place on the masked copy
         own_grad.sub_(self.own_unit * (own_grad * self.own_unit).sum(dim=1, keepdim=True))
         own_grad.mul_(self.own_inv_norm[:, None])
-        grad_values.index_add_(0, self.target_positions, own_grad)
+        grad_values.index_add_(0, self.targets.positions, own_grad)
 
 
 class TripletTerm(NamedTuple):

@@ -7,16 +7,20 @@ contiguous block; ``r_j = 1/‖w_j‖`` (no normalised copy of W is made).
 Forward, in named steps (the vocab-parallel cross-entropy of Megatron-LM, done chunk by chunk
 over the centers so that the ``[S, B]`` exps never exist at once):
 
-1. chunk logits (:func:`_chunk_cosines`, :func:`_margin_and_filter`): ``z = s·cos`` with the
-   margin at the target cells; a non-target cosine above the inter-class filter leaves the
-   softmax; with MHE the same GEMM yields the cosines against the positive centers, whose energy
-   the MHE pieces sum (:class:`pfc.head.regularizers.ShardEnergy`);
+1. chunk logits (:func:`_chunk_cosines`, :func:`_chunk_logits`): ``z = s·cos`` with the
+   margin at the target cells (:class:`pfc.head.targets.Targets`: dense, no host sync); a
+   non-target logit above the inter-class filter leaves the softmax or becomes 0 (:class:`_Filter`);
+   with MHE the same GEMM yields the cosines against the positive centers, whose energy the MHE
+   pieces sum (:class:`pfc.head.regularizers.ShardEnergy`). The GEMM runs in the centers'
+   storage type with an fp32 result (:class:`pfc.head.gemm.StorageGemm`);
 2. online row statistics (:class:`_RowStatistics`): each row's local max and sum of exps;
 3. global row max (:func:`_global_row_max`): one MAX all-reduce, no gradient through it;
 4. sum of exps, target logits and MHE sums (:func:`_global_sums`): one SUM all-reduce;
 5. loss ``mean_i(log Σ_j exp(z_ij − m_i) + m_i − z_i,y)`` and accuracy.
 
-Backward (no collective, except MHE's one): per chunk, recomputed from the kept logits,
+Backward (no collective, except MHE's one): per chunk, from the kept logits or, with
+``keep_logits=False``, from the chunk's logits recomputed (the same GEMM and steps 1a–1b on the
+same inputs: bit-identical, with the kept rows reused when updating in the backward),
 
 6. gradient chunk (:func:`_softmax_grad_chunk`): ``G = c·(softmax − onehot)·dz_y/dcos``;
 7. MHE gradient (:meth:`ShardEnergy.chunk_grad`) beside it;
@@ -34,13 +38,17 @@ import torch
 import torch.distributed as dist
 
 from pfc.distributed.collectives import all_reduce_
+from pfc.head.gemm import StorageGemm
 from pfc.head.margins import Margin
 from pfc.head.norms import inverse_norms
 from pfc.head.optim import SparseRowSGD, UpdateInBackward
-from pfc.head.regularizers import MHE, ShardEnergy
-from pfc.head.scratch import KeptRows, Workspace
+from pfc.head.regularizers import MHE
+from pfc.head.scratch import Workspace
+from pfc.head.targets import Targets
 
-_EXCLUDED_LOGIT = -1e30  # a filtered logit: exp() is exactly 0 and 0·(−1e30) stays finite
+_EXCLUDED_LOGIT = -1e30  # a filtered logit left out of the softmax: exp() is exactly 0
+FILTER_MODES = ("exclude", "zero")
+LOGITS_MODES = ("auto", "keep", "recompute")
 
 
 @dataclass(frozen=True)
@@ -55,32 +63,9 @@ class SoftmaxOptions:
     filter_threshold: float | None = None
     mhe: MHE | None = None
     optimizer: SparseRowSGD | None = None
-
-
-@dataclass(frozen=True)
-class _Targets:
-    """The target cells of this rank's logits: batch row ``rows[k]`` has its class at sampled
-    position ``positions[k]`` (rows whose class another rank owns are absent). ``cos``, ``value``
-    and ``slope`` (the target cosine, the margin's value and derivative there) are filled by the
-    forward chunk by chunk."""
-
-    rows: torch.Tensor
-    positions: torch.Tensor
-    cos: torch.Tensor
-    value: torch.Tensor
-    slope: torch.Tensor
-
-    @classmethod
-    def of(cls, target: torch.Tensor, like: torch.Tensor) -> _Targets:
-        rows = (target >= 0).nonzero().squeeze(1)
-        count = rows.numel()
-        return cls(rows, target[rows], like.new_empty(count), like.new_empty(count), like.new_empty(count))
-
-    def in_chunk(self, start: int, stop: int):
-        """``(mask [T], cells)`` of the targets whose class is in ``[start, stop)``: ``cells =
-        (positions − start, rows)`` index the chunk's ``[S_c, B]`` block."""
-        mask = (self.positions >= start) & (self.positions < stop)
-        return mask, (self.positions[mask] - start, self.rows[mask])
+    filter_mode: str = "exclude"
+    keep_logits: bool = True
+    check_upstream: bool = True
 
 
 class _RowStatistics:
@@ -98,6 +83,34 @@ class _RowStatistics:
         self.sum += shifted.exp_().sum(dim=0)  # in place: the exps never need their own block
 
 
+class _Filter:
+    """Inter-class filtering of a chunk's logits ``z [S_c, B]`` (target cells never filtered): a
+    non-target logit above ``s·t`` is left out of the softmax (``exclude``: its exp is 0) or
+    replaced by 0 (``zero``, insightface's recipes: the cosine times 0, so it still adds exp(0)
+    and passes no gradient). The kept logits stay unfiltered; the forward's statistics see the
+    filtered values and the backward zeroes the filtered cells' gradient (in both modes: a
+    constant logit), so both passes decide by the same test on the same values."""
+
+    def __init__(self, threshold: float | None, mode: str, scale: float):
+        self.limit = None if threshold is None else scale * threshold
+        self.fill = _EXCLUDED_LOGIT if mode == "exclude" else 0.0
+
+    def mask(self, chunk, cells, workspace):
+        """The filtered cells of ``chunk`` (None without a threshold)."""
+        if self.limit is None:
+            return None
+        noisy = torch.gt(chunk, self.limit, out=workspace.get("noisy", chunk.shape[0], chunk.new_empty(
+            (0, chunk.shape[1]), dtype=torch.bool)))
+        cells.put(noisy, False)
+        return noisy
+
+    def apply(self, chunk, noisy, workspace):
+        """The logits the softmax sees: ``chunk`` itself, or a filtered copy in a scratch block."""
+        if noisy is None:
+            return chunk
+        return workspace.get("filtered", chunk.shape[0], chunk).copy_(chunk).masked_fill_(noisy, self.fill)
+
+
 def _chunk_rows(weight, index, start, stop, workspace, kept=None):
     """The centers of sampled positions ``[start, stop)``: a view of ``weight`` when all rows
     take part, else gathered into ``kept`` (kept for the backward) or a scratch block."""
@@ -107,29 +120,29 @@ def _chunk_rows(weight, index, start, stop, workspace, kept=None):
     return torch.index_select(weight, 0, index[start:stop], out=out)
 
 
-def _chunk_cosines(rows, operand, logits, inv_norm, start, stop):
-    """Step 1a: ``logits[start:stop] = clamp(r·(rows·operandᵀ), −1, 1)`` and
-    ``inv_norm[start:stop] = r``; returns the block."""
-    block = logits[start:stop]
-    inv = inverse_norms(rows, out=inv_norm[start:stop])
-    torch.mm(rows, operand.t(), out=block)
-    block.mul_(inv[:, None]).clamp_(-1.0, 1.0)  # in place: the block is the kept logits
-    return block
+def _chunk_cosines(rows, operand, block, gemm, inv_norm=None):
+    """Step 1a: ``block = clamp(r·(rows·operandᵀ), −1, 1)`` (fp32 whatever the storage type),
+    with ``r = 1/‖row‖`` written to ``inv_norm`` when given (else read from the caller's)."""
+    rows = gemm.rows(rows)
+    inv = inverse_norms(rows, out=inv_norm) if inv_norm is not None else None
+    gemm.mm(rows, operand.t(), out=block)
+    return block, inv
 
 
-def _margin_and_filter(chunk, targets, mask, cells, margin, filter_threshold):
-    """Step 1b: cosines of ``chunk [S_c, B]`` → logits in place: ``s·cos``, ``s·margin(cos)`` at
-    the target cells (recorded in ``targets``), and with a filter threshold t a non-target
-    cosine above t set to a logit whose exp is 0."""
-    targets.cos[mask] = chunk[cells]
-    value, slope = margin.target_logit(targets.cos[mask])
-    targets.value[mask], targets.slope[mask] = value, slope
-    noisy = chunk > filter_threshold if filter_threshold is not None else None
+def _chunk_logits(block, inv, num_rows, targets, cells, margin, record):
+    """Step 1b: the cosines ``block [S_c, B(+B)]`` scaled by ``inv`` → logits in place: ``s·cos``
+    and ``s·margin(cos)`` at the target cells of the first ``num_rows`` columns (the margin's
+    value computed and recorded in ``targets`` when ``record``, else taken from them: the
+    backward's recomputation). Returns the softmax part ``[S_c, B]``."""
+    block.mul_(inv[:, None]).clamp_(-1.0, 1.0)  # in place: the block is the logits
+    chunk = block[:, :num_rows]
+    if record:
+        cos = cells.take(chunk)
+        value, slope = margin.target_logit(cos)
+        targets.record(cells, cos, value, slope)
     chunk.mul_(margin.s)
-    chunk[cells] = margin.s * value
-    if noisy is not None:
-        noisy[cells] = False
-        chunk.masked_fill_(noisy, _EXCLUDED_LOGIT)
+    cells.put(chunk, margin.s * targets.value)
+    return chunk
 
 
 def _global_row_max(local_max, group):
@@ -142,42 +155,40 @@ def _global_sums(stats, row_max, targets, scale, mhe_sum, mhe_count, group):
     logits with and without margin (zero where another rank owns the class) and the MHE sum and
     count. Returns ``(sum_exp, target_logit, raw_target_logit, mhe_total [2])``."""
     num_rows = row_max.shape[0]
-    target_logit = row_max.new_zeros(num_rows)
-    target_logit[targets.rows] = scale * targets.value
-    raw_target_logit = row_max.new_zeros(num_rows)
-    raw_target_logit[targets.rows] = scale * targets.cos
+    target_logit = torch.where(targets.owned, scale * targets.value, 0.0)
+    raw_target_logit = torch.where(targets.owned, scale * targets.cos, 0.0)
     sum_exp = stats.sum * torch.exp(stats.max - row_max)
     reduced = torch.cat([sum_exp, target_logit, raw_target_logit, mhe_sum[None], mhe_sum.new_full((1,), mhe_count)])
     all_reduce_(reduced, dist.ReduceOp.SUM, group)
     return reduced.split([num_rows, num_rows, num_rows, 2])
 
 
-def _softmax_grad_chunk(logits_chunk, row_max, shift, coefficient, fold, targets, mask, cells, out):
-    """Step 6: ``out = c·(softmax − onehot)`` of one chunk ``[S_c, B]``, times the margin's
-    derivative at the target cells; returns those target entries. ``c·softmax`` is
-    ``exp(z − max − shift)`` with ``c`` folded into ``shift`` when ``fold``."""
+def _softmax_grad_chunk(logits_chunk, row_max, shift, magnitude, noisy, targets, cells, out):
+    """Step 6: ``out = |c|·(softmax − onehot)`` of one chunk ``[S_c, B]`` (0 at filtered cells),
+    times the margin's derivative at the target cells; returns those target entries ([B],
+    meaningful where ``cells.mask``). ``|c|·softmax = exp(z − max − shift)``, ``|c|`` folded into
+    ``shift``; the caller applies the sign of ``c``."""
     torch.sub(logits_chunk, row_max, out=out)
     out.sub_(shift).exp_()
-    if not fold:
-        out.mul_(coefficient)
-    grad_target = (out[cells] - coefficient) * targets.slope[mask]
-    out[cells] = grad_target
+    if noisy is not None:
+        out.masked_fill_(noisy, 0.0)
+    grad_target = (cells.take(out) - magnitude) * targets.slope
+    cells.put(out, grad_target)
     return grad_target
 
 
-def _center_grad_chunk(grad_block, block, rows, inv, operand, mask, cells, grad_target, target_shift,
-                       scale, num_rows, workspace, out):
+def _center_grad_chunk(grad_block, block, rows, inv, operand, cells, grad_target, target_shift,
+                       scale, num_rows, workspace, gemm, out):
     """Step 8: ``out = ∂/∂w_j = r_j·A_j − r_j²·u_j·w_j`` for the chunk's centers, with
     ``A = Gᵀ·[X̂; P̂]`` and ``u_j = Σ_i G_ji·c_ji``, where ``c = z/s`` in the softmax block except at
     the targets (there the raw cosine, ``z/s + target_shift``) and the cosine itself in the MHE
-    block; ``grad_block`` holds ``G·r``."""
+    block; ``grad_block`` holds ``G·r``, ``grad_target`` the target cells of ``G`` (without r)."""
     product = torch.mul(grad_block, block, out=workspace.get("product", block.shape[0], block))
     u_scaled = product[:, :num_rows].sum(dim=1).div_(scale)  # r_j·u_j
     if block.shape[1] > num_rows:  # the MHE block
         u_scaled += product[:, num_rows:].sum(dim=1)
-    positions, _ = cells
-    u_scaled.index_add_(0, positions, grad_target * inv[positions, 0] * target_shift[mask])
-    torch.mm(grad_block, operand, out=out)  # r_j·A_j
+    cells.add_to(u_scaled, grad_target * inv[cells.local[0], 0] * target_shift)
+    gemm.mm(gemm.operand(grad_block), operand, out=out)  # r_j·A_j
     out.addcmul_(rows, u_scaled[:, None] * inv, value=-1.0)
 
 
@@ -189,30 +200,33 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
     def forward(ctx, features, weight, index, target, options: SoftmaxOptions):
         num_rows, workspace, scale = features.shape[0], options.workspace, options.margin.s
         num_sampled = weight.shape[0] if index is None else index.numel()
-        targets = _Targets.of(target, features)
+        targets = Targets.of(target, features)
         energy = None if options.mhe is None else options.mhe.shard_energy(
-            weight, index, targets.rows, targets.positions, num_rows, options.group)
+            weight, index, targets, num_rows, options.group)
         # with MHE the positive centers join the features as a second block of the GEMM operand
         operand = features if energy is None else torch.cat([features, energy.centers])
         # updating in the backward: the sampled rows gathered here serve the backward and the update
         # (one random pass over W instead of three; no gradient is stored instead)
         update = options.optimizer is not None and index is not None and weight.requires_grad
         kept = workspace.keep_rows(num_sampled, weight) if update else None
-
-        logits = features.new_empty(num_sampled, operand.shape[0])
+        gemm = StorageGemm(weight.dtype, weight.device, workspace)
+        gemm_operand = gemm.operand(operand)
+        logits = features.new_empty(num_sampled, operand.shape[0]) if options.keep_logits else None
+        scratch_logits = features.new_empty(0, operand.shape[0])  # the shape of a chunk's recomputed logits
         inv_norm = features.new_empty(num_sampled)
+        filtering = _Filter(options.filter_threshold, options.filter_mode, scale)
         stats = _RowStatistics(num_rows, features)
         mhe_sum = features.new_zeros(())
         for start in range(0, num_sampled, options.chunk_rows):
             stop = min(start + options.chunk_rows, num_sampled)
             rows = _chunk_rows(weight, index, start, stop, workspace, None if kept is None else kept.rows)
-            block = _chunk_cosines(rows, operand, logits, inv_norm, start, stop)
-            mask, cells = targets.in_chunk(start, stop)
+            block = logits[start:stop] if logits is not None else workspace.get("logits", stop - start, scratch_logits)
+            block, inv = _chunk_cosines(rows, gemm_operand, block, gemm, inv_norm[start:stop])
+            cells = targets.in_chunk(start, stop)
+            chunk = _chunk_logits(block, inv, num_rows, targets, cells, options.margin, record=True)
             if energy is not None:  # Σ_{j ≠ y_i} f(ŵ_yi, ŵ_j) over this chunk's centers
                 mhe_sum += energy.chunk_sum(block[:, num_rows:], start, cells)
-            chunk = block[:, :num_rows]
-            _margin_and_filter(chunk, targets, mask, cells, options.margin, options.filter_threshold)
-            stats.add(chunk, workspace)
+            stats.add(filtering.apply(chunk, filtering.mask(chunk, cells, workspace), workspace), workspace)
 
         row_max = _global_row_max(stats.max, options.group)
         sum_exp, target_logit, raw_target_logit, mhe_total = _global_sums(
@@ -237,43 +251,56 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         operand, weight, index, logits, inv_norm, row_max, log_sum = ctx.saved_tensors
         options, targets, energy = ctx.options, ctx.targets, ctx.energy
         workspace, scale, num_rows = options.workspace, options.margin.s, row_max.shape[0]
-        num_sampled, weight_needs_grad = logits.shape[0], ctx.needs_input_grad[1]
+        num_sampled, weight_needs_grad = inv_norm.shape[0], ctx.needs_input_grad[1]
         # G = ∂loss/∂cos = c·(softmax − onehot) with c = s·grad/B, softmax = exp(z − max − log Σ);
-        # for c > 0 the factor folds into the exponent: c·softmax = exp(z − max − (log Σ − log c)).
+        # |c| folds into the exponent, |c|·softmax = exp(z − max − (log Σ − log|c|)) (c = 0 gives
+        # exp(−inf) = 0), and the sign of c joins the factor r below: decided on the device.
         # The max is subtracted on its own first: z − max is exact where it matters (near 0).
         coefficient = grad_loss * scale / num_rows
-        fold = bool(coefficient > 0)
-        shift = log_sum - torch.log(coefficient) if fold else log_sum
+        magnitude, sign = coefficient.abs(), coefficient.sign()
+        shift = log_sum - torch.log(magnitude)
         target_shift = targets.cos - targets.value
 
         update = None
         if options.optimizer is not None and weight_needs_grad:
-            update = UpdateInBackward.begin(options.optimizer, weight, index, grad_loss, ctx.loss,
-                                            by_chunk=energy is None)  # MHE adds to rows after the loop
+            update = _begin_update(options, weight, index, grad_loss, ctx.loss, by_chunk=energy is None)
         grad_values = None
         if weight_needs_grad and not (update is not None and update.by_chunk):
             grad_values = workspace.gradient(num_sampled, operand) if update is None else \
                 workspace.get("grad_values", num_sampled, operand)
         kept = workspace.kept(ctx.kept)
+        gemm = StorageGemm(weight.dtype, weight.device, workspace)
+        gemm_operand = gemm.operand(operand)
+        filtering = _Filter(options.filter_threshold, options.filter_mode, scale)
         grad_operand = torch.zeros_like(operand)
+        scratch_logits = operand.new_empty(0, operand.shape[0])
         for start in range(0, num_sampled, options.chunk_rows):
             stop = min(start + options.chunk_rows, num_sampled)
             rows = kept[start:stop] if kept is not None else _chunk_rows(weight, index, start, stop, workspace)
-            inv, block = inv_norm[start:stop, None], logits[start:stop]
-            grad_block = workspace.get("grad", stop - start, logits)
-            mask, cells = targets.in_chunk(start, stop)
-            grad_target = _softmax_grad_chunk(block[:, :num_rows], row_max, shift, coefficient, fold, targets,
-                                              mask, cells, out=grad_block[:, :num_rows])
+            rows_operand = gemm.rows(rows)  # the stored rows as a GEMM operand (upcast on the CPU)
+            inv, cells = inv_norm[start:stop, None], targets.in_chunk(start, stop)
+            if logits is not None:
+                block = logits[start:stop]
+            else:  # recompute the chunk's logits: one more GEMM instead of keeping [S, B]
+                block, _ = _chunk_cosines(rows_operand, gemm_operand,
+                                          workspace.get("logits", stop - start, scratch_logits), gemm)
+                _chunk_logits(block, inv[:, 0], num_rows, targets, cells, options.margin, record=False)
+            grad_block = workspace.get("grad", stop - start, block)
+            noisy = filtering.mask(block[:, :num_rows], cells, workspace)
+            grad_target = _softmax_grad_chunk(block[:, :num_rows], row_max, shift, magnitude, noisy, targets,
+                                              cells, out=grad_block[:, :num_rows])
+            grad_block[:, :num_rows].mul_(inv * sign)  # in place: G·r, the factor of both products below
+            grad_target = grad_target * sign
             if energy is not None:
                 energy.chunk_grad(block[:, num_rows:], start, cells, grad_energy, out=grad_block[:, num_rows:])
-            grad_block.mul_(inv)  # in place: G·r, the factor of both products below
+                grad_block[:, num_rows:].mul_(inv)
             grad_rows = None
             if weight_needs_grad:
                 grad_rows = grad_values[start:stop] if grad_values is not None else \
                     workspace.get("grad_rows", stop - start, operand)
-                _center_grad_chunk(grad_block, block, rows, inv, operand, mask, cells, grad_target, target_shift,
-                                   scale, num_rows, workspace, out=grad_rows)
-            grad_operand.addmm_(grad_block.t(), rows)  # Σ_j G_j r_j w_j
+                _center_grad_chunk(grad_block, block, rows_operand, inv, gemm_operand, cells, grad_target,
+                                   target_shift, scale, num_rows, workspace, gemm, out=grad_rows)
+            gemm.addmm_(grad_operand, gemm.operand(grad_block.t()), rows_operand)  # Σ_j G_j r_j w_j
             if update is not None:  # the rows are no longer needed as they were: update them in place
                 update.chunk(start, stop, grad_rows, rows)
 
@@ -288,10 +315,17 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         return grad_operand[:num_rows], grad_weight, None, None, None
 
 
+def _begin_update(options, weight, index, upstream, loss, by_chunk):
+    """:meth:`UpdateInBackward.begin`, with the upstream check only when the head checks its inputs."""
+    return UpdateInBackward.begin(options.optimizer, weight, index, upstream, loss, by_chunk=by_chunk,
+                                  check_upstream=options.check_upstream)
+
+
 def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
                            target: torch.Tensor, margin: Margin, group=None, chunk_rows: int = 2048,
                            workspace: Workspace | None = None, filter_threshold: float | None = None,
-                           mhe: MHE | None = None, optimizer: SparseRowSGD | None = None):
+                           mhe: MHE | None = None, optimizer: SparseRowSGD | None = None, *,
+                           filter_mode: str = "exclude", keep_logits: bool = True, check_upstream: bool = True):
     """Margin softmax cross-entropy over class centers sharded across the ranks of ``group``.
 
     Args:
@@ -302,13 +336,19 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
         margin: applied to the target cosine; logits are then scaled by ``margin.s``.
         chunk_rows: centers per chunk of the fused pass.
         workspace: scratch memory reused across calls (a :class:`pfc.head.scratch.Workspace`).
-        filter_threshold: inter-class filtering; a non-target cosine above it is left out of its
-            row's softmax (treated as label noise), on every rank alike.
+        filter_threshold: inter-class filtering: a non-target logit above ``s·filter_threshold`` is
+            treated as label noise, on every rank alike, as ``filter_mode`` says: ``exclude`` leaves
+            it out of its row's softmax, ``zero`` sets it to 0 (insightface's convention: it still
+            adds exp(0)); no gradient reaches a filtered cell either way.
         mhe: the MHE energy of the sampled centers (:class:`pfc.head.regularizers.MHE`), computed in
             the same pass.
         optimizer: a :class:`pfc.head.optim.SparseRowSGD` over ``weight`` that the backward applies
             to the sampled rows instead of returning their gradient (see
             :meth:`pfc.head.PartialFC.optimizer`, ``update_in_backward``).
+        keep_logits: keep the ``[S, B]`` logits for the backward (True) or recompute each chunk's
+            there (one more GEMM; bit-identical results, no ``[S, B]`` block held).
+        check_upstream: let the update in the backward check on the host that the upstream
+            gradient is 1 (a host sync; off on steady-state steps).
 
     Returns ``(loss, accuracy, energy)``, scalars: ``loss = mean_i(logsumexp_j z_ij − z_i,y)``
     over all ranks' sampled centers, identical on every rank; accuracy is the share of rows
@@ -318,5 +358,5 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
     the total) and ``∂loss/∂weight [C_r, D]`` (sparse COO over ``index`` when given).
     """
     options = SoftmaxOptions(margin, group, chunk_rows, workspace if workspace is not None else Workspace(),
-                             filter_threshold, mhe, optimizer)
+                             filter_threshold, mhe, optimizer, filter_mode, keep_logits, check_upstream)
     return _ShardedMarginSoftmax.apply(features, weight, index, target, options)

@@ -28,12 +28,18 @@ def build_head(config: TrainConfig, runtime: Runtime) -> PartialFC:
 
 
 def build_backbone_optimizer(config: TrainConfig, backbone: nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum, weight decay on every parameter, as the recipes) or AdamW over the backbone."""
+    """SGD (momentum, weight decay on every parameter, as the recipes) or AdamW over the backbone.
+
+    Under the DDP engine the fused implementation (one kernel for all parameters), which skips a
+    step on the device when the step guard sets its ``found_inf`` (no host synchronisation, as
+    with GradScaler); DeepSpeed wraps the optimizer in its own and keeps the plain one."""
     optim = config.optim
     parameters = [p for p in backbone.parameters() if p.requires_grad]
+    fused = config.backbone.engine == "ddp"
     if optim.name == "adamw":
-        return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
-    return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay, fused=fused)
+    return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                           fused=fused)
 
 
 def deepspeed_settings(config: TrainConfig, runtime: Runtime) -> dict:
@@ -99,9 +105,11 @@ def build_train_state(config: TrainConfig, runtime: Runtime, image_size: int, st
     runner = build_runner(config, runtime, model, backbone_optimizer)
     # the centers' update inside the head's backward: no stored gradient, four random passes over
     # the sampled rows instead of six; possible when the runner backpropagates the loss as it is
+    # centers and momentum in their storage types (center_dtype, momentum_dtype); updates rounded
+    # into them as config.head.rounding says, seeded by the run's seed
     head_optimizer = head.optimizer(lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
-                                    momentum_dtype=optim.momentum_dtype,
-                                    update_in_backward=runner.head_update_in_backward)
+                                    momentum_dtype=config.head.momentum_storage_dtype, rounding=config.head.rounding,
+                                    seed=config.seed, update_in_backward=runner.head_update_in_backward)
     schedulers = {"backbone": torch.optim.lr_scheduler.LambdaLR(runner.optimizer, schedule),
                   "head": torch.optim.lr_scheduler.LambdaLR(head_optimizer, schedule)}
     return TrainState(runner=runner, head=head, head_optimizer=head_optimizer, schedulers=schedulers,

@@ -35,7 +35,10 @@ ENGINES = ("ddp", "deepspeed")
 PRECISIONS = ("fp32", "fp16", "bf16")
 OPTIMIZERS = ("sgd", "adamw")
 SAMPLERS = ("shuffle", "pk")
-MOMENTUM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# storage types of the centers and their momentum (the long names are accepted too)
+STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                  "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROUNDINGS = ("stochastic", "nearest")
 
 
 @dataclass
@@ -138,24 +141,47 @@ class HeadConfig:
     sample_rate: float = 1.0
     """ρ in (0, 1]: share of each rank's negative centers sampled per step (1: full softmax)"""
     interclass_filter: float = 0.0
-    """a cosine t: non-target cosines above t leave the softmax (label-noise filter); 0: off"""
+    """a cosine t: non-target cosines above t are filtered (label-noise filter); 0: off"""
+    interclass_filter_mode: str = "exclude"
+    """exclude: a filtered logit leaves the softmax | zero: it is 0, still adds exp(0) (insightface)"""
+    logits: str = "auto"
+    """keep | recompute | auto: keep the [S, B] logits for the backward or recompute them (one more GEMM);
+    auto recomputes when they would exceed 10 % of the center storage"""
     chunk_rows: int = 2048
     """rows of centers per chunk of the fused softmax (memory vs. speed)"""
+    center_dtype: str = "fp32"
+    """fp32 | bf16 | fp16: storage of the class centers (bf16: half the memory; see README "Center storage type")"""
+    momentum_dtype: str = ""
+    """fp32 | bf16 | fp16: storage of the centers' momentum; "": the centers' type"""
+    rounding: str = "stochastic"
+    """stochastic | nearest: how updates are rounded into bf16/fp16 centers and momentum"""
     margin: MarginConfig = field(default_factory=MarginConfig)
     mhe: MHE = field(default_factory=lambda: MHE(weight=0.0))
     triplet: AngularTriplet = field(default_factory=lambda: AngularTriplet(weight=0.0))
 
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """``center_dtype`` as a torch dtype."""
+        return STORAGE_DTYPES[self.center_dtype]
+
+    @property
+    def momentum_storage_dtype(self) -> torch.dtype:
+        """``momentum_dtype`` as a torch dtype (the centers' when empty)."""
+        return STORAGE_DTYPES[self.momentum_dtype] if self.momentum_dtype else self.storage_dtype
+
     def check(self, embedding_size: int) -> None:
         """The head's own option checks (:meth:`PartialFC.check_options`)."""
         PartialFC.check_options(sample_rate=self.sample_rate, embedding_size=embedding_size,
-                                chunk_rows=self.chunk_rows, interclass_filter=self.interclass_filter or None)
+                                chunk_rows=self.chunk_rows, interclass_filter=self.interclass_filter or None,
+                                interclass_filter_mode=self.interclass_filter_mode, logits=self.logits)
 
     def build(self, num_classes: int, embedding_size: int, *, seed: int, group=None, device=None) -> PartialFC:
         """:class:`PartialFC` over ``num_classes`` centers with this margin and these regularisers."""
         return PartialFC(num_classes=num_classes, embedding_size=embedding_size, margin=self.margin.build(),
                          sample_rate=self.sample_rate, group=group, seed=seed, chunk_rows=self.chunk_rows,
-                         device=device, mhe=_enabled(self.mhe), triplet=_enabled(self.triplet),
-                         interclass_filter=self.interclass_filter or None)
+                         dtype=self.storage_dtype, device=device, mhe=_enabled(self.mhe), triplet=_enabled(self.triplet),
+                         interclass_filter=self.interclass_filter or None,
+                         interclass_filter_mode=self.interclass_filter_mode, logits=self.logits)
 
 
 @dataclass
@@ -174,18 +200,10 @@ class OptimConfig:
     """max L2 norm of the backbone gradient; 0: off"""
     grad_accumulation: int = 1
     """micro-batches per optimizer step"""
-    head_momentum_dtype: str = "float32"
-    """float32 | bfloat16: storage of the centers' momentum buffer (bfloat16 halves it)"""
-
-    @property
-    def momentum_dtype(self) -> torch.dtype:
-        """``head_momentum_dtype`` as a torch dtype."""
-        return MOMENTUM_DTYPES[self.head_momentum_dtype]
 
     def check(self) -> None:
         """The center optimizer's own checks (lr, momentum, weight decay), on a 1×1 parameter."""
-        SparseRowSGD([torch.zeros(1, 1)], lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                     momentum_dtype=self.momentum_dtype)
+        SparseRowSGD([torch.zeros(1, 1)], lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
 
 @dataclass
@@ -285,6 +303,12 @@ ALIASES: dict[str, str] = {
     "max_nonfinite_skips": "checkpoint.max_nonfinite_skips",
 }
 
+# short flags of newer fields, and fields that moved (kept working where they were)
+FLAGS: dict[str, str] = {
+    "center_dtype": "head.center_dtype",
+    "optim.head_momentum_dtype": "head.momentum_dtype",   # the momentum's type was set there before center_dtype
+}
+
 
 def validate(config: TrainConfig) -> None:
     """Check every field's type (numbers finite), the rules of no single component, and each
@@ -293,7 +317,9 @@ def validate(config: TrainConfig) -> None:
     for path, value, allowed in (("backbone.engine", config.backbone.engine, ENGINES),
                                  ("backbone.precision", config.backbone.precision, PRECISIONS),
                                  ("optim.name", config.optim.name, OPTIMIZERS),
-                                 ("optim.head_momentum_dtype", config.optim.head_momentum_dtype, tuple(MOMENTUM_DTYPES))):
+                                 ("head.center_dtype", config.head.center_dtype, tuple(STORAGE_DTYPES)),
+                                 ("head.momentum_dtype", config.head.momentum_dtype, ("", *STORAGE_DTYPES)),
+                                 ("head.rounding", config.head.rounding, ROUNDINGS)):
         if value not in allowed:
             raise ConfigError(f"config field {path!r}: {value!r} is not one of {', '.join(allowed)}")
     at_least = {"data.batch_size": 1, "optim.grad_accumulation": 1, "schedule.num_epochs": 1, "log_every": 1,
@@ -341,7 +367,7 @@ def load_config(path: str | None, argv: list[str] = ()) -> TrainConfig:
         if not isinstance(config, TrainConfig):
             raise ConfigError(f"{path} must define 'config = TrainConfig(...)'")
     validate(config)
-    config = cli.apply_overrides(config, cli.parse_overrides(list(argv)), ALIASES)
+    config = cli.apply_overrides(config, cli.parse_overrides(list(argv)), {**ALIASES, **FLAGS})
     validate(config)
     return config
 
@@ -367,4 +393,4 @@ def to_dict(config: TrainConfig) -> dict:
 def help_text(config: TrainConfig) -> str:
     """Every field of ``config`` by component: dotted name, type, value (the default, or the
     recipe's), meaning; then the legacy flat names."""
-    return cli.help_text(config, ALIASES)
+    return cli.help_text(config, {**ALIASES, **FLAGS})

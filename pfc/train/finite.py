@@ -55,6 +55,14 @@ def non_finite_names(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[
     return [name for name, ok in zip(names, finite.tolist()) if not ok]
 
 
+def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    """A 0-d bool tensor on the tensors' device: whether every floating-point tensor of
+    ``tensors`` is free of inf and NaN (None when there is none); no host synchronisation."""
+    checks = [torch.isfinite(tensor.detach()).all() for tensor in tensors
+              if tensor.is_floating_point() and tensor.numel() > 0]
+    return torch.stack(checks).all() if checks else None
+
+
 def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer):
     for number, state in enumerate(optimizer.state.values()):
         for key, value in state.items():

@@ -3,12 +3,25 @@
     result = train(load_config("configs/synthetic_cpu.py", argv))   # under torchrun, or one process
 
 One optimizer step (N ranks, ``grad_accumulation`` micro-batches of ``batch_size`` per rank):
-  for each micro-batch: the runner embeds the images (DDP or DeepSpeed), the head computes the
-  margin softmax over its shard of the class centers, the loss is back-propagated; then one
-  collective decision (skip the update if any rank's loss is not finite, stop after the step if
-  any rank got SIGTERM/SIGINT), the runner clips and steps both optimizers, both LR schedules
-  advance and ``head.set_iteration`` seeds the next step's sampling. The head is never wrapped in
-  DDP: it owns its shard of the class centers and does its own collectives (see pfc/head).
+  ``head.set_iteration`` seeds the step's sampling; the step's micro-batches are taken from the
+  loader (labels range-checked there, on the host, before they move to the device); the host's
+  control flags (a stop signal, a save due by rank 0's clock, a loading error) are combined in one
+  all-reduce over a CPU group, so every rank raises the same loading error or stops and saves after
+  the same step; for each micro-batch the runner embeds the images (DDP or DeepSpeed), the head
+  computes the margin softmax over its shard of the class centers and the loss is back-propagated;
+  then the step guard's mask (any rank's loss, backbone gradient norm or BatchNorm statistics not
+  finite) is all-reduced on the device and the runner clips and steps both optimizers under it,
+  and what the step changed before the mask was known is put back where it says skip; both LR
+  schedules advance. The head is never wrapped in DDP: it owns its shard of the class centers and
+  does its own collectives (see pfc/head).
+
+No host synchronisation in a steady-state step (DDP engine): the loss and the head's stats are
+summed on the device and read at log steps (every ``log_every``), when the host also learns of
+skipped steps (:meth:`pfc.distributed.fault.StepGuard.review`: the warning, and the stop after
+``max_nonfinite_skips`` in a row, come up to ``log_every`` steps late; nothing skipped was
+applied meanwhile); the head validates its inputs collectively (``head.check_inputs``) only on
+the run's first step and on log steps. DeepSpeed's engine reads its overflow flags on the host
+inside its own step, so the guarantee is the DDP engine's.
 
 Everything a resume needs lives in :class:`pfc.train.state.TrainState`: saved every
 ``save_every`` steps and every ``save_every_minutes`` minutes (rank 0's clock, decided in the
@@ -23,10 +36,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import torch
 from tqdm import tqdm
 
 from pfc.data.manifest import image_side, manifest_source, read_manifest
-from pfc.distributed.agree import agree_on_error
 from pfc.distributed.fault import StepDecision, StepGuard, StopSignals
 from pfc.errors import ConfigError
 from pfc.evaluation.export import save_backbone
@@ -111,18 +124,22 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
 
 def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: TrainLogger, val_sets, image_size: int):
     """The epochs, from ``state``'s position to ``total_steps`` or a stop; returns
-    ``(last loss, stop reason or "", the step guard, verification summaries so far)``."""
+    ``(last loss, stop reason or "", the step guard, verification summaries so far)``.
+
+    Host reads of device values happen at "host steps" only: log steps, saves and stops (the
+    guard's counts, so that a checkpoint holds the exact number of skipped steps)."""
     stop_signals, guard = StopSignals(), StepGuard(config.checkpoint.max_nonfinite_skips)
     last_save, save_period_s = time.monotonic(), config.checkpoint.every_minutes * 60
     window = MetricsWindow(config.data.batch_size * config.optim.grad_accumulation * runtime.world_size)
     idle_triplet = TripletIdleWarning(config.head.triplet.weight, runtime.is_main)
-    last_loss, stopped, history = float("nan"), "", []
+    last_loss, stopped, history, first_step = None, "", [], True
     batches_per_epoch = state.steps_per_epoch * config.optim.grad_accumulation
     state.runner.train()
     state.head.train()
     rollback = StepRollback(state.runner.model, state.head, state.head_optimizer,
                             state.runner.head_update_in_backward)
-    samples_skipped = SkippedSamples()
+    samples_skipped = SkippedSamples(guard.control_group)
+    skipped_before = state.skipped_steps  # a resumed run's earlier skips
     try:
         while state.step < state.total_steps and not stopped:
             # a resumed run starts at its position in the epoch (nothing before it is read again)
@@ -136,12 +153,19 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
             for _ in range(steps):
                 lr_used = state.runner.optimizer.param_groups[0]["lr"]
                 save_due = runtime.is_main and 0 < save_period_s <= time.monotonic() - last_save  # rank 0 decides
+                log_step = (state.step + 1) % config.log_every == 0 or state.step + 1 == state.total_steps
                 last_loss, stats, decision = train_step(state, config, runtime, loader, guard, stop_signals,
-                                                        rollback, save_due)
+                                                        rollback, save_due, check_inputs=first_step or log_step)
+                first_step = False
                 state.step += 1
                 window.add(last_loss, stats)
                 bar.update(1)
-                if state.step % config.log_every == 0 or state.step == state.total_steps:
+                save = decision.save or bool(config.checkpoint.every and state.step % config.checkpoint.every == 0)
+                if log_step or save or decision.stop:  # the host learns of the skipped steps
+                    review = guard.review(state.step)
+                    state.skipped_steps = skipped_before + guard.skipped_total
+                    decision = review if review.stop else decision  # giving up outranks a signal
+                if log_step:
                     record = window.record(state, lr_used)
                     idle_triplet.check(record, write=tqdm.write)   # once: a triplet term with no pairs
                     record["skipped_samples"] = samples_skipped.total_over_ranks()  # collective, at log steps
@@ -153,7 +177,7 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
                     summaries = run_verification(state, val_sets, config, runtime, image_size)
                     logger.log_eval(summaries, write=tqdm.write)
                     history.extend(summaries)
-                if decision.save or (config.checkpoint.every and state.step % config.checkpoint.every == 0):
+                if save:
                     save_train_checkpoint(state, config)
                     last_save = time.monotonic()
             bar.close()
@@ -163,7 +187,7 @@ def _run(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Train
     finally:
         stop_signals.restore()
         rollback.close()
-    return last_loss, stopped, guard, history
+    return (float("nan") if last_loss is None else float(last_loss)), stopped, guard, history
 
 
 def _finish(state: TrainState, config: TrainConfig, runtime: Runtime, logger: TrainLogger, val_sets,
@@ -183,55 +207,64 @@ def _finish(state: TrainState, config: TrainConfig, runtime: Runtime, logger: Tr
     return summaries
 
 
-def _next_batch(state: TrainState, loader, device):
-    """The next micro-batch on ``device``; a loading error on any rank is raised on every rank."""
-    batch, error = None, None
+def _next_batches(state: TrainState, config: TrainConfig, loader, guard: StepGuard, stop_signals: StopSignals,
+                  save_due: bool):
+    """The step's ``grad_accumulation`` micro-batches as the loader hands them over, and the step's
+    control decision: one all-reduce of the host's flags (:meth:`StepGuard.control`), in which a
+    loading failure on any rank (a label outside [0, num_classes) found by the loader, a corrupt
+    shard, a loader that ends early) is raised on every rank alike. All of the step's batches are
+    taken first, so that no rank starts a collective of the step that another cannot join."""
+    batches, error = [], None
+    first, count = state.batch_in_epoch, config.optim.grad_accumulation
     try:
-        batch = next(loader)
+        while len(batches) < count:
+            batches.append(next(loader))
     except StopIteration:
-        error = RuntimeError(f"the loader of epoch {state.epoch} ended after {state.batch_in_epoch} "
+        error = RuntimeError(f"the loader of epoch {state.epoch} ended after {first + len(batches)} "
                              f"batches, before the {state.steps_per_epoch} steps it announced")
     except Exception as exc:  # a data error (e.g. a label outside [0, num_classes))
         error = exc
-    agree_on_error(error, f"loading batch {state.batch_in_epoch} of epoch {state.epoch}")
-    images, labels = batch
-    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    batch_names = f"batch {first}" if count == 1 else f"batches {first}–{first + count - 1}"
+    decision = guard.control(stop_signals.requested, save_due, error,
+                             f"loading {batch_names} of epoch {state.epoch}", step=state.step)
+    return batches, decision
 
 
 def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader, guard: StepGuard,
-               stop_signals: StopSignals, rollback: StepRollback,
-               save_due: bool = False) -> tuple[float, dict, StepDecision]:
+               stop_signals: StopSignals, rollback: StepRollback, save_due: bool = False,
+               check_inputs: bool = True) -> tuple[torch.Tensor, dict, StepDecision]:
     """One optimizer step over ``grad_accumulation`` micro-batches from ``loader``; returns
-    (loss, head stats, the guard's decision).
+    (loss, head stats, the step's control decision), the loss and the stats as 0-d device tensors
+    (the mean over micro-batches), unread.
 
-    The loss is the mean over micro-batches, the head's stats likewise. Before the update,
-    ``guard`` decides on every rank alike: a non-finite loss, backbone gradient or BatchNorm
-    statistic on any rank skips the update, and ``rollback`` puts back what the step changed
-    before the decision (BatchNorm statistics, centers updated in the head's backward), so a
-    skipped step (or one the engine skipped itself: an fp16 overflow) leaves the whole model
-    state as it was; the LR
-    schedules still advance (the step index moves on). A stop signal on any rank stops after
-    this step; ``save_due`` on any rank (rank 0's clock) saves after it.
+    Before any collective of the step, the host's flags are agreed (:func:`_next_batches`): a
+    loading error on any rank is raised on every rank; a stop signal on any rank stops every rank
+    after this step; ``save_due`` on any rank (rank 0's clock) saves after it. Before the update,
+    ``guard`` makes the skip mask on the device: a non-finite loss, backbone gradient or BatchNorm
+    statistic on any rank skips the update of both optimizers, and ``rollback`` puts back what the
+    step changed before the mask was known (BatchNorm statistics, centers updated in the head's
+    backward), so a skipped step (or one the engine skipped itself: an fp16 overflow) leaves the
+    whole model state as it was; the LR schedules still advance (the step index moves on). The
+    host learns of skips at the next :meth:`StepGuard.review`. ``check_inputs``: the head
+    validates its inputs collectively (host syncs; the run's first step and log steps).
     """
     state.head.set_iteration(state.step)
+    batches, decision = _next_batches(state, config, loader, guard, stop_signals, save_due)
+    state.head.check_inputs = check_inputs
     rollback.begin()
-    step_loss, stats = 0.0, {}
-    for micro in range(config.optim.grad_accumulation):
-        images, labels = _next_batch(state, loader, runtime.device)
-        last_micro = micro == config.optim.grad_accumulation - 1
-        step_loss += state.runner.forward_backward(images, labels, state.head, last_micro).item()
+    step_loss, stats = None, {}
+    for micro, (images, labels) in enumerate(batches):
+        images = images.to(runtime.device, non_blocking=True)  # no-op when the loader put them there
+        labels = labels.to(runtime.device, non_blocking=True)
+        loss = state.runner.forward_backward(images, labels, state.head, micro == len(batches) - 1)
+        step_loss = loss if step_loss is None else step_loss + loss
         state.batch_in_epoch += 1
-        for key, value in state.head.last_stats.items():
-            stats[key] = stats.get(key, 0.0) + value / config.optim.grad_accumulation
-    decision = guard.check(step_loss, stop_signals.requested, step=state.step,
-                           step_finite=state.runner.gradients_finite() and rollback.buffers_finite(),
-                           save_due=save_due)
-    if decision.skip:
-        state.runner.skip(state.head_optimizer)
-        rollback.restore()
-        state.skipped_steps += 1
-    elif not state.runner.step(state.head_optimizer):
-        rollback.restore()
+        for key, value in state.head.step_stats.items():  # 0-d device tensors, unread
+            share = value / len(batches)
+            stats[key] = stats[key] + share if key in stats else share
+    found_inf = guard.found_inf(step_loss, state.runner.gradients_finite(), rollback.buffers_finite())
+    applied = state.runner.step(state.head_optimizer, found_inf)
+    rollback.restore(~applied if isinstance(applied, torch.Tensor) else not applied)
     for scheduler in state.schedulers.values():
         scheduler.step()
     return step_loss, stats, decision

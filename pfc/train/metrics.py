@@ -10,30 +10,41 @@ import torch
 
 from pfc.distributed.collectives import all_reduce_
 from pfc.evaluation.roc import format_rate
+from pfc.host_syncs import read_host
 from pfc.train.state import TrainState
 
 
 class MetricsWindow:
-    """Averages of the loss and the head's stats over the steps since the last log line."""
+    """Averages of the loss and the head's stats over the steps since the last log line.
+
+    :meth:`add` takes the step's values as they come (0-d device tensors: the loss and
+    ``head.step_stats``; floats work too) and sums them where they are, without reading them;
+    :meth:`record` reads the sums at a log step, all in one host synchronisation.
+    """
 
     def __init__(self, samples_per_step: int):
         self.samples_per_step = samples_per_step
         self._reset()
 
     def _reset(self) -> None:
-        self.loss, self.count, self.stats, self.start = 0.0, 0, {}, time.perf_counter()
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.count, self.start = 0, time.perf_counter()
 
-    def add(self, loss: float, stats: dict) -> None:
-        self.loss += loss
+    def add(self, loss: torch.Tensor | float, stats: dict) -> None:
         self.count += 1
-        for key, value in stats.items():
-            self.stats[key] = self.stats.get(key, 0.0) + value
+        for key, value in {**stats, "loss": loss}.items():  # the step's loss, whatever the head calls its own
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to(torch.float32)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
 
     def record(self, state: TrainState, lr: float) -> dict:
         """The log record (step, epoch, loss, ce, accuracy, …, lr, samples/s, ETA); starts a new window."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        record = {"step": state.step, "epoch": state.epoch, "loss": self.loss / self.count}
-        record.update({key: value / self.count for key, value in self.stats.items()})
+        names = [name for name, value in self.sums.items() if isinstance(value, torch.Tensor)]
+        values = torch.stack([self.sums[name] for name in names]).tolist() if names else []  # the one read
+        sums = {**self.sums, **dict(zip(names, values))}
+        record = {"step": state.step, "epoch": state.epoch, "loss": sums.pop("loss", float("nan")) / self.count}
+        record.update({key: value / self.count for key, value in sums.items()})
         record["lr"] = lr
         record["samples_per_s"] = self.samples_per_step * self.count / elapsed
         record["eta_s"] = (state.total_steps - state.step) * elapsed / self.count
@@ -45,7 +56,8 @@ class SkippedSamples:
     """The corrupt samples / tar errors the loaders of this run skipped (``loader.stats["skipped"]``),
     over the epochs: :meth:`follow` each epoch's loader, :meth:`total_over_ranks` at a log step."""
 
-    def __init__(self):
+    def __init__(self, group=None):
+        self.group = group   # a CPU (gloo) group: the counts live on the host
         self.done_epochs = 0
         self.loader = None
 
@@ -56,10 +68,10 @@ class SkippedSamples:
         self.loader = loader
 
     def total_over_ranks(self) -> int:
-        """Collective (one all-reduce of one number; every rank calls it at the same steps): the
-        samples skipped so far in this run, summed over the ranks."""
+        """Collective (one all-reduce of one number over ``group``; every rank calls it at the same
+        steps): the samples skipped so far in this run, summed over the ranks; no device involved."""
         mine = self.done_epochs + (int(self.loader.stats["skipped"]) if self.loader is not None else 0)
-        return int(all_reduce_(torch.tensor([mine], dtype=torch.int64)).item())
+        return int(read_host(all_reduce_(torch.tensor([mine], dtype=torch.int64), group=self.group))[0])
 
 
 class TripletIdleWarning:

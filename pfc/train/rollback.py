@@ -1,14 +1,15 @@
 """A skipped step leaves the model as it was: what a step changes before the guard decides, undone.
 
-    rollback = StepRollback(runner, head, head_optimizer)
+    rollback = StepRollback(model, head, head_optimizer, runner.head_update_in_backward)
     rollback.begin()                 # before the step's micro-batches
-    ...                              # forward + backward of every micro-batch, the guard's decision
-    if the update is skipped (a non-finite loss or gradient, or the engine's own skip):
-        runner.skip(head_optimizer); rollback.restore()
+    ...                              # forward + backward of every micro-batch
+    found_inf = guard.found_inf(loss, ..., rollback.buffers_finite())
+    applied = runner.step(head_optimizer, found_inf)     # masked: a skipped step updates nothing
+    rollback.restore(skip=~applied)  # on the device: what the step changed is put back where skipped
     rollback.close()                 # at the end of the run (removes the head's forward hook)
 
-A skipped step does not step the optimizers, so the weights and the optimizer states stay. Two
-things change anyway, before the decision can be taken:
+A skipped step's optimizer steps are masked (``found_inf``), so the weights and the optimizer
+states stay. Two things change anyway, before the decision can be taken:
 
 * the backbone's buffers: the forward runs in training mode, so BatchNorm's running mean and
   variance and ``num_batches_tracked`` move (to NaN after a non-finite forward, and every later
@@ -21,6 +22,14 @@ things change anyway, before the decision can be taken:
   momentum are therefore copied after each head forward (a forward hook: the rows are known only
   then) and written back by :meth:`restore`. That is one gather of the rows the update itself
   reads and writes, ``2 · S_r · D`` values per step (S_r sampled rows on the rank).
+
+:meth:`restore` decides on the device, without a host synchronisation: ``skip`` is a 0-d bool
+tensor, and every snapshotted value becomes ``where(skip, saved, current)``. A step that is not
+skipped therefore costs a restore too: the buffers (small) and, with the update in the backward,
+one scatter of the saved rows, which a kept step aims at a single row (see
+:meth:`StepRollback._masked_row_write`), so that it neither reads the sampled rows again nor
+writes them. A Python bool ``skip`` (an engine that decides on the host, DeepSpeed) restores only
+when True.
 
 Measured with ``python bench/step_rollback.py`` on one CPU thread: the buffer copy and check cost
 0.2 % / 0.03 % of a tiny / iresnet50 step (batch 16), the gradient norm of the guard 1.5 % /
@@ -35,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pfc.train.finite import non_finite_names
+from pfc.train.finite import all_finite
 
 
 class StepRollback:
@@ -52,10 +61,11 @@ class StepRollback:
         self._have_rows = False
         self._hook = head.register_forward_hook(self._snapshot_rows) if head_update_in_backward else None
 
-    def buffers_finite(self) -> bool:
+    def buffers_finite(self) -> torch.Tensor | None:
         """Whether the backbone's buffers are finite after the forward (a finite loss can come with
-        an inf running variance: training-mode BatchNorm normalises with the batch's statistics)."""
-        return not non_finite_names((str(number), buffer) for number, buffer in enumerate(self.buffers))
+        an inf running variance: training-mode BatchNorm normalises with the batch's statistics):
+        a 0-d bool device tensor, None without floating-point buffers; no host synchronisation."""
+        return all_finite(self.buffers)
 
     @torch.no_grad()
     def begin(self) -> None:
@@ -72,6 +82,14 @@ class StepRollback:
             live["momentum"] = momentum
         return live
 
+    @staticmethod
+    def _scratch(blocks: dict[str, torch.Tensor], name: str, count: int, like: torch.Tensor) -> torch.Tensor:
+        """A reused ``[≥ count, D]`` block of ``like``'s type and device (grown when too small)."""
+        block = blocks.get(name)
+        if block is None or block.shape[0] < count or block.dtype != like.dtype:
+            block = blocks[name] = torch.empty((count, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        return block[:count]
+
     @torch.no_grad()
     def _snapshot_rows(self, head: nn.Module, inputs, output) -> None:
         """Forward hook of the head (update in backward only): copy the rows its backward will update."""
@@ -81,31 +99,53 @@ class StepRollback:
         self._rows = index
         for name, live in self._live_rows().items():
             count = live.shape[0] if index is None else index.numel()
-            scratch = self._saved_rows.get(name)
-            if scratch is None or scratch.shape[0] < count or scratch.dtype != live.dtype:
-                scratch = self._saved_rows[name] = torch.empty((count, *live.shape[1:]), dtype=live.dtype,
-                                                               device=live.device)
+            scratch = self._scratch(self._saved_rows, name, count, live)
             if index is None:
-                scratch[:count].copy_(live)
+                scratch.copy_(live)
             else:
-                torch.index_select(live, 0, index, out=scratch[:count])
+                torch.index_select(live, 0, index, out=scratch)
         self._have_rows = True
 
     @torch.no_grad()
-    def restore(self) -> None:
-        """Put back what :meth:`begin` and the head's forward hook copied."""
+    def restore(self, skip: torch.Tensor | bool = True) -> None:
+        """Put back what :meth:`begin` and the head's forward hook copied where ``skip`` (a 0-d
+        bool tensor, decided on the device; or a Python bool) is true; a no-op where it is false."""
+        if not isinstance(skip, torch.Tensor):
+            if skip:
+                self._write_back(None)
+            self._have_rows = False
+            return
+        self._write_back(skip)
+
+    def _write_back(self, skip: torch.Tensor | None) -> None:
+        """``current = where(skip, saved, current)`` for the buffers and the snapshotted rows
+        (``skip`` None: ``current = saved``)."""
         for saved, buffer in zip(self.saved_buffers, self.buffers):
-            buffer.copy_(saved)
+            buffer.copy_(saved if skip is None else torch.where(skip.to(buffer.device), saved, buffer))
         if not self._have_rows:
             return
+        rows = self._rows
         for name, live in self._live_rows().items():
-            count = live.shape[0] if self._rows is None else self._rows.numel()
-            saved = self._saved_rows[name][:count]
-            if self._rows is None:
-                live.copy_(saved)
-            else:
-                live.index_copy_(0, self._rows, saved)
+            saved = self._saved_rows[name][:live.shape[0] if rows is None else rows.numel()]
+            if rows is None:  # every row was updated: one pass over the shard
+                live.copy_(saved if skip is None else torch.where(skip.to(live.device), saved, live))
+            elif skip is None:
+                live.index_copy_(0, rows, saved)
+            elif rows.numel():
+                self._masked_row_write(live, rows, saved, skip.to(live.device))
         self._have_rows = False
+
+    @staticmethod
+    def _masked_row_write(live: torch.Tensor, rows: torch.Tensor, saved: torch.Tensor, skip: torch.Tensor) -> None:
+        """``live[rows] = saved`` where ``skip``, else leave ``live`` as it is, without reading
+        ``live[rows]``: the write goes to ``rows`` when skipping and all to the first of them
+        otherwise (index_copy_ of duplicates: one of them lands), whose own value is then put back
+        from a one-row copy. One scatter of the saved rows, as the host-decided restore of a
+        skipped step; a kept step's writes all hit one row (cache-resident) instead of the shard."""
+        first = rows[:1]
+        first_now = live.index_select(0, first)   # the update's value of that row (kept if not skipping)
+        live.index_copy_(0, torch.where(skip, rows, first.expand_as(rows)), saved)
+        live.index_copy_(0, first, torch.where(skip, saved[:1], first_now))
 
     def close(self) -> None:
         """Remove the head's forward hook."""

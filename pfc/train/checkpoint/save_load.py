@@ -226,6 +226,23 @@ def _restore_schedulers(path: Path, saved: dict[str, Any], schedulers: dict[str,
         scheduler.load_state_dict(state)
 
 
+def _storage_casts(metadata, state: TrainState) -> list[str]:
+    """``"centers float32 → bfloat16"`` for each of the head's row tensors (centers, momentum)
+    that the checkpoint stores in another type than the model now does."""
+    head, optimizer = state.head, state.head_optimizer
+    current = {"head.weight": ("centers", head.weight.dtype)}
+    for index, param in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+        buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+        if param is head.weight and isinstance(buffer, torch.Tensor):
+            current[f"head_optimizer.state.{index}.momentum_buffer"] = ("momentum", buffer.dtype)
+    notes = []
+    for fqn, (what, dtype) in current.items():
+        saved = getattr(getattr(metadata.state_dict_metadata.get(fqn), "properties", None), "dtype", None)
+        if saved is not None and saved != dtype:
+            notes.append(f"{what} {str(saved).removeprefix('torch.')} → {str(dtype).removeprefix('torch.')}")
+    return notes
+
+
 def load_checkpoint(path: str | os.PathLike, state: TrainState, group=None, check_content: bool = True
                     ) -> LoadedCheckpoint:
     """Restore ``state``'s objects in place from the checkpoint at ``path``; its position is
@@ -235,7 +252,9 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState, group=None, chec
     current partition, whatever world size saved them; schedulers are restored as saved; RNG
     states only when the saved world size equals the current one; the backbone as its runner
     decides (:meth:`~pfc.train.runners.base.BackboneRunner.restore`: from the same engine its
-    optimizer state too, from the other engine the weights only).
+    optimizer state too, from the other engine the weights only). The centers and their momentum
+    load into the types the model stores them in now (``center_dtype``: an fp32 checkpoint into
+    bf16 centers and back), rounded to nearest, with a one-line note on rank 0.
 
     Raises CheckpointError (on every rank) when the checkpoint is incomplete, damaged (its
     files' CRC-32 are checked unless ``check_content`` is False: the caller has just run
@@ -268,6 +287,10 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState, group=None, chec
         return rng is not None and same_world, optimizer_restored
 
     rng_restored, optimizer_restored = run_on_every_rank(restore, where, group)
+    casts = _storage_casts(metadata, state)
+    if casts and rank == 0:
+        logger.warning("checkpoint %s: the head's storage types changed, cast on load (rounded to nearest): %s",
+                       path, "; ".join(casts))
     if not optimizer_restored and rank == 0:
         logger.warning("checkpoint %s (%s, %d ranks) resumed on %s with %d ranks: backbone weights restored, "
                        "its optimizer state starts fresh", path, saved_engine, manifest["world_size"],

@@ -3,13 +3,18 @@
     runner = build_runner(config, runtime, model, optimizer)   # DDPRunner or DeepSpeedRunner
     for each micro-batch:
         loss = runner.forward_backward(images, labels, head, last_micro)
-    finite = runner.gradients_finite()          # part of the step guard's decision
-    applied = runner.step(head_optimizer)       # or runner.skip(head_optimizer) on a bad step
+    found_inf = guard.found_inf(loss, runner.gradients_finite(), …)   # the step guard's mask
+    applied = runner.step(head_optimizer, found_inf)   # masked: nothing changes where found_inf
 
 The runner owns the engine's policy: how micro-batches accumulate, loss scaling, clipping,
 whether the head may update its centers inside its backward, and which parts of a checkpoint
 are the backbone's (and how to read a checkpoint the other engine wrote). The loop and the
 checkpoint code never ask which engine runs.
+
+Host synchronisation: the DDP runner decides on the device (``gradients_finite`` and ``step``'s
+result are 0-d tensors; its optimizer skips on ``found_inf`` as torch's fused optimizers do), so a
+steady-state step waits for the device nowhere. DeepSpeed's engine reads its overflow flag on
+the host inside its own step; its runner decides on the host too (Python bools).
 """
 from __future__ import annotations
 
@@ -44,17 +49,18 @@ class BackboneRunner(Protocol):
         this micro-batch's share of the step loss (divided by the accumulation steps), detached.
         ``last_micro``: the last micro-batch of the step (gradients are all-reduced then)."""
 
-    def gradients_finite(self) -> bool:
-        """After the last micro-batch: False when this rank's backbone gradients hold inf/NaN (the
-        step guard then skips the step on every rank); True where the engine checks them itself."""
+    def gradients_finite(self) -> torch.Tensor | bool | None:
+        """After the last micro-batch: whether this rank's backbone gradients are free of inf/NaN,
+        a 0-d bool device tensor (part of the step guard's mask, no host synchronisation); True or
+        None where the engine checks them itself."""
 
-    def step(self, head_optimizer: torch.optim.Optimizer) -> bool:
+    def step(self, head_optimizer: torch.optim.Optimizer, found_inf: torch.Tensor | None = None
+             ) -> torch.Tensor | bool:
         """Clip the backbone gradient and step the backbone and the head optimizers, then clear
-        the gradients. False when the engine skipped the update (fp16 overflow): the head's
-        update is then skipped too."""
-
-    def skip(self, head_optimizer: torch.optim.Optimizer) -> None:
-        """Drop this step's gradients without changing any weight or optimizer state."""
+        the gradients; where ``found_inf`` (the guard's 0-d mask, the same on every rank) is
+        nonzero, neither optimizer changes anything. Returns whether the update was applied (a 0-d
+        bool tensor, or a bool where the engine decides on the host): False where ``found_inf``
+        or the engine itself (an fp16 overflow) skipped it; the head's update is then skipped too."""
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The backbone's parts of the checkpoint's state tree (names → state dicts)."""

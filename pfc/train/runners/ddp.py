@@ -1,7 +1,15 @@
-"""The backbone under DistributedDataParallel (or alone on one rank), with autocast and fp16 scaling."""
+"""The backbone under DistributedDataParallel (or alone on one rank), with autocast and fp16 scaling.
+
+The step decides on the device: the gradient norm's finiteness is a 0-d tensor, clipping uses that
+norm as it is (``clip_grads_with_norm_``), and both optimizers skip a bad step through their
+``found_inf`` attribute (torch's fused SGD/AdamW, as under GradScaler, and the head's
+SparseRowSGD), so a step makes no host synchronisation. An optimizer that cannot skip on the
+device is stepped after one host read of the mask.
+"""
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +28,9 @@ class DDPRunner:
     The gradient is all-reduced only on the last micro-batch of a step (``no_sync`` before it).
     ``autocast_dtype`` (fp16/bf16 on GPU) wraps the backbone's forward; the head always computes
     in float32. ``grad_scaler`` (fp16) scales the loss of backbone and head alike and unscales both
-    before clipping. ``wrap=False`` keeps the bare module (one rank, or a test that averages itself).
+    before clipping; a step whose unscaled backbone gradients overflow is skipped by both
+    optimizers (on the device) and the scale backs off. ``wrap=False`` keeps the bare module (one
+    rank, or a test that averages itself).
     """
 
     engine = ENGINE
@@ -42,6 +52,7 @@ class DDPRunner:
         # the head's loss reaches its backward as it is: no loss scale, no division by micro-batches
         self.head_update_in_backward = grad_accumulation == 1 and grad_scaler is None
         self._grad_norm: torch.Tensor | None = None  # of this step's gradients, when gradients_finite computed it
+        prime_momentum(optimizer)
 
     def train(self, mode: bool = True) -> None:
         self.network.train(mode)
@@ -64,50 +75,45 @@ class DDPRunner:
                 loss.backward()
         return loss.detach()
 
-    def gradients_finite(self) -> bool:
+    def gradients_finite(self) -> torch.Tensor | None:
         """Whether this rank's backbone gradients (all-reduced after the last micro-batch) are all
-        finite: their total 2-norm, one pass, kept for the clipping of :meth:`step`. Always True
-        with fp16 loss scaling: an overflow is the scaler's to skip (:meth:`step` returns False)."""
+        finite: a 0-d bool device tensor from their total 2-norm (one pass, kept for the clipping
+        of :meth:`step`). None with fp16 loss scaling (an overflow is the scaler's to skip, see
+        :meth:`step`) or without gradients."""
         self._grad_norm = None
         if self.grad_scaler is not None:
-            return True
+            return None
         self._grad_norm = self._gradient_norm()
-        return self._grad_norm is None or bool(torch.isfinite(self._grad_norm))
+        return None if self._grad_norm is None else torch.isfinite(self._grad_norm)
 
     def _gradient_norm(self) -> torch.Tensor | None:
         """The total 2-norm of the backbone's gradients (None when it has none)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return nn.utils.get_total_norm(grads) if grads else None
 
-    def step(self, head_optimizer):
+    def step(self, head_optimizer, found_inf=None):
         scaler = self.grad_scaler
-        if scaler is not None:
+        if scaler is not None:  # unscaled on the device; the scaler records its own overflow check
             scaler.unscale_(self.optimizer)
             scaler.unscale_(head_optimizer)
             self._grad_norm = self._gradient_norm()
+            if self._grad_norm is not None:
+                # one decision for both optimizers, the same on every rank (the backbone's gradients
+                # are all-reduced): an fp16 overflow skips the head's update too
+                overflow = (~torch.isfinite(self._grad_norm)).to(torch.float32)
+                found_inf = overflow if found_inf is None else torch.maximum(found_inf, overflow)
         if self.grad_clip > 0 and self._grad_norm is not None:  # the norm measured once
             nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, self._grad_norm)
         elif self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        masked_step(self.optimizer, found_inf)
+        masked_step(head_optimizer, found_inf)
         if scaler is not None:
-            # one decision for both optimizers, the same on every rank (the backbone's gradients
-            # are all-reduced): an fp16 overflow skips the head's update too; the scale backs off
-            applied = self._grad_norm is None or bool(torch.isfinite(self._grad_norm))
-            if applied:
-                scaler.step(self.optimizer)
-                scaler.step(head_optimizer)
-            scaler.update()
-        else:
-            self.optimizer.step()
-            head_optimizer.step()
-            applied = True
-        self.skip(head_optimizer)
-        return applied
-
-    def skip(self, head_optimizer):
+            scaler.update()  # backs off the scale after an overflow it recorded in unscale_
         self._grad_norm = None
         self.optimizer.zero_grad(set_to_none=True)
         head_optimizer.zero_grad(set_to_none=True)
+        return True if found_inf is None else found_inf == 0
 
     def checkpoint_state(self) -> dict[str, Any]:
         optimizer = self.optimizer.state_dict()
@@ -135,4 +141,52 @@ class DDPRunner:
                                                                for key, value in optimizer["state"].items()}})
         if self.grad_scaler is not None and "grad_scaler" in parts:
             self.grad_scaler.load_state_dict(parts["grad_scaler"])
+        prime_momentum(self.optimizer)
         return True
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` honours an ``optimizer.found_inf`` tensor on the device: torch's
+    fused optimizers (what GradScaler relies on) and the head's SparseRowSGD (whose ``update_rows``
+    takes a ``skip`` mask in the same release)."""
+    if optimizer.defaults.get("fused"):
+        return True
+    update_rows = getattr(optimizer, "update_rows", None)
+    return update_rows is not None and "skip" in inspect.signature(update_rows).parameters
+
+
+def masked_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor | None) -> None:
+    """``optimizer.step()``, changing nothing where ``found_inf`` (a 0-d tensor) is nonzero: on the
+    device when the optimizer can (:func:`skips_on_device`), else after one host read of it."""
+    if found_inf is None or not any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+        optimizer.step()  # nothing to mask (no gradient: the head's centers were updated inside its backward)
+    elif skips_on_device(optimizer):
+        optimizer.found_inf = found_inf
+        try:
+            optimizer.step()
+        finally:
+            optimizer.found_inf = None  # the caller clears it (SparseRowSGD's contract; torch reads None as unset)
+    elif not bool(found_inf):  # a host synchronisation: this optimizer cannot skip on the device
+        optimizer.step()
+
+
+@torch.no_grad()
+def prime_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fused ``torch.optim.SGD`` with momentum zero momentum buffers before its first step.
+
+    Its first step allocates the buffers uninitialised and lets the kernel fill them; when that
+    step is skipped through ``found_inf`` they stay uninitialised and the next step reads garbage
+    (torch 2.13, CPU). With zeros the first step computes ``momentum · 0 + grad = grad``, what an
+    unprimed first step stores (dampening 0), bit for bit.
+    """
+    if not (isinstance(optimizer, torch.optim.SGD) and optimizer.defaults.get("fused")):
+        return
+    for group in optimizer.param_groups:
+        if not group["momentum"]:
+            continue
+        if group["dampening"]:
+            raise ValueError("a fused SGD with dampening cannot be primed (its first step skips the dampening)")
+        for param in group["params"]:
+            state = optimizer.state[param]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)

@@ -236,7 +236,10 @@ class DeepSpeedRunner:
         self.deepspeed_engine.step()
         return bool(self.deepspeed_engine.was_step_applied())
 
-    def step(self, head_optimizer):
+    def step(self, head_optimizer, found_inf=None):
+        if found_inf is not None and bool(found_inf):  # on the host: DeepSpeed's own step reads its flags there too
+            self.skip(head_optimizer)
+            return False
         applied = self.engine_step()  # clipping and the backbone step are DeepSpeed's
         if applied:
             head_optimizer.step()
