@@ -13,11 +13,12 @@ architecture, each seed's initialisation, ``tools/evaluate.py --untrained``) is 
 
 Rows (``--rows``; default all): NormFace (no margin), CosFace, ArcFace at m = 0.3 and 0.5, the
 combined margin (1, 0.3, 0.2), SphereFace (m = 4) with its λ schedule, ArcFace + MHE at the
-SphereFace+ weight, ArcFace on P×K batches without and with the angular triplet. SphereFace's and
-the triplet's λ schedules are the papers' (base 1000, power 1) with γ scaled to the run:
-SphereFace reaches λ_min at 1658 of its 28k iterations (6 %), so γ = 0.12 · 28000 / steps keeps
-that share. The P×K rows need the sampler (``data.sampler``); without it in the trainer's options
-they are reported as skipped ("needs --sampler pk").
+SphereFace+ weight, ArcFace on P×K batches without and with the angular triplet (semi-hard at
+weight 1 as in ATL; every pair at weight 0.1). SphereFace's and the triplet's λ schedules are
+the papers' (base 1000, power 1) with γ scaled to the run: SphereFace reaches λ_min at 1658 of
+its 28k iterations (6 %), so γ = 0.12 · 28000 / steps keeps that share. The P×K rows need the
+sampler (``data.sampler``); without it in the trainer's options they are reported as skipped
+("needs --sampler pk").
 
 A run whose folder already holds its results from the same command is not trained again, so an
 interrupted table continues where it stopped (``--fresh`` retrains). Prints a markdown table and
@@ -67,6 +68,11 @@ def rows(steps: int) -> list[dict]:
                              "--head.triplet.m", "2", "--head.triplet.lambda_min", "3",
                              "--head.triplet.gamma", f"{gamma:.4g}"],
              needs=["data.sampler", "data.pk_k"], note="ATL: m = 2, λ_min = 3 for small sets"),
+        dict(key="arcface_triplet_all", label="ArcFace 0.3 + triplet 0.1, every pair, P×K (K = 4)",
+             args=arcface + ["--data.sampler", "pk", "--data.pk_k", "4", "--head.triplet.weight", "0.1",
+                             "--head.triplet.semihard", "false", "--head.triplet.m", "2",
+                             "--head.triplet.lambda_min", "3", "--head.triplet.gamma", f"{gamma:.4g}"],
+             needs=["data.sampler", "data.pk_k"], note="no semi-hard selection, weight 0.1"),
     ]
 
 
