@@ -5,9 +5,10 @@ margin (or regulariser) per row on top of this; everything else is the same for 
 
     torchrun --nproc_per_node=2 launch/train.py configs/margins_cpu.py --data DIR --output OUT ...
 
-56-pixel images make a step about 4x cheaper than the demo's 112 pixels, so three seeds of eight
-losses fit in about half an hour on 2 shared CPU cores. The scale s is the same for every loss
-(32) so that the rows differ in the margin alone.
+56-pixel images make a step about 4x cheaper than the demo's 112 pixels: a run took 30-50 s on
+our 2 shared CPU cores at load 5-7 and 60-190 s at load 13-21 (30 runs, 10 rows x 3 seeds: about
+20 and 55 minutes). The scale s is the same for every loss (32) so that the rows differ in the
+margin alone.
 """
 from pfc.train.config import (
     BackboneConfig, CheckpointConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
