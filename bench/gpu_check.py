@@ -1,8 +1,8 @@
 """One command that checks pfc on a GPU machine and prints the numbers for docs/benchmarks.md.
 
-    python bench/gpu_check.py [--out runs/gpu-check] [--device cuda|cpu] [--stages tests head train]
+    python bench/gpu_check.py [--out runs/gpu-check] [--device cuda|cpu] [--stages tests head train plan]
 
-(``make gpu-check`` runs it in the project's venv.) Three stages, each a subprocess, within
+(``make gpu-check`` runs it in the project's venv.) Four stages, each a subprocess, within
 about 8 minutes on one H100/H200:
 
 1. tests: the CUDA test set, ``pytest -m cuda tests/test_cuda.py``;
@@ -11,7 +11,10 @@ about 8 minutes on one H100/H200:
 3. train: synthetic identities made on the spot (``tools/make_synthetic.py`` in parallel
    processes, ``tools/pack_shards.py``), then a 200-step NCCL training of iresnet50 (torchrun,
    one process, batch 128, bf16 autocast) that reports samples/s (the trainer's own log
-   windows, the first one left out as warm-up) and ``torch.cuda.max_memory_allocated``.
+   windows, the first one left out as warm-up) and ``torch.cuda.max_memory_allocated``;
+4. plan: ``tools/plan.py`` simulates the same job (class count, network, batch, ρ, center type,
+   precision, one GPU) on fake tensors; its peak is compared with the training's
+   ``max_memory_allocated`` (issue 13: within 10 %).
 
 Writes ``OUT/gpu_check.json`` and prints a markdown summary. ``--device cpu`` is a dry run of
 the same commands at toy sizes (CUDA tests run with the CPU standing in, the tiny network,
@@ -141,6 +144,31 @@ def stage_train(args, python: str) -> dict:
     return result
 
 
+PLAN_TOLERANCE = 0.10
+
+
+def stage_plan(args, python: str, train: dict | None) -> dict:
+    """The capacity planner on the training stage's job; its peak against the measured one."""
+    if not train or train.get("status") != 0 or "num_classes" not in train:
+        return {"status": 1, "seconds": 0.0, "error": "needs the train stage's numbers (run it first)"}
+    command = [python, "tools/plan.py", "--classes", str(train["num_classes"]), "--gpus", "1",
+               "--gpu-memory", str(train.get("gpu_memory_gib", 80)), "--network", train["network"],
+               "--batch-size", str(train["batch_size"]), "--sample-rate", str(train["sample_rate"]),
+               "--center-dtype", train["center_dtype"], "--precision", train["precision"], "--json"]
+    status, seconds, output = _run(command, os.path.join(args.out, "plan.log"))
+    result = {"status": status, "seconds": seconds, "command": " ".join(command[1:])}
+    if status != 0:
+        return {**result, "error": output[-2000:]}
+    plan = json.loads(output.strip().splitlines()[-1])
+    result["simulated_peak"] = plan["peak_bytes"]
+    measured = train.get("max_memory_allocated", 0)
+    if measured:   # on a GPU: the simulation must be within 10 % of the allocator's peak
+        result["measured_peak"] = measured
+        result["ratio"] = plan["peak_bytes"] / measured
+        result["status"] = 0 if abs(result["ratio"] - 1) <= PLAN_TOLERANCE else 1
+    return result
+
+
 def worker(out: str, overrides: list[str]) -> int:
     """Under torchrun: train the iresnet50 recipe with ``overrides``; rank 0 writes its numbers."""
     import torch
@@ -172,6 +200,8 @@ def worker(out: str, overrides: list[str]) -> int:
                   "max_memory_reserved": torch.cuda.max_memory_reserved() if on_gpu else 0,
                   "batch_size": config.data.batch_size, "network": config.backbone.network,
                   "precision": config.backbone.precision, "num_classes": int(read_manifest(config.data.root)["num_classes"]),
+                  "sample_rate": config.head.sample_rate, "center_dtype": config.head.center_dtype,
+                  "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30) if on_gpu else 80,
                   "world_size": int(os.environ.get("WORLD_SIZE", "1")), "backend": "nccl" if on_gpu else "gloo"}
         with open(os.path.join(out, "gpu_check_worker.json"), "w") as f:
             json.dump(report, f, indent=1)
@@ -214,6 +244,15 @@ def summary(report: dict) -> str:
         lines.append(f"  `{train['command']}`")
     elif train:
         lines.append(f"- training: FAILED (status {train['status']}, see train.log)")
+    plan = report["stages"].get("plan")
+    if plan and "ratio" in plan:
+        lines.append(f"- capacity planner (`python {plan['command']}`): simulated peak "
+                     f"{plan['simulated_peak'] / gib:.2f} GiB vs max_memory_allocated {plan['measured_peak'] / gib:.2f} GiB: "
+                     f"**{plan['ratio']:.3f}** ({'within' if plan['status'] == 0 else 'OUTSIDE'} ±{PLAN_TOLERANCE:.0%})")
+    elif plan and plan["status"] == 0:
+        lines.append(f"- capacity planner: simulated peak {plan['simulated_peak'] / gib:.2f} GiB (no GPU peak to compare)")
+    elif plan:
+        lines.append(f"- capacity planner: FAILED (status {plan['status']}, see plan.log)")
     return "\n".join(lines)
 
 
@@ -221,7 +260,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "gpu-check"), help="logs, data and results")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run at toy sizes")
-    parser.add_argument("--stages", nargs="+", choices=["tests", "head", "train"], default=["tests", "head", "train"])
+    parser.add_argument("--stages", nargs="+", choices=["tests", "head", "train", "plan"],
+                        default=["tests", "head", "train", "plan"])
     parser.add_argument("--precision", default="bf16", help="the backbone's precision in the training stage")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)   # the training, under torchrun
     parser.add_argument("train_args", nargs="*", help="after --: extra trainer overrides (e.g. --head.center_dtype bf16)")
@@ -240,8 +280,10 @@ def main(argv=None) -> int:
     report = {"environment": environment(args.device), "device": args.device, "stages": {}}
     start = time.perf_counter()
     for name in args.stages:
-        stage = {"tests": stage_tests, "head": stage_head, "train": stage_train}[name]
-        report["stages"][name] = stage(args, python)
+        if name == "plan":
+            report["stages"][name] = stage_plan(args, python, report["stages"].get("train"))
+        else:
+            report["stages"][name] = {"tests": stage_tests, "head": stage_head, "train": stage_train}[name](args, python)
         print(f"{name}: status {report['stages'][name]['status']} in {report['stages'][name]['seconds']:.0f} s",
               flush=True)
     report["total_seconds"] = time.perf_counter() - start

@@ -122,6 +122,7 @@ def train_one(row: dict, seed: int, paths: dict, args) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
                "launch/train.py", CONFIG, "--data", paths["shards"], "--val_pairs", paths["pairs"],
                "--output", output, "--overwrite", "true", "--seed", str(seed),
+               "--save_every_minutes", "0",   # short runs: no periodic or final checkpoint
                "--max_steps", str(args.steps)] + row["args"]
     stamp, results = os.path.join(output, "bench_command.json"), os.path.join(output, "eval_results.json")
     if not args.fresh and os.path.exists(results) and os.path.exists(stamp) and json.load(open(stamp)) == command:

@@ -11,7 +11,7 @@ our 2 shared CPU cores at load 5-7 and 60-190 s at load 13-21 (30 runs, 10 rows 
 margin alone.
 """
 from pfc.train.config import (
-    BackboneConfig, CheckpointConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
+    BackboneConfig, DataConfig, EvalConfig, HeadConfig, MarginConfig, OptimConfig,
     ScheduleConfig, TrainConfig
 )
 
@@ -24,5 +24,4 @@ config = TrainConfig(
     optim=OptimConfig(lr=0.1, weight_decay=5e-4),
     schedule=ScheduleConfig(max_steps=160, warmup_steps=10),
     eval=EvalConfig(pairs="runs/margins/data/heldout/pairs.txt", batch_size=250),
-    checkpoint=CheckpointConfig(every_minutes=0),   # short runs: no periodic checkpoint
 )

@@ -5,6 +5,7 @@
     pk_plan.py   the P×K epoch plan: which identities and samples make each batch (pure arithmetic)
     pk.py        P×K batches read at random through the per-sample index (``sampler="pk"``)
     sample_index.py  the per-sample index beside ``dataset.json``: format, opening, staleness
+    samples.py   raw samples into batch rows: label check, JPEG decode, replacements, skip counts
     tarstream.py the lean tar reader
     handoff.py   zero-copy hand-off of decoded batches from workers to the consumer
     manifest.py  ``dataset.json``: reading, validating, locating shards, image side

@@ -30,6 +30,7 @@ from pfc.data.manifest import is_url, manifest_source, read_manifest
 from pfc.data.pk_plan import PKPlan
 from pfc.data.plan import batches_per_rank, resumed_role
 from pfc.data.sample_index import open_index
+from pfc.data.samples import SkipCounter, decode_into
 from pfc.errors import ConfigError, DataError
 
 OPEN_SHARDS = 64   # memory maps a worker keeps open (each holds a file descriptor)
@@ -138,8 +139,6 @@ def pk_worker_batches(spec, loader_worker: int, num_workers: int, in_worker: boo
     started at the rank's batch ``spec.start_batch`` (:func:`pfc.data.plan.resumed_role` keeps the
     rank's batch order: the DataLoader takes its workers' batches in turn); ``in_worker``: in a
     DataLoader worker process (batch buffers in shared memory)."""
-    from pfc.data.loader import SkipCounter, decode_into   # the shuffle sampler's stages (no import cycle)
-
     index = open_index(spec.index_root, read_manifest(spec.index_root), list(spec.urls))
     role, first_local = resumed_role(spec.start_batch, num_workers, loader_worker)
     plan = PKPlan(index.class_start, spec.batch_size, spec.pk_k, spec.world_size, spec.seed, spec.epoch,
