@@ -33,7 +33,7 @@ def _real_rank(rank, world_size):
 
 def _in_fresh_process(fn, *args):
     """``fn(*args)`` in a spawned process: the simulated GPU must exist before the process's
-    first backward pass (see pfc.planning.fake_gpu.sim_device), and earlier tests ran some."""
+    first backward pass (see pfc.planning.sim_device.sim_device), and earlier tests ran some."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(fn, args)
 

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from pfc.host_syncs import HostSyncCounter
-from pfc.planning.fake_gpu import FakeGpu, fake_process_group, fake_tensor_mode, sim_device
+from pfc.planning.fake_gpu import FakeGpu
 from pfc.planning.job import Job, train_config
 from pfc.planning.roofline import WorkCounter
+from pfc.planning.sim_device import fake_process_group, fake_tensor_mode, sim_device
 from pfc.planning.tracker import MemoryTracker
 from pfc.train.runtime import Runtime
 
