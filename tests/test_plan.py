@@ -136,3 +136,23 @@ def test_class_counts_read_with_suffixes():
     assert parse_count("250k") == 250_000
     with pytest.raises(ConfigError, match="not a number"):
         parse_count("1.5.0M")
+
+
+def _plan_one_gpu():
+    import contextlib
+    import io
+
+    from tools.plan import main
+
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        code = main(["--classes", "1000", "--gpus", "1", "--network", "tiny", "--batch-size", "8",
+                     "--sample-rate", "1.0", "--json"])
+    return code, json.loads(output.getvalue().strip().splitlines()[-1])
+
+
+def test_a_one_gpu_job_is_planned_as_make_gpu_check_asks():
+    """``make gpu-check`` compares the plan of its one-GPU training with the allocator's peak."""
+    code, result = _in_fresh_process(_plan_one_gpu)
+    assert code == 0
+    assert result["fits"] and result["host_syncs_per_step"] == 0 and result["peak_bytes"] > 0

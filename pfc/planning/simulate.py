@@ -244,7 +244,7 @@ def run_tracked(job: Job, runtime: Runtime, tracker: MemoryTracker, *, steps: in
     rollback = StepRollback(state.runner.model, state.head, state.head_optimizer, state.runner.head_update_in_backward)
     # the host's control flags go over a CPU group beside the device's (gloo beside NCCL); a fake
     # default group serves them as well
-    control = torch.distributed.group.WORLD if fake is not None and runtime.world_size > 1 else None
+    control = torch.distributed.group.WORLD if fake is not None else None
     guard, stop_signals = StepGuard(config.checkpoint.max_nonfinite_skips, control=control), StopSignals()
     handles = _instrument(state, phases, tracker, job, runtime.world_size)
     counter, step_findings = HostSyncCounter(), {}
