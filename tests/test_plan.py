@@ -96,12 +96,18 @@ def _plan_tool_and_bisection():
     result = json.loads(output.getvalue().strip().splitlines()[-1])
     planner = Planner(Job(num_classes=1, gpus=2, network="tiny", batch_size=8, precision="fp32"))
     largest = result["max_classes"]
+    one_gpu = io.StringIO()   # the job make gpu-check plans: one GPU (no process group of its own)
+    with contextlib.redirect_stdout(one_gpu):
+        one_gpu_code = main(["--classes", "1000", "--gpus", "1", "--network", "tiny", "--batch-size", "8",
+                             "--sample-rate", "1.0", "--json"])
     return (code, result, largest > 2 * planner.base, fits(planner.plan(largest), 4),
-            fits(planner.plan(int(largest * 1.01)), 4), largest_fitting(planner, 4))
+            fits(planner.plan(int(largest * 1.01)), 4), largest_fitting(planner, 4),
+            (one_gpu_code, json.loads(one_gpu.getvalue().strip().splitlines()[-1])))
 
 
-def test_max_classes_fits_and_one_percent_more_does_not():
-    code, result, beyond_simulations, fits_at, fits_above, bisected = _in_fresh_process(_plan_tool_and_bisection)
+def test_max_classes_fits_and_one_percent_more_does_not_and_one_gpu_jobs_are_planned():
+    code, result, beyond_simulations, fits_at, fits_above, bisected, one_gpu = _in_fresh_process(
+        _plan_tool_and_bisection)
     assert code == 0
     assert {"peak_bytes", "bytes_per_identity", "fits", "host_syncs_per_step", "categories", "flops_per_step",
             "predicted_samples_per_s", "max_classes"} <= set(result)
@@ -110,6 +116,9 @@ def test_max_classes_fits_and_one_percent_more_does_not():
     assert beyond_simulations   # found on the extrapolated plans
     assert fits_at and not fits_above
     assert largest == bisected
+    one_gpu_code, one_gpu_result = one_gpu   # make gpu-check compares this plan with the allocator's peak
+    assert one_gpu_code == 0
+    assert one_gpu_result["fits"] and one_gpu_result["host_syncs_per_step"] == 0 and one_gpu_result["peak_bytes"] > 0
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -137,22 +146,3 @@ def test_class_counts_read_with_suffixes():
     with pytest.raises(ConfigError, match="not a number"):
         parse_count("1.5.0M")
 
-
-def _plan_one_gpu():
-    import contextlib
-    import io
-
-    from tools.plan import main
-
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output):
-        code = main(["--classes", "1000", "--gpus", "1", "--network", "tiny", "--batch-size", "8",
-                     "--sample-rate", "1.0", "--json"])
-    return code, json.loads(output.getvalue().strip().splitlines()[-1])
-
-
-def test_a_one_gpu_job_is_planned_as_make_gpu_check_asks():
-    """``make gpu-check`` compares the plan of its one-GPU training with the allocator's peak."""
-    code, result = _in_fresh_process(_plan_one_gpu)
-    assert code == 0
-    assert result["fits"] and result["host_syncs_per_step"] == 0 and result["peak_bytes"] > 0
