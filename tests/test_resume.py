@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,28 +23,17 @@ import torch
 from pfc.train.checkpoint import (checkpoint_path, find_latest, list_checkpoints, read_checkpoint_tensors,
                             validate_checkpoint)
 from tests.distributed import run_ranks
-from tests.train_fixtures import make_config, write_shards
+from tests.train_fixtures import make_config, sigterm_on_rank_zero_at_step, write_shards
 
 TOTAL_STEPS, STOP_AT = 10, 3     # 6 steps per epoch: the run crosses an epoch, the stop is mid-epoch
 
 
 def straight_and_stopped(rank: int, world_size: int, data: str, straight: str, stopped: str) -> dict:
     from pfc.train import loop as engine
-    from pfc.head.partial_fc import PartialFC
 
     engine.train(make_config(data, straight))
-    original = PartialFC.set_iteration
-
-    def set_iteration(self, iteration):
-        if iteration == STOP_AT and rank == 0:
-            os.kill(os.getpid(), signal.SIGTERM)       # handled: the run stops after this step
-        original(self, iteration)
-
-    PartialFC.set_iteration = set_iteration
-    try:
+    with sigterm_on_rank_zero_at_step(rank, STOP_AT):   # handled: the run stops after this step
         summary = engine.train(make_config(data, stopped))
-    finally:
-        PartialFC.set_iteration = original
     return dataclasses.asdict(summary)   # plain data across processes
 
 

@@ -4,37 +4,24 @@ stochastic rounding continues from the optimizer's saved update counter)."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 
 import pytest
 import torch
 
 from pfc.train.checkpoint import checkpoint_path, read_checkpoint_tensors
 from tests.distributed import run_ranks
-from tests.train_fixtures import make_config, write_shards
+from tests.train_fixtures import make_config, sigterm_on_rank_zero_at_step, write_shards
 
 TOTAL_STEPS, STOP_AT = 6, 2
 BF16 = {"head.center_dtype": "bf16", "grad_accumulation": 1}   # one micro-batch: the update runs in the backward
 
 
 def straight_stopped_resumed(rank: int, world_size: int, data: str, straight: str, stopped: str) -> dict:
-    from pfc.head.partial_fc import PartialFC
     from pfc.train import loop as engine
 
     summaries = [engine.train(make_config(data, straight, max_steps=TOTAL_STEPS, **BF16))]
-    original = PartialFC.set_iteration
-
-    def set_iteration(self, iteration):
-        if iteration == STOP_AT and rank == 0:
-            os.kill(os.getpid(), signal.SIGTERM)       # handled: the run stops after this step
-        original(self, iteration)
-
-    PartialFC.set_iteration = set_iteration
-    try:
+    with sigterm_on_rank_zero_at_step(rank, STOP_AT):   # the run stops after this step
         summaries.append(engine.train(make_config(data, stopped, max_steps=TOTAL_STEPS, **BF16)))
-    finally:
-        PartialFC.set_iteration = original
     summaries.append(engine.train(make_config(data, stopped, max_steps=TOTAL_STEPS, resume="auto", **BF16)))
     return [dataclasses.asdict(summary) for summary in summaries]
 

@@ -1,6 +1,10 @@
 """Training-test fixtures: a tiny shard set (small images, many steps per second) and a trainer config."""
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+
 import numpy as np
 
 from tests.data_fixtures import jpeg, write_shard_set
@@ -40,3 +44,23 @@ def make_config(data: str, output: str, **overrides):
         setattr(target, leaf, value)
     validate(config)
     return config
+
+
+@contextlib.contextmanager
+def sigterm_on_rank_zero_at_step(rank: int, step: int):
+    """While active, rank 0 sends itself SIGTERM as the head starts training step ``step`` (a
+    handled stop: the run checkpoints after that step and returns), as a scheduler would."""
+    from pfc.head.partial_fc import PartialFC
+
+    original = PartialFC.set_iteration
+
+    def set_iteration(self, iteration):
+        if iteration == step and rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        original(self, iteration)
+
+    PartialFC.set_iteration = set_iteration
+    try:
+        yield
+    finally:
+        PartialFC.set_iteration = original
