@@ -15,7 +15,6 @@ the component), naming the config field in a :class:`pfc.errors.ConfigError`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import runpy
 from dataclasses import dataclass, field
