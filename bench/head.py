@@ -7,7 +7,8 @@
 Each configuration runs in a fresh process group (so peak memory is per configuration): gloo on
 CPU ranks, or NCCL with one GPU per rank (``--device cuda``). Per rank: one warm-up step, then
 ``--steps`` timed steps split into forward, backward and optimizer; times are the median over
-steps of the slowest rank. ``--update step``: backward, then ``optimizer.step()`` on the sparse
+steps of the slowest rank. As in the trainer, the head checks its inputs collectively
+(``check_inputs``) on the first step only. ``--update step``: backward, then ``optimizer.step()`` on the sparse
 gradient; ``--update backward``: the optimizer applied inside the head's backward
 (``head.optimizer(update_in_backward=True)``, what the trainer uses).
 
@@ -22,7 +23,11 @@ Two floors, timed in the same processes right after the steps, on every rank at 
   back the momentum, write back W (``index_select`` / ``index_copy_``; with ρ = 1 the same four
   passes over contiguous chunks). The values written back are those read: the state is unchanged.
 
-The target is step ≤ 1.25 × (GEMM floor + row floor). Memory, per identity (``C_r`` centers on a
+The target is step ≤ 1.25 × (GEMM floor + row floor). A third figure, the **pass floor**, says
+what the rest of an exact step cannot avoid with torch's kernels: the three elementwise passes
+over the ``S × D`` sampled rows in fp32 (each row's norm, the radial term of the center gradient
+``out −= c·w``, and one fused SGD pass reading the gradient, weights and momentum), timed the
+same way on chunks of the head's size; ``step/(all floors)`` divides by the sum of the three. Memory, per identity (``C_r`` centers on a
 rank): storage = centers + momentum bytes; the head's own peak = peak RSS (peak
 ``torch.cuda.max_memory_allocated`` on a GPU) above what the rank held before the head existed
 (torch, the process group, an optimizer's first step); transient = own peak − storage.
@@ -136,6 +141,27 @@ def row_floor(weight, momentum, index, chunk_rows, repeats=3) -> float:
     return _timed_min(weight.device, repeats, run)
 
 
+@torch.no_grad()
+def pass_floor(count, dim, chunk_rows, device, repeats=3) -> float:
+    """The three elementwise passes over ``count × dim`` sampled rows that an exact step makes
+    besides its GEMMs and row traffic, in fp32 chunks of ``chunk_rows``: the rows' norms, the
+    radial term of the center gradient (``addcmul_``) and one fused SGD pass."""
+    rows = min(chunk_rows, count)
+    blocks = [torch.randn(rows, dim, device=device) for _ in range(3)]   # weights, gradient, momentum
+    coefficient = torch.randn(rows, 1, device=device)
+    norms = torch.empty(rows, device=device)
+
+    def run():
+        for start in range(0, count, chunk_rows):
+            n = min(chunk_rows, count - start)
+            weight, grad, momentum = (block[:n] for block in blocks)
+            torch.linalg.vector_norm(weight, dim=1, out=norms[:n])
+            grad.addcmul_(weight, coefficient[:n], value=-1.0)
+            torch._fused_sgd_([weight], [grad], [momentum], weight_decay=0.0, momentum=0.9, lr=0.0,
+                              dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
+    return _timed_min(device, repeats, run)
+
+
 def _head_options(config) -> dict:
     options = {}
     if config["center_dtype"] != "fp32":
@@ -192,6 +218,7 @@ def _worker(rank, world_size, init_file, config, results):
     for step in range(config["steps"] + 1):
         x, labels = _batch(config, step, generator, device)
         head.set_iteration(step)
+        head.check_inputs = step == 0   # as the trainer runs it: the collective input check on the first step
         _sync(device)
         dist.barrier()
         t0 = time.perf_counter()
@@ -219,8 +246,9 @@ def _worker(rank, world_size, init_file, config, results):
     num_sampled = head.num_local if index is None else index.numel()   # what the head sampled in its last step
     floor = gemm_floor(config["batch"] * world_size, config["dim"], num_sampled, weight.dtype, device)
     rows = row_floor(weight, momentum, index, head.chunk_rows)
-    results.put(dict(rank=rank, timings=timings, gemm_floor=floor, row_floor=rows, peak_rss=peak_rss,
-                     runtime_rss=runtime_rss, own_peak=peak, storage=storage, num_local=head.num_local,
+    passes = pass_floor(num_sampled, config["dim"], head.chunk_rows, device)
+    results.put(dict(rank=rank, timings=timings, gemm_floor=floor, row_floor=rows, pass_floor=passes,
+                     peak_rss=peak_rss, runtime_rss=runtime_rss, own_peak=peak, storage=storage, num_local=head.num_local,
                      num_sampled=num_sampled, weight_dtype=str(weight.dtype).removeprefix("torch."),
                      momentum_dtype=str(momentum.dtype).removeprefix("torch.") if momentum is not None else "-",
                      loss=loss.item()))
@@ -256,19 +284,21 @@ def summarise(per_rank) -> dict:
         return statistics.median(max(r["timings"][name][i] for r in per_rank)
                                  for i in range(len(per_rank[0]["timings"][name])))
     row = {name: slowest_median(name) for name in ("forward", "backward", "optimizer", "step")}
-    for name in ("gemm_floor", "row_floor", "peak_rss", "runtime_rss", "own_peak", "storage", "num_sampled"):
+    for name in ("gemm_floor", "row_floor", "pass_floor", "peak_rss", "runtime_rss", "own_peak", "storage", "num_sampled"):
         row[name] = max(r[name] for r in per_rank)
     row["weight_dtype"], row["momentum_dtype"] = per_rank[0]["weight_dtype"], per_rank[0]["momentum_dtype"]
     row["storage_per_id"] = max(r["storage"] / r["num_local"] for r in per_rank)
     row["total_per_id"] = max(r["own_peak"] / r["num_local"] for r in per_rank)
     row["transient_per_id"] = max((r["own_peak"] - r["storage"]) / r["num_local"] for r in per_rank)
     row["step_over_floors"] = row["step"] / (row["gemm_floor"] + row["row_floor"])
+    row["step_over_all_floors"] = row["step"] / (row["gemm_floor"] + row["row_floor"] + row["pass_floor"])
     row["step_over_gemm"] = row["step"] / row["gemm_floor"]
     return row
 
 
 HEADER = ("| variant | update | centers | momentum | logits | classes | ρ | S/rank | fwd s | bwd s | opt s | step s "
-          "| GEMM floor s | row floor s | step/(GEMM+rows) | step/GEMM | peak RSS/rank | storage/id | transient/id "
+          "| GEMM floor s | row floor s | step/(GEMM+rows) | pass floor s | step/(all floors) | step/GEMM "
+          "| peak RSS/rank | storage/id | transient/id "
           "| own peak/id |")
 
 
@@ -278,7 +308,8 @@ def format_row(config, row) -> str:
             f"| {config['logits'] or 'default'} | {config['classes']:,} | {config['rate']} | {row['num_sampled']:,} "
             f"| {row['forward']:.3f} | {row['backward']:.3f} | {row['optimizer']:.3f} | {row['step']:.3f} "
             f"| {row['gemm_floor']:.3f} | {row['row_floor']:.3f} | {row['step_over_floors']:.2f}x "
-            f"| {row['step_over_gemm']:.2f}x | {row['peak_rss'] / mib:,.0f} MiB "
+            f"| {row['pass_floor']:.3f} | {row['step_over_all_floors']:.2f}x | {row['step_over_gemm']:.2f}x "
+            f"| {row['peak_rss'] / mib:,.0f} MiB "
             f"| {row['storage_per_id'] / KIB:.2f} KB | {row['transient_per_id'] / KIB:.2f} KB "
             f"| {row['total_per_id'] / KIB:.2f} KB |")
 

@@ -14,7 +14,8 @@ def _pair(rows=10, dim=6, seed=0):
 
 
 def test_dense_gradient_is_bit_identical_to_torch_sgd():
-    mine, theirs = _pair()
+    # rows of 64 values: every chunk is a whole number of the fused kernel's vectors (below)
+    mine, theirs = _pair(dim=64)
     ours = SparseRowSGD([mine], lr=0.1, momentum=0.9, weight_decay=5e-4, chunk_rows=3)
     reference = torch.optim.SGD([theirs], lr=0.1, momentum=0.9, weight_decay=5e-4)
     for step in range(4):
@@ -24,6 +25,21 @@ def test_dense_gradient_is_bit_identical_to_torch_sgd():
         reference.step()
         assert torch.equal(mine, theirs), step
     assert torch.equal(ours.state[mine]["momentum_buffer"], reference.state[theirs]["momentum_buffer"])
+
+
+def test_rows_of_any_width_match_torch_sgd_within_rounding():
+    # a chunk that ends inside a vector: the kernel's scalar tail may fuse a multiply-add
+    mine, theirs = _pair(rows=7, dim=6)
+    ours = SparseRowSGD([mine], lr=0.1, momentum=0.9, weight_decay=5e-4, chunk_rows=3)
+    reference = torch.optim.SGD([theirs], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for _ in range(4):
+        grad = torch.randn_like(mine)
+        mine.grad, theirs.grad = grad.clone(), grad.clone()
+        ours.step()
+        reference.step()
+    torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.state[mine]["momentum_buffer"], reference.state[theirs]["momentum_buffer"],
+                               rtol=1e-6, atol=1e-7)
 
 
 def test_sparse_gradient_touches_only_its_rows():
@@ -101,7 +117,7 @@ def test_without_the_private_sparse_accessors_the_update_is_the_same(monkeypatch
 # ------------------------------------------------------------------ narrow storage, rounding, skips
 
 def test_found_inf_set_to_zero_keeps_float32_bit_identical_to_torch_sgd():
-    mine, theirs = _pair()
+    mine, theirs = _pair(dim=64)
     ours = SparseRowSGD([mine], lr=0.1, momentum=0.9, weight_decay=5e-4, chunk_rows=3)
     reference = torch.optim.SGD([theirs], lr=0.1, momentum=0.9, weight_decay=5e-4)
     ours.found_inf = torch.zeros(())

@@ -30,8 +30,10 @@ class SparseRowSGD(torch.optim.Optimizer):
         w_j = w_j − lr · v_j
 
     With a dense gradient this is bit-identical to ``torch.optim.SGD(lr, momentum,
-    weight_decay=weight_decay)``. Duplicate rows in an uncoalesced sparse gradient (gradient
-    accumulation) are summed first. The momentum buffer is allocated eagerly as
+    weight_decay=weight_decay)`` when each chunk holds a whole number of the CPU's vectors (any
+    row width D that is a multiple of 16: 128, 512, ...); otherwise the fused kernel's scalar tail
+    may round a multiply-add once instead of twice (within an ulp). Duplicate rows in an
+    uncoalesced sparse gradient (gradient accumulation) are summed first. The momentum buffer is allocated eagerly as
     ``state[p]["momentum_buffer"]`` (dense, same shape as ``p``).
 
     Storage types: the parameter's dtype is the weights' storage (float32, or bfloat16 / float16
@@ -47,8 +49,10 @@ class SparseRowSGD(torch.optim.Optimizer):
 
     Skipping without a host sync: ``optimizer.found_inf``, when set to a 0-d tensor on the
     parameters' device, makes every update leave the rows (weights and momentum) unchanged
-    where it is nonzero, decided on the device (``torch.where`` on each chunk), like torch's
-    fused optimizers under GradScaler; the caller clears it (None).
+    where it is nonzero, decided on the device: each chunk's update is one pass of torch's fused
+    SGD kernel, which takes it as its ``found_inf`` (as torch's fused optimizers do under
+    GradScaler; narrow storage then rounds the unchanged values back to themselves, exactly);
+    the caller clears it (None).
 
     :meth:`update_rows` applies the same update to given rows and their gradient directly: the
     head calls it inside its backward when built with
@@ -174,60 +178,70 @@ class SparseRowSGD(torch.optim.Optimizer):
             if generator is None:
                 generator = self._generators[param.device] = torch.Generator(device=param.device)
             generator.manual_seed(int(np.random.SeedSequence([self.seed, self.rank, update, index]).generate_state(1)[0]))
-        return RowUpdate(group, buffer, generator, combined)
+        return RowUpdate(group, buffer, generator, None if combined is None else combined.to(torch.float32))
 
-    def _apply(self, param, rows, grad, weight_rows, update: RowUpdate) -> None:
+    def _apply(self, param, rows, grad, weight_rows, update: RowUpdate, wide_rows=None, chunk_rows=None) -> None:
+        """Update ``rows`` (a slice or row ids) chunk by chunk (``chunk_rows``, default
+        :attr:`chunk_rows`); ``weight_rows`` holds ``param[rows]`` (row ids only; else gathered
+        here), ``wide_rows`` optionally the same values in the compute type (narrow storage:
+        spares the widening copy; overwritten)."""
         buffer = update.buffer
+        chunk_rows = chunk_rows or self.chunk_rows
         if isinstance(rows, slice):
             first, last, _ = rows.indices(param.shape[0])
-            for start in range(first, last, self.chunk_rows):
-                stop = min(start + self.chunk_rows, last)
+            for start in range(first, last, chunk_rows):
+                stop = min(start + chunk_rows, last)
                 self._update_rows(param[start:stop], None if buffer is None else buffer[start:stop],
-                                  grad[start - first:stop - first], update)
+                                  grad[start - first:stop - first], update,
+                                  None if wide_rows is None else wide_rows[start - first:stop - first])
             return
-        for start in range(0, rows.numel(), self.chunk_rows):
-            stop = min(start + self.chunk_rows, rows.numel())
+        for start in range(0, rows.numel(), chunk_rows):
+            stop = min(start + chunk_rows, rows.numel())
             index = rows[start:stop]
             weight_chunk = weight_rows[start:stop] if weight_rows is not None else torch.index_select(
                 param, 0, index, out=self._scratch.get("weight", stop - start, param))
             buffer_chunk = None if buffer is None else torch.index_select(
                 buffer, 0, index, out=self._scratch.get("momentum", stop - start, buffer))
-            self._update_rows(weight_chunk, buffer_chunk, grad[start:stop], update)
+            self._update_rows(weight_chunk, buffer_chunk, grad[start:stop], update,
+                              None if wide_rows is None else wide_rows[start:stop])
             param.index_copy_(0, index, weight_chunk)
             if buffer is not None:
                 buffer.index_copy_(0, index, buffer_chunk)
 
-    def _update_rows(self, weight, buffer, grad, update: RowUpdate):
-        """One chunk: ``weight`` and ``buffer`` (storage types) updated in place from ``grad``."""
-        group, skip, rows = update.group, update.skip, len(grad)
+    def _update_rows(self, weight, buffer, grad, update: RowUpdate, wide=None):
+        """One chunk: ``weight`` and ``buffer`` (storage types) updated in place from ``grad``, in
+        one fused pass (:func:`_sgd_pass`) over the compute-type values: the storage itself, or
+        widened copies in scratch blocks (``wide``: the caller's, for the weights) that are then
+        rounded back (narrow storage)."""
+        rows = len(grad)
         compute = _compute_dtype(weight.dtype)
-        # computed in place where the storage is the compute type and nothing may be skipped
-        w = weight if weight.dtype == compute and skip is None else \
-            self._scratch.get("w_compute", rows, _like(weight, compute)).copy_(weight)
-        g = grad if grad.dtype == compute else self._scratch.get("g_compute", rows, _like(grad, compute)).copy_(grad)
-        step = g
-        if group["weight_decay"]:
-            step = torch.add(g, w, alpha=group["weight_decay"], out=self._scratch.get("step", rows, g))
-        if buffer is None:
-            w.add_(step, alpha=-group["lr"])
+        if weight.dtype == compute:
+            w = weight
         else:
-            v = buffer if buffer.dtype == compute and skip is None else \
-                self._scratch.get("v_compute", rows, _like(buffer, compute)).copy_(buffer)
-            v.mul_(group["momentum"]).add_(step)
-            w.add_(v, alpha=-group["lr"])
-            self._store(buffer, v, update, "momentum_rounded")
-        self._store(weight, w, update, "weight_rounded")
+            w = wide if wide is not None else \
+                self._scratch.get("w_compute", rows, _like(weight, compute)).copy_(weight)
+        g = grad if grad.dtype == compute else self._scratch.get("g_compute", rows, _like(grad, compute)).copy_(grad)
+        v = buffer if buffer is None or buffer.dtype == compute else \
+            self._scratch.get("v_compute", rows, _like(buffer, compute)).copy_(buffer)
+        _sgd_pass(w, v, g, update.group, update.found_inf)
+        # a skipped update leaves w and v as they were, which round back to themselves exactly
+        if v is not buffer:
+            round_into(buffer, v, self.rounding, update.generator, self._scratch)
+        if w is not weight:
+            round_into(weight, w, self.rounding, update.generator, self._scratch)
 
-    def _store(self, storage: torch.Tensor, values: torch.Tensor, update: RowUpdate, name: str) -> None:
-        """Write ``values`` (compute type) into ``storage``, rounded, unless ``update.skip``."""
-        if values is storage:
-            return
-        if update.skip is None:
-            round_into(storage, values, self.rounding, update.generator, self._scratch)
-            return
-        rounded = values if values.dtype == storage.dtype else round_into(
-            self._scratch.get(name, len(storage), storage), values, self.rounding, update.generator, self._scratch)
-        torch.where(update.skip, storage, rounded, out=storage)   # decided on the device
+
+def _sgd_pass(weight, momentum, grad, group, found_inf) -> None:
+    """``d = grad + wd·w; v = μ·v + d; w = w − lr·v`` in place, unless ``found_inf`` (a 0-d
+    float32 device tensor, nonzero: leave both unchanged). One pass of torch's fused SGD kernel (the arithmetic
+    of ``torch.optim.SGD``'s loop, bit for bit over whole vectors: its scalar tail may fuse a
+    multiply-add), with its ``found_inf`` skip decided on the device; contiguous tensors.
+    ``momentum`` None: plain SGD (μ = 0). One pass instead of four, and no ``torch.where`` for a
+    possible skip (measured on a 2048 × 512 chunk, one thread: 0.68 ms against 1.89 ms)."""
+    torch._fused_sgd_([weight], [grad], [] if momentum is None else [momentum],
+                      weight_decay=group["weight_decay"], momentum=group["momentum"] if momentum is not None else 0.0,
+                      lr=group["lr"], dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
+                      found_inf=found_inf)
 
 
 _STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -246,12 +260,12 @@ def _like(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class RowUpdate:
     """One update of one parameter: its param group, momentum buffer, the seeded random stream
     of stochastic rounding (None when nothing is rounded stochastically) and the 0-d skip mask
-    on the device (None: nothing to skip)."""
+    on the device as the fused kernel takes it (float32, nonzero = skip; None: nothing to skip)."""
 
     group: dict
     buffer: torch.Tensor | None
     generator: torch.Generator | None
-    skip: torch.Tensor | None
+    found_inf: torch.Tensor | None
 
 
 def _note_gradients_of(optimizer: SparseRowSGD, param: torch.Tensor) -> None:
@@ -326,15 +340,18 @@ class UpdateInBackward:
         update = optimizer.start_update(weight, number, skip=~torch.isfinite(loss))
         return cls(optimizer, weight, index, update, by_chunk)
 
-    def chunk(self, start: int, stop: int, grad_rows: torch.Tensor, rows: torch.Tensor) -> None:
+    def chunk(self, start: int, stop: int, grad_rows: torch.Tensor, rows: torch.Tensor,
+              wide_rows: torch.Tensor | None = None) -> None:
         """Update sampled rows ``[start, stop)`` given their gradient; ``rows`` holds their current
-        values (``weight[index[start:stop]]``, overwritten; a view of ``weight`` when index is None)."""
+        values (``weight[index[start:stop]]``, overwritten; a view of ``weight`` when index is None),
+        ``wide_rows`` optionally the same values in float32 (narrow storage; overwritten)."""
         if not self.by_chunk:
             return
-        if self.index is None:
-            self.optimizer._apply(self.weight, slice(start, stop), grad_rows, None, self.update)
-        else:
-            self.optimizer._apply(self.weight, self.index[start:stop], grad_rows, rows, self.update)
+        wide_rows = wide_rows if wide_rows is not None and wide_rows.dtype != rows.dtype else None
+        # the head's chunk in one piece: its rows are in cache, and fewer, larger ops
+        where = slice(start, stop) if self.index is None else self.index[start:stop]
+        self.optimizer._apply(self.weight, where, grad_rows, None if self.index is None else rows, self.update,
+                              wide_rows, chunk_rows=stop - start)
 
     def finish(self, grad_values: torch.Tensor) -> None:
         """Update all sampled rows given their gradient ``[S, D]`` (when not done chunk by chunk)."""

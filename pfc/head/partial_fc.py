@@ -8,7 +8,8 @@ Data flow of one step on N ranks with b rows each (B = N·b):
 2. the normalised features and the labels are all-gathered in one collective: ``X̂ [B, D]``,
    ``Y [B]`` (fp32 features whatever the center storage type);
 3. each rank samples ``S_r = max(⌈ρ·C_r⌉, min(B, C_r))`` centers (a static count: no host
-   read): every positive (a label in ``Y`` it owns) plus others drawn uniformly (all when ρ = 1);
+   read): every positive (a label in ``Y`` it owns) plus others drawn uniformly (all when ρ = 1;
+   :mod:`pfc.head.sampling`);
 4. :func:`pfc.head.softmax.sharded_margin_softmax` computes the exact softmax cross-entropy
    over all ranks' sampled centers with the margin on the target logit (and MHE's energy of the
    same centers, :class:`pfc.head.regularizers.MHE`, in the same pass).
@@ -31,8 +32,6 @@ optimizer to the sampled rows itself instead, and ``weight.grad`` stays None.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,6 +44,7 @@ from pfc.head.norms import NORM_EPS
 from pfc.head.optim import SparseRowSGD
 from pfc.head.partition import class_partition
 from pfc.head.regularizers import MHE, AngularTriplet
+from pfc.head.sampling import hashed_normal, sample_classes
 from pfc.head.scratch import Workspace
 from pfc.head.softmax import FILTER_MODES, LOGITS_MODES, sharded_margin_softmax
 
@@ -83,73 +83,6 @@ def init_centers(num_classes: int, embedding_size: int, class_start: int, num_lo
     return out
 
 
-def sample_size(sample_rate: float, num_local: int, num_rows: int) -> int:
-    """Centers a rank samples per step: ``max(⌈ρ·C_r⌉, min(B, C_r))``, enough for every positive
-    whatever the labels (a static shape: no host read of the labels)."""
-    return max(math.ceil(sample_rate * num_local - 1e-9), min(num_rows, num_local))
-
-
-def sample_classes(labels: torch.Tensor, class_start: int, num_local: int, sample_rate: float, key: int = 0):
-    """Choose this rank's centers for one step and remap the labels to them, without a host sync.
-
-    ``labels`` are the gathered global labels ``[B]``. Returns ``(index, target)``: ``index`` the
-    sorted local rows sampled (``None`` when ρ = 1), ``target[i]`` the position of row i's class
-    in the sampled set, or −1 when another rank owns it. Every local positive is kept; the number
-    sampled is :func:`sample_size`, the rest drawn uniformly without replacement from the other
-    local classes by the scores :func:`hashed_scores` of ``key`` (the same on every device).
-    """
-    local = labels - class_start
-    owned = (local >= 0) & (local < num_local)
-    if sample_rate >= 1.0:
-        return None, torch.where(owned, local, -1)
-    num_sample = sample_size(sample_rate, num_local, labels.shape[0])
-    if num_sample >= num_local:
-        index = torch.arange(num_local, device=labels.device)
-    else:
-        score = hashed_scores(key, class_start, num_local + 1, labels.device)
-        # positives score above every draw: always taken; rows owned elsewhere mark the spare last slot
-        score = score.index_fill(0, torch.where(owned, local, num_local), torch.iinfo(torch.int64).max)
-        index = torch.topk(score[:num_local], num_sample, sorted=False).indices.sort().values
-    return index, torch.where(owned, torch.searchsorted(index, local.clamp(0, num_local - 1)), -1)
-
-
-def _signed(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
-
-
-def _splitmix64(z: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's finaliser on int64 tensors (wrapping arithmetic; logical shifts by masking)."""
-    for shift, factor in ((30, _MIX1), (27, _MIX2), (31, None)):
-        z = z ^ ((z >> shift) & ((1 << (64 - shift)) - 1))
-        if factor is not None:
-            z = z * factor
-    return z
-
-
-def hashed_scores(key: int, first: int, count: int, device) -> torch.Tensor:
-    """``count`` pseudo-random int64 scores for ids ``first …``, a pure function of ``(key, id)``:
-    SplitMix64 of ``key + id·φ``. Made on ``device`` from nothing but an ``arange`` (no generator)."""
-    ids = torch.arange(first, first + count, device=device, dtype=torch.int64)
-    return _splitmix64(ids * _GOLDEN + _signed(key % (1 << 64)))
-
-
-def hashed_normal(seed: int, first_row: int, rows: int, dim: int, device) -> torch.Tensor:
-    """``[rows, dim]`` standard normal values for global rows ``first_row …`` (Box–Muller on two
-    24-bit uniforms from :func:`hashed_scores`); the same values on every device and world size."""
-    keys = np.random.SeedSequence([seed, 1]).generate_state(2, dtype=np.uint64)
-    radius_bits, angle_bits = (hashed_scores(int(key), first_row * dim, rows * dim, device) for key in keys)
-    radius = torch.sqrt(-2.0 * torch.log(_unit_interval(radius_bits)))
-    return (radius * torch.cos(2.0 * math.pi * _unit_interval(angle_bits))).reshape(rows, dim)
-
-
-def _unit_interval(bits: torch.Tensor) -> torch.Tensor:
-    """Uniform fp32 values in (0, 1) from the top 24 bits of int64 scores."""
-    return (((bits >> 40) & ((1 << 24) - 1)).to(torch.float32) + 0.5) * 2.0 ** -24
-
-
 class PartialFC(nn.Module):
     """Sharded class centers with Partial-FC sampling and an exact distributed margin softmax.
 
@@ -161,7 +94,9 @@ class PartialFC(nn.Module):
     centers in eval mode; B the gathered batch); the sample is reproducible from
     ``(seed, iteration)`` and the same on every device.
 
-    ``dtype`` is the centers' storage type (fp32, bf16, fp16; GEMMs in it with fp32 results);
+    ``dtype`` is the centers' storage type (fp32, bf16, fp16; GEMMs in it with fp32 results;
+    narrow storage gathers the sampled rows again in the backward instead of keeping them from
+    the forward: one more random pass over ``S`` rows, ``S·D`` storage bytes less at the peak);
     ``logits``: ``keep`` the ``[S, B]`` logits for the backward, ``recompute`` each chunk's in the
     backward (one more GEMM, no ``[S, B]`` block), ``auto`` recomputes when the kept logits would
     exceed ``logits_budget`` × the centers' storage bytes. ``check_inputs`` (attribute too): the
@@ -280,7 +215,8 @@ class PartialFC(nn.Module):
         chunk, with the same result bit for bit, and ``weight.grad`` is never stored (``step()``
         and ``zero_grad()`` then have nothing to do for the centers). The rows gathered by the
         forward serve the backward and the update, so a sampled step moves its rows at random
-        four times instead of six, and holds no gradient: the fastest and leanest way to train.
+        four times instead of six (five with narrow storage, which gathers them again rather
+        than keep them), and holds no gradient: the fastest and leanest way to train.
         It needs the head's loss backpropagated as it is (no loss scaling, no division for
         gradient accumulation: the backward raises ValueError otherwise) and one backward per
         forward; a non-finite loss leaves the centers as they were. The learning rate, momentum
@@ -305,7 +241,7 @@ class PartialFC(nn.Module):
                 features, self.weight, index, target, self.margin, self.group, self.chunk_rows, self._workspace,
                 self.interclass_filter, self.mhe, self._optimizer_in_backward if self.training else None,
                 filter_mode=self.interclass_filter_mode, keep_logits=self._keep_logits(features.shape[0], index),
-                check_upstream=self.check_inputs)
+                check_upstream=self.check_inputs, keep_rows=self.compute_dtype == self.weight.dtype)
             loss = ce
             stats = {"ce": ce.detach(), "accuracy": accuracy}
             if self.mhe is not None:

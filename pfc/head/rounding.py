@@ -94,26 +94,24 @@ def _pairwise_noise(x: torch.Tensor, high: int, generator, scratch: ScratchBlock
     per column. Each element is uniform and any two elements are independent (a 2-universal
     hash), so each value's rounding is exactly unbiased and every variance of a sum of roundings
     is that of fully independent ones; it draws ``rows + columns`` numbers instead of
-    ``rows · columns`` (the CPU generator costs ~20 ns a number, a cast ~1 ns a value)."""
+    ``rows · columns`` (the CPU generator costs ~20 ns a number, a cast ~1 ns a value) and
+    writes the block in one broadcast pass."""
     matrix = _rows(x)
     rows, columns = matrix.shape
     noise = scratch.get("rounding_noise", rows, matrix.new_empty((0, columns), dtype=torch.int32))
     row_draw = torch.empty((rows, 1), dtype=torch.int32, device=x.device).random_(0, high, generator=generator)
     column_draw = torch.empty((1, columns), dtype=torch.int32, device=x.device).random_(0, high, generator=generator)
-    return noise.copy_(column_draw.expand(rows, columns)).bitwise_xor_(row_draw).view(x.shape)
+    return torch.bitwise_xor(row_draw, column_draw, out=noise).view(x.shape)
 
 
 def _stochastic_bfloat16(out, x, generator, scratch):
     bits = _pairwise_noise(x, _LOW_HALF, generator, scratch)  # uniform over the 2^16 dropped patterns
     bits.add_(x.view(torch.int32)).bitwise_and_(_HIGH_HALF)  # a carry rounds the magnitude up
     rounded = bits.view(torch.float32)
-    # a NaN pattern may have carried into inf or wrapped its sign: adding 0·x' with x' = x, its
-    # infinities made 0, turns exactly those back into NaN and leaves every other value as it is
-    # (−0 included: x' has the sign of x); in float32, where it is two fast passes (isnan +
-    # masked_fill, or an add into the bf16 result, are 10x slower on the CPU)
-    finite_or_nan = scratch.get("rounding_fix", len(_rows(x)), _rows(x)[:0]).view(x.shape)
-    torch.nan_to_num(x, nan=float("nan"), posinf=0.0, neginf=0.0, out=finite_or_nan)
-    rounded.add_(finite_or_nan, alpha=0.0)
+    # a NaN pattern may have carried into inf or wrapped its sign: min(max(rounded, x), rounded)
+    # is NaN exactly where x is (both propagate NaN) and leaves every other value as it is, in
+    # one clamp against tensor bounds
+    torch.clamp(rounded, min=x, max=rounded, out=rounded)
     return out.copy_(rounded)                               # exact: the low half is zero
 
 

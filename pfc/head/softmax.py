@@ -7,9 +7,12 @@ contiguous block; ``r_j = 1/‖w_j‖`` (no normalised copy of W is made).
 Forward, in named steps (the vocab-parallel cross-entropy of Megatron-LM, done chunk by chunk
 over the centers so that the ``[S, B]`` exps never exist at once):
 
-1. chunk logits (:func:`_chunk_cosines`, :func:`_chunk_logits`): ``z = s·cos`` with the
-   margin at the target cells (:class:`pfc.head.targets.Targets`: dense, no host sync); a
-   non-target logit above the inter-class filter leaves the softmax or becomes 0 (:class:`_Filter`);
+0. the target cosines and the margin there, once for all rows (:meth:`Targets.measure`: the B
+   target centers gathered, ``ŵ_y·x̂``), and the target cells of every chunk;
+1. chunk logits (:func:`_chunk_cosines`, :func:`_chunk_logits`): ``z = s·r·(w·x)`` in one pass,
+   with the margin logits written into the target cells (:class:`pfc.head.targets.Targets`:
+   dense, no host sync); a non-target logit above the inter-class filter leaves the softmax or
+   becomes 0 (:class:`_Filter`);
    with MHE the same GEMM yields the cosines against the positive centers, whose energy the MHE
    pieces sum (:class:`pfc.head.regularizers.ShardEnergy`). The GEMM runs in the centers'
    storage type with an fp32 result (:class:`pfc.head.gemm.StorageGemm`);
@@ -20,9 +23,10 @@ over the centers so that the ``[S, B]`` exps never exist at once):
 
 Backward (no collective, except MHE's one): per chunk, from the kept logits or, with
 ``keep_logits=False``, from the chunk's logits recomputed (the same GEMM and steps 1a–1b on the
-same inputs: bit-identical, with the kept rows reused when updating in the backward),
+same inputs: bit-identical, with the kept rows reused when updating in the backward, fp32 storage),
 
-6. gradient chunk (:func:`_softmax_grad_chunk`): ``G = c·(softmax − onehot)·dz_y/dcos``;
+6. gradient chunk (:func:`_softmax_grad_chunk`): ``G = c·(softmax − onehot)·dz_y/dcos``, its
+   target cells computed once for all rows (:func:`_target_grad`);
 7. MHE gradient (:meth:`ShardEnergy.chunk_grad`) beside it;
 8. the center gradient (:func:`_center_grad_chunk`) and the feature gradient;
 9. the update seam (:class:`pfc.head.optim.UpdateInBackward`): the optimizer applied to the
@@ -66,6 +70,7 @@ class SoftmaxOptions:
     filter_mode: str = "exclude"
     keep_logits: bool = True
     check_upstream: bool = True
+    keep_rows: bool = True
 
 
 class _RowStatistics:
@@ -129,19 +134,17 @@ def _chunk_cosines(rows, operand, block, gemm, inv_norm=None):
     return block, inv
 
 
-def _chunk_logits(block, inv, num_rows, targets, cells, margin, record):
-    """Step 1b: the cosines ``block [S_c, B(+B)]`` scaled by ``inv`` → logits in place: ``s·cos``
-    and ``s·margin(cos)`` at the target cells of the first ``num_rows`` columns (the margin's
-    value computed and recorded in ``targets`` when ``record``, else taken from them: the
-    backward's recomputation). Returns the softmax part ``[S_c, B]``."""
-    block.mul_(inv[:, None]).clamp_(-1.0, 1.0)  # in place: the block is the logits
+def _chunk_logits(block, scaled_inv, inv, num_rows, target_logit, cells):
+    """Step 1b: the products ``block [S_c, B(+B)]`` → logits in place: ``s·r·(w·x)`` in the first
+    ``num_rows`` columns (``scaled_inv = s·r``; one pass, unclamped: |cos| ≤ 1 up to rounding) with
+    the margin logits ``target_logit [B]`` (``s·margin(cos_y)``, :meth:`Targets.measure`) at the
+    target cells, and the cosines ``clamp(r·(w·p), −1, 1)`` in the MHE columns. Returns the
+    softmax part ``[S_c, B]``."""
     chunk = block[:, :num_rows]
-    if record:
-        cos = cells.take(chunk)
-        value, slope = margin.target_logit(cos)
-        targets.record(cells, cos, value, slope)
-    chunk.mul_(margin.s)
-    cells.put(chunk, margin.s * targets.value)
+    if block.shape[1] > num_rows:
+        block[:, num_rows:].mul_(inv[:, None]).clamp_(-1.0, 1.0)
+    chunk.mul_(scaled_inv[:, None])  # in place: the block is the logits
+    cells.put(chunk, target_logit)
     return chunk
 
 
@@ -163,33 +166,37 @@ def _global_sums(stats, row_max, targets, scale, mhe_sum, mhe_count, group):
     return reduced.split([num_rows, num_rows, num_rows, 2])
 
 
-def _softmax_grad_chunk(logits_chunk, row_max, shift, magnitude, noisy, targets, cells, out):
+def _softmax_grad_chunk(logits_chunk, row_max, shift, noisy, grad_target, cells, out):
     """Step 6: ``out = |c|·(softmax − onehot)`` of one chunk ``[S_c, B]`` (0 at filtered cells),
-    times the margin's derivative at the target cells; returns those target entries ([B],
-    meaningful where ``cells.mask``). ``|c|·softmax = exp(z − max − shift)``, ``|c|`` folded into
-    ``shift``; the caller applies the sign of ``c``."""
+    with ``grad_target [B]`` (:func:`_target_grad`) at the target cells. ``|c|·softmax =
+    exp(z − max − shift)``, ``|c|`` folded into ``shift``; the caller applies the sign of ``c``."""
     torch.sub(logits_chunk, row_max, out=out)
     out.sub_(shift).exp_()
     if noisy is not None:
         out.masked_fill_(noisy, 0.0)
-    grad_target = (cells.take(out) - magnitude) * targets.slope
     cells.put(out, grad_target)
-    return grad_target
 
 
-def _center_grad_chunk(grad_block, block, rows, inv, operand, cells, grad_target, target_shift,
+def _target_grad(targets, scale, row_max, shift, magnitude):
+    """Step 6 at the target cells, for all rows at once: ``|c|·(softmax_y − 1)·dz_y/dcos`` [B],
+    with ``softmax_y = exp(s·margin(cos_y) − max − log Σ)`` as the chunk computes it."""
+    return (torch.exp((scale * targets.value - row_max) - shift) - magnitude) * targets.slope
+
+
+def _center_grad_chunk(grad_block, block, rows, inv, operand, cells, target_correction,
                        scale, num_rows, workspace, gemm, out):
     """Step 8: ``out = ∂/∂w_j = r_j·A_j − r_j²·u_j·w_j`` for the chunk's centers, with
     ``A = Gᵀ·[X̂; P̂]`` and ``u_j = Σ_i G_ji·c_ji``, where ``c = z/s`` in the softmax block except at
-    the targets (there the raw cosine, ``z/s + target_shift``) and the cosine itself in the MHE
-    block; ``grad_block`` holds ``G·r``, ``grad_target`` the target cells of ``G`` (without r)."""
+    the targets (there the raw cosine, ``z/s + (cos_y − margin(cos_y))``: ``target_correction
+    [B]`` holds ``G_jy·r_j`` times that difference, 0 where the cell is not in this chunk) and the
+    cosine itself in the MHE block; ``grad_block`` holds ``G·r``, ``inv`` is ``r [S_c]``."""
     product = torch.mul(grad_block, block, out=workspace.get("product", block.shape[0], block))
     u_scaled = product[:, :num_rows].sum(dim=1).div_(scale)  # r_j·u_j
     if block.shape[1] > num_rows:  # the MHE block
         u_scaled += product[:, num_rows:].sum(dim=1)
-    cells.add_to(u_scaled, grad_target * inv[cells.local[0], 0] * target_shift)
+    u_scaled.index_add_(0, cells.local[0], target_correction)
     gemm.mm(gemm.operand(grad_block), operand, out=out)  # r_j·A_j
-    out.addcmul_(rows, u_scaled[:, None] * inv, value=-1.0)
+    out.addcmul_(rows, u_scaled.mul_(inv)[:, None], value=-1.0)
 
 
 class _ShardedMarginSoftmax(torch.autograd.Function):
@@ -201,6 +208,8 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         num_rows, workspace, scale = features.shape[0], options.workspace, options.margin.s
         num_sampled = weight.shape[0] if index is None else index.numel()
         targets = Targets.of(target, features)
+        targets.measure(weight, index, features, options.margin)
+        target_logit = scale * targets.value
         energy = None if options.mhe is None else options.mhe.shard_energy(
             weight, index, targets, num_rows, options.group)
         # with MHE the positive centers join the features as a second block of the GEMM operand
@@ -208,22 +217,25 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         # updating in the backward: the sampled rows gathered here serve the backward and the update
         # (one random pass over W instead of three; no gradient is stored instead)
         update = options.optimizer is not None and index is not None and weight.requires_grad
-        kept = workspace.keep_rows(num_sampled, weight) if update else None
+        kept = workspace.keep_rows(num_sampled, weight) if update and options.keep_rows else None
         gemm = StorageGemm(weight.dtype, weight.device, workspace)
         gemm_operand = gemm.operand(operand)
         logits = features.new_empty(num_sampled, operand.shape[0]) if options.keep_logits else None
         scratch_logits = features.new_empty(0, operand.shape[0])  # the shape of a chunk's recomputed logits
         inv_norm = features.new_empty(num_sampled)
+        scaled_inv = features.new_empty(num_sampled)
         filtering = _Filter(options.filter_threshold, options.filter_mode, scale)
         stats = _RowStatistics(num_rows, features)
         mhe_sum = features.new_zeros(())
+        chunk_cells = targets.in_chunks(options.chunk_rows, num_sampled)
         for start in range(0, num_sampled, options.chunk_rows):
             stop = min(start + options.chunk_rows, num_sampled)
             rows = _chunk_rows(weight, index, start, stop, workspace, None if kept is None else kept.rows)
             block = logits[start:stop] if logits is not None else workspace.get("logits", stop - start, scratch_logits)
             block, inv = _chunk_cosines(rows, gemm_operand, block, gemm, inv_norm[start:stop])
-            cells = targets.in_chunk(start, stop)
-            chunk = _chunk_logits(block, inv, num_rows, targets, cells, options.margin, record=True)
+            cells = chunk_cells[start // options.chunk_rows]
+            torch.mul(inv, scale, out=scaled_inv[start:stop])
+            chunk = _chunk_logits(block, scaled_inv[start:stop], inv, num_rows, target_logit, cells)
             if energy is not None:  # Σ_{j ≠ y_i} f(ŵ_yi, ŵ_j) over this chunk's centers
                 mhe_sum += energy.chunk_sum(block[:, num_rows:], start, cells)
             stats.add(filtering.apply(chunk, filtering.mask(chunk, cells, workspace), workspace), workspace)
@@ -240,15 +252,15 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
 
         # the large tensors and the inputs go through save_for_backward; the small per-target and
         # MHE pieces ride on ctx in their typed objects
-        ctx.save_for_backward(operand, weight, index, logits, inv_norm, row_max, log_sum)
-        ctx.options, ctx.targets, ctx.energy, ctx.kept = options, targets, energy, kept
+        ctx.save_for_backward(operand, weight, index, logits, inv_norm, scaled_inv, row_max, log_sum)
+        ctx.options, ctx.targets, ctx.energy, ctx.kept, ctx.chunk_cells = options, targets, energy, kept, chunk_cells
         ctx.loss = loss.detach() if options.optimizer is not None else None
         ctx.mark_non_differentiable(accuracy)
         return loss, accuracy, energy_value
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_accuracy, grad_energy):
-        operand, weight, index, logits, inv_norm, row_max, log_sum = ctx.saved_tensors
+        operand, weight, index, logits, inv_norm, scaled_inv, row_max, log_sum = ctx.saved_tensors
         options, targets, energy = ctx.options, ctx.targets, ctx.energy
         workspace, scale, num_rows = options.workspace, options.margin.s, row_max.shape[0]
         num_sampled, weight_needs_grad = inv_norm.shape[0], ctx.needs_input_grad[1]
@@ -259,7 +271,12 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         coefficient = grad_loss * scale / num_rows
         magnitude, sign = coefficient.abs(), coefficient.sign()
         shift = log_sum - torch.log(magnitude)
-        target_shift = targets.cos - targets.value
+        grad_target = _target_grad(targets, scale, row_max, shift, magnitude)
+        # per chunk, what the target cells add to u_j (r_j·G_jy·(cos_y − margin(cos_y)))
+        chunk_cells = ctx.chunk_cells
+        target_corrections = chunk_cells.masked(
+            grad_target * sign * inv_norm[targets.positions] * (targets.cos - targets.value))
+        inv_sign = inv_norm * sign   # r with the sign of c: the factor of G in both products below
 
         update = None
         if options.optimizer is not None and weight_needs_grad:
@@ -278,31 +295,31 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             stop = min(start + options.chunk_rows, num_sampled)
             rows = kept[start:stop] if kept is not None else _chunk_rows(weight, index, start, stop, workspace)
             rows_operand = gemm.rows(rows)  # the stored rows as a GEMM operand (upcast on the CPU)
-            inv, cells = inv_norm[start:stop, None], targets.in_chunk(start, stop)
+            chunk = start // options.chunk_rows
+            inv, cells = inv_norm[start:stop], chunk_cells[chunk]
             if logits is not None:
                 block = logits[start:stop]
             else:  # recompute the chunk's logits: one more GEMM instead of keeping [S, B]
                 block, _ = _chunk_cosines(rows_operand, gemm_operand,
                                           workspace.get("logits", stop - start, scratch_logits), gemm)
-                _chunk_logits(block, inv[:, 0], num_rows, targets, cells, options.margin, record=False)
+                _chunk_logits(block, scaled_inv[start:stop], inv, num_rows, scale * targets.value, cells)
             grad_block = workspace.get("grad", stop - start, block)
             noisy = filtering.mask(block[:, :num_rows], cells, workspace)
-            grad_target = _softmax_grad_chunk(block[:, :num_rows], row_max, shift, magnitude, noisy, targets,
-                                              cells, out=grad_block[:, :num_rows])
-            grad_block[:, :num_rows].mul_(inv * sign)  # in place: G·r, the factor of both products below
-            grad_target = grad_target * sign
+            _softmax_grad_chunk(block[:, :num_rows], row_max, shift, noisy, grad_target, cells,
+                                out=grad_block[:, :num_rows])
+            grad_block[:, :num_rows].mul_(inv_sign[start:stop, None])  # in place: G·r
             if energy is not None:
                 energy.chunk_grad(block[:, num_rows:], start, cells, grad_energy, out=grad_block[:, num_rows:])
-                grad_block[:, num_rows:].mul_(inv)
+                grad_block[:, num_rows:].mul_(inv[:, None])
             grad_rows = None
             if weight_needs_grad:
                 grad_rows = grad_values[start:stop] if grad_values is not None else \
                     workspace.get("grad_rows", stop - start, operand)
-                _center_grad_chunk(grad_block, block, rows_operand, inv, gemm_operand, cells, grad_target,
-                                   target_shift, scale, num_rows, workspace, gemm, out=grad_rows)
+                _center_grad_chunk(grad_block, block, rows_operand, inv, gemm_operand, cells,
+                                   target_corrections[chunk], scale, num_rows, workspace, gemm, out=grad_rows)
             gemm.addmm_(grad_operand, gemm.operand(grad_block.t()), rows_operand)  # Σ_j G_j r_j w_j
             if update is not None:  # the rows are no longer needed as they were: update them in place
-                update.chunk(start, stop, grad_rows, rows)
+                update.chunk(start, stop, grad_rows, rows, rows_operand)
 
         if energy is not None and grad_values is not None:
             energy.return_center_grad(grad_operand[num_rows:], grad_values, options.group)
@@ -325,7 +342,8 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
                            target: torch.Tensor, margin: Margin, group=None, chunk_rows: int = 2048,
                            workspace: Workspace | None = None, filter_threshold: float | None = None,
                            mhe: MHE | None = None, optimizer: SparseRowSGD | None = None, *,
-                           filter_mode: str = "exclude", keep_logits: bool = True, check_upstream: bool = True):
+                           filter_mode: str = "exclude", keep_logits: bool = True, check_upstream: bool = True,
+                           keep_rows: bool = True):
     """Margin softmax cross-entropy over class centers sharded across the ranks of ``group``.
 
     Args:
@@ -349,6 +367,9 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
             there (one more GEMM; bit-identical results, no ``[S, B]`` block held).
         check_upstream: let the update in the backward check on the host that the upstream
             gradient is 1 (a host sync; off on steady-state steps).
+        keep_rows: when updating in the backward, keep the sampled rows the forward gathers
+            (``S × D`` in the storage type) for the backward and the update (True), or gather them
+            again there (one more random pass over the rows, no block held).
 
     Returns ``(loss, accuracy, energy)``, scalars: ``loss = mean_i(logsumexp_j z_ij − z_i,y)``
     over all ranks' sampled centers, identical on every rank; accuracy is the share of rows
@@ -358,5 +379,5 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
     the total) and ``∂loss/∂weight [C_r, D]`` (sparse COO over ``index`` when given).
     """
     options = SoftmaxOptions(margin, group, chunk_rows, workspace if workspace is not None else Workspace(),
-                             filter_threshold, mhe, optimizer, filter_mode, keep_logits, check_upstream)
+                             filter_threshold, mhe, optimizer, filter_mode, keep_logits, check_upstream, keep_rows)
     return _ShardedMarginSoftmax.apply(features, weight, index, target, options)

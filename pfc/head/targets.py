@@ -5,12 +5,19 @@ indexing or ``nonzero`` (both read the mask's count on the host): every row has 
 whose class another rank owns (or that lies outside a chunk) point at a valid cell with a mask that
 says to leave it alone. Reads are ``gather`` along the classes, writes ``scatter`` of
 ``where(mask, new, old)``; each column has exactly one cell, so a write never collides.
+
+The target cosines and the margin there are computed once per step, before the chunks
+(:meth:`Targets.measure`: the B target centers gathered, a row-wise dot product), so a chunk only
+writes the margin logits into its cells; the cells of every chunk come from a few ops over all
+chunks at once (:meth:`Targets.in_chunks`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from pfc.head.norms import inverse_norms
 
 
 @dataclass(frozen=True)
@@ -30,17 +37,29 @@ class TargetCells:
         kept = torch.where(self.mask, values, self.take(block))
         block.scatter_(0, self.local, kept[None])
 
-    def add_to(self, vector: torch.Tensor, values: torch.Tensor) -> None:
-        """``vector[local[i]] += values[i]`` where ``mask`` (``vector [S_c]``, in place)."""
-        vector.index_add_(0, self.local[0], torch.where(self.mask, values, 0.0))
+
+@dataclass(frozen=True)
+class ChunkCells:
+    """The target cells of every chunk ``[k·chunk_rows, …)`` of the sampled positions, stacked:
+    ``masks [K, B]`` and ``local [K, B]``; ``cells[k]`` is chunk k's :class:`TargetCells`."""
+
+    masks: torch.Tensor
+    local: torch.Tensor
+
+    def __getitem__(self, chunk: int) -> TargetCells:
+        return TargetCells(self.masks[chunk], self.local[chunk:chunk + 1])
+
+    def masked(self, values: torch.Tensor) -> torch.Tensor:
+        """``[K, B]``: row k holds ``values [B]`` where chunk k has the cell, else 0."""
+        return torch.where(self.masks, values, 0.0)
 
 
 @dataclass(frozen=True)
 class Targets:
     """Batch row i has its class at sampled position ``positions[i]`` when ``owned[i]`` (another
     rank owns it otherwise; ``positions`` is then 0). ``cos``, ``value`` and ``slope`` (the target
-    cosine, the margin's value and derivative there; 0 where not owned) are filled chunk by chunk
-    by the softmax's forward."""
+    cosine, the margin's value and derivative there; 0 where not owned) are filled in place by
+    :meth:`measure`."""
 
     owned: torch.Tensor
     positions: torch.Tensor
@@ -54,12 +73,23 @@ class Targets:
         zeros = like.new_zeros(target.shape[0])
         return cls(target >= 0, target.clamp_min(0), zeros, zeros.clone(), zeros.clone())
 
-    def in_chunk(self, start: int, stop: int) -> TargetCells:
-        """The target cells of the chunk of sampled positions ``[start, stop)``."""
-        mask = self.owned & (self.positions >= start) & (self.positions < stop)
-        return TargetCells(mask, (self.positions - start).clamp_(0, stop - start - 1)[None])
+    def in_chunks(self, chunk_rows: int, num_sampled: int) -> ChunkCells:
+        """The target cells of every chunk ``[k·chunk_rows, min((k+1)·chunk_rows, num_sampled))``:
+        column i's cell in chunk k is row ``positions[i] − k·chunk_rows`` (clamped into the chunk),
+        meaningful where the class is owned and its position falls in the chunk."""
+        starts = torch.arange(0, num_sampled, chunk_rows, device=self.positions.device)[:, None]
+        local = self.positions[None, :] - starts                              # [K, B]
+        masks = self.owned & (local >= 0) & (local < chunk_rows)
+        last = (num_sampled - starts).clamp_(max=chunk_rows) - 1              # each chunk's last row
+        return ChunkCells(masks, torch.minimum(local.clamp_(min=0), last))
 
-    def record(self, cells: TargetCells, cos: torch.Tensor, value: torch.Tensor, slope: torch.Tensor) -> None:
-        """Keep the chunk's target cosines and margin values (in place, where ``cells.mask``)."""
+    def measure(self, weight: torch.Tensor, index: torch.Tensor | None, features: torch.Tensor, margin) -> None:
+        """Fill ``cos``, ``value``, ``slope`` (in place, 0 where not owned): the target centers
+        ``w_y`` gathered (B rows), ``cos = clamp(ŵ_y·x̂, −1, 1)`` in the features' type, and
+        ``margin.target_logit(cos)``."""
+        rows = self.positions if index is None else index[self.positions]
+        centers = weight.index_select(0, rows).to(features.dtype)
+        cos = (centers * features).sum(dim=1).mul_(inverse_norms(centers)).clamp_(-1.0, 1.0)
+        value, slope = margin.target_logit(cos)
         for kept, new in ((self.cos, cos), (self.value, value), (self.slope, slope)):
-            torch.where(cells.mask, new, kept, out=kept)
+            torch.where(self.owned, new, kept, out=kept)   # kept: zeros
