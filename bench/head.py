@@ -144,19 +144,19 @@ def row_floor(weight, momentum, index, chunk_rows, repeats=3) -> float:
 @torch.no_grad()
 def pass_floor(count, dim, chunk_rows, device, repeats=3) -> float:
     """The three elementwise passes over ``count × dim`` sampled rows that an exact step makes
-    besides its GEMMs and row traffic, in fp32 chunks of ``chunk_rows``: the rows' norms, the
-    radial term of the center gradient (``addcmul_``) and one fused SGD pass."""
-    rows = min(chunk_rows, count)
-    blocks = [torch.randn(rows, dim, device=device) for _ in range(3)]   # weights, gradient, momentum
-    coefficient = torch.randn(rows, 1, device=device)
-    norms = torch.empty(rows, device=device)
+    besides its GEMMs and row traffic, in fp32 chunks of ``chunk_rows`` over full-size blocks (so
+    that the rows come from memory, as the sampled rows do): the rows' norms, the radial term of
+    the center gradient (``addcmul_``) and one fused SGD pass."""
+    weights, grads, momenta = (torch.randn(count, dim, device=device) for _ in range(3))
+    coefficient = torch.randn(count, 1, device=device)
+    norms = torch.empty(count, device=device)
 
     def run():
         for start in range(0, count, chunk_rows):
-            n = min(chunk_rows, count - start)
-            weight, grad, momentum = (block[:n] for block in blocks)
-            torch.linalg.vector_norm(weight, dim=1, out=norms[:n])
-            grad.addcmul_(weight, coefficient[:n], value=-1.0)
+            rows = slice(start, min(start + chunk_rows, count))
+            weight, grad, momentum = weights[rows], grads[rows], momenta[rows]
+            torch.linalg.vector_norm(weight, dim=1, out=norms[rows])
+            grad.addcmul_(weight, coefficient[rows], value=-1.0)
             torch._fused_sgd_([weight], [grad], [momentum], weight_decay=0.0, momentum=0.9, lr=0.0,
                               dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
     return _timed_min(device, repeats, run)

@@ -22,6 +22,13 @@ checkpoint planner excepted: :mod:`pfc.train.checkpoint.dcp_planner` lists those
   being shareable with the consumer by its handle, as torch's own DataLoader does. Missing: the
   buffers are plain tensors, and the DataLoader moves each batch through its own shared-memory
   copy (about 9 page faults per image more, the same pixels).
+- ``torch._fused_sgd_`` (:func:`fused_sgd_`): torch's fused SGD kernel (what ``SGD(fused=True)``
+  runs), one pass over weights, gradient and momentum with a ``found_inf`` skip read on the
+  device. :class:`pfc.head.optim.SparseRowSGD` updates each chunk of rows with it. It relies on
+  the kernel computing ``torch.optim.SGD``'s arithmetic (bit for bit on the CPU over whole
+  vectors; its scalar tail may fuse a multiply-add; on CUDA as ``SGD(fused=True)``) and skipping
+  when ``found_inf`` is 1. Missing (or on the ``meta`` device, where it has no kernel): the same
+  update op by op, the skip by ``torch.where`` (four passes instead of one, the loop's arithmetic).
 """
 from __future__ import annotations
 
@@ -47,3 +54,23 @@ def new_shared_storage_maker():
     """``torch.UntypedStorage._new_shared`` (``nbytes → storage in shared memory``); None where
     this torch does not offer it."""
     return getattr(torch.UntypedStorage, "_new_shared", None)
+
+
+def fused_sgd_(weight: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor | None, *, lr: float,
+               momentum_factor: float, weight_decay: float, found_inf: torch.Tensor | None = None) -> None:
+    """``d = grad + weight_decay·w; v = momentum_factor·v + d; w = w − lr·v`` in place on contiguous
+    tensors (``momentum`` None: ``w = w − lr·d``), unless ``found_inf`` (a 0-d float32 tensor on
+    the tensors' device) is 1: then both stay as they are."""
+    fused = getattr(torch, "_fused_sgd_", None)
+    if fused is not None and weight.device.type != "meta":
+        fused([weight], [grad], [] if momentum is None else [momentum], weight_decay=weight_decay,
+              momentum=momentum_factor if momentum is not None else 0.0, lr=lr, dampening=0.0, nesterov=False,
+              maximize=False, is_first_step=False, found_inf=found_inf)
+        return
+    step = torch.add(grad, weight, alpha=weight_decay)
+    new_momentum = step if momentum is None else (momentum * momentum_factor).add_(step)
+    new_weight = torch.add(weight, new_momentum, alpha=-lr)
+    skip = None if found_inf is None else found_inf == 1
+    for stored, new in ((momentum, new_momentum), (weight, new_weight)):
+        if stored is not None:
+            stored.copy_(new if skip is None else torch.where(skip, stored, new))

@@ -341,3 +341,59 @@ def test_bf16_head_update_in_backward_agrees_with_backward_then_step_and_skips_a
         skipped = _bf16_head_steps(update_in_backward=fused, nan_at=2)
         two_steps = _bf16_head_steps(update_in_backward=fused, steps=2)
         assert torch.equal(skipped[0], two_steps[0]) and torch.equal(skipped[1], two_steps[1]), fused
+
+
+# ------------------------------------------------------------------ the fused kernel and its edges
+
+def test_without_the_fused_kernel_the_update_is_the_same_and_skips_alike(monkeypatch):
+    start = torch.randn(9, 64)
+    grads = [torch.randn(9, 64) for _ in range(3)]
+
+    def run():
+        param = torch.nn.Parameter(start.clone())
+        optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=5e-4, chunk_rows=4)
+        for step, grad in enumerate(grads):
+            optimizer.found_inf = torch.tensor(float(step == 1))   # the middle step is skipped
+            param.grad = grad.clone()
+            optimizer.step()
+        return param.detach(), optimizer.state[param]["momentum_buffer"]
+
+    fused = run()
+    monkeypatch.delattr(torch, "_fused_sgd_")
+    assert all(torch.equal(a, b) for a, b in zip(fused, run()))
+
+
+def test_momentum_set_to_zero_later_leaves_the_buffer_alone():
+    param = torch.nn.Parameter(torch.randn(5, 16))
+    optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=0.0)
+    optimizer.param_groups[0]["momentum"] = 0.0          # e.g. a schedule
+    before = param.detach().clone()
+    grad = torch.randn(5, 16)
+    param.grad = grad.clone()
+    optimizer.step()
+    torch.testing.assert_close(param.detach(), before - 0.1 * grad)
+    assert torch.equal(optimizer.state[param]["momentum_buffer"], torch.zeros(5, 16))
+
+
+def test_a_non_contiguous_gradient_is_read_as_its_values():
+    mine, theirs = _pair(rows=16, dim=16)
+    ours = SparseRowSGD([mine], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    reference = torch.optim.SGD([theirs], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    grad = torch.randn(16, 16).t()                     # a transposed view
+    mine.grad, theirs.grad = grad, grad.contiguous()
+    ours.step()
+    reference.step()
+    assert torch.equal(mine, theirs)
+
+
+def test_update_rows_in_other_chunks_agrees_within_rounding_for_any_width():
+    # the head updates its own chunks; step() the optimizer's: with D = 6 the fused kernel's
+    # scalar tail falls at different places, so the two agree to rounding, not bit for bit
+    start, grad = torch.randn(7, 6), torch.randn(7, 6)
+    results = []
+    for chunk_rows in (3, 7):
+        param = torch.nn.Parameter(start.clone())
+        optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=5e-4, chunk_rows=chunk_rows)
+        optimizer.update_rows(param, slice(0, 7), grad)
+        results.append(param.detach())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)

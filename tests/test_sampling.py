@@ -1,6 +1,9 @@
+import pytest
 import torch
 
+from pfc.head.margins import ArcFace
 from pfc.head.sampling import hashed_scores, largest_scores, sample_classes, sample_size
+from pfc.head.softmax import sharded_margin_softmax
 
 
 def _by_topk(score, count):
@@ -35,3 +38,10 @@ def test_sample_keeps_every_positive_and_has_the_static_size():
     owned = labels < 1_000
     assert torch.equal(index[target[owned]], labels[owned])
     assert torch.equal(target[~owned], torch.tensor([-1]))
+
+
+def test_an_empty_sample_is_refused_by_name():
+    features = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    with pytest.raises(ValueError, match="no class centers"):
+        sharded_margin_softmax(features, torch.randn(10, 8), torch.empty(0, dtype=torch.int64),
+                               torch.full((4,), -1), ArcFace())

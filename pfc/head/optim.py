@@ -17,7 +17,7 @@ import torch
 from pfc.distributed.collectives import get_rank
 from pfc.head.rounding import check_rounding, is_narrow, round_into
 from pfc.head.scratch import ScratchBlocks
-from pfc.torch_private import uncoalesced_rows
+from pfc.torch_private import fused_sgd_, uncoalesced_rows
 
 
 class SparseRowSGD(torch.optim.Optimizer):
@@ -29,11 +29,13 @@ class SparseRowSGD(torch.optim.Optimizer):
         v_j = momentum · v_j + d_j           (v starts at 0, as torch.optim.SGD's first step)
         w_j = w_j − lr · v_j
 
-    With a dense gradient this is bit-identical to ``torch.optim.SGD(lr, momentum,
-    weight_decay=weight_decay)`` when each chunk holds a whole number of the CPU's vectors (any
-    row width D that is a multiple of 16: 128, 512, ...); otherwise the fused kernel's scalar tail
-    may round a multiply-add once instead of twice (within an ulp). Duplicate rows in an
-    uncoalesced sparse gradient (gradient accumulation) are summed first. The momentum buffer is allocated eagerly as
+    Each chunk is one pass of torch's fused SGD kernel. With a dense gradient the result is
+    bit-identical to ``torch.optim.SGD(lr, momentum, weight_decay=weight_decay)`` on the CPU when
+    the row width D is a multiple of 16 (128, 512, ...: every chunk is whole vectors); otherwise
+    the kernel's scalar tail may round a multiply-add once instead of twice (within an ulp), and
+    results then depend on where chunks end. On CUDA the arithmetic is ``SGD(fused=True)``'s.
+    Duplicate rows in an uncoalesced sparse gradient (gradient accumulation) are summed first.
+    The momentum buffer is allocated eagerly as
     ``state[p]["momentum_buffer"]`` (dense, same shape as ``p``).
 
     Storage types: the parameter's dtype is the weights' storage (float32, or bfloat16 / float16
@@ -57,7 +59,8 @@ class SparseRowSGD(torch.optim.Optimizer):
     :meth:`update_rows` applies the same update to given rows and their gradient directly: the
     head calls it inside its backward when built with
     ``PartialFC.optimizer(update_in_backward=True)`` (no gradient stored, ``p.grad`` stays None),
-    with a bit-identical result for float32 storage. For narrow storage the two differ by
+    with a bit-identical result for float32 storage (D a multiple of 16, see above; the update in
+    the backward works in the head's chunks). For narrow storage the two differ by
     rounding: ``p.grad`` is stored in the parameter's type (autograd rounds the head's gradient to
     it), while the backward hands its float32 gradient over directly.
 
@@ -149,7 +152,8 @@ class SparseRowSGD(torch.optim.Optimizer):
         ``rows`` is a slice (the rows are updated in place) or a LongTensor of distinct row ids;
         then ``weight_rows``, when given, must hold ``param[rows]`` (it is overwritten with the
         new values, saving a gather), and the new rows and momentum rows are written back. The
-        arithmetic is :meth:`step`'s, so the result is bit-identical to a gradient + ``step()``.
+        arithmetic is :meth:`step`'s, so the result is bit-identical to a gradient + ``step()``
+        (D a multiple of 16: see the class docstring).
         ``skip``: an optional 0-d tensor on the device, nonzero = leave the rows unchanged (as
         :attr:`found_inf` does). One call is one update of the counter.
         """
@@ -178,7 +182,8 @@ class SparseRowSGD(torch.optim.Optimizer):
             if generator is None:
                 generator = self._generators[param.device] = torch.Generator(device=param.device)
             generator.manual_seed(int(np.random.SeedSequence([self.seed, self.rank, update, index]).generate_state(1)[0]))
-        return RowUpdate(group, buffer, generator, None if combined is None else combined.to(torch.float32))
+        found_inf = None if combined is None else combined.to(device=param.device, dtype=torch.float32)
+        return RowUpdate(group, buffer, generator, found_inf)
 
     def _apply(self, param, rows, grad, weight_rows, update: RowUpdate, wide_rows=None, chunk_rows=None) -> None:
         """Update ``rows`` (a slice or row ids) chunk by chunk (``chunk_rows``, default
@@ -211,18 +216,18 @@ class SparseRowSGD(torch.optim.Optimizer):
     def _update_rows(self, weight, buffer, grad, update: RowUpdate, wide=None):
         """One chunk: ``weight`` and ``buffer`` (storage types) updated in place from ``grad``, in
         one fused pass (:func:`_sgd_pass`) over the compute-type values: the storage itself, or
-        widened copies in scratch blocks (``wide``: the caller's, for the weights) that are then
-        rounded back (narrow storage)."""
+        widened (or made contiguous) copies in scratch blocks (``wide``: the caller's, for the
+        weights) that are then rounded (or copied) back."""
         rows = len(grad)
         compute = _compute_dtype(weight.dtype)
-        if weight.dtype == compute:
-            w = weight
-        else:
-            w = wide if wide is not None else \
-                self._scratch.get("w_compute", rows, _like(weight, compute)).copy_(weight)
-        g = grad if grad.dtype == compute else self._scratch.get("g_compute", rows, _like(grad, compute)).copy_(grad)
-        v = buffer if buffer is None or buffer.dtype == compute else \
-            self._scratch.get("v_compute", rows, _like(buffer, compute)).copy_(buffer)
+
+        def operand(tensor, name):   # the kernel reads contiguous memory: else a scratch copy
+            if tensor is None or (tensor.dtype == compute and tensor.is_contiguous()):
+                return tensor
+            return self._scratch.get(name, rows, _like(tensor, compute)).copy_(tensor)
+
+        w = wide if wide is not None and weight.dtype != compute else operand(weight, "w_compute")
+        g, v = operand(grad, "g_compute"), operand(buffer, "v_compute")
         _sgd_pass(w, v, g, update.group, update.found_inf)
         # a skipped update leaves w and v as they were, which round back to themselves exactly
         if v is not buffer:
@@ -232,16 +237,17 @@ class SparseRowSGD(torch.optim.Optimizer):
 
 
 def _sgd_pass(weight, momentum, grad, group, found_inf) -> None:
-    """``d = grad + wd·w; v = μ·v + d; w = w − lr·v`` in place, unless ``found_inf`` (a 0-d
-    float32 device tensor, nonzero: leave both unchanged). One pass of torch's fused SGD kernel (the arithmetic
-    of ``torch.optim.SGD``'s loop, bit for bit over whole vectors: its scalar tail may fuse a
-    multiply-add), with its ``found_inf`` skip decided on the device; contiguous tensors.
-    ``momentum`` None: plain SGD (μ = 0). One pass instead of four, and no ``torch.where`` for a
-    possible skip (measured on a 2048 × 512 chunk, one thread: 0.68 ms against 1.89 ms)."""
-    torch._fused_sgd_([weight], [grad], [] if momentum is None else [momentum],
-                      weight_decay=group["weight_decay"], momentum=group["momentum"] if momentum is not None else 0.0,
-                      lr=group["lr"], dampening=0.0, nesterov=False, maximize=False, is_first_step=False,
-                      found_inf=found_inf)
+    """``d = grad + wd·w; v = μ·v + d; w = w − lr·v`` in place on contiguous tensors, unless
+    ``found_inf`` (a 0-d float32 tensor on their device, 1.0 = skip) says to leave both unchanged:
+    one pass of torch's fused SGD kernel (:func:`pfc.torch_private.fused_sgd_`; ``torch.optim.SGD``'s
+    arithmetic, bit for bit on the CPU over whole vectors, its scalar tail may fuse a multiply-add),
+    the skip decided on the device. One pass instead of four and no ``torch.where`` for a possible
+    skip (measured on a 2048 × 512 chunk, one thread: 0.68 ms against 1.89 ms). With μ = 0 the
+    buffer is left alone, as ``torch.optim.SGD`` leaves it."""
+    use_momentum = momentum is not None and group["momentum"] != 0
+    fused_sgd_(weight, grad, momentum if use_momentum else None, lr=group["lr"],
+               momentum_factor=group["momentum"] if use_momentum else 0.0, weight_decay=group["weight_decay"],
+               found_inf=found_inf)
 
 
 _STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -260,7 +266,7 @@ def _like(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class RowUpdate:
     """One update of one parameter: its param group, momentum buffer, the seeded random stream
     of stochastic rounding (None when nothing is rounded stochastically) and the 0-d skip mask
-    on the device as the fused kernel takes it (float32, nonzero = skip; None: nothing to skip)."""
+    on the device as the fused kernel takes it (float32, 1.0 = skip, else 0.0; None: nothing to skip)."""
 
     group: dict
     buffer: torch.Tensor | None
@@ -307,7 +313,9 @@ def _row_gradient(grad: torch.Tensor, noted: tuple[int, int] | None = None):
 class UpdateInBackward:
     """The update-in-backward seam: the head's backward hands it the gradient of the sampled rows
     ``weight[index]`` (``index`` None: all rows) instead of returning it, and it applies
-    :meth:`SparseRowSGD.update_rows`, with a result bit-identical to a backward and ``step()``.
+    :meth:`SparseRowSGD.update_rows`, with a result bit-identical to a backward and ``step()`` (for
+    D a multiple of 16, as the class docstring says). It updates the head's chunks whole (the rows
+    are in cache), so with narrow storage the seeded rounding draws per head chunk.
 
     Made by :meth:`begin` once per backward (one update of the optimizer's counter). When every
     row's gradient is final as soon as its chunk is done, the backward calls :meth:`chunk` for

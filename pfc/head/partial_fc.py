@@ -209,10 +209,11 @@ class PartialFC(nn.Module):
     def optimizer(self, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4,
                   update_in_backward: bool = False, **options) -> SparseRowSGD:
         """The center optimizer: SGD that updates only the rows sampled this step
-        (see :class:`pfc.head.optim.SparseRowSGD`; ``options``: ``momentum_dtype``, ``chunk_rows``).
+        (see :class:`pfc.head.optim.SparseRowSGD`; ``options``: ``momentum_dtype``, ``chunk_rows``
+        (for ``step()``), ``rounding``, ``seed``).
 
         ``update_in_backward=True``: the update is applied inside the head's backward, chunk by
-        chunk, with the same result bit for bit, and ``weight.grad`` is never stored (``step()``
+        chunk, with the same result bit for bit (D a multiple of 16), and ``weight.grad`` is never stored (``step()``
         and ``zero_grad()`` then have nothing to do for the centers). The rows gathered by the
         forward serve the backward and the update, so a sampled step moves its rows at random
         four times instead of six (five with narrow storage, which gathers them again rather

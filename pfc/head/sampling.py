@@ -62,7 +62,7 @@ def largest_scores(score: torch.Tensor, count: int) -> torch.Tensor:
     long, the plain ``topk`` decides.
     """
     total = score.numel()
-    if score.device.type == "cpu" and count * 4 < total:
+    if score.device.type == "cpu" and 0 < count and count * 4 < total:
         fraction = count / total
         keep = min(1.0, fraction + _PREFILTER_SIGMAS * math.sqrt(fraction * (1 - fraction) / total) + 64 / total)
         threshold = max(-(1 << 63), int(round((1.0 - keep) * 2.0 ** 64)) - (1 << 63))

@@ -126,8 +126,9 @@ def _chunk_rows(weight, index, start, stop, workspace, kept=None):
 
 
 def _chunk_cosines(rows, operand, block, gemm, inv_norm=None):
-    """Step 1a: ``block = clamp(r·(rows·operandᵀ), −1, 1)`` (fp32 whatever the storage type),
-    with ``r = 1/‖row‖`` written to ``inv_norm`` when given (else read from the caller's)."""
+    """Step 1a: the products ``block = rows·operandᵀ`` (fp32 whatever the storage type; scaled
+    into cosines and logits by :func:`_chunk_logits`), and ``r = 1/‖row‖`` written to
+    ``inv_norm`` when given (returned, else None)."""
     rows = gemm.rows(rows)
     inv = inverse_norms(rows, out=inv_norm) if inv_norm is not None else None
     gemm.mm(rows, operand.t(), out=block)
@@ -207,9 +208,11 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
     def forward(ctx, features, weight, index, target, options: SoftmaxOptions):
         num_rows, workspace, scale = features.shape[0], options.workspace, options.margin.s
         num_sampled = weight.shape[0] if index is None else index.numel()
+        if num_sampled == 0:
+            raise ValueError("no class centers to take the softmax over: the sample (or the shard) is empty")
         targets = Targets.of(target, features)
         targets.measure(weight, index, features, options.margin)
-        target_logit = scale * targets.value
+        margin_logits = scale * targets.value
         energy = None if options.mhe is None else options.mhe.shard_energy(
             weight, index, targets, num_rows, options.group)
         # with MHE the positive centers join the features as a second block of the GEMM operand
@@ -235,7 +238,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             block, inv = _chunk_cosines(rows, gemm_operand, block, gemm, inv_norm[start:stop])
             cells = chunk_cells[start // options.chunk_rows]
             torch.mul(inv, scale, out=scaled_inv[start:stop])
-            chunk = _chunk_logits(block, scaled_inv[start:stop], inv, num_rows, target_logit, cells)
+            chunk = _chunk_logits(block, scaled_inv[start:stop], inv, num_rows, margin_logits, cells)
             if energy is not None:  # Σ_{j ≠ y_i} f(ŵ_yi, ŵ_j) over this chunk's centers
                 mhe_sum += energy.chunk_sum(block[:, num_rows:], start, cells)
             stats.add(filtering.apply(chunk, filtering.mask(chunk, cells, workspace), workspace), workspace)
@@ -272,6 +275,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         magnitude, sign = coefficient.abs(), coefficient.sign()
         shift = log_sum - torch.log(magnitude)
         grad_target = _target_grad(targets, scale, row_max, shift, magnitude)
+        margin_logits = scale * targets.value   # as the forward wrote them (recompute)
         # per chunk, what the target cells add to u_j (r_j·G_jy·(cos_y − margin(cos_y)))
         chunk_cells = ctx.chunk_cells
         target_corrections = chunk_cells.masked(
@@ -302,7 +306,7 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             else:  # recompute the chunk's logits: one more GEMM instead of keeping [S, B]
                 block, _ = _chunk_cosines(rows_operand, gemm_operand,
                                           workspace.get("logits", stop - start, scratch_logits), gemm)
-                _chunk_logits(block, scaled_inv[start:stop], inv, num_rows, scale * targets.value, cells)
+                _chunk_logits(block, scaled_inv[start:stop], inv, num_rows, margin_logits, cells)
             grad_block = workspace.get("grad", stop - start, block)
             noisy = filtering.mask(block[:, :num_rows], cells, workspace)
             _softmax_grad_chunk(block[:, :num_rows], row_max, shift, noisy, grad_target, cells,
