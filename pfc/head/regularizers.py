@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from pfc.distributed.collectives import all_gather_tensor, all_reduce_, gather_rows, get_rank, get_world_size
 from pfc.head.margins import SphereFace
-from pfc.head.norms import inverse_norms
 from pfc.head.targets import TargetCells, Targets
 
 _KERNELS = ("euclidean", "log", "angular")
@@ -154,10 +153,9 @@ class ShardEnergy:
                  num_rows: int, group=None):
         self.mhe = mhe
         self.targets = targets
-        rows = targets.positions if index is None else index[targets.positions]
-        own = weight.index_select(0, rows).to(torch.promote_types(weight.dtype, torch.float32))
-        self.own_inv_norm = inverse_norms(own)
-        self.own_unit = own * self.own_inv_norm[:, None]
+        # the positive centers as Targets.measure gathered them (the features' type)
+        self.own_inv_norm = targets.inv_norm
+        self.own_unit = targets.centers * self.own_inv_norm[:, None]
         centers = torch.where(targets.owned[:, None], self.own_unit, 0.0)
         self.centers = all_reduce_(centers, dist.ReduceOp.SUM, group)
         self.column_weight, self.count = mhe.column_weights(index, targets, weight.shape[0])

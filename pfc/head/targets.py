@@ -54,18 +54,21 @@ class ChunkCells:
         return torch.where(self.masks, values, 0.0)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Targets:
     """Batch row i has its class at sampled position ``positions[i]`` when ``owned[i]`` (another
     rank owns it otherwise; ``positions`` is then 0). ``cos``, ``value`` and ``slope`` (the target
     cosine, the margin's value and derivative there; 0 where not owned) are filled in place by
-    :meth:`measure`."""
+    :meth:`measure`, which also keeps the target centers it gathered, ``centers [B, D]`` in the
+    features' type (garbage rows where not owned), and their ``inv_norm [B]`` (MHE uses both)."""
 
     owned: torch.Tensor
     positions: torch.Tensor
     cos: torch.Tensor
     value: torch.Tensor
     slope: torch.Tensor
+    centers: torch.Tensor | None = None
+    inv_norm: torch.Tensor | None = None
 
     @classmethod
     def of(cls, target: torch.Tensor, like: torch.Tensor) -> Targets:
@@ -88,8 +91,9 @@ class Targets:
         ``w_y`` gathered (B rows), ``cos = clamp(ŵ_y·x̂, −1, 1)`` in the features' type, and
         ``margin.target_logit(cos)``."""
         rows = self.positions if index is None else index[self.positions]
-        centers = weight.index_select(0, rows).to(features.dtype)
-        cos = (centers * features).sum(dim=1).mul_(inverse_norms(centers)).clamp_(-1.0, 1.0)
+        self.centers = weight.index_select(0, rows).to(features.dtype)
+        self.inv_norm = inverse_norms(self.centers)
+        cos = (self.centers * features).sum(dim=1).mul_(self.inv_norm).clamp_(-1.0, 1.0)
         value, slope = margin.target_logit(cos)
         for kept, new in ((self.cos, cos), (self.value, value), (self.slope, slope)):
             torch.where(self.owned, new, kept, out=kept)   # kept: zeros
