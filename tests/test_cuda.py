@@ -210,3 +210,37 @@ def test_trainer_runs_a_few_steps_on_cuda(tmp_path, center_dtype):
     assert [record["step"] for record in records] == [1, 2, 3, 4]
     if DEVICE == "cuda":
         assert torch.cuda.max_memory_allocated() > 0  # the run computed on the device
+
+
+def test_stochastic_rounding_on_the_device_keeps_every_nan_pattern():
+    # the bf16 rounding repairs carried NaN patterns with clamp(rounded, min=x, max=rounded),
+    # which relies on the device's clamp propagating a NaN bound
+    from pfc.head.rounding import round_into
+
+    patterns = torch.tensor([0x7F800001, 0x7FFFFFFF, -1, -8388607, 0x7FC00000], dtype=torch.int32)
+    values = torch.cat([patterns.view(torch.float32), torch.tensor([1.0, -2.5, float("inf"), -0.0])]).to(DEVICE)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    for _ in range(20):
+        out = round_into(torch.empty(values.shape, dtype=torch.bfloat16, device=DEVICE), values, "stochastic",
+                         generator)
+        assert torch.isnan(out[:5]).all()
+        assert torch.equal(out[5:].float().cpu(), torch.tensor([1.0, -2.5, float("inf"), -0.0]))
+        assert torch.signbit(out[8]).item()
+
+
+def test_the_fused_center_update_skips_on_the_device():
+    from pfc.head.optim import SparseRowSGD
+
+    for dtype in (torch.float32, torch.bfloat16):
+        param = torch.nn.Parameter(torch.randn(40, DIM, device=DEVICE).to(dtype))
+        optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=5e-4)
+        before = (param.detach().clone(), optimizer.state[param]["momentum_buffer"].clone())
+        rows = torch.tensor([3, 17, 39], device=DEVICE)
+        optimizer.update_rows(param, rows, torch.randn(3, DIM, device=DEVICE), skip=torch.tensor(True, device=DEVICE))
+        assert torch.equal(param.detach(), before[0])
+        assert torch.equal(optimizer.state[param]["momentum_buffer"], before[1])
+        optimizer.update_rows(param, rows, torch.randn(3, DIM, device=DEVICE))
+        assert not torch.equal(param.detach()[rows], before[0][rows])
+        untouched = torch.ones(40, dtype=torch.bool, device=DEVICE)
+        untouched[rows] = False
+        assert torch.equal(param.detach()[untouched], before[0][untouched])
