@@ -39,6 +39,7 @@ from torch import nn
 
 from pfc.distributed.agree import agree_on_error
 from pfc.distributed.collectives import gather_rows_and_labels, get_rank, get_world_size
+from pfc.head.kernels import KERNEL_CHOICES, resolve_kernels
 from pfc.head.margins import ArcFace, Margin
 from pfc.head.norms import NORM_EPS
 from pfc.head.optim import SparseRowSGD
@@ -102,6 +103,8 @@ class PartialFC(nn.Module):
     exceed ``logits_budget`` × the centers' storage bytes. ``check_inputs`` (attribute too): the
     collective input check of each forward (host syncs); turn it off on steady-state steps when
     the labels are checked elsewhere (the trainer checks them on the loader's CPU tensors).
+    ``kernels``: ``"auto"`` (Triton on CUDA when it imports, else torch), ``"torch"`` or
+    ``"triton"`` (:mod:`pfc.head.kernels`), resolved once into :attr:`kernels`.
 
     Optional terms, added to the returned loss: ``mhe`` (:class:`pfc.head.regularizers.MHE`, weight·E
     on the sampled centers), ``triplet`` (:class:`pfc.head.regularizers.AngularTriplet`, weight·term on
@@ -121,11 +124,12 @@ class PartialFC(nn.Module):
                  chunk_rows: int = 2048, dtype: torch.dtype = torch.float32, device=None,
                  mhe: MHE | None = None, triplet: AngularTriplet | None = None,
                  interclass_filter: float | None = None, interclass_filter_mode: str = "exclude",
-                 logits: str = "auto", logits_budget: float = 0.1, check_inputs: bool = True):
+                 logits: str = "auto", logits_budget: float = 0.1, check_inputs: bool = True,
+                 kernels: str = "auto"):
         super().__init__()
         self.check_options(sample_rate=sample_rate, embedding_size=embedding_size, chunk_rows=chunk_rows,
                            interclass_filter=interclass_filter, interclass_filter_mode=interclass_filter_mode,
-                           logits=logits, logits_budget=logits_budget)
+                           logits=logits, logits_budget=logits_budget, kernels=kernels)
         if mhe is not None and num_classes < 2:
             raise ValueError(f"MHE needs at least two classes, got num_classes={num_classes}")
         self.group = group
@@ -149,6 +153,8 @@ class PartialFC(nn.Module):
         self.check_inputs = check_inputs
         self.weight = nn.Parameter(init_centers(num_classes, embedding_size, self.class_start,
                                                 self.num_local, seed, init_std, dtype, device))
+        # "torch" or "triton", decided once: forward, backward and the update run on one implementation
+        self.kernels = resolve_kernels(kernels, self.weight.device)
         # features, margins, softmax statistics and the loss: fp32 whatever the storage type
         self.compute_dtype = torch.promote_types(self.weight.dtype, torch.float32)
         self.iteration = 0
@@ -161,7 +167,7 @@ class PartialFC(nn.Module):
     @staticmethod
     def check_options(*, sample_rate: float, embedding_size: int, chunk_rows: int = 2048,
                       interclass_filter: float | None = None, interclass_filter_mode: str = "exclude",
-                      logits: str = "auto", logits_budget: float = 0.1) -> None:
+                      logits: str = "auto", logits_budget: float = 0.1, kernels: str = "auto") -> None:
         """Raise ValueError naming the first option the head cannot use (the constructor's checks,
         callable before building one, e.g. by a config's validation)."""
         if not 0.0 < sample_rate <= 1.0:
@@ -178,6 +184,8 @@ class PartialFC(nn.Module):
             raise ValueError(f"logits={logits!r} is not one of {LOGITS_MODES}")
         if not logits_budget >= 0:
             raise ValueError(f"logits_budget={logits_budget} must be >= 0")
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={kernels!r} is not one of {KERNEL_CHOICES}")
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "

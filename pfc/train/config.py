@@ -148,6 +148,8 @@ class HeadConfig:
     auto recomputes when they would exceed 10 % of the center storage"""
     chunk_rows: int = 2048
     """rows of centers per chunk of the fused softmax (memory vs. speed)"""
+    kernels: str = "auto"
+    """auto | torch | triton: the head's kernels (auto: Triton on CUDA when it imports, else torch)"""
     center_dtype: str = "fp32"
     """fp32 | bf16 | fp16: storage of the class centers (bf16: half the memory; see README "Center storage type")"""
     momentum_dtype: str = ""
@@ -172,7 +174,8 @@ class HeadConfig:
         """The head's own option checks (:meth:`PartialFC.check_options`)."""
         PartialFC.check_options(sample_rate=self.sample_rate, embedding_size=embedding_size,
                                 chunk_rows=self.chunk_rows, interclass_filter=self.interclass_filter or None,
-                                interclass_filter_mode=self.interclass_filter_mode, logits=self.logits)
+                                interclass_filter_mode=self.interclass_filter_mode, logits=self.logits,
+                         kernels=self.kernels)
 
     def build(self, num_classes: int, embedding_size: int, *, seed: int, group=None, device=None) -> PartialFC:
         """:class:`PartialFC` over ``num_classes`` centers with this margin and these regularisers."""
@@ -180,7 +183,8 @@ class HeadConfig:
                          sample_rate=self.sample_rate, group=group, seed=seed, chunk_rows=self.chunk_rows,
                          dtype=self.storage_dtype, device=device, mhe=_enabled(self.mhe), triplet=_enabled(self.triplet),
                          interclass_filter=self.interclass_filter or None,
-                         interclass_filter_mode=self.interclass_filter_mode, logits=self.logits)
+                         interclass_filter_mode=self.interclass_filter_mode, logits=self.logits,
+                         kernels=self.kernels)
 
 
 @dataclass
