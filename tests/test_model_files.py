@@ -118,12 +118,14 @@ def test_nan_weights_without_a_checksum_are_refused_and_a_clean_one_is_accepted_
     assert "inf/NaN in the weights" in capsys.readouterr().err and not (path.parent / "bad.onnx").exists()
 
 
-def test_truncated_and_empty_files_name_the_cause(model_file, pairs):
+def test_truncated_and_empty_files_name_the_cause(model_file, pairs, capsys):
     path, _ = model_file
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
     _one_line_error(_tool("evaluate", str(path), "--pairs", pairs), str(path), "not a readable backbone checkpoint (")
     path.write_bytes(b"")
+    _main_error(capsys, export_tool.main, [str(path), "-o", str(path.parent / "m.onnx")],
+                f"{path}: not a readable backbone checkpoint (the file is empty, 0 bytes)")
     with pytest.raises(CheckpointError, match=r"not a readable backbone checkpoint \(the file is empty, 0 bytes\)"):
         load_backbone(str(path))
     with pytest.raises(CheckpointError, match=r"\(the file does not exist\)"):
