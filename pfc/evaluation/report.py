@@ -52,10 +52,11 @@ def comparison_table(results: list[tuple[str, dict]]) -> str:
     """One row per result: accuracy ± std (10-fold), TAR at FAR 1e-3 (n/a when the set cannot
     measure it), AUC; the set of the first."""
     first = results[0][1]
+    width = max(12, *(len(name) + 2 for name, _ in results))
     lines = ["",
              f"held-out verification ({first.get('set', '?')}, {first.get('num_pairs', '?')} pairs, 10-fold):",
-             f"{'model':<12}{'accuracy':>18}{'TAR@FAR=1e-3':>15}{'AUC':>8}"]
+             f"{'model':<{width}}{'accuracy':>18}{'TAR@FAR=1e-3':>15}{'AUC':>8}"]
     for name, result in results:
         accuracy = f"{result['accuracy']:.4f} ± {result['accuracy_std']:.4f}"
-        lines.append(f"{name:<12}{accuracy:>18}{format_rate(result['tar@far=1e-3']):>15}{result['auc']:>8.4f}")
+        lines.append(f"{name:<{width}}{accuracy:>18}{format_rate(result['tar@far=1e-3']):>15}{result['auc']:>8.4f}")
     return "\n".join(lines)
