@@ -16,7 +16,7 @@ from PIL import Image
 from pfc.backbones import build_backbone
 from pfc.errors import CheckpointError, DataError
 from pfc.evaluation import VerificationSet, evaluate, load_backbone, read_bin, read_pairs, save_backbone
-from pfc.evaluation.export import weights_digest
+from pfc.evaluation.export import backbone_digest
 from pfc.evaluation.report import comparison_table, read_results
 from pfc.evaluation.roc import fold_slices, format_rate, roc_curve, save_roc_plot, verification_metrics
 from pfc.evaluation.verification import check_decodes
@@ -212,10 +212,11 @@ def test_backbone_roundtrip_keeps_weights_and_file_format(tmp_path):
     save_backbone(model, path, network="tiny", embedding_size=16, image_size=64)
     assert os.listdir(tmp_path) == ["backbone.pt"]   # written under a temporary name, then renamed
     payload = torch.load(path, weights_only=True)   # the format backbone.pt files already have
-    assert set(payload) == {"network", "embedding_size", "image_size", "state_dict", "weights_sha256"}
+    assert set(payload) == {"network", "embedding_size", "image_size", "state_dict", "sha256"}
     loaded, meta = load_backbone(path)
     assert meta == {"network": "tiny", "embedding_size": 16, "image_size": 64,
-                    "weights_sha256": weights_digest(model.state_dict())} and not loaded.training
+                    "sha256": payload["sha256"]} and not loaded.training
+    assert payload["sha256"] == backbone_digest(dict(meta, sha256=None), model.state_dict())
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))

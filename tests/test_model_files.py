@@ -16,7 +16,7 @@ from PIL import Image
 from pfc.backbones import build_backbone
 from pfc.errors import CheckpointError
 from pfc.evaluation import load_backbone, save_backbone
-from pfc.evaluation.export import unchecked_note, weights_digest
+from pfc.evaluation.export import backbone_digest, unchecked_note
 from pfc.cli import evaluate as evaluate_tool
 from pfc.cli import export_onnx as export_tool
 
@@ -104,18 +104,26 @@ def test_a_weight_changed_on_disk_fails_the_checksum_in_evaluate_and_export(mode
 def test_nan_weights_without_a_checksum_are_refused_and_a_clean_one_is_accepted_with_a_note(model_file, capsys):
     path, model = model_file
     payload = torch.load(path, weights_only=True)
-    del payload["weights_sha256"]                     # as imported weights or an older backbone.pt
+    del payload["sha256"]                     # as imported weights or an older backbone.pt
     torch.save(payload, path)
     loaded, meta = load_backbone(str(path))
-    assert meta["weights_sha256"] is None and "carries no weights checksum" in unchecked_note(str(path), meta)
+    assert meta["sha256"] is None and "carries no checksum" in unchecked_note(str(path), meta)
     assert export_tool.main([str(path), "-o", str(path.parent / "ok.onnx")]) == 0
-    assert "carries no weights checksum" in capsys.readouterr().err and (path.parent / "ok.onnx").exists()
+    assert "carries no checksum" in capsys.readouterr().err and (path.parent / "ok.onnx").exists()
     payload["state_dict"]["embedding.norm_embedding.running_var"][2] = float("inf")
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match=rf"{path}: inf/NaN in the weights \(embedding.norm_embedding.running_var\)"):
         load_backbone(str(path))
     assert export_tool.main([str(path), "-o", str(path.parent / "bad.onnx")]) == 2
     assert "inf/NaN in the weights" in capsys.readouterr().err and not (path.parent / "bad.onnx").exists()
+
+
+def test_a_changed_field_fails_the_checksum(model_file, capsys):
+    """The checksum covers what rebuilds the network too: another image size is another model."""
+    path, _ = model_file
+    payload = torch.load(path, weights_only=True)
+    torch.save(dict(payload, image_size=SIZE + 8), path)
+    _main_error(capsys, export_tool.main, [str(path)], str(path), "do not match the sha256")
 
 
 def test_truncated_and_empty_files_name_the_cause(model_file, pairs, capsys):
@@ -151,7 +159,8 @@ def test_evaluate_of_a_good_file_is_a_result(model_file, pairs, capsys):
     assert evaluate_tool.main([str(path.parent), "--pairs", pairs]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["num_pairs"] == 20 and captured.err == ""
-    assert load_backbone(str(path))[1]["weights_sha256"] == weights_digest(model.state_dict())
+    assert load_backbone(str(path))[1]["sha256"] == backbone_digest(
+        {"network": "tiny", "embedding_size": 8, "image_size": SIZE}, model.state_dict())
 
 
 # ------------------------------------------------------------------ ONNX export

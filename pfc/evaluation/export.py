@@ -1,15 +1,15 @@
-"""A trained backbone on its own: ``backbone.pt``, written and read with a checksum of its weights.
+"""A trained backbone on its own: ``backbone.pt``, written and read with a checksum.
 
     save_backbone(model, "runs/r50/backbone.pt", network="iresnet50", embedding_size=512, image_size=112)
-    model, meta = load_backbone("runs/r50/backbone.pt")      # eval mode; meta: network, sizes, checksum
+    model, meta = load_backbone("runs/r50/backbone.pt")      # eval mode; meta: network, sizes, sha256
 
 ``backbone.pt`` is a ``torch.save`` of ``{"network", "embedding_size", "image_size",
-"state_dict", "weights_sha256"}`` (tensors on the CPU), so it loads with ``weights_only=True`` and
-the network is rebuilt from the :mod:`pfc.backbones` registry. ``weights_sha256`` is
-:func:`weights_digest` of the state dict: a file changed on disk (a flipped byte inside a weight
+"state_dict", "sha256"}`` (tensors on the CPU), so it loads with ``weights_only=True`` and the
+network is rebuilt from the :mod:`pfc.backbones` registry. ``sha256`` is :func:`backbone_digest`
+of the three fields and the state dict: a file changed on disk (a flipped byte inside a weight
 reads back as a plausible number, or as NaN) no longer matches it. A file without it (written
 before the checksum existed, or weights imported from elsewhere) is accepted: its meta carries
-``weights_sha256=None`` and the tools print a note. Either way a weight that is inf/NaN refuses the
+``sha256=None`` and the tools print a note. Either way a weight that is inf/NaN refuses the
 file. Files are written to a temporary name, synced and renamed: never half-written. A file that
 cannot be used raises :class:`pfc.errors.CheckpointError` naming it. ONNX export:
 :mod:`pfc.evaluation.onnx_export`.
@@ -27,7 +27,7 @@ from pfc.errors import CheckpointError
 
 BACKBONE_NAME = "backbone.pt"   # in a training run's output folder
 BACKBONE_FIELDS = ("network", "embedding_size", "image_size")
-DIGEST_FIELD = "weights_sha256"
+DIGEST_FIELD = "sha256"
 
 
 def backbone_file(output_or_file: str) -> str:
@@ -35,11 +35,13 @@ def backbone_file(output_or_file: str) -> str:
     return os.path.join(output_or_file, BACKBONE_NAME) if os.path.isdir(output_or_file) else output_or_file
 
 
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """sha256 (hex) over a state dict in sorted key order: for each entry its name, dtype and shape,
-    then the bytes of its values (contiguous, on the CPU). Independent of the file's layout, so it
-    survives a re-save of the same weights and catches any change to one of them."""
+def backbone_digest(meta: dict, state: dict[str, torch.Tensor]) -> str:
+    """sha256 (hex) over ``meta``'s network, embedding size and image size, then the state dict in
+    sorted key order: for each entry its name, dtype and shape, then the bytes of its values
+    (contiguous, on the CPU). Independent of the file's layout, so it survives a re-save of the
+    same model and catches any change to one of its weights or fields."""
     digest = hashlib.sha256()
+    digest.update("\0".join(f"{key}={meta[key]!r}" for key in BACKBONE_FIELDS).encode() + b"\0")
     for key in sorted(state):
         tensor = state[key].detach().cpu().contiguous()
         digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
@@ -58,16 +60,16 @@ def _names(keys: list[str], shown: int = 4) -> str:
 
 
 def save_backbone(model: nn.Module, path: str, *, network: str, embedding_size: int, image_size: int) -> None:
-    """Write the bare network's weights, their :func:`weights_digest` and what rebuilds it
+    """Write the bare network's weights, what rebuilds it
     (``network`` in the backbone registry, ``embedding_size``, the side ``image_size`` of its
-    square input) to ``path``. ValueError naming the tensors, and nothing written, when a weight
+    square input) and their :func:`backbone_digest` to ``path``. ValueError naming the tensors, and nothing written, when a weight
     or buffer holds inf/NaN."""
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     bad = non_finite_entries(state)
     if bad:
         raise ValueError(f"refusing to save a non-finite model to {path}: inf/NaN in {_names(bad)}")
-    payload = {"network": network, "embedding_size": int(embedding_size), "image_size": int(image_size),
-               "state_dict": state, DIGEST_FIELD: weights_digest(state)}
+    meta = {"network": network, "embedding_size": int(embedding_size), "image_size": int(image_size)}
+    payload = dict(meta, state_dict=state, **{DIGEST_FIELD: backbone_digest(meta, state)})
     temporary = f"{path}.tmp{os.getpid()}"
     try:
         with open(temporary, "wb") as stream:
@@ -100,7 +102,7 @@ def _read_payload(path: str, device) -> dict:
 
 def load_backbone(path: str, device="cpu") -> tuple[nn.Module, dict]:
     """Rebuild the network saved by :func:`save_backbone`: ``(model in eval mode on device,
-    {"network", "embedding_size", "image_size", "weights_sha256"})``, the last None for a file
+    {"network", "embedding_size", "image_size", "sha256"})``, the last None for a file
     without a checksum. CheckpointError for a missing, empty, truncated or foreign file, weights
     that do not match their checksum, inf/NaN weights, or weights that do not fit the network it
     names."""
@@ -110,15 +112,15 @@ def load_backbone(path: str, device="cpu") -> tuple[nn.Module, dict]:
     state = payload["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise CheckpointError(f"{path}: not a pfc backbone.pt (state_dict is not a dict of tensors)")
+    meta = {key: payload[key] for key in BACKBONE_FIELDS}
     stored = payload.get(DIGEST_FIELD)
-    if stored is not None and stored != weights_digest(state):
+    if stored is not None and stored != backbone_digest(meta, state):
         raise CheckpointError(f"{path}: the weights do not match the sha256 saved with them: the file is "
                               f"corrupt (changed after it was written); copy or export it again")
     bad = non_finite_entries(state)
     if bad:
         raise CheckpointError(f"{path}: inf/NaN in the weights ({_names(bad)}); the file is corrupt or the "
                               f"model diverged")
-    meta = {key: payload[key] for key in BACKBONE_FIELDS}
     try:
         model = rebuild_backbone(meta)
         model.load_state_dict(state)
@@ -131,5 +133,5 @@ def unchecked_note(path: str, meta: dict) -> str | None:
     """The note a tool prints for a backbone file without a checksum (None when it has one)."""
     if meta.get(DIGEST_FIELD) is not None:
         return None
-    return (f"note: {path} carries no weights checksum (written before pfc saved one, or imported); "
+    return (f"note: {path} carries no checksum (written before pfc saved one, or imported); "
             f"its integrity is not verified")
