@@ -130,7 +130,7 @@ def test_truncated_and_empty_files_name_the_cause(model_file, pairs, capsys):
     path, _ = model_file
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
-    _one_line_error(_tool("evaluate", str(path), "--pairs", pairs), str(path), "not a readable backbone checkpoint (")
+    _main_error(capsys, evaluate_tool.main, [str(path), "--pairs", pairs], f"{path}: not a readable backbone checkpoint (")
     path.write_bytes(b"")
     _main_error(capsys, export_tool.main, [str(path), "-o", str(path.parent / "m.onnx")],
                 f"{path}: not a readable backbone checkpoint (the file is empty, 0 bytes)")
