@@ -34,8 +34,8 @@ def main(argv=None) -> int:
 
     path = backbone_file(args.checkpoint)
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(path)), "backbone.onnx")
-    check_export_target(output, args.opset)      # before loading a large model
-    model, meta = load_backbone(path)
+    model, meta = load_backbone(path)            # first: a missing backbone.pt is named as such
+    check_export_target(output, args.opset)
     note = unchecked_note(path, meta)
     if note:
         print(note, file=sys.stderr)
