@@ -78,7 +78,9 @@ class PackOptions:
 
 @dataclass
 class PackSummary:
-    """What :func:`pack` did. ``skipped`` lists (source reference, reason) of unreadable inputs,
+    """What :func:`pack` did. ``skipped`` lists (source reference, reason) of the inputs not packed
+    (unreadable ones; with ``missing_landmarks="skip"`` also those without landmarks, reason
+    :data:`NO_LANDMARKS`),
     ``left_out`` (class name, reason) of the classes without a packed image (not in the label
     space), ``ignored`` (path, reason) of the source links not followed."""
 
