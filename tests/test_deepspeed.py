@@ -253,7 +253,7 @@ def test_engine_deepspeed_without_deepspeed_installed_names_the_extra(monkeypatc
     from pfc.train.runners.deepspeed import build_deepspeed_runner
 
     monkeypatch.setitem(sys.modules, "deepspeed", None)       # as if it were not installed
-    with pytest.raises(ConfigError, match=r"needs DeepSpeed, which is not installed: pip install 'pfc\[deepspeed\]'"):
+    with pytest.raises(ConfigError, match=r"needs DeepSpeed, which is not installed: pip install -e '.\[deepspeed\]' in pfc's clone"):
         build_deepspeed_runner(small_backbone(), {"zero_optimization": {"stage": 1}}, micro_batch_size=BATCH)
 
 

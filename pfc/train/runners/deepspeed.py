@@ -10,7 +10,7 @@ engine's precision; ``backward`` undoes the fp16 loss scale for the head's gradi
 own checkpointing keeps the engine state (module, ZeRO-partitioned optimizer, engine LR
 scheduler). DeepSpeed averages the backbone gradients over the ranks like DDP, so the head's
 gradient convention (x.grad = N·∂loss/∂x_r) gives the exact gradient. DeepSpeed is optional
-(``pip install pfc[deepspeed]``) and imported only when an engine is built.
+(``pip install -e ".[deepspeed]"`` in pfc's clone) and imported only when an engine is built.
 
 On CPU the engine runs with DeepSpeed's ``cpu`` accelerator over the gloo group that is
 already initialised. DeepSpeed's communication backend would compile its ``shm_comm`` op with g++
@@ -60,7 +60,8 @@ def _import_deepspeed():
         import deepspeed
     except ImportError as exc:
         raise ConfigError("engine 'deepspeed' needs DeepSpeed, which is not installed: "
-                          "pip install 'pfc[deepspeed]' (or use --engine ddp)") from exc
+                          "pip install -e '.[deepspeed]' in pfc's clone, or pip install 'deepspeed>=0.14' "
+                          "(or use --engine ddp)") from exc
     return deepspeed
 
 
