@@ -1,11 +1,12 @@
-"""Triton kernels on CPU tensors for tests: Triton's interpreter, switched on per test.
+"""Triton kernels on CPU tensors for tests: Triton's interpreter.
 
-``triton`` reads ``TRITON_INTERPRET`` when it is imported (its own library functions, such as
-``tl.randint4x``, are ``@triton.jit`` functions made at that moment) and ``@triton.jit`` reads it
-again when each kernel is defined; pfc imports ``triton`` and its kernels only when a kernel is
-first launched. So the variable must be set before the first launch in the process, which the
-``triton_interpreter`` fixture does (and checks); every test that launches a Triton kernel on the
-CPU uses it. ``kernels`` runs a test once with the torch path and once with the Triton one::
+``triton`` reads ``TRITON_INTERPRET`` when it is imported (its library functions, such as
+``tl.randint4x``, are ``@triton.jit`` functions made then) and ``@triton.jit`` reads it again when
+each kernel is defined; torch imports ``triton`` on its own, early. ``tests/conftest.py`` therefore
+sets the variable before any test runs (on a machine without CUDA); the ``triton_interpreter``
+fixture checks that it took effect, and skips where it is not set (a CUDA machine, whose
+``cuda``-marked tests run the kernels on the device). ``kernels`` runs a test once with the torch
+path and once with the Triton one::
 
     from tests.triton_interpret import kernels, triton_interpreter  # noqa: F401  (fixtures)
 
@@ -28,16 +29,20 @@ def _compiled_triton_loaded() -> bool:
 
 
 @pytest.fixture
-def triton_interpreter(monkeypatch):
-    """Set ``TRITON_INTERPRET=1`` for this test (kernels launched on CPU tensors run in Triton's
-    interpreter); skipped without ``triton``. numpy's warnings about inf and NaN inside the
-    interpreter (the kernels pass them through on purpose) are silenced."""
+def triton_interpreter():
+    """Kernels launched on CPU tensors in this test run in Triton's interpreter; skipped without
+    ``triton`` or without ``TRITON_INTERPRET=1`` (tests/conftest.py). numpy's warnings about inf
+    and NaN inside the interpreter (the kernels pass them through on purpose) are silenced."""
+    from pfc.head.kernels import triton_interpreted
+
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed (pip install -e '.[dev]')")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not triton_interpreted():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 from the start (tests/conftest.py "
+                    "sets it where CUDA is absent)")
     if _compiled_triton_loaded():
-        pytest.fail("triton was imported in this process before TRITON_INTERPRET=1 was set: "
-                    "a test launched a Triton kernel on the CPU without the triton_interpreter fixture")
+        pytest.fail("triton was imported in this process before TRITON_INTERPRET=1 was set "
+                    "(tests/conftest.py sets it before any test module is imported)")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
         yield

@@ -109,8 +109,8 @@ def row_update_kernel(W, V, G, ROWS, FOUND_INF, OLD_W, OLD_V,
     if SAVE_W:
         tl.store(OLD_W + local * old_w_stride + column[None, :], stored_w, mask=mask)
     w = w - lr * step
-    if HAS_SKIP:
-        mask = mask & (tl.load(FOUND_INF) == 0)
+    if HAS_SKIP:   # the flag loaded once per column (the interpreter cannot AND a scalar into a block)
+        mask = mask & (tl.load(FOUND_INF + column * 0) == 0)[None, :]
     noise_w = 0
     noise_v = 0
     if W_MODE == 2 or V_MODE == 2:
