@@ -15,8 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from pfc.head.kernels.rows import RowStep, row_kernels
-from pfc.head.kernels.rows_triton import counter_seed
+from pfc.head.kernels.rows import RowStep, counter_seed, row_kernels
 
 DEVICE = os.environ.get("PFC_CUDA_TESTS_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda,

@@ -11,8 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pfc.head.kernels.costs import declared_cost
-from pfc.head.kernels.rows import RowStep, row_kernels
-from pfc.head.kernels.rows_triton import counter_seed
+from pfc.head.kernels.rows import RowStep, counter_seed, row_kernels
 from tests.triton_interpret import kernels, triton_interpreter  # noqa: F401  (fixtures)
 
 ROWS, DIM = 50, 48          # D not a power of two: the kernel's column mask is exercised

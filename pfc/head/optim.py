@@ -16,8 +16,7 @@ import torch
 
 from pfc.distributed.collectives import get_rank
 from pfc.head.kernels import KERNEL_CHOICES, resolve_kernels
-from pfc.head.kernels.rows import RowStep, row_kernels
-from pfc.head.kernels.rows_triton import counter_seed
+from pfc.head.kernels.rows import RowStep, counter_seed, row_kernels
 from pfc.head.rounding import check_rounding, is_narrow
 from pfc.head.scratch import ScratchBlocks
 from pfc.torch_private import uncoalesced_rows
@@ -157,7 +156,7 @@ class SparseRowSGD(torch.optim.Optimizer):
         for index, param in with_grad:
             rows, values = _row_gradient(param.grad, self._noted_gradients.get(param))
             rows = slice(0, values.shape[0]) if rows is None else rows
-            self._apply(param, rows, values, self._start(param, index, update, None))
+            self.apply_rows(param, rows, values, self._start(param, index, update, None))
         return loss
 
     @torch.no_grad()
@@ -175,7 +174,7 @@ class SparseRowSGD(torch.optim.Optimizer):
         """
         update = self.updates
         self.updates += 1
-        self._apply(param, rows, grad, self.start_update(param, update, skip), weight_rows=weight_rows)
+        self.apply_rows(param, rows, grad, self.start_update(param, update, skip), weight_rows=weight_rows)
 
     def start_update(self, param: torch.Tensor, update: int, skip: torch.Tensor | None = None) -> RowUpdate:
         """The :class:`RowUpdate` of update number ``update`` of ``param`` (its random stream
@@ -216,11 +215,12 @@ class SparseRowSGD(torch.optim.Optimizer):
                        seed=counter_seed(self.seed, self.rank, update, index) if self.kernels == "triton" else 0)
         return RowUpdate(step, buffer)
 
-    def _apply(self, param, rows, grad, update: RowUpdate, weight_rows=None, wide_rows=None, old_rows=None,
-               chunk_rows=None) -> None:
-        """Update ``rows`` (a slice or row ids) of ``param`` and its momentum from ``grad`` with the
-        chosen implementation (:mod:`pfc.head.kernels.rows`; torch: chunk by chunk, ``chunk_rows``,
-        default :attr:`chunk_rows`); ``weight_rows`` holds ``param[rows]`` (row ids only; else
+    def apply_rows(self, param, rows, grad, update: RowUpdate, weight_rows=None, wide_rows=None, old_rows=None,
+                   chunk_rows=None) -> None:
+        """Apply the update ``update`` (from :meth:`start_update`; no count taken) to ``rows`` (a
+        slice or row ids) of ``param`` and its momentum from ``grad`` with the chosen implementation
+        (:mod:`pfc.head.kernels.rows`: one Triton kernel, or torch chunk by chunk, ``chunk_rows``,
+        default :attr:`chunk_rows`); what :class:`UpdateInBackward` calls. ``weight_rows`` holds ``param[rows]`` (row ids only; else
         gathered), ``wide_rows`` optionally the same values in the compute type (narrow storage:
         spares the widening copy; overwritten), ``old_rows`` receives the values before the update."""
         self.row_kernels.apply_rows(param, update.buffer, rows, grad, update.step, weight_rows=weight_rows,
@@ -357,11 +357,11 @@ class UpdateInBackward:
         where = slice(start, stop) if self.index is None else self.index[start:stop]
         old = None if self.old is None else (self.old[0][start:stop],
                                              None if self.old[1] is None else self.old[1][start:stop])
-        self.optimizer._apply(self.weight, where, grad_rows, self.update, None if self.index is None else rows,
+        self.optimizer.apply_rows(self.weight, where, grad_rows, self.update, None if self.index is None else rows,
                               wide_rows, old, chunk_rows=stop - start)
 
     def finish(self, grad_values: torch.Tensor) -> None:
         """Update all sampled rows given their gradient ``[S, D]`` (when not done chunk by chunk)."""
         if not self.by_chunk:
             rows = slice(0, grad_values.shape[0]) if self.index is None else self.index
-            self.optimizer._apply(self.weight, rows, grad_values, self.update, old_rows=self.old)
+            self.optimizer.apply_rows(self.weight, rows, grad_values, self.update, old_rows=self.old)

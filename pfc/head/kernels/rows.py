@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 
@@ -56,6 +57,13 @@ class RowStep:
     found_inf: torch.Tensor | None = None
     generator: torch.Generator | None = None
     seed: int = 0
+
+
+def counter_seed(*key: int) -> int:
+    """The Philox key of the Triton path for ``key`` (e.g. (seed, rank, update, parameter)): 62
+    bits from numpy's SeedSequence with bit 62 set, so that it is always passed as an int64."""
+    low, high = np.random.SeedSequence([int(part) for part in key]).generate_state(2)
+    return int((int(high) & 0x3FFFFFFF) << 32 | int(low)) | 1 << 62
 
 
 ApplyRows = Callable[..., None]

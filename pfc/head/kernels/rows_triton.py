@@ -21,7 +21,6 @@ whose last dimension is strided go to the torch path.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from pfc.head.kernels import triton_interpreted
@@ -32,13 +31,6 @@ from pfc.head.scratch import ScratchBlocks
 
 _AS_IS, _NEAREST, _STOCHASTIC = 0, 1, 2   # _rows_triton_kernels.STORE_*
 _SGD_FLOPS_PER_VALUE = 6                  # three multiply-adds
-
-
-def counter_seed(*key: int) -> int:
-    """The Philox key of the Triton path for ``key`` (e.g. (seed, rank, update, parameter)): 62
-    bits from numpy's SeedSequence with bit 62 set, so that it is always passed as an int64."""
-    low, high = np.random.SeedSequence([int(part) for part in key]).generate_state(2)
-    return int((int(high) & 0x3FFFFFFF) << 32 | int(low)) | 1 << 62
 
 
 def apply_rows(weight: torch.Tensor, momentum: torch.Tensor | None, rows: slice | torch.Tensor,
