@@ -253,3 +253,14 @@ def test_the_rollback_puts_back_the_old_rows_the_triton_update_wrote(triton_inte
         assert same == skip, step
     rollback.close()
     assert optimizer.old_rows is None
+
+
+def test_the_head_chooses_its_optimizers_kernels_and_unresolved_names_are_refused():
+    from pfc.head.partial_fc import PartialFC
+
+    head = PartialFC(NUM_CLASSES, HEAD_DIM, kernels="torch")
+    assert head.optimizer().kernels == "torch"
+    with pytest.raises(ValueError, match=r"choose them with PartialFC\(kernels=...\)"):
+        head.optimizer(kernels="triton")
+    with pytest.raises(ValueError, match="row kernels 'auto': not 'torch' or 'triton'"):
+        row_kernels("auto")
