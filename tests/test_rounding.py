@@ -55,8 +55,8 @@ def test_infinities_and_nan_pass_and_overflow_becomes_infinite(dtype, kernels):
 @pytest.mark.parametrize("dtype", NARROW)
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(dtype, kernels):
     """Each value x between neighbours lo < hi is rounded N times (the rows of a [N, K] tensor draw
-    independently: see rounding._pairwise_noise; the Triton kernel draws per value). The result is lo or hi, and the share of hi
-    estimates p = (x − lo)/(hi − lo) with standard deviation sqrt(p(1−p)/N) ≤ 1/(2·sqrt N): a
+    independently: see rounding._pairwise_noise; the Triton kernel draws per value). The result is
+    lo or hi, and the share of hi estimates p = (x − lo)/(hi − lo) with standard deviation sqrt(p(1−p)/N) ≤ 1/(2·sqrt N): a
     6-sigma bound, 6/(2·sqrt 4096) ≈ 0.047, fails by chance with probability ~2e-9 per value."""
     samples = 4096
     low = (torch.linspace(0.5, 3.0, 40) * torch.tensor([1e-3, 1.0, 300.0]).repeat_interleave(40 // 3 + 1)[:40]).to(dtype)

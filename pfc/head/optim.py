@@ -220,9 +220,10 @@ class SparseRowSGD(torch.optim.Optimizer):
         """Apply the update ``update`` (from :meth:`start_update`; no count taken) to ``rows`` (a
         slice or row ids) of ``param`` and its momentum from ``grad`` with the chosen implementation
         (:mod:`pfc.head.kernels.rows`: one Triton kernel, or torch chunk by chunk, ``chunk_rows``,
-        default :attr:`chunk_rows`); what :class:`UpdateInBackward` calls. ``weight_rows`` holds ``param[rows]`` (row ids only; else
-        gathered), ``wide_rows`` optionally the same values in the compute type (narrow storage:
-        spares the widening copy; overwritten), ``old_rows`` receives the values before the update."""
+        default :attr:`chunk_rows`); what :class:`UpdateInBackward` calls. ``weight_rows`` holds
+        ``param[rows]`` (row ids only; else gathered), ``wide_rows`` optionally the same values in
+        the compute type (narrow storage: spares the widening copy; overwritten), ``old_rows``
+        receives the values before the update."""
         self.row_kernels.apply_rows(param, update.buffer, rows, grad, update.step, weight_rows=weight_rows,
                                     wide_rows=wide_rows, old_rows=old_rows, scratch=self._scratch,
                                     chunk_rows=chunk_rows or self.chunk_rows)
