@@ -190,7 +190,8 @@ def _train_head(name, dtype=torch.float32, steps=3, count_ops=None, update_in_ba
 def test_head_with_triton_kernels_updates_its_rows_like_the_torch_path(triton_interpreter, dtype):
     """fp32: equal up to FMA rounding (a little more: the update's differences feed the next
     step's logits; 1e-5 of the largest value); bf16: two stochastic roundings of the same update
-    differ by up to a spacing per value per step, 2⁻⁷ relative: within 2⁻⁵ of the largest value."""
+    differ by up to a spacing per value per step, 2⁻⁷ relative: within 2⁻⁵ of the largest value,
+    and the differences average out (mean within 6 standard errors of 0: no drift between them)."""
     weight, momentum = _train_head("torch", dtype)
     fused_weight, fused_momentum = _train_head("triton", dtype)
     start, _ = _train_head("torch", dtype, steps=0)
@@ -201,6 +202,11 @@ def test_head_with_triton_kernels_updates_its_rows_like_the_torch_path(triton_in
     moved = (weight != start).any(dim=1)
     assert torch.equal(moved, (fused_weight != start).any(dim=1))   # the same rows, and only they, moved
     assert 0 < moved.sum() < NUM_CLASSES
+    if dtype == torch.bfloat16:   # unbiased either way: the mean difference, in spacings, is noise
+        spacing = 2.0 ** (torch.floor(torch.log2(weight[moved].double().abs())) - 7)
+        difference = ((fused_weight[moved].double() - weight[moved].double()) / spacing).flatten()
+        assert difference.abs().max() > 0   # other random numbers than torch's
+        assert abs(difference.mean().item()) < 6 * difference.std().item() / math.sqrt(difference.numel())
 
 
 def test_each_head_chunk_is_updated_by_one_kernel_and_nothing_else(triton_interpreter, monkeypatch):
