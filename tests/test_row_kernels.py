@@ -5,6 +5,9 @@ their declared costs, one kernel per head chunk, and the head trained end to end
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -270,3 +273,51 @@ def test_the_head_chooses_its_optimizers_kernels_and_unresolved_names_are_refuse
         head.optimizer(kernels="triton")
     with pytest.raises(ValueError, match="row kernels 'auto': not 'torch' or 'triton'"):
         row_kernels("auto")
+
+
+_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pfc.head.kernels import _rows_triton_kernels as kernels
+
+def row_update(arch, weight, momentum, weight_mode, momentum_mode):
+    pointers = dict(W=weight, V=momentum, G="fp32", ROWS="i64", FOUND_INF="fp32", OLD_W=weight, OLD_V=momentum)
+    scalars = dict(num_rows="i32", row_start="i64", D="i32", w_stride="i32", v_stride="i32", g_stride="i32",
+                   old_w_stride="i32", old_v_stride="i32", lr="fp32", momentum="fp32", weight_decay="fp32", seed="i64")
+    constexprs = dict(HAS_ROWS=True, USE_MOMENTUM=True, LOAD_V=True, HAS_DECAY=True, HAS_SKIP=True, SAVE_W=True,
+                      SAVE_V=True, W_MODE=weight_mode, V_MODE=momentum_mode, BLOCK_R=4, BLOCK_D=512)
+    signature = {**{k: "*" + v for k, v in pointers.items()}, **scalars, **{k: "constexpr" for k in constexprs}}
+    compiled = triton.compile(ASTSource(kernels.row_update_kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32))
+    assert compiled.asm["cubin"]
+
+def round_into(arch, out):
+    signature = dict(X="*fp32", OUT="*" + out, SEED="*i64", numel="i64", BLOCK="constexpr")
+    compiled = triton.compile(ASTSource(kernels.round_kernel, signature, dict(BLOCK=2048)), target=GPUTarget("cuda", arch, 32))
+    assert compiled.asm["cubin"]
+
+row_update(90, "fp32", "fp32", 0, 0)
+row_update(90, "fp16", "fp32", 2, 0)
+row_update(70, "bf16", "bf16", 2, 1)
+round_into(90, "fp16")
+round_into(70, "bf16")
+print("compiled")
+"""
+
+
+@pytest.mark.slow   # a fresh process and Triton's compiler: ~9 s, ~17 s with a cold Triton cache
+def test_the_kernels_compile_for_nvidia_gpus_without_one():
+    """The interpreter runs the kernels' Python, not Triton's compiler: here they are compiled to
+    PTX and cubin (Triton's own ptxas) for an H100 (sm_90) and a V100 (sm_70, no bf16 arithmetic)
+    in a process without the interpreter, every storage type and rounding mode among the calls."""
+    pytest.importorskip("triton")
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton has no bundled ptxas")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root, TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

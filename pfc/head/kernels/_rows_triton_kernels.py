@@ -135,7 +135,9 @@ def launch_row_update(weight, momentum, rows, row_start, grad, found_inf, old_we
                       lr, momentum_factor, weight_decay, seed, weight_mode, momentum_mode,
                       use_momentum, interpreted) -> None:
     """One launch of :func:`row_update_kernel` over the ``grad.shape[0]`` rows (tensors already
-    checked by the caller: row-major rows, on one device)."""
+    checked by the caller: row-major rows, on one device). Multiply-adds may fuse into FMAs
+    (``enable_fp_fusion``, Triton's default until 3.10 made explicit: as nvcc compiles torch's
+    own CUDA SGD kernels)."""
     num_rows, dim = grad.shape
     block_d = min(triton.next_power_of_2(dim), 1024)
     # a GPU program holds 2048 values (four rows of 512); the interpreter, whose cost is per
@@ -155,11 +157,12 @@ def launch_row_update(weight, momentum, rows, row_start, grad, found_inf, old_we
         HAS_ROWS=rows is not None, USE_MOMENTUM=use_momentum, LOAD_V=load_v, HAS_DECAY=weight_decay != 0,
         HAS_SKIP=found_inf is not None, SAVE_W=old_weight is not None,
         SAVE_V=old_momentum is not None and momentum is not None,
-        W_MODE=weight_mode, V_MODE=momentum_mode, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+        W_MODE=weight_mode, V_MODE=momentum_mode, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+        enable_fp_fusion=True)
 
 
 def launch_round(out, x, seed, interpreted) -> None:
     """One launch of :func:`round_kernel` over contiguous ``x`` and ``out``."""
     numel = x.numel()
     block = 16384 if interpreted else 2048
-    round_kernel[(triton.cdiv(numel, block),)](x, out, seed, numel, BLOCK=block, num_warps=4)
+    round_kernel[(triton.cdiv(numel, block),)](x, out, seed, numel, BLOCK=block, num_warps=4, enable_fp_fusion=True)
