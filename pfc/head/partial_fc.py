@@ -218,7 +218,8 @@ class PartialFC(nn.Module):
                   update_in_backward: bool = False, **options) -> SparseRowSGD:
         """The center optimizer: SGD that updates only the rows sampled this step
         (see :class:`pfc.head.optim.SparseRowSGD`; ``options``: ``momentum_dtype``, ``chunk_rows``
-        (for ``step()``), ``rounding``, ``seed``).
+        (for ``step()``), ``rounding``, ``seed``). It updates the rows with the head's kernels
+        (:attr:`kernels`: torch, or one Triton kernel per chunk).
 
         ``update_in_backward=True``: the update is applied inside the head's backward, chunk by
         chunk, with the same result bit for bit (D a multiple of 16), and ``weight.grad`` is never stored (``step()``
@@ -233,7 +234,10 @@ class PartialFC(nn.Module):
         schedulers work unchanged. The trainer uses it unless fp16 loss scaling, gradient
         accumulation or DeepSpeed is on.
         """
-        optimizer = SparseRowSGD([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay, **options)
+        if "kernels" in options:
+            raise ValueError("the head's optimizer runs the head's kernels: choose them with PartialFC(kernels=...)")
+        optimizer = SparseRowSGD([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                 kernels=self.kernels, **options)
         self._optimizer_in_backward = optimizer if update_in_backward else None
         return optimizer
 
