@@ -50,6 +50,8 @@ class Plan:
     flops: dict[str, float]
     comm_bytes: dict[str, float]
     seconds: dict[str, dict[str, float]]
+    launches: dict[str, float] = field(default_factory=dict)
+    by_class: dict[str, dict[str, float]] = field(default_factory=dict)
     bytes_per_identity: float = 0.0
     method: str = ""
     simulated: list[int] = field(default_factory=list)
@@ -98,7 +100,8 @@ def _combine(terms):
 def _numbers(result: RankResult) -> dict:
     return {"phase_peaks": result.phase_peaks, "host_syncs": result.host_syncs,
             "step_findings": result.step_findings, "setup_findings": result.setup_findings,
-            "flops": result.flops, "comm_bytes": result.comm_bytes, "seconds": result.seconds}
+            "flops": result.flops, "comm_bytes": result.comm_bytes, "seconds": result.seconds,
+            "launches": result.launches, "by_class": result.by_class}
 
 
 def base_classes(job: Job, chunk_rows: int = 2048) -> int:
