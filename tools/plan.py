@@ -90,8 +90,8 @@ def main(argv=None) -> int:
               network=args.network, batch_size=_number(args.batch_size, "--batch-size", int, 1),
               sample_rate=_number(args.sample_rate, "--sample-rate"), precision=args.precision,
               center_dtype=args.center_dtype, engine=args.engine, kernels=args.kernels)
-    train_config(job)  # every check before the first simulation
     baseline_classes = parse_count(args.compare_classes, "--compare-classes") if args.compare_classes else None
+    train_config(job)  # every check before the first simulation
     runs = 3 + (2 if baseline_classes else 0)
     with tqdm(total=3 * runs, desc="simulating", unit="phase", file=sys.stderr, leave=False) as bar:
         planner = Planner(job, progress=bar.update)

@@ -13,15 +13,16 @@ DEFAULT_GPU = "h100"
 def choose_gpu(gpu: str | None, gpu_memory_gib: float | None) -> tuple[str, float, str]:
     """``(kind, memory GiB, how the kind was chosen)`` from the ``--gpu`` and ``--gpu-memory``
     given (None: not given). The kind follows from the memory when only that is given: the
-    default kind (h100) if its memory matches, else the one kind with that memory; memory
-    naming no kind, or more memory than the named kind has, is refused (ConfigError)."""
+    default kind (h100) if its memory matches (within 10 %), else the kind whose memory does;
+    memory matching no kind, or more memory than the named kind has, is refused (ConfigError)."""
     sizes = ", ".join(f"{kind}: {spec.memory_gb:g}" for kind, spec in GPUS.items())
     if gpu is not None and gpu not in GPUS:
         raise ConfigError(f"--gpu {gpu!r} is not one of {', '.join(GPUS)}")
     if gpu is None and gpu_memory_gib is None:
         return DEFAULT_GPU, GPUS[DEFAULT_GPU].memory_gb, f"--gpu {DEFAULT_GPU} (the default)"
     if gpu is None:
-        kinds = [kind for kind, spec in GPUS.items() if spec.memory_gb == gpu_memory_gib]
+        # within 10 %: a device reports a little less than its data sheet (an H100 79.2 GiB, an H200 139.8)
+        kinds = [kind for kind, spec in GPUS.items() if abs(spec.memory_gb - gpu_memory_gib) <= 0.1 * spec.memory_gb]
         if not kinds:
             raise ConfigError(f"--gpu-memory {gpu_memory_gib:g} names no GPU kind ({sizes}): give --gpu for the "
                               "time estimate")
