@@ -197,6 +197,7 @@ def test_help_shows_every_default(capsys):
     (["--classes", "1M", "--gpu-memory", "48"], "--gpu-memory 48 names no GPU kind"),
     (["--classes", "1M", "--precision", "fp8"], "--precision 'fp8' is not one of fp32, fp16, bf16"),
     (["--classes", "1M", "--kernels", "cuda"], "--kernels 'cuda' is not one of auto, torch, triton"),
+    (["--classes", "1M", "--precision", "fp16", "--center-dtype", "fp16"], "GradScaler cannot unscale fp16 center"),
     (["--classes", "1M", "--gpus", "0"], "--gpus must be ≥ 1"),
     (["--classes", "1M", "--network", "resnet9000"], "unknown network 'resnet9000'"),
     (["--classes", "1M", "--gpu", "x100"], "--gpu 'x100' is not one of"),
