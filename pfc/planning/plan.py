@@ -114,9 +114,10 @@ def base_classes(job: Job, chunk_rows: int = 2048) -> int:
 class Planner:
     """Makes plans for one job at any class count, reusing its simulations (see the module docstring)."""
 
-    def __init__(self, job: Job, progress=None):
+    def __init__(self, job: Job, progress=None, counter=None):
         self.job = job
         self.progress = progress
+        self.counter = counter   # the work counter's class (default: pfc.planning.work.WorkCounter)
         self.base = base_classes(job)
         self._runs: dict[tuple[str, int], dict] = {}
 
@@ -124,7 +125,8 @@ class Planner:
         key = (network, num_classes)
         if key not in self._runs:
             job = dataclasses.replace(self.job, network=network, num_classes=num_classes)
-            self._runs[key] = _numbers(simulate(job, progress=self.progress))
+            extra = {} if self.counter is None else {"counter": self.counter}
+            self._runs[key] = _numbers(simulate(job, progress=self.progress, **extra))
         return self._runs[key]
 
     def tiny_at(self, num_classes: int) -> dict:

@@ -307,9 +307,10 @@ def _tag_state(state, tracker: MemoryTracker) -> None:
     tracker.tag(_momentum(state), "momentum")
 
 
-def simulate(job: Job, *, steps: int = 2, progress=None) -> RankResult:
-    """Rank 0 of ``job`` on fake CUDA tensors with a fake process group of ``job.gpus`` ranks."""
-    tracker, work, fake = MemoryTracker(), WorkCounter(), FakeGpu()
+def simulate(job: Job, *, steps: int = 2, progress=None, counter=WorkCounter) -> RankResult:
+    """Rank 0 of ``job`` on fake CUDA tensors with a fake process group of ``job.gpus`` ranks;
+    ``counter``: the work counter's class (a WorkCounter)."""
+    tracker, work, fake = MemoryTracker(), counter(), FakeGpu()
     runtime = Runtime(rank=0, world_size=job.gpus, local_rank=0, device=sim_device())
     # the work counter sits above the fake GPU (entered last, it sees each op first): it sees
     # the fused optimizers, which the fake GPU answers without running them
