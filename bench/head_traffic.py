@@ -89,11 +89,13 @@ def main(argv=None) -> int:
           f"(fp16 centers, {args.kernels} kernels), GB:")
     print(f"{'op class':<14}" + "".join(f"{label:>10}" for label in results))
     for name in classes:
-        print(f"{name:<14}" + "".join(f"{r['head_bytes_per_class'].get(name, 0) / 1e9:10.1f}" for r in results.values()))
+        print(f"{name:<14}" + "".join(f"{r['head_bytes_per_class'].get(name, 0) / 1e9:10.1f}"
+                                      for r in results.values()))
     print(f"{'total':<14}" + "".join(f"{r['head_bytes'] / 1e9:10.1f}" for r in results.values()))
     for label, r in results.items():
-        print(f"{label}: head {1e3 * r['roofline_head_s']:.1f} ms roofline on V100, {1e3 * r['predicted_head_s']:.1f} ms "
-              f"with {r['head_launches']:,} launches; backbone roofline {1e3 * r['roofline_backbone_s']:.1f} ms")
+        print(f"{label}: head {1e3 * r['roofline_head_s']:.1f} ms roofline on V100, "
+              f"{1e3 * r['predicted_head_s']:.1f} ms with {r['head_launches']:,} launches; "
+              f"backbone roofline {1e3 * r['roofline_backbone_s']:.1f} ms")
     print(json.dumps(results))
     return 0
 

@@ -114,6 +114,7 @@ def test_max_classes_fits_and_one_percent_more_does_not_and_one_gpu_jobs_are_pla
             "head_kernel_launches", "roofline_samples_per_s", "roofline_head_s"} <= set(result)
     assert result["head_kernel_launches"] > 0 and result["kernel_launches"]["optimizer"] > 0
     assert result["head_bytes_per_class"]["matmul"] > 0
+    assert result["head_bytes_per_class"]["optimizer"] > 0   # the fused SGD of the rows, in the head's backward
     assert result["gpu"] == "H100-SXM5-80GB" and "--gpu h100" in result["gpu_choice"]
     largest = result["max_classes"]
     assert result["fits"] == (2_000_000 <= largest)

@@ -2,7 +2,7 @@
 
     python tools/capacity_table.py                      # print the block
     python tools/capacity_table.py --write README.md    # replace the block in README.md (make readme-capacity)
-    python tools/capacity_table.py --check README.md    # exit 1, with a diff, when it differs (make check-readme-capacity)
+    python tools/capacity_table.py --check README.md    # exit 1 with a diff when stale (make check-readme-capacity)
 
 The block lies between ``<!-- capacity-table:begin -->`` and ``<!-- capacity-table:end -->``.
 It plans 8 × iresnet100 (batch 128, ρ = 0.1, bf16 autocast, DDP) with fp32 and bf16 centers at
@@ -82,14 +82,16 @@ def speed_text(progress=None) -> str:
     parts = []
     for gpu in ("v100", "h100"):
         at_large, at_small = estimate(large, gpu), estimate(small, gpu)
-        parts.append(f"on 8 × {gpu.upper()} 29M classes keep {100 * at_large.samples_per_s / at_small.samples_per_s:.0f} % "
-                     f"of the 125k-class throughput ({at_large.samples_per_s:,.0f} against "
+        kept = 100 * at_large.samples_per_s / at_small.samples_per_s
+        parts.append(f"on 8 × {gpu.upper()} 29M classes keep {kept:.0f} % of the 125k-class throughput "
+                     f"({at_large.samples_per_s:,.0f} against "
                      f"{at_small.samples_per_s:,.0f} samples/s; pure roofline "
                      f"{100 * at_large.roofline_samples_per_s / at_small.roofline_samples_per_s:.0f} %), the head "
                      f"{1e3 * (at_large.head_s + at_large.head_comm_s):.0f} ms of a "
                      f"{1e3 * at_large.step_s:.0f} ms step with {at_large.head_launches:,} kernel launches")
     return ("Time on paper for insightface's speed job (8 × iresnet50, batch 128, fp16 with its GradScaler, fp32 "
-            f"centers as insightface keeps them, ρ = 0.1, the head's kernels as a CUDA run picks them): {parts[0]}; {parts[1]}. insightface "
+            "centers as insightface keeps them, ρ = 0.1, the head's kernels as a CUDA run picks them): "
+            f"{parts[0]}; {parts[1]}. insightface "
             "measured 37 % for that pair on 8 × V100 (5,004 and 1,855 samples/s). The backbone's time is calibrated "
             "on published runs and each kernel launch costs 5 µs (`pfc/planning/roofline.py`).")
 

@@ -121,8 +121,9 @@ def format_report(result: dict) -> str:
     for site, count in result["setup_placement"].items():
         lines.append(f"  setup: {count} × {site}")
     lines.append(f"estimate on {result['gpu']} ({result['gpu_choice']}; {result['estimate']}):")
-    lines.append(f"  step {1e3 * result['predicted_step_s']:.1f} ms (backbone {1e3 * result['predicted_backbone_s']:.1f}, "
-                 f"head {1e3 * result['predicted_head_s']:.1f} with {result['head_kernel_launches']:,} kernel launches, "
+    lines.append(f"  step {1e3 * result['predicted_step_s']:.1f} ms "
+                 f"(backbone {1e3 * result['predicted_backbone_s']:.1f}, head {1e3 * result['predicted_head_s']:.1f} "
+                 f"with {result['head_kernel_launches']:,} kernel launches, "
                  f"head share {100 * result['head_share']:.0f} %), {result['predicted_samples_per_s']:,.0f} samples/s; "
                  f"{result['flops_per_step'] / 1e12:.2f} TFLOP per step on this rank")
     lines.append(f"  pure roofline (vendor peak, no launch cost): step {1e3 * result['roofline_step_s']:.1f} ms "
