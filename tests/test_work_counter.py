@@ -102,7 +102,7 @@ def test_an_undeclared_pfc_op_is_charged_its_inputs_and_outputs_and_named():
     block = torch.randn(16, 8)
     counter = _count(lambda: torch.ops.pfc._work_counter_undeclared(block))
     assert _single(counter) == (0, 2 * 128 * F32, 1)
-    assert counter.undeclared == {"pfc::_work_counter_undeclared"}
+    assert counter.undeclared == {"pfc::_work_counter_undeclared": 1}
 
 
 def test_the_fused_sgd_step_reads_weights_gradients_momentum_and_writes_weights_and_momentum():

@@ -277,6 +277,9 @@ def run_tracked(job: Job, runtime: Runtime, tracker: MemoryTracker, *, steps: in
             if last and fake is not None:
                 step_findings = {site: n - before.get(site, 0) for site, n in fake.findings.items()
                                  if n > before.get(site, 0)}
+            if last and work is not None:
+                step_findings.update({f"pfc op without a declared cost (charged as elementwise): {name}": calls
+                                      for name, calls in work.undeclared.items()})
             phases.set("other", "other")
             if progress:
                 progress(1)

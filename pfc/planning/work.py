@@ -13,7 +13,8 @@ What an op costs (:meth:`WorkCounter.cost`), in this order:
   (:func:`fused_sgd_cost`);
 - an op of pfc's own (namespace ``pfc``): what its author declared with
   :func:`pfc.head.kernels.costs.declare_cost` (an undeclared one is charged its tensor inputs and
-  outputs, as an elementwise op, and listed in ``undeclared``);
+  outputs, as an elementwise op, and counted in ``undeclared``, which the planner reports as a
+  finding);
 - nothing, and no launch, for an op without a tensor output (``prim.device``, ``_local_scalar_dense``
   and other metadata queries: the value comes from the host or counts as a host sync elsewhere),
   a view or alias, and an allocation (``empty``, ``new_empty``, ``empty_like``, …: memory is
@@ -38,7 +39,7 @@ traffic tables of docs/benchmarks.md.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -99,11 +100,12 @@ class WorkCounter(TorchDispatchMode):
         self.comm_bytes: dict[str, int] = defaultdict(int)
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)   # (gpu name, part)
         self.by_class: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self.undeclared: set[str] = set()
+        self.undeclared: Counter[str] = Counter()   # pfc ops without a declared cost: calls
 
     def reset(self) -> None:
         """Forget what was counted (count one step only)."""
-        for counts in (self.flops, self.bytes, self.launches, self.comm_bytes, self.seconds, self.by_class):
+        for counts in (self.flops, self.bytes, self.launches, self.comm_bytes, self.seconds, self.by_class,
+                       self.undeclared):
             counts.clear()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -131,7 +133,7 @@ class WorkCounter(TorchDispatchMode):
             formula = declared_cost(func._schema.name)
             if formula is not None:
                 return formula(args, kwargs, out), "pfc kernel"
-            self.undeclared.add(func._schema.name)
+            self.undeclared[func._schema.name] += 1
             return _io_cost(inputs, outputs, func, args, kwargs, out), "pfc kernel"
         if not outputs or name in _ALLOCATIONS:
             return None
