@@ -42,7 +42,7 @@ class RankResult:
     per phase, bytes by category at its high-water mark; the last step's host syncs and fake-GPU
     findings (``"kind at file:line"`` → count) and setup's findings; the last step's flops, bytes
     moved, kernel launches and collective payload per part, bytes per op class and part, and
-roofline seconds per GPU and part."""
+    roofline seconds per GPU and part."""
 
     phase_peaks: dict[str, dict[str, int]]
     host_syncs: dict[str, int]
