@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.pfc-installed
 
-.PHONY: venv test bench demo gpu-check clean
+.PHONY: venv test bench demo gpu-check readme-capacity check-readme-capacity clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,15 @@ bench: $(STAMP)
 gpu-check: TORCH_SPEC = torch
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py --out runs/gpu-check
+
+# The README's capacity table and its text, made by the planner (tools/capacity_table.py, about a
+# minute of simulations on 2 cores): readme-capacity rewrites the block, check-readme-capacity fails
+# with a diff when it is stale (tests/test_capacity_table.py runs the same check in make test)
+readme-capacity: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) tools/capacity_table.py --write README.md
+
+check-readme-capacity: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) tools/capacity_table.py --check README.md
 
 # The demo: synthetic identities (train + disjoint held-out set with a pairs list) → shards →
 # 2 CPU ranks with gloo → held-out verification accuracy, trained vs untrained. About 2 min on 2

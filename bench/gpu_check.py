@@ -151,8 +151,11 @@ def stage_plan(args, python: str, train: dict | None) -> dict:
     """The capacity planner on the training stage's job; its peak against the measured one."""
     if not train or train.get("status") != 0 or "num_classes" not in train:
         return {"status": 1, "seconds": 0.0, "error": "needs the train stage's numbers (run it first)"}
+    # the GPU kind from the device's name (its memory then is the kind's: only the peak is compared)
+    name = train.get("gpu_name", "").lower()
+    kind = next((kind for kind in ("h200", "h100", "a100", "v100") if kind in name), "h100")
     command = [python, "tools/plan.py", "--classes", str(train["num_classes"]), "--gpus", "1",
-               "--gpu-memory", str(train.get("gpu_memory_gib", 80)), "--network", train["network"],
+               "--gpu", kind, "--network", train["network"],
                "--batch-size", str(train["batch_size"]), "--sample-rate", str(train["sample_rate"]),
                "--center-dtype", train["center_dtype"], "--precision", train["precision"], "--json"]
     status, seconds, output = _run(command, os.path.join(args.out, "plan.log"))
@@ -202,6 +205,7 @@ def worker(out: str, overrides: list[str]) -> int:
                   "precision": config.backbone.precision, "num_classes": int(read_manifest(config.data.root)["num_classes"]),
                   "sample_rate": config.head.sample_rate, "center_dtype": config.head.center_dtype,
                   "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30) if on_gpu else 80,
+                  "gpu_name": torch.cuda.get_device_name(0) if on_gpu else "",
                   "world_size": int(os.environ.get("WORLD_SIZE", "1")), "backend": "nccl" if on_gpu else "gloo"}
         with open(os.path.join(out, "gpu_check_worker.json"), "w") as f:
             json.dump(report, f, indent=1)
