@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.pfc-installed
 
-.PHONY: venv test bench demo gpu-check clean
+.PHONY: venv test bench demo readme-numbers gpu-check clean
 
 venv: $(STAMP)
 
@@ -42,8 +42,8 @@ gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py --out runs/gpu-check
 
 # The demo: synthetic identities (train + disjoint held-out set with a pairs list) → shards →
-# 2 CPU ranks with gloo → held-out verification accuracy, trained vs untrained. About 2 min on 2
-# cores in a fresh clone, .venv included (README, Quick start: 2 min 7 s; up to 2 min 48 s under load).
+# 2 CPU ranks with gloo → held-out verification accuracy, trained vs untrained. Its accuracies and
+# time: README, Quick start, written there by `make readme-numbers`.
 DEMO       ?= demo
 DEMO_RUN   ?= runs/demo
 demo: $(STAMP)
@@ -57,6 +57,13 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) tools/evaluate.py $(DEMO_RUN) --pairs $(DEMO)/heldout/pairs.txt --untrained > $(DEMO_RUN)/untrained.json
 	OMP_NUM_THREADS=1 $(PY) tools/evaluate.py $(DEMO_RUN) --pairs $(DEMO)/heldout/pairs.txt > $(DEMO_RUN)/trained.json
 	$(PY) tools/compare_eval.py $(DEMO_RUN)/untrained.json $(DEMO_RUN)/trained.json
+
+# Reruns `make demo` (its steps timed), records the result in docs/results/demo.json and rewrites
+# the README's generated blocks from it (tools/readme_numbers.py; tests/test_readme_numbers.py
+# fails while a block or the results file is stale). Commit README.md and docs/results/ after it.
+readme-numbers: $(STAMP)
+	$(PY) tools/readme_numbers.py demo --run-dir $(DEMO_RUN) -- \
+		VENV=$(VENV) DEMO=$(DEMO) DEMO_RUN=$(DEMO_RUN) TORCH_SPEC="$(TORCH_SPEC)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache $(DEMO) $(DEMO_RUN)
