@@ -28,8 +28,14 @@ How a README number is made (``tools/readme_numbers.py``, ``make readme-numbers`
    what the renderer writes from the committed file, or when the file was measured with
    another definition of its command (the file records a digest of what defines the run).
 
-A new block (say the planner's capacity table): add the markers to README.md, a renderer and a
-``RESULTS`` entry to ``tools/readme_numbers.py``, and a command that writes the results file.
+A new block (say the planner's capacity table, from ``docs/results/capacity.json``): put the
+two markers into README.md around the table; write a renderer ``render_capacity(results) -> str``
+and register it, ``RENDERERS["capacity"] = ("capacity.json", render_capacity)``; register what
+defines the measurement, ``DEFINITIONS["capacity.json"] = (digest, "make NAME")`` with
+``digest(repository root) -> str`` stored in the file as ``"definition_sha256"`` (optional: a
+results file without an entry is never called stale); and give the measurement a
+command (a ``tools/readme_numbers.py`` subcommand or a make target) that writes the results file
+and then calls ``write_readme()``. The test then covers the new block with no change.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pfc.docs_numbers import read_block, replace_block  # noqa: E402
+from pfc.docs_numbers import block_names, read_block, replace_block  # noqa: E402
 from pfc.errors import DataError  # noqa: E402
 from pfc.evaluation.report import read_results  # noqa: E402
 from pfc.evaluation.roc import format_rate  # noqa: E402
@@ -143,9 +143,16 @@ def demo_results(run_dir: str, seconds: dict[str, float], loads: list[float]) ->
         "training": {"network": config["backbone"]["network"], "epochs": config["schedule"]["num_epochs"],
                      "steps": metrics[-1]["step"],
                      "samples_per_s": round(statistics.median(row["samples_per_s"] for row in metrics))},
+        "impostor_pairs": impostor_pairs(os.path.join(ROOT, config["eval"]["pairs"])),
         "untrained": {key: untrained[key] for key in keep if key in untrained},
         "trained": {key: trained[key] for key in keep if key in trained},
     }
+
+
+def impostor_pairs(path: str) -> int:
+    """The pairs labelled 0 (different identities) in a pairs list ``path1 path2 1|0``."""
+    with open(path, encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.split()[-1:] == ["0"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +164,8 @@ def _duration(seconds: float) -> str:
 
 
 def render_demo_table(results: dict) -> str:
-    """The held-out table: untrained and trained, accuracy ± std (10-fold), TAR@FAR=1e-3, AUC."""
+    """The held-out table: untrained and trained, accuracy ± std (10-fold), TAR@FAR=1e-3, AUC;
+    below it why the TAR is n/a when the pairs cannot measure it."""
     untrained, trained, training = results["untrained"], results["trained"], results["training"]
 
     def row(label: str, result: dict, bold: bool) -> str:
@@ -165,12 +173,18 @@ def render_demo_table(results: dict) -> str:
         return (f"| {label} | {f'**{accuracy}**' if bold else accuracy} | "
                 f"{format_rate(result['tar@far=1e-3'])} | {result['auc']:.4f} |")
 
-    return "\n".join([
+    table = "\n".join([
         f"| held-out, {trained['num_pairs']:,} pairs | accuracy (10-fold) | TAR @ FAR=1e-3 | AUC |",
         "|---|---|---|---|",
         row(f"untrained {training['network']} net", untrained, False),
         row(f"after `make demo` ({training['epochs']} epochs, {training['steps']} steps)", trained, True),
     ])
+    if trained["tar@far=1e-3"] is not None:
+        return table
+    return table + "\n\n" + textwrap.fill(
+        f"TAR @ FAR=1e-3 is n/a here: the {trained['num_pairs']:,} pairs hold {results['impostor_pairs']:,} "
+        "impostor pairs, and a FAR of 1e-3 needs at least 1,000 to be measured (tools print `n/a`, JSON "
+        "holds `null`, for any FAR below 1/#impostor pairs).", width=98)
 
 
 def render_demo_time(results: dict) -> str:
@@ -208,23 +222,38 @@ def load_results(name: str, results_dir: str = RESULTS_DIR) -> dict:
         raise DataError(f"{path}: not a readable results file ({exc})") from exc
 
 
+def render_block(block: str, results_dir: str = RESULTS_DIR) -> str:
+    """Block ``block``'s text from its results file; DataError when the file lacks a field the
+    renderer needs (written by an older generator)."""
+    name, render = RENDERERS[block]
+    try:
+        return render(load_results(name, results_dir))
+    except KeyError as exc:
+        command = DEFINITIONS.get(name, (None, "its measurement"))[1]
+        raise DataError(f"docs/results/{name} has no field {exc} that block {block!r} needs: "
+                        f"rerun `{command}`") from exc
+
+
 def rendered(text: str, results_dir: str = RESULTS_DIR) -> str:
     """``text`` (a README) with every registered block rewritten from its results file."""
-    for block, (name, render) in RENDERERS.items():
-        text = replace_block(text, block, render(load_results(name, results_dir)))
+    for block in RENDERERS:
+        text = replace_block(text, block, render_block(block, results_dir))
     return text
 
 
 def problems(text: str, results_dir: str = RESULTS_DIR, root: str = ROOT) -> list[str]:
-    """What ``check`` reports for a README ``text``: each block that differs from its rendering,
-    each results file measured under another definition of its run. Empty when all is current."""
+    """What ``check`` reports for a README ``text``: each block that differs from its rendering
+    or has no renderer, each results file measured under another definition of its run. Empty
+    when all is current."""
     found = []
     for name, (digest, command) in DEFINITIONS.items():
         if load_results(name, results_dir).get("definition_sha256") != digest(root):
             found.append(f"docs/results/{name} was measured with another definition of its run "
                          f"(Makefile rule or config changed since): rerun `{command}`")
-    for block, (name, render) in RENDERERS.items():
-        if read_block(text, block) != render(load_results(name, results_dir)):
+    found += [f"README block {block!r} has no renderer in tools/readme_numbers.py's RENDERERS"
+              for block in block_names(text) if block not in RENDERERS]
+    for block, (name, _) in RENDERERS.items():
+        if read_block(text, block) != render_block(block, results_dir):
             found.append(f"README block {block!r} differs from what docs/results/{name} gives: "
                          "run `python tools/readme_numbers.py write` (or rerun the measurement)")
     return found
