@@ -61,8 +61,9 @@ demo: $(STAMP)
 # Reruns `make demo` (its steps timed), records the result in docs/results/demo.json and rewrites
 # the README's generated blocks from it (tools/readme_numbers.py; tests/test_readme_numbers.py
 # fails while a block or the results file is stale). Commit README.md and docs/results/ after it.
+# The inner `make demo` takes the .venv this target made as it is (-o).
 readme-numbers: $(STAMP)
-	$(PY) tools/readme_numbers.py demo --run-dir $(DEMO_RUN) -- \
+	$(PY) tools/readme_numbers.py demo --run-dir $(DEMO_RUN) -- -o $(STAMP) \
 		VENV=$(VENV) DEMO=$(DEMO) DEMO_RUN=$(DEMO_RUN) TORCH_SPEC="$(TORCH_SPEC)"
 
 clean:
