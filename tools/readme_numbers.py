@@ -193,12 +193,13 @@ def render_demo_time(results: dict) -> str:
     low, high = machine["load_average"]
     venv = (f"creating `.venv` included ({_duration(seconds['venv'])} of it)" if results["venv_created"]
             else "`.venv` already made")
-    return textwrap.fill(f"Whole `make demo`, {venv}: {_duration(seconds['total'])} (images {_duration(seconds['images'])}, "
-            f"packing {_duration(seconds['packing'])}, training {_duration(seconds['training'])} at "
-            f"≈ {results['training']['samples_per_s']} samples/s, evaluations "
-            f"{_duration(seconds['evaluation'])}), measured by `make readme-numbers` on "
-            f"{results['measured_utc'][:10]} on {machine['cpus']} CPU cores shared with other jobs "
-            f"(1-minute load average {low:g}–{high:g} during the run), torch {machine['torch']}.", width=98)
+    return textwrap.fill(
+        f"Whole `make demo`, {venv}: {_duration(seconds['total'])} (images {_duration(seconds['images'])}, "
+        f"packing {_duration(seconds['packing'])}, training {_duration(seconds['training'])} at "
+        f"≈ {results['training']['samples_per_s']} samples/s, evaluations "
+        f"{_duration(seconds['evaluation'])}), measured by `make readme-numbers` on "
+        f"{results['measured_utc'][:10]} on {machine['cpus']} CPU cores shared with other jobs "
+        f"(1-minute load average {low:g}–{high:g} during the run), torch {machine['torch']}.", width=98)
 
 
 # block name -> (results file under docs/results, renderer)
