@@ -138,8 +138,10 @@ def test_sigterm_to_torchrun_with_loader_workers_checkpoints_and_resume_auto_con
                    if child.parent().pid != agent.pid]
         assert workers, "the ranks run no loader workers"
         agent.send_signal(signal.SIGTERM)            # what SLURM / Kubernetes do
-        finished(agent, 60, log)                     # well inside torchrun's 30 s + the step
+        status = finished(agent, 60, log)            # well inside torchrun's 30 s + the step
     text = log.read_text()
+    # torch's agent ends in SignalException after the ranks stopped cleanly (the README says so)
+    assert status == 1 and "SignalException" in text, (status, text[-3000:])
     assert "DataLoader worker" not in text, text[-3000:]
     match = re.search(r"stopped at step (\d+): .*stop requested by a signal", text)
     assert match, text[-3000:]

@@ -4,7 +4,9 @@
     python tools/capacity_table.py --write README.md    # replace the block in README.md (make readme-capacity)
     python tools/capacity_table.py --check README.md    # exit 1 with a diff when stale (make check-readme-capacity)
 
-The block lies between ``<!-- capacity-table:begin -->`` and ``<!-- capacity-table:end -->``.
+The block lies between ``<!-- generated: capacity -->`` and ``<!-- end: capacity -->``
+(:mod:`pfc.docs_numbers`, the README's generated blocks; this one is rerun by its own check, not
+from a results file).
 It plans 8 × iresnet100 (batch 128, ρ = 0.1, bf16 autocast, DDP) with fp32 and bf16 centers at
 10M and 100M classes with the largest class count on 8 × 80 and 8 × 141 GB, and insightface's
 speed job (8 × iresnet50, batch 128, fp16, fp32 centers) at 29M against 125k classes on V100 and
@@ -21,9 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools._cli import one_line_errors  # noqa: E402
 
-from pfc.errors import ConfigError  # noqa: E402
+from pfc.docs_numbers import read_block, replace_block  # noqa: E402
 
-BEGIN, END = "<!-- capacity-table:begin -->", "<!-- capacity-table:end -->"
+BLOCK = "capacity"
 GIB = 2**30
 
 
@@ -97,10 +99,9 @@ def speed_text(progress=None) -> str:
 
 
 def block(progress=None) -> str:
-    """The whole generated block, markers included."""
+    """The generated block's text (between its markers)."""
     rows, bf16_100m = capacity_rows(progress)
     return "\n".join([
-        BEGIN,
         "<!-- made by `make readme-capacity` (tools/capacity_table.py); `make check-readme-capacity` and "
         "tests/test_capacity_table.py check it: edit the tool, not this block -->",
         "iresnet100, batch 128 per GPU, ρ = 0.1, bf16 autocast, DDP, 8 GPUs (commands and earlier numbers in",
@@ -114,16 +115,7 @@ def block(progress=None) -> str:
         memory_text(bf16_100m),
         "",
         speed_text(progress),
-        END,
     ])
-
-
-def replace_block(text: str, new_block: str, path: str) -> str:
-    """``text`` with its block replaced by ``new_block``; ConfigError without exactly one block."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ConfigError(f"{path} needs exactly one {BEGIN} … {END} block")
-    start, stop = text.index(BEGIN), text.index(END) + len(END)
-    return text[:start] + new_block + text[stop:]
 
 
 @one_line_errors
@@ -138,12 +130,12 @@ def main(argv=None) -> int:
     if path is not None:
         with open(path, encoding="utf-8") as f:
             current = f.read()
-        replace_block(current, "", path)   # the markers are checked before a minute of planning
+        read_block(current, BLOCK)   # the markers are checked before a minute of planning
     fresh = block()
     if path is None:
         print(fresh)
         return 0
-    updated = replace_block(current, fresh, path)
+    updated = replace_block(current, BLOCK, fresh)
     if args.check:
         if updated == current:
             print(f"{path}: the capacity block is up to date")
