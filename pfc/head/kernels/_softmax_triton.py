@@ -10,6 +10,11 @@ place. The target cell of column i is row ``cell_row[i]`` of the chunk where ``c
   is launched on the same grid, so a slot has one owner for the whole pass).
 - :func:`chunk_backward`: grid ``(⌈S_c/BLOCK_S⌉,)``; a program walks all columns of its rows,
   writes the gradient block once in its dtype and the row sums ``u_j`` once.
+
+Both launch with ``enable_fp_fusion=False``: the backward rebuilds ``z = s·r·P`` from the products
+when the logits were not kept, and an FMA contracting ``s·r·P − max`` would make those logits
+differ from the forward's in the last bit (recomputing must be bit-identical to keeping; the
+kernels are memory-bound, FMA saves nothing there).
 """
 from __future__ import annotations
 
@@ -110,7 +115,8 @@ def chunk_forward(products, scaled_inv, margin_logits, cell_row, cell_mask, run_
     _forward_kernel[grid](products, products.stride(0), products.stride(1), scaled_inv, margin_logits,
                           cell_row, cell_mask.view(torch.int8), run_max, run_sum, rows, cols, rows_per_program,
                           0.0 if filter_limit is None else filter_limit, filter_fill,
-                          FILTER=filter_limit is not None, STORE=store, BLOCK_S=block_s, BLOCK_B=block_b)
+                          FILTER=filter_limit is not None, STORE=store, BLOCK_S=block_s, BLOCK_B=block_b,
+                          enable_fp_fusion=False)
 
 
 def chunk_backward(block, scaled_inv, inv_sign, row_max, shift, grad_target, margin_logits, target_cos,
@@ -122,4 +128,5 @@ def chunk_backward(block, scaled_inv, inv_sign, row_max, shift, grad_target, mar
         block, block.stride(0), block.stride(1), grad_out, grad_out.stride(0), grad_out.stride(1), u_out,
         scaled_inv, inv_sign, row_max, shift, grad_target, margin_logits, target_cos, cell_row,
         cell_mask.view(torch.int8), rows, cols, 0.0 if filter_limit is None else filter_limit, 1.0 / scale,
-        FROM_PRODUCTS=from_products, FILTER=filter_limit is not None, BLOCK_S=block_s, BLOCK_B=block_b)
+        FROM_PRODUCTS=from_products, FILTER=filter_limit is not None, BLOCK_S=block_s, BLOCK_B=block_b,
+        enable_fp_fusion=False)
