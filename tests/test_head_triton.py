@@ -4,10 +4,13 @@ torch implementation chunk by chunk; fake tensors through the ops; the GPU chunk
 
 ``triton.jit`` decides at decoration time whether a kernel is interpreted, so every test that
 launches a kernel runs in a spawned process (``run_ranks``) that inherits ``TRITON_INTERPRET=1``
-from the ``interpreted`` fixture and imports the kernels afresh, whatever this process imported.
-Shapes are small: the interpreter runs every tile as numpy operations.
+and imports the kernels afresh, whatever this process imported. Shapes are small (the
+interpreter runs every tile as numpy operations), and the head tests of one world size share one
+spawned group (:func:`_head_runs`).
 """
+import functools
 import math
+import os
 
 import pytest
 import torch
@@ -30,9 +33,25 @@ GRAD_TOLERANCE = {"fp32": 1e-5, "fp16": 2.0 ** -10, "bf16": 2.0 ** -8}
 REFERENCE_CASES = [("fp32", "exclude", "keep"), ("fp16", "zero", "recompute"), ("bf16", None, "keep")]
 
 
-@pytest.fixture
-def interpreted(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+@functools.cache
+def _head_runs(world_size):
+    """Per rank: the reference cases, the training steps (world size 2) and the chunk ops (world
+    size 1), in one spawned group per world size (each process pays ≈ 10 s of imports and warm-up)."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return run_ranks(_head_worker, world_size, timeout=300)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _head_worker(rank, world_size):
+    return dict(reference=_reference_cases(rank, world_size),
+                training=_training_steps(rank, world_size) if world_size == 2 else None,
+                chunk_ops=_chunk_ops(rank, world_size) if world_size == 1 else None)
 
 
 def _data(world_size, step=0):
@@ -55,7 +74,7 @@ def _reference(features, labels, centers, mode):
     return F.cross_entropy(logits, labels)
 
 
-def _reference_worker(rank, world_size):
+def _reference_cases(rank, world_size):
     features, labels = _data(world_size)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
     results = []
@@ -73,8 +92,8 @@ def _reference_worker(rank, world_size):
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_triton_head_equals_float64_reference(interpreted, world_size):
-    per_rank = run_ranks(_reference_worker, world_size, timeout=300)
+def test_triton_head_equals_float64_reference(world_size):
+    per_rank = [outcome["reference"] for outcome in _head_runs(world_size)]
     features, labels = _data(world_size)
     centers = init_centers(NUM_CLASSES, DIM, 0, NUM_CLASSES, SEED)
     for case, (storage, mode, _) in enumerate(REFERENCE_CASES):
@@ -94,7 +113,7 @@ def test_triton_head_equals_float64_reference(interpreted, world_size):
             assert relative_error(got["weight_grad"], stored.grad[own]) < GRAD_TOLERANCE[storage], where
 
 
-def _training_worker(rank, world_size):
+def _training_steps(rank, world_size):
     """Two sampled steps with MHE, the filter and the update in the backward, per kernels and logits."""
     outcome = {}
     for kernels, logits in (("torch", "keep"), ("triton", "keep"), ("triton", "recompute")):
@@ -116,9 +135,8 @@ def _training_worker(rank, world_size):
     return outcome
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_triton_training_steps_follow_the_torch_path_and_recompute_bit_for_bit(interpreted, world_size):
-    for outcome in run_ranks(_training_worker, world_size, timeout=300):
+def test_triton_training_steps_follow_the_torch_path_and_recompute_bit_for_bit():
+    for outcome in [outcome["training"] for outcome in _head_runs(2)]:
         torch_path, kept, recomputed = outcome["torch", "keep"], outcome["triton", "keep"], outcome["triton", "recompute"]
         assert relative_error(kept[0], torch_path[0]) < 1e-6
         assert kept[1] == pytest.approx(torch_path[1], rel=1e-6)
@@ -127,7 +145,7 @@ def test_triton_training_steps_follow_the_torch_path_and_recompute_bit_for_bit(i
         assert all(torch.equal(a, b) for a, b in zip(kept[2], recomputed[2]))
 
 
-def _chunk_ops_worker(rank, world_size):
+def _chunk_ops(rank, world_size):
     """One chunk through both implementations of the seam: the logits, the statistics, the
     gradient block (fp32 and fp16) and the row sums."""
     from pfc.head.kernels.softmax_chunk import ChunkFilter, softmax_kernels
@@ -168,8 +186,8 @@ def _chunk_ops_worker(rank, world_size):
     return results
 
 
-def test_chunk_kernels_match_the_torch_implementation(interpreted):
-    results = run_ranks(_chunk_ops_worker, 1, timeout=120)[0]
+def test_chunk_kernels_match_the_torch_implementation():
+    results = _head_runs(1)[0]["chunk_ops"]
     ours, reference = results["triton"], results["torch"]
     assert torch.equal(ours["logits"], reference["logits"])   # one fp32 product: the same bits
     assert torch.allclose(ours["max"], reference["max"]) and torch.allclose(ours["sum"], reference["sum"], rtol=1e-6)
