@@ -169,6 +169,11 @@ def _chunk_ops(rank, world_size):
         logits = products.clone()
         kernels.forward(logits, scaled_inv, margin_logits, cells, filtering, stats, workspace, keep=True)
         row_max, row_sum = stats.result()
+        if name == "triton":   # the op can write the logits back too (store=True): the same bits
+            assert torch.equal(logits, products)   # the head's call leaves the products
+            parts = kernels.statistics(cols, products)
+            torch.ops.pfc.chunk_forward(logits, scaled_inv, margin_logits, cells.local[0], cells.mask, parts.max,
+                                        parts.sum, filtering.limit, filtering.fill, True)
         grads = {}
         for dtype in (torch.float32, torch.float16):
             if name == "torch" and dtype == torch.float16:

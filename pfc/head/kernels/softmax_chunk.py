@@ -5,8 +5,8 @@ GEMM products ``P = W_c·X̂ᵀ`` (fp32; the MHE columns beside them stay in tor
 
 - ``forward``: ``z = s·r_j·P`` with the margin logits (:meth:`pfc.head.targets.Targets.measure`)
   at the target cells, the inter-class filter (:class:`ChunkFilter`), and the per-row running max
-  and sum of exps (online softmax) into the row statistics; the logits are written back in place
-  when kept for the backward.
+  and sum of exps (online softmax) into the row statistics. The torch path leaves the logits in
+  the block; the Triton one leaves the products there and its backward rebuilds the logits.
 - ``backward``: the gradient block ``r_j·sign(c)·|c|·(softmax − onehot)`` (0 at filtered cells,
   the target cells' value from the caller) written once in the GEMM operand type, and, Triton
   only, the row sums ``r_j·sign(c)·u_j`` with ``u_j = Σ_i G_ji·cos_ji`` the center gradient needs.
@@ -90,9 +90,9 @@ def softmax_logits_(products: torch.Tensor, scaled_inv: torch.Tensor, margin_log
 class TorchSoftmaxChunk:
     """The softmax chunk in torch ops (module docstring): the reference and the CPU path.
 
-    Launches per chunk (CUDA): forward 8 (scale 1, target cells 3, max 2, rescale 2, exp-sum 3:
-    11 with the filter's 4 more); backward 6 (+4 recomputing, +5 filtering), and the caller's
-    row sums ``u_j`` 3 more."""
+    Launches per chunk (CUDA): forward 13 (scale 1, target cells 3, running max and rescale 5,
+    shifted exps and their sum 4; +6 filtering); backward 7 (+4 recomputing, +5 filtering), and
+    the caller's row sums ``u_j`` 4 more. The Triton implementation: 1 and 1."""
 
     name = "torch"
 

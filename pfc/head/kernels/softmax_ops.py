@@ -9,9 +9,10 @@ write into arguments they declare as mutated.
 
 Traffic per chunk ``[S_c, B]`` (fp32 products, ``g`` bytes per gradient element):
 
-- forward: reads ``4·S_c·B`` once, writes the logits back only when they are kept
-  (``4·S_c·B``), and reads/writes the ``[P, B]`` running statistics: one launch;
-- backward: reads ``4·S_c·B`` (logits kept, or products recomputed by the GEMM), writes the
+- forward: reads ``4·S_c·B`` once and reads/writes the ``[P, B]`` running statistics: one
+  launch. The head never asks it to write the logits back (``store=False``): the kept block
+  holds the GEMM's products and the backward rebuilds the logits from them;
+- backward: reads ``4·S_c·B`` (the products, kept or recomputed by the GEMM), writes the
   gradient once (``g·S_c·B``; ``g = 2`` with narrow storage on a GPU) and ``u`` (``4·S_c``):
   one launch. The torch path makes 5 passes over the block in the forward and 7 in the backward.
 """
@@ -123,16 +124,18 @@ class TritonSoftmaxChunk:
 
     def forward(self, products, scaled_inv, margin_logits, cells, filtering: ChunkFilter,
                 stats: PartialStatistics, workspace: Workspace, keep: bool) -> None:
-        """:func:`chunk_forward` on the chunk; the logits are written back only when ``keep``."""
+        """:func:`chunk_forward` on the chunk, the products left as they are: kept or not, the
+        backward rebuilds the logits from them in registers (bit-identical, one pass over the
+        block saved when they are kept)."""
         torch.ops.pfc.chunk_forward(products, scaled_inv, margin_logits, cells.local[0], cells.mask,
-                                    stats.max, stats.sum, filtering.limit, filtering.fill, keep)
+                                    stats.max, stats.sum, filtering.limit, filtering.fill, False)
 
     def backward(self, block, from_products: bool, scaled_inv, inv_sign, row_max, shift, grad_target,
                  margin_logits, target_cos, cells, filtering: ChunkFilter, scale: float,
                  workspace: Workspace, out: torch.Tensor) -> torch.Tensor:
-        """:func:`chunk_backward` on the chunk into ``out``; returns ``r·sign(c)·u [S_c]`` (fp32)."""
+        """:func:`chunk_backward` on the chunk into ``out``; returns ``r·sign(c)·u [S_c]`` (fp32).
+        ``block`` holds the products whether kept or recomputed (:meth:`forward`)."""
         u = workspace.get("row_sums", block.shape[0], scaled_inv)
         torch.ops.pfc.chunk_backward(block, scaled_inv, inv_sign, row_max, shift, grad_target, margin_logits,
-                                     target_cos, cells.local[0], cells.mask, out, u, filtering.limit, scale,
-                                     from_products)
+                                     target_cos, cells.local[0], cells.mask, out, u, filtering.limit, scale, True)
         return u
