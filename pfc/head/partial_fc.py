@@ -180,7 +180,7 @@ class PartialFC(nn.Module):
         if embedding_size < 1:
             raise ValueError(f"embedding_size={embedding_size} must be >= 1")
         if chunk_rows is not None and chunk_rows < 1:
-            raise ValueError(f"chunk_rows={chunk_rows} must be >= 1 (or None: automatic)")
+            raise ValueError(f"chunk_rows={chunk_rows} must be >= 1 (None, or 0 in the config: automatic)")
         if interclass_filter is not None and not -1.0 <= interclass_filter <= 1.0:
             raise ValueError(f"interclass_filter={interclass_filter} outside [-1, 1] (it is a cosine)")
         if interclass_filter_mode not in FILTER_MODES:
