@@ -238,3 +238,12 @@ def test_gpu_chunks_come_from_the_byte_budget_and_the_cpu_keeps_2048_rows():
     explicit = PartialFC(10, DIM, chunk_rows=3)
     explicit(torch.randn(3, DIM), torch.tensor([1, 2, 3]))
     assert explicit.last_chunk_rows == 3
+
+
+def test_fp64_centers_stay_on_the_torch_path(monkeypatch):
+    with pytest.raises(ValueError, match="computes in fp32"):
+        PartialFC(10, DIM, dtype=torch.float64, kernels="triton", device="meta")
+    # where auto would pick Triton (CUDA), fp64 centers fall back to torch
+    monkeypatch.setattr("pfc.head.partial_fc.resolve_kernels", lambda choice, device: "triton")
+    assert PartialFC(10, DIM, dtype=torch.float64, kernels="auto").kernels == "torch"
+    assert PartialFC(10, DIM, dtype=torch.float32, kernels="auto").kernels == "triton"

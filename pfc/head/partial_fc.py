@@ -158,10 +158,15 @@ class PartialFC(nn.Module):
         self.check_inputs = check_inputs
         self.weight = nn.Parameter(init_centers(num_classes, embedding_size, self.class_start,
                                                 self.num_local, seed, init_std, dtype, device))
-        # "torch" or "triton", decided once: forward, backward and the update run on one implementation
-        self.kernels = resolve_kernels(kernels, self.weight.device)
         # features, margins, softmax statistics and the loss: fp32 whatever the storage type
         self.compute_dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        # "torch" or "triton", decided once: forward, backward and the update run on one implementation
+        self.kernels = resolve_kernels(kernels, self.weight.device)
+        if self.kernels == "triton" and self.compute_dtype != torch.float32:
+            if kernels == "triton":
+                raise ValueError(f"kernels='triton' computes in fp32; centers stored in {self.weight.dtype} "
+                                 "need kernels='torch'")
+            self.kernels = "torch"   # auto: fp64 centers stay on the torch path
         self.iteration = 0
         self._forwards_this_iteration = 0
         self._stats: dict[str, torch.Tensor] = {}
