@@ -97,7 +97,7 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     if runtime.is_main:  # only now: a run that fails to start leaves nothing behind
         os.makedirs(config.output, exist_ok=True)
         write_json(os.path.join(config.output, "config.json"), to_dict(config))
-        if runtime.device.type != "cuda" and config.backbone.precision != "fp32":
+        if runtime.device.type != "cuda" and config.backbone.precision != "fp32" and config.backbone.engine == "ddp":
             print(f"note: precision {config.backbone.precision} applies on GPU only; training in fp32 on CPU")
     with TrainLogger(config.output, runtime.is_main) as logger:
         start = time.perf_counter()

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from pfc.errors import CheckpointError, ConfigError
+from pfc.train.runners.fp32_batchnorm import keep_batchnorm_in_fp32
 
 ENGINE = "deepspeed"
 ENGINE_TAG = "engine"  # the tag of DeepSpeed's checkpoint inside the engine directory
@@ -332,6 +333,8 @@ def build_deepspeed_runner(backbone: torch.nn.Module, config: dict | str | os.Pa
                                            else [p for p in backbone.parameters() if p.requires_grad],
                                            mpu=None, dist_init_required=False)
     _use_weights_only_loading(engine)
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        keep_batchnorm_in_fp32(engine.module)
     return DeepSpeedRunner(engine, optimizer, grad_accumulation)
 
 
