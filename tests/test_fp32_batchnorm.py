@@ -108,3 +108,41 @@ def test_statistics_an_engine_cast_to_bf16_come_back_to_fp32_and_the_change_is_m
     assert all(layer.running_mean.dtype == layer.running_var.dtype == torch.float32 for layer in norms)
     assert model(torch.randn(4, 3, 3, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16
     assert all(buffer.dtype in (torch.float32, torch.int64) for buffer in model.buffers())
+
+
+@pytest.mark.parametrize("network", ["tiny", "iresnet18"])
+def test_a_bf16_backbone_with_fp32_batchnorm_computes_what_torchs_bf16_autocast_computes(network):
+    """The backbone as a DeepSpeed bf16 engine holds it (bf16 parameters, BatchNorm kept in fp32)
+    against torch's CPU autocast to bf16 on the same values in fp32 parameters: the same outputs,
+    gradients (autocast's rounded to bf16, the parameters' dtype), running statistics and
+    evaluation outputs, bit for bit, over two training steps."""
+    from pfc.backbones import build_backbone
+
+    torch.manual_seed(0)
+    reference = build_backbone(network, embedding_size=16, image_size=16)
+    for parameter in reference.parameters():
+        parameter.data = parameter.data.to(torch.bfloat16).float()     # values a bf16 copy holds exactly
+    engine_like = copy.deepcopy(reference)
+    for parameter in engine_like.parameters():
+        parameter.data = parameter.data.to(torch.bfloat16)
+    keep_batchnorm_in_fp32(engine_like)
+    images = torch.randn(2, 4, 3, 16, 16)
+    for x in images:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = reference(x)
+        actual = engine_like(x.to(torch.bfloat16))
+        assert actual.dtype == torch.bfloat16 and torch.equal(actual, expected)
+        expected.float().square().sum().backward()
+        actual.float().square().sum().backward()
+        for (name, mine), theirs in zip(engine_like.named_parameters(), reference.parameters()):
+            assert (mine.grad is None) == (theirs.grad is None), name
+            assert mine.grad is None or torch.equal(mine.grad, theirs.grad.to(torch.bfloat16)), name
+        engine_like.zero_grad()
+        reference.zero_grad()
+    for (name, mine), theirs in zip(engine_like.named_buffers(), reference.buffers()):
+        assert mine.dtype == theirs.dtype and torch.equal(mine, theirs), name
+    engine_like.eval()
+    reference.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(images[0])
+    assert torch.equal(engine_like(images[0].to(torch.bfloat16)), expected)

@@ -12,6 +12,14 @@ scheduler). DeepSpeed averages the backbone gradients over the ranks like DDP, s
 gradient convention (x.grad = N·∂loss/∂x_r) gives the exact gradient. DeepSpeed is optional
 (``pip install pfc[deepspeed]``) and imported only when an engine is built.
 
+Precision: with bf16 (or fp16) DeepSpeed casts the module's parameters and leaves its buffers
+in fp32; pfc keeps BatchNorm in fp32 on top (running statistics fp32, each layer normalising
+with its scale and shift upcast to fp32 on the low-precision input, torch's mixed-type kernel:
+see :mod:`pfc.train.runners.fp32_batchnorm`), as autocast and apex O2 do; without it every
+BatchNorm layer fails ("expected scalar type BFloat16 but found Float"). fp16 needs a GPU:
+DeepSpeed's CPU accelerator refuses it (:func:`resolve_deepspeed_config` says so); bf16 runs on
+the CPU too.
+
 On CPU the engine runs with DeepSpeed's ``cpu`` accelerator over the gloo group that is
 already initialised. DeepSpeed's communication backend would compile its ``shm_comm`` op with g++
 on the first engine start (30–100 s on 2 cores; cached in ``TORCH_EXTENSIONS_DIR``, default
