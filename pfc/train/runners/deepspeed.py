@@ -12,6 +12,14 @@ scheduler). DeepSpeed averages the backbone gradients over the ranks like DDP, s
 gradient convention (x.grad = N·∂loss/∂x_r) gives the exact gradient. DeepSpeed is optional
 (``pip install -e ".[deepspeed]"`` in pfc's clone) and imported only when an engine is built.
 
+Precision: with bf16 (or fp16) DeepSpeed casts the module's parameters and leaves its buffers
+in fp32; pfc keeps BatchNorm in fp32 on top (running statistics fp32, each layer normalising
+with its scale and shift upcast to fp32 on the low-precision input, torch's mixed-type kernel:
+see :mod:`pfc.train.runners.fp32_batchnorm`), as autocast and apex O2 do; without it every
+BatchNorm layer fails ("expected scalar type BFloat16 but found Float"). fp16 needs a GPU:
+DeepSpeed's CPU accelerator refuses it (:func:`resolve_deepspeed_config` says so); bf16 runs on
+the CPU too.
+
 On CPU the engine runs with DeepSpeed's ``cpu`` accelerator over the gloo group that is
 already initialised. DeepSpeed's communication backend would compile its ``shm_comm`` op with g++
 on the first engine start (30–100 s on 2 cores; cached in ``TORCH_EXTENSIONS_DIR``, default
@@ -38,6 +46,7 @@ from typing import Any
 import torch
 
 from pfc.errors import CheckpointError, ConfigError
+from pfc.train.runners.fp32_batchnorm import keep_batchnorm_in_fp32
 
 ENGINE = "deepspeed"
 ENGINE_TAG = "engine"  # the tag of DeepSpeed's checkpoint inside the engine directory
@@ -333,6 +342,8 @@ def build_deepspeed_runner(backbone: torch.nn.Module, config: dict | str | os.Pa
                                            else [p for p in backbone.parameters() if p.requires_grad],
                                            mpu=None, dist_init_required=False)
     _use_weights_only_loading(engine)
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        keep_batchnorm_in_fp32(engine.module)
     return DeepSpeedRunner(engine, optimizer, grad_accumulation)
 
 
