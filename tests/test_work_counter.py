@@ -48,6 +48,15 @@ def test_a_gemm_costs_its_flops_and_reads_both_operands_and_writes_the_product()
     assert _single(_count(lambda: a @ b)) == (2 * 64 * 32 * 16, (64 * 32 + 32 * 16 + 64 * 16) * F32, 1)
 
 
+def test_a_narrow_gemm_with_an_fp32_output_accumulating_into_its_out_costs_its_flops_once():
+    a = torch.randn(64, 32, device="meta", dtype=torch.bfloat16)
+    b = torch.randn(32, 16, device="meta", dtype=torch.bfloat16)
+    out = torch.zeros(64, 16, device="meta")
+    # addmm.dtype (the head's Σ_j G_j r_j w_j with narrow centers): out_dtype is positional in its schema
+    counter = _count(lambda: torch.addmm(out, a, b, out_dtype=torch.float32, out=out))
+    assert _single(counter) == (2 * 64 * 32 * 16, (64 * 32 + 32 * 16) * 2 + 2 * 64 * 16 * F32, 1)
+
+
 def test_index_select_moves_the_rows_it_returns_and_its_index_not_the_table():
     table, index = torch.randn(1000, 8), torch.arange(10)
     counter = _count(lambda: table.index_select(0, index))

@@ -139,8 +139,7 @@ class WorkCounter(TorchDispatchMode):
             return None
         if func.is_view or (_aliases(outputs, inputs) and not func._schema.is_mutable):
             return None
-        flops = flop_registry[func._overloadpacket](*args, **kwargs, out_val=out) if func._overloadpacket in \
-            flop_registry else 0
+        flops = _flops(func, args, kwargs, out)
         written = sum(_nbytes(t) for t in outputs)
         if name in _FILLS:
             return KernelCost(0, 0, written), "fill"
@@ -164,9 +163,23 @@ class WorkCounter(TorchDispatchMode):
             self.seconds[(gpu.name, self.part)] += max(cost.flops / peak, moved / (gpu.memory_gbps * 1e9))
 
 
+def _flops(func, args, kwargs, out) -> int:
+    """The op's flops by torch's formulas (0 for an op without one). An overload with an extra
+    positional argument the formulas do not know (``addmm.dtype``'s ``out_dtype``, the fp32-output
+    GEMM of narrow centers) is counted by its tensor arguments alone, ``out=`` left out."""
+    formula = flop_registry.get(func._overloadpacket)
+    if formula is None:
+        return 0
+    if all(isinstance(arg, torch.Tensor) for arg in args):
+        return formula(*args, **kwargs, out_val=out)
+    outs = {argument.name for argument in func._schema.arguments if argument.is_out}
+    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+    options = {key: value for key, value in kwargs.items() if key not in outs and key != "out_dtype"}
+    return formula(*tensors, **options, out_val=out)
+
+
 def _io_cost(inputs, outputs, func, args, kwargs, out) -> KernelCost:
-    flops = flop_registry[func._overloadpacket](*args, **kwargs, out_val=out) if func._overloadpacket in \
-        flop_registry else 0
+    flops = _flops(func, args, kwargs, out)
     return KernelCost(flops, sum(_nbytes(t) for t in inputs), sum(_nbytes(t) for t in outputs))
 
 
