@@ -170,7 +170,7 @@ def _flops(func, args, kwargs, out) -> int:
     formula = flop_registry.get(func._overloadpacket)
     if formula is None:
         return 0
-    if all(isinstance(arg, torch.Tensor) for arg in args):
+    if "dtype" not in func._overloadname:
         return formula(*args, **kwargs, out_val=out)
     outs = {argument.name for argument in func._schema.arguments if argument.is_out}
     tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
