@@ -27,7 +27,8 @@ def make_runner(center_dtype: torch.dtype, scaler, grad_accumulation: int = 1):
     from pfc.train.runners.ddp import DDPRunner
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, DIM, bias=False), torch.nn.BatchNorm1d(DIM))   # (a bias before BN: a gradient of rounding noise)
+    # no bias before BatchNorm: its gradient would be rounding noise, compared as such
+    model = torch.nn.Sequential(torch.nn.Linear(6, DIM, bias=False), torch.nn.BatchNorm1d(DIM))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)
     runner = DDPRunner(model, optimizer, grad_scaler=scaler, grad_accumulation=grad_accumulation)
     head = PartialFC(CLASSES, DIM, sample_rate=0.5, dtype=center_dtype, seed=1)
@@ -58,6 +59,18 @@ def state(runner, head, head_optimizer) -> list[torch.Tensor]:
     """The backbone's weights, the centers and their momentum, as float64 copies."""
     return [t.detach().double().clone() for t in
             [*runner.model.parameters(), head.weight, head_optimizer.state[head.weight]["momentum_buffer"]]]
+
+
+def assert_within_rounding(got: list, want: list, initial: list, dtype: torch.dtype) -> None:
+    """``got`` (a scaled step's :func:`state`) equals ``want`` (the unscaled one's) within 1e-4 of
+    how far each tensor moved from ``initial``, 8 float32 ulps of the value and, for the centers
+    and their momentum, 4 ulps of their storage type."""
+    for number, (a, b, start) in enumerate(zip(got, want, initial)):
+        moved = (b - start).abs().max()
+        assert moved > 0
+        storage = dtype if number >= len(got) - 2 else torch.float32        # centers and momentum last
+        allowed = 1e-4 * moved + 8 * ulps(torch.float32, b) + 4 * ulps(storage, b)
+        assert ((a - b).abs() <= allowed).all(), ((a - b).abs() / moved).max()
 
 
 def poison_center_gradient(weight: torch.Tensor, position: int) -> None:
@@ -94,13 +107,7 @@ def test_a_scaled_step_equals_the_unscaled_float32_update(name, accumulation):
     plain = make_runner(dtype, None, accumulation)
     initial = state(*plain)
     assert train(*scaled, step) == [True] and train(*plain, step) == [True]
-    got, want = state(*scaled), state(*plain)
-    for number, (a, b, start) in enumerate(zip(got, want, initial)):
-        moved = (b - start).abs().max()
-        assert moved > 0
-        storage = dtype if number >= len(got) - 2 else torch.float32        # centers and momentum last
-        allowed = 1e-4 * moved + 8 * ulps(torch.float32, b) + 4 * ulps(storage, b)
-        assert ((a - b).abs() <= allowed).all(), ((a - b).abs() / moved).max()
+    assert_within_rounding(state(*scaled), state(*plain), initial, dtype)
     assert scaled[0].grad_scaler.get_scale() == SCALE                 # no overflow: no back-off yet
 
 
@@ -129,6 +136,27 @@ def test_an_overflow_skips_backbone_and_centers_and_backs_off(name, where):
     assert not torch.equal(before[0], after[0]) and not torch.equal(before[-2], after[-2])
 
 
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_a_scaled_step_reads_no_device_value(name):
+    """After the first step (the head validates its inputs), a scaled step (backward, unscaling,
+    the head's check, its report to the scaler, both masked updates, the scale's update) makes no
+    host synchronisation (on the CPU every tensor counts as a device tensor)."""
+    from pfc.host_syncs import HostSyncCounter
+
+    runner, head, head_optimizer = make_runner(DTYPES[name], torch.amp.GradScaler("cpu", init_scale=SCALE))
+    first, second = [[batch] for batch in batches(count=2)]
+    train(runner, head, head_optimizer, [first])
+    head.check_inputs = False          # as the trainer after its first step
+    head.set_iteration(1)
+    found_inf = torch.tensor(0.0)
+    with HostSyncCounter() as counter:
+        runner.forward_backward(*second[0], head, True)
+        runner.gradients_finite()
+        applied = runner.step(head_optimizer, found_inf)
+    assert counter.count == 0, counter.report()
+    assert bool(applied)
+
+
 def test_a_summed_center_gradient_that_overflows_in_fp16_is_an_overflow():
     """Two halves of a row's gradient, each finite in fp16, whose sum (rows given twice by
     gradient accumulation) is not: the check sees the summed gradient the update would use."""
@@ -137,40 +165,50 @@ def test_a_summed_center_gradient_that_overflows_in_fp16_is_an_overflow():
     weight = torch.nn.Parameter(torch.zeros(4, 16, dtype=torch.float16))
     optimizer = SparseRowSGD([weight], lr=0.1)
     half = torch.full((1, 16), 40000.0, dtype=torch.float16)
-    weight.grad = torch.sparse_coo_tensor(torch.tensor([[2, 2]]), torch.cat([half, half]), weight.shape)
+    weight.grad = torch.sparse_coo_tensor(torch.tensor([[2, 2]]), torch.cat([half, half]), weight.shape,
+                                          check_invariants=False)
     assert float(optimizer.nonfinite_gradients()) == 1.0
-    weight.grad = torch.sparse_coo_tensor(torch.tensor([[2, 1]]), torch.cat([half, half]), weight.shape)
+    weight.grad = torch.sparse_coo_tensor(torch.tensor([[2, 1]]), torch.cat([half, half]), weight.shape,
+                                          check_invariants=False)
     assert float(optimizer.nonfinite_gradients()) == 0.0
 
 
-def _two_ranks(rank: int, world_size: int, name: str, overflow_rank: int | None):
-    """Two scaled steps on 2 gloo ranks (DDP backbone, sharded head); on step 1 ``overflow_rank``
-    puts an inf in its own center gradient. Returns what each rank saw."""
+def _two_ranks(rank: int, world_size: int, name: str):
+    """On 2 gloo ranks (DDP backbone, sharded head), from the same start: one unscaled step, one
+    scaled step, and two scaled steps of which rank 1 poisons the first with an inf in its own
+    center gradient. Returns, per run, each step's outcome and scale and the final state."""
     from tests.test_fp16_scaling import batches, make_runner, poison_center_gradient, state
 
-    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
-    runner, head, head_optimizer = make_runner(DTYPES[name], scaler)
-    applied, scales = [], []
-    for iteration, (images, labels) in enumerate(batches(rank, 2)):
-        head.set_iteration(iteration)
-        before = state(runner, head, head_optimizer)
-        runner.forward_backward(images, labels, head, True)
-        if iteration == 0 and rank == overflow_rank:
-            poison_center_gradient(head.weight, 0)
-        applied.append(bool(runner.step(head_optimizer, torch.tensor(0.0))))
-        scales.append(scaler.get_scale())
-        unchanged = all(torch.equal(a, b) for a, b in zip(before, state(runner, head, head_optimizer)))
-        assert unchanged == (not applied[-1])
-    return applied, scales, [p.detach().clone() for p in runner.model.parameters()]
+    runs = {}
+    for run, scaled, steps, overflow_rank in (("plain", False, 1, None), ("scaled", True, 1, None),
+                                              ("overflow", True, 2, 1)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=SCALE) if scaled else None
+        runner, head, head_optimizer = make_runner(DTYPES[name], scaler)
+        initial = state(runner, head, head_optimizer)
+        applied, scales = [], []
+        for iteration, (images, labels) in enumerate(batches(rank, steps)):
+            head.set_iteration(iteration)
+            before = state(runner, head, head_optimizer)
+            runner.forward_backward(images, labels, head, True)
+            if iteration == 0 and rank == overflow_rank:
+                poison_center_gradient(head.weight, 0)
+            applied.append(bool(runner.step(head_optimizer, torch.tensor(0.0))))
+            scales.append(scaler.get_scale() if scaler is not None else None)
+            unchanged = all(torch.equal(a, b) for a, b in zip(before, state(runner, head, head_optimizer)))
+            assert unchanged == (not applied[-1])
+        runs[run] = applied, scales, state(runner, head, head_optimizer), initial
+    return runs
 
 
-@pytest.mark.parametrize("overflow_rank", [None, 1])
-def test_two_ranks_decide_each_skip_together(overflow_rank):
-    """An overflow of one rank's center gradient skips the step on every rank (the backbone stays
-    replicated) and backs off every rank's scale alike; without one both steps apply."""
-    results = run_ranks(_two_ranks, 2, "fp16", overflow_rank, timeout=120)
-    (applied0, scales0, weights0), (applied1, scales1, weights1) = results
-    expected = [True, True] if overflow_rank is None else [False, True]
-    assert applied0 == applied1 == expected
-    assert scales0 == scales1 == ([SCALE, SCALE] if overflow_rank is None else [SCALE / 2, SCALE / 2])
-    assert all(torch.equal(a, b) for a, b in zip(weights0, weights1))
+def test_two_ranks_train_as_unscaled_and_decide_each_skip_together():
+    """Scaled fp16 centers on 2 ranks step as the unscaled run does (within rounding). An
+    overflow of one rank's center gradient skips the step on every rank (the backbone stays
+    replicated) and backs off every rank's scale alike; the next step applies."""
+    ranks = run_ranks(_two_ranks, 2, "fp16", timeout=120)
+    for runs in ranks:
+        assert runs["plain"][0] == runs["scaled"][0] == [True] and runs["scaled"][1] == [SCALE]
+        assert_within_rounding(runs["scaled"][2], runs["plain"][2], runs["plain"][3], torch.float16)
+        assert runs["overflow"][0] == [False, True] and runs["overflow"][1] == [SCALE / 2, SCALE / 2]
+    backbone = len(ranks[0]["overflow"][2]) - 2
+    for run in ("scaled", "overflow"):
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0][run][2][:backbone], ranks[1][run][2][:backbone]))

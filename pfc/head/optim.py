@@ -200,7 +200,8 @@ class SparseRowSGD(torch.optim.Optimizer):
             rows, values = _row_gradient(param.grad, noted)
             if rows is not None and (noted is None or noted != (values.data_ptr(), values.shape[0])):
                 # summed here: stored flagged coalesced, noted, so that step() takes it as it is
-                param.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, param.shape, is_coalesced=True)
+                param.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, param.shape, is_coalesced=True,
+                                                     check_invariants=False)
                 self._noted_gradients[param] = (values.data_ptr(), values.shape[0])
             if values.numel():
                 peak = torch.linalg.vector_norm(values, float("inf"), dtype=torch.float32)

@@ -31,8 +31,8 @@ class DDPRunner:
     in float32. ``grad_scaler`` (fp16) scales the loss of backbone and head alike and unscales both
     before clipping (the head's narrow center gradients in float32 inside its update:
     :meth:`_unscale_head`); a step whose backbone or center gradients (on any rank) overflow is
-    skipped by both optimizers (on the device) and the scale backs off. ``wrap=False`` keeps the bare module (one
-    rank, or a test that averages itself).
+    skipped by both optimizers (on the device) and the scale backs off. ``wrap=False`` keeps the
+    bare module (one rank, or a test that averages itself).
     """
 
     engine = ENGINE
@@ -126,14 +126,16 @@ class DDPRunner:
 
     def _unscale_head(self, head_optimizer) -> torch.Tensor | None:
         """Unscale the head's gradients for its step; returns its overflow flag (a 0-d float32
-        device tensor, the same on every rank) or None when the scaler's own check decides.
+        device tensor, the same on every rank) or None when the scaler's own check decides (an
+        optimizer without :func:`unscales_in_update`).
 
         A head optimizer that unscales inside its update (:func:`unscales_in_update`: the head's
         SparseRowSGD) gets the scale's inverse as a device tensor (``grad_unscale``: its narrow
         center gradients are multiplied in float32, where GradScaler.unscale_ refuses fp16
         gradients and would unscale them in their own type) and checks its gradients itself
-        (:meth:`SparseRowSGD.nonfinite_gradients`). The ranks' flags are all-reduced (each rank
-        holds other centers: one skip decision for the replicated backbone) and handed to the
+        (:meth:`SparseRowSGD.nonfinite_gradients`). The ranks' flags are all-reduced over the
+        default group, the backbone's (each rank holds other centers: one skip decision for the
+        replicated backbone, one scale on every rank; a 4-byte collective per step) and handed to the
         scaler through :class:`OverflowProbe`, so that :meth:`GradScaler.update` backs off the
         scale as for any overflow it found. Any other optimizer goes through ``unscale_``."""
         scaler = self.grad_scaler
@@ -141,8 +143,9 @@ class DDPRunner:
             scaler.unscale_(head_optimizer)
             return None
         overflow = head_optimizer.nonfinite_gradients()
-        if overflow is None:
-            return None
+        if overflow is None:   # no gradient here: this rank still joins the all-reduce
+            device = next(p for group in head_optimizer.param_groups for p in group["params"]).device
+            overflow = torch.zeros((), dtype=torch.float32, device=device)
         head_optimizer.grad_unscale = scaler.scale(
             torch.ones((), dtype=torch.float64, device=overflow.device)).reciprocal().float()
         all_reduce_(overflow, op=torch.distributed.ReduceOp.MAX)
