@@ -92,6 +92,27 @@ def test_skip_leaves_every_row_bit_identical_and_the_old_rows_are_written_anyway
             assert torch.isnan(weight[1, 0]) and not torch.equal(weight[rows[1:]], start_weight[rows[1:]])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_a_scaled_gradient_is_unscaled_in_float32_as_if_handed_over_unscaled(kernels, dtype):
+    """``step.unscale`` (a loss scale's inverse, 2⁻¹⁶): a gradient stored scaled in the centers'
+    type updates the rows bit for bit as its float32 value divided by the scale would. For fp16
+    the gradient is small (≈1e-6) so that unscaling it in fp16 itself would have lost bits
+    (subnormals): the unscaling happens after the widening."""
+    rows = torch.tensor([1, 4, 9, 30])
+    scale = 2.0 ** 16
+    scaled = (_grads(1, 4)[0] * (1e-6 if dtype == torch.float16 else 1.0) * scale).to(dtype)
+    exact = scaled.float() / scale
+    assert dtype != torch.float16 or not torch.equal((scaled * (1 / scale)).float(), exact)   # fp16 would lose
+    weight, buffer = _state(dtype=dtype)
+    step = RowStep(lr=0.1, momentum=0.9, weight_decay=5e-4, rounding="nearest", unscale=torch.tensor(1 / scale))
+    row_kernels(kernels).apply_rows(weight, buffer, rows, scaled, step)
+    reference_weight, reference_buffer = _state(dtype=dtype)
+    reference = RowStep(lr=0.1, momentum=0.9, weight_decay=5e-4, rounding="nearest")
+    row_kernels(kernels).apply_rows(reference_weight, reference_buffer, rows, exact, reference)
+    assert torch.equal(weight, reference_weight) and torch.equal(buffer, reference_buffer)
+    assert not torch.equal(buffer, _state(dtype=dtype)[1])
+
+
 @pytest.mark.parametrize("dtype, momentum_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
                                                    (torch.float32, torch.bfloat16)])
 def test_triton_nearest_rounding_into_narrow_storage_is_torchs_up_to_the_fp32_ulp(triton_interpreter, dtype,
@@ -282,10 +303,12 @@ from triton.compiler import ASTSource
 from pfc.head.kernels import _rows_triton_kernels as kernels
 
 def row_update(arch, weight, momentum, weight_mode, momentum_mode):
-    pointers = dict(W=weight, V=momentum, G="fp32", ROWS="i64", FOUND_INF="fp32", OLD_W=weight, OLD_V=momentum)
+    pointers = dict(W=weight, V=momentum, G="fp32", ROWS="i64", FOUND_INF="fp32", OLD_W=weight, OLD_V=momentum,
+                    UNSCALE="fp32")
     scalars = dict(num_rows="i32", row_start="i64", D="i32", w_stride="i32", v_stride="i32", g_stride="i32",
                    old_w_stride="i32", old_v_stride="i32", lr="fp32", momentum="fp32", weight_decay="fp32", seed="i64")
-    constexprs = dict(HAS_ROWS=True, USE_MOMENTUM=True, LOAD_V=True, HAS_DECAY=True, HAS_SKIP=True, SAVE_W=True,
+    constexprs = dict(HAS_ROWS=True, USE_MOMENTUM=True, LOAD_V=True, HAS_DECAY=True, HAS_SKIP=True, HAS_UNSCALE=True,
+                      SAVE_W=True,
                       SAVE_V=True, W_MODE=weight_mode, V_MODE=momentum_mode, BLOCK_R=4, BLOCK_D=512)
     signature = {**{k: "*" + v for k, v in pointers.items()}, **scalars, **{k: "constexpr" for k in constexprs}}
     compiled = triton.compile(ASTSource(kernels.row_update_kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32))

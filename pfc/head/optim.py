@@ -58,6 +58,13 @@ class SparseRowSGD(torch.optim.Optimizer):
     GradScaler; narrow storage then rounds the unchanged values back to themselves, exactly);
     the caller clears it (None).
 
+    Loss scaling (fp16, :class:`pfc.train.runners.ddp.DDPRunner`): ``optimizer.grad_unscale``,
+    when set to a 0-d float32 tensor on the parameters' device (the inverse of the loss scale),
+    multiplies every gradient in the compute type inside the update, so a narrow gradient (stored
+    in the parameter's type, scaled) is unscaled without underflowing in its own type (exact for
+    a power-of-two scale); :meth:`nonfinite_gradients` is the overflow check that goes with it
+    (one read of the stored gradients, on the device). The caller clears it (None).
+
     :meth:`update_rows` applies the same update to given rows and their gradient directly: the
     head calls it inside its backward when built with
     ``PartialFC.optimizer(update_in_backward=True)`` (no gradient stored, ``p.grad`` stays None),
@@ -103,6 +110,7 @@ class SparseRowSGD(torch.optim.Optimizer):
         self.rank = get_rank()
         self.updates = 0
         self.found_inf: torch.Tensor | None = None
+        self.grad_unscale: torch.Tensor | None = None
         self.old_rows: OldRows | None = None
         self._scratch = ScratchBlocks(min_rows=chunk_rows)
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -176,6 +184,34 @@ class SparseRowSGD(torch.optim.Optimizer):
         self.updates += 1
         self.apply_rows(param, rows, grad, self.start_update(param, update, skip), weight_rows=weight_rows)
 
+    @torch.no_grad()
+    def nonfinite_gradients(self) -> torch.Tensor | None:
+        """1.0 where some value of the stored gradients is ±inf or NaN, else 0.0: a 0-d float32
+        tensor on the parameters' device, decided there (the largest magnitude of each gradient,
+        one read of it); None when no parameter has a gradient. A sparse gradient is read as
+        :meth:`step` uses it: rows given twice (gradient accumulation) are summed first, in its
+        type, and kept summed in ``p.grad`` (as GradScaler does for fp16 gradients), so a sum that
+        overflows is seen here."""
+        flags = []
+        for param in (p for group in self.param_groups for p in group["params"]):
+            if param.grad is None:
+                continue
+            noted = self._noted_gradients.get(param)
+            rows, values = _row_gradient(param.grad, noted)
+            if rows is not None and (noted is None or noted != (values.data_ptr(), values.shape[0])):
+                # summed here: stored flagged coalesced, noted, so that step() takes it as it is
+                param.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, param.shape, is_coalesced=True,
+                                                     check_invariants=False)
+                self._noted_gradients[param] = (values.data_ptr(), values.shape[0])
+            if values.numel():
+                peak = torch.linalg.vector_norm(values, float("inf"), dtype=torch.float32)
+                flags.append((~torch.isfinite(peak)).to(torch.float32))
+            else:
+                flags.append(torch.zeros((), dtype=torch.float32, device=values.device))
+        if not flags:
+            return None
+        return torch.stack(flags).amax() if len(flags) > 1 else flags[0]
+
     def start_update(self, param: torch.Tensor, update: int, skip: torch.Tensor | None = None) -> RowUpdate:
         """The :class:`RowUpdate` of update number ``update`` of ``param`` (its random stream
         seeded, its skip mask combined with :attr:`found_inf`); see :class:`UpdateInBackward`."""
@@ -212,7 +248,8 @@ class SparseRowSGD(torch.optim.Optimizer):
         found_inf = None if combined is None else combined.to(device=param.device, dtype=torch.float32)
         step = RowStep(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
                        rounding=self.rounding, found_inf=found_inf, generator=generator,
-                       seed=counter_seed(self.seed, self.rank, update, index) if self.kernels == "triton" else 0)
+                       seed=counter_seed(self.seed, self.rank, update, index) if self.kernels == "triton" else 0,
+                       unscale=self.grad_unscale)
         return RowUpdate(step, buffer)
 
     def apply_rows(self, param, rows, grad, update: RowUpdate, weight_rows=None, wide_rows=None, old_rows=None,

@@ -76,11 +76,6 @@ def train_config(job: Job) -> TrainConfig:
         raise ConfigError(f"--center-dtype {job.center_dtype!r} is not one of {', '.join(CENTER_DTYPES)}")
     if job.kernels not in KERNEL_CHOICES:
         raise ConfigError(f"--kernels {job.kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
-    if job.engine == "ddp" and job.precision == "fp16" and job.center_dtype == "fp16":
-        # torch.amp.GradScaler.unscale_ raises "Attempting to unscale FP16 gradients" for the head's
-        # fp16 center gradients: on a GPU this job fails at its first step (the trainer's defect)
-        raise ConfigError("--precision fp16 with --center-dtype fp16: the DDP trainer's GradScaler cannot unscale "
-                          "fp16 center gradients (a GPU run fails at its first step); use bf16 or fp32 centers")
     if job.engine != "ddp":
         raise ConfigError(f"--engine {job.engine!r}: the planner simulates the ddp engine only (DeepSpeed "
                           "does not initialise on fake tensors)")

@@ -12,7 +12,8 @@ its momentum ``momentum [C, D]`` (or None) from their gradient ``grad [n, D]``, 
     v = μ · v + d                 (μ = 0: v = d, the momentum buffer left alone)
     w = w − lr · v
 
-then rounds ``w`` and ``v`` into their storage types (float32: exact; bfloat16 / float16: to
+(``grad`` first multiplied by ``step.unscale`` in the compute type when it is given: the
+inverse of a loss scale), then rounds ``w`` and ``v`` into their storage types (float32: exact; bfloat16 / float16: to
 nearest, or stochastically, unbiased: :mod:`pfc.head.rounding`). Where ``step.found_inf`` (a 0-d
 float32 device tensor) is nonzero nothing changes, decided on the device. ``old_rows``, when
 given, receives the rows' values before the update (weights, momentum), in the order of ``rows``:
@@ -48,7 +49,10 @@ class RowStep:
     ``"stochastic"`` or ``"nearest"`` (narrow storage only); ``found_inf``: a 0-d float32 tensor
     on the rows' device, nonzero = leave the rows unchanged, or None; ``generator``: the torch
     path's seeded stream for stochastic rounding (None when nothing rounds stochastically);
-    ``seed``: the Triton path's Philox key for the same (a non-negative int below 2⁶³)."""
+    ``seed``: the Triton path's Philox key for the same (a non-negative int below 2⁶³);
+    ``unscale``: a 0-d float32 tensor on the rows' device that the gradient is multiplied by in
+    the compute type before the update (the inverse of a loss scale: unscaling a narrow gradient
+    in its own type could underflow), or None."""
 
     lr: float
     momentum: float
@@ -57,6 +61,7 @@ class RowStep:
     found_inf: torch.Tensor | None = None
     generator: torch.Generator | None = None
     seed: int = 0
+    unscale: torch.Tensor | None = None
 
 
 def counter_seed(*key: int) -> int:

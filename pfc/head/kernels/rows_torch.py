@@ -1,7 +1,8 @@
 """The row update in torch (:mod:`pfc.head.kernels.rows`): the reference and the CPU path.
 
 Chunk by chunk (``chunk_rows`` rows): the rows are gathered (or sliced), widened to the compute
-type when stored narrow, updated by one pass of torch's fused SGD kernel
+type when stored narrow (the gradient unscaled there when ``step.unscale`` is given), updated
+by one pass of torch's fused SGD kernel
 (:func:`pfc.torch_private.fused_sgd_`: ``torch.optim.SGD``'s arithmetic, bit for bit on the CPU
 over whole vectors, its skip read on the device), rounded back (:func:`pfc.head.rounding.round_into`)
 and scattered. float32 storage is updated in place in float32, bit for bit as before the seam.
@@ -80,13 +81,24 @@ def _update_chunk(weight, buffer, grad, step: RowStep, scratch: ScratchBlocks, w
         return scratch.get(name, rows, _like(tensor, compute)).copy_(tensor)
 
     w = wide if wide is not None and weight.dtype != compute else operand(weight, "w_compute")
-    g, v = operand(grad, "g_compute"), operand(buffer, "v_compute")
+    g = operand(grad, "g_compute") if step.unscale is None else _unscaled(grad, step.unscale, compute, scratch)
+    v = operand(buffer, "v_compute")
     sgd_pass(w, v, g, step)
     # a skipped update leaves w and v as they were, which round back to themselves exactly
     if v is not buffer:
         round_into(buffer, v, step.rounding, step.generator, scratch)
     if w is not weight:
         round_into(weight, w, step.rounding, step.generator, scratch)
+
+
+def _unscaled(grad, unscale, compute, scratch: ScratchBlocks) -> torch.Tensor:
+    """``grad · unscale`` in the compute type, in a scratch block (``grad`` is left as it is): a
+    narrow gradient is widened first, so the product neither underflows nor rounds in its type
+    (exact for a power-of-two loss scale)."""
+    block = scratch.get("g_compute", len(grad), _like(grad, compute))
+    if grad.dtype == compute:
+        return torch.mul(grad, unscale, out=block)
+    return block.copy_(grad).mul_(unscale)
 
 
 def sgd_pass(weight, momentum, grad, step: RowStep) -> None:

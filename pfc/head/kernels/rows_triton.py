@@ -3,7 +3,8 @@ custom ops ``pfc::apply_rows`` and ``pfc::round_into``.
 
 ``pfc::apply_rows`` is one kernel per call for everything the torch path does in about ten
 passes per chunk: it gathers the weight and momentum rows by index (or a contiguous range),
-widens them to fp32 in registers, computes ``d = g + wd·w; v = μ·v + d; w = w − lr·v`` (the
+widens them to fp32 in registers (the gradient times the 0-d ``unscale`` when given: a loss
+scale's inverse), computes ``d = g + wd·w; v = μ·v + d; w = w − lr·v`` (the
 operations of ``torch.optim.SGD``, each rounded to fp32; on a GPU the compiler may fuse a
 multiply and an add into one FMA, rounded once: results then differ from torch's by a rounding
 of a product, ≤ 2⁻²⁴ relative to it), writes the rows' old values for the rollback, and
@@ -65,7 +66,7 @@ def apply_rows(weight: torch.Tensor, momentum: torch.Tensor | None, rows: slice 
     torch.ops.pfc.apply_rows(weight, momentum, index, row_start, grad, step.found_inf, old_weight,
                              old_momentum if momentum is not None else None, float(step.lr),
                              float(step.momentum) if use_momentum else 0.0, float(step.weight_decay),
-                             step.rounding, int(step.seed))
+                             step.rounding, int(step.seed), step.unscale)
 
 
 def round_into(out: torch.Tensor, x: torch.Tensor, rounding: str = "nearest",
@@ -105,21 +106,22 @@ def _store_mode(dtype: torch.dtype, rounding: str) -> int:
 def _apply_rows_op(weight: torch.Tensor, momentum: torch.Tensor | None, rows: torch.Tensor | None, row_start: int,
                    grad: torch.Tensor, found_inf: torch.Tensor | None, old_weight: torch.Tensor | None,
                    old_momentum: torch.Tensor | None, lr: float, momentum_factor: float, weight_decay: float,
-                   rounding: str, seed: int) -> None:
+                   rounding: str, seed: int, unscale: torch.Tensor | None = None) -> None:
     """Rows ``rows`` (or ``[row_start, row_start + n)``) of ``weight`` and ``momentum`` updated from
     ``grad [n, D]`` in one kernel (module docstring); ``momentum_factor`` 0 leaves ``momentum``
-    unchanged; ``old_weight``/``old_momentum [n, D]`` receive the values before the update."""
+    unchanged; ``old_weight``/``old_momentum [n, D]`` receive the values before the update;
+    ``unscale`` (0-d fp32) multiplies the widened gradient (a loss scale's inverse)."""
     from pfc.head.kernels import _rows_triton_kernels as kernels   # imports triton
 
     kernels.launch_row_update(weight, momentum, rows, row_start, grad, found_inf, old_weight, old_momentum,
                               lr, momentum_factor, weight_decay, seed, _store_mode(weight.dtype, rounding),
                               _store_mode(momentum.dtype, rounding) if momentum is not None else _AS_IS,
-                              momentum is not None and momentum_factor != 0, triton_interpreted())
+                              momentum is not None and momentum_factor != 0, triton_interpreted(), unscale)
 
 
 @_apply_rows_op.register_fake
 def _(weight, momentum, rows, row_start, grad, found_inf, old_weight, old_momentum, lr, momentum_factor,
-      weight_decay, rounding, seed) -> None:
+      weight_decay, rounding, seed, unscale=None) -> None:
     return None
 
 
@@ -132,7 +134,9 @@ def _apply_rows_cost(args, kwargs, out) -> KernelCost:
     read = values * (sum(t.element_size() for t in moving) + grad.element_size())
     if momentum is not None and old_momentum is not None and momentum_factor == 0:
         read += values * momentum.element_size()
+    unscale = args[13] if len(args) > 13 else kwargs.get("unscale")
     read += (rows.numel() * rows.element_size() if rows is not None else 0) + (4 if found_inf is not None else 0)
+    read += 4 if unscale is not None else 0
     written = values * sum(t.element_size() for t in moving)
     written += sum(values * t.element_size() for t in (old_weight, old_momentum) if t is not None)
     return KernelCost(flops=_SGD_FLOPS_PER_VALUE * values, bytes_read=read, bytes_written=written, launches=1)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pfc.distributed.collectives import get_world_size
+from pfc.distributed.collectives import all_reduce_, get_world_size
 from pfc.train.runners.deepspeed import read_module_weights
 
 ENGINE = "ddp"
@@ -28,9 +29,10 @@ class DDPRunner:
     The gradient is all-reduced only on the last micro-batch of a step (``no_sync`` before it).
     ``autocast_dtype`` (fp16/bf16 on GPU) wraps the backbone's forward; the head always computes
     in float32. ``grad_scaler`` (fp16) scales the loss of backbone and head alike and unscales both
-    before clipping; a step whose unscaled backbone gradients overflow is skipped by both
-    optimizers (on the device) and the scale backs off. ``wrap=False`` keeps the bare module (one
-    rank, or a test that averages itself).
+    before clipping (the head's narrow center gradients in float32 inside its update:
+    :meth:`_unscale_head`); a step whose backbone or center gradients (on any rank) overflow is
+    skipped by both optimizers (on the device) and the scale backs off. ``wrap=False`` keeps the
+    bare module (one rank, or a test that averages itself).
     """
 
     engine = ENGINE
@@ -52,6 +54,7 @@ class DDPRunner:
         # the head's loss reaches its backward as it is: no loss scale, no division by micro-batches
         self.head_update_in_backward = grad_accumulation == 1 and grad_scaler is None
         self._grad_norm: torch.Tensor | None = None  # of this step's gradients, when gradients_finite computed it
+        self._probe: OverflowProbe | None = None     # the head's overflow, as GradScaler sees it
         prime_momentum(optimizer)
 
     def train(self, mode: bool = True) -> None:
@@ -95,25 +98,62 @@ class DDPRunner:
         scaler = self.grad_scaler
         if scaler is not None:  # unscaled on the device; the scaler records its own overflow check
             scaler.unscale_(self.optimizer)
-            scaler.unscale_(head_optimizer)
+            head_overflow = self._unscale_head(head_optimizer)
             self._grad_norm = self._gradient_norm()
             if self._grad_norm is not None:
                 # one decision for both optimizers, the same on every rank (the backbone's gradients
                 # are all-reduced): an fp16 overflow skips the head's update too
                 overflow = (~torch.isfinite(self._grad_norm)).to(torch.float32)
                 found_inf = overflow if found_inf is None else torch.maximum(found_inf, overflow)
+            if head_overflow is not None:
+                found_inf = head_overflow if found_inf is None else torch.maximum(found_inf, head_overflow)
         if self.grad_clip > 0 and self._grad_norm is not None:  # the norm measured once
             nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, self._grad_norm)
         elif self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         masked_step(self.optimizer, found_inf)
-        masked_step(head_optimizer, found_inf)
+        try:
+            masked_step(head_optimizer, found_inf)
+        finally:
+            if scaler is not None and unscales_in_update(head_optimizer):
+                head_optimizer.grad_unscale = None
         if scaler is not None:
             scaler.update()  # backs off the scale after an overflow it recorded in unscale_
         self._grad_norm = None
         self.optimizer.zero_grad(set_to_none=True)
         head_optimizer.zero_grad(set_to_none=True)
         return True if found_inf is None else found_inf == 0
+
+    def _unscale_head(self, head_optimizer) -> torch.Tensor | None:
+        """Unscale the head's gradients for its step; returns its overflow flag (a 0-d float32
+        device tensor, the same on every rank) or None when the scaler's own check decides (an
+        optimizer without :func:`unscales_in_update`).
+
+        A head optimizer that unscales inside its update (:func:`unscales_in_update`: the head's
+        SparseRowSGD) gets the scale's inverse as a device tensor (``grad_unscale``: its narrow
+        center gradients are multiplied in float32, where GradScaler.unscale_ refuses fp16
+        gradients and would unscale them in their own type) and checks its gradients itself
+        (:meth:`SparseRowSGD.nonfinite_gradients`). The ranks' flags are all-reduced over the
+        default group, the backbone's (each rank holds other centers: one skip decision for the
+        replicated backbone, one scale on every rank; a 4-byte collective per step) and handed to the
+        scaler through :class:`OverflowProbe`, so that :meth:`GradScaler.update` backs off the
+        scale as for any overflow it found. Any other optimizer goes through ``unscale_``."""
+        scaler = self.grad_scaler
+        if not unscales_in_update(head_optimizer):
+            scaler.unscale_(head_optimizer)
+            return None
+        overflow = head_optimizer.nonfinite_gradients()
+        if overflow is None:   # no gradient here: this rank still joins the all-reduce
+            device = next(p for group in head_optimizer.param_groups for p in group["params"]).device
+            overflow = torch.zeros((), dtype=torch.float32, device=device)
+        head_optimizer.grad_unscale = scaler.scale(
+            torch.ones((), dtype=torch.float64, device=overflow.device)).reciprocal().float()
+        all_reduce_(overflow, op=torch.distributed.ReduceOp.MAX)
+        if self._probe is None or self._probe.device != overflow.device:
+            self._probe = OverflowProbe(overflow.device)
+        self._probe.report(overflow)
+        scaler.unscale_(self._probe)
+        return overflow
 
     def checkpoint_state(self) -> dict[str, Any]:
         optimizer = self.optimizer.state_dict()
@@ -143,6 +183,32 @@ class DDPRunner:
             self.grad_scaler.load_state_dict(parts["grad_scaler"])
         prime_momentum(self.optimizer)
         return True
+
+
+def unscales_in_update(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` unscales its gradients inside its update (a ``grad_unscale``
+    attribute, as :class:`pfc.head.optim.SparseRowSGD` has) and checks them itself
+    (``nonfinite_gradients``)."""
+    return hasattr(optimizer, "grad_unscale") and hasattr(optimizer, "nonfinite_gradients")
+
+
+class OverflowProbe(torch.optim.Optimizer):
+    """An optimizer that is never stepped, whose one parameter's gradient is 0 or inf: handed to
+    :meth:`GradScaler.unscale_`, it makes the scaler record an overflow found elsewhere (the head's
+    own check, :meth:`DDPRunner._unscale_head`), through public API only, so that
+    :meth:`GradScaler.update` backs off (or grows) the scale as it would for its own finding."""
+
+    def __init__(self, device: torch.device):
+        super().__init__([torch.zeros((), dtype=torch.float32, device=device)], {})
+        self.device = device
+
+    def report(self, overflow: torch.Tensor) -> None:
+        """Set the gradient from ``overflow`` (a 0-d float32 device tensor, nonzero = overflow): inf or 0."""
+        param = self.param_groups[0]["params"][0]
+        param.grad = torch.where(overflow != 0, math.inf, 0.0).to(torch.float32)
+
+    def step(self, closure=None):
+        raise RuntimeError("the overflow probe is not an optimizer to step")
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
