@@ -58,6 +58,8 @@ def test_swap_or_not_is_a_permutation_of_any_domain_size():
         swap_or_not(3, 10, 2**63, "cpu")
     with pytest.raises(ValueError, match="count 11 outside"):
         swap_or_not(11, 10, 1, "cpu")
+    with pytest.raises(ValueError, match=r"domain 2147483648 outside \[1, 2\^31\)"):
+        swap_or_not(10, 2**31, 1, "cpu")
 
 
 def test_sample_is_a_function_of_the_key_and_differs_between_keys_and_ranks():
@@ -147,8 +149,8 @@ def test_the_triton_kernel_gives_the_torch_bits_in_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delitem(sys.modules, "pfc.head.kernels.permutation_triton", raising=False)
     try:
-        # a full permutation at the largest key, and a domain past 2^31 (64-bit arguments)
-        for domain, count, key in ((20, 7, 5), (1_009, 1_009, 2**63 - 1), (3_000_000_019, 1_000, 2**62 + 7)):
+        # a full permutation at the largest key, and the largest domain (int32 arithmetic at its edge)
+        for domain, count, key in ((20, 7, 5), (1_009, 1_009, 2**63 - 1), (2**31 - 1, 1_000, 2**62 + 7)):
             torch_values = swap_or_not(count, domain, key, "cpu")
             assert torch.equal(torch_values, swap_or_not(count, domain, key, "cpu", kernels="triton")), (domain, key)
         labels = torch.tensor([3, 3, 7, 950, 12, 400_000])

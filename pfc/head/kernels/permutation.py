@@ -3,7 +3,7 @@
 ``torch.ops.pfc.swap_or_not(count, domain, key, rounds, device)``: ``π(0), …, π(count − 1)``,
 bit for bit what the torch path computes (the same wrapping int64 arithmetic, the round keys
 derived in the kernel from ``key`` exactly as :func:`pfc.head.sampling.round_keys` derives them),
-in one launch instead of ~12 per round. ``triton`` is imported on the first call
+in one launch instead of 15 torch ops per round. ``triton`` is imported on the first call
 (:mod:`pfc.head.kernels.permutation_triton`); the fake implementation gives the shape on any
 device (the planner's simulated GPU, ``meta``), and the declared cost counts the integer work.
 """
@@ -18,12 +18,12 @@ from pfc.head.kernels.costs import KernelCost, declare_cost
 _OPS_PER_ROUND = 12
 
 
-@torch.library.custom_op("pfc::swap_or_not", mutates_args=())
+@torch.library.custom_op("pfc::swap_or_not", mutates_args=(), device_types=("cuda", "cpu", "meta"))
 def swap_or_not_op(count: int, domain: int, key: int, rounds: int, device: torch.device) -> torch.Tensor:
     """``π(0 … count−1)`` (int64 ``[count]``) of the swap-or-not permutation of ``[0, domain)``
     with ``rounds`` rounds keyed by ``key`` (in ``[0, 2^63)``), computed on ``device``."""
     out = torch.empty(count, dtype=torch.int64, device=device)
-    if count:
+    if count and device.type != "meta":
         from pfc.head.kernels.permutation_triton import launch_swap_or_not
 
         launch_swap_or_not(out, domain, key, rounds)

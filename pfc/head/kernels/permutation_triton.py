@@ -1,8 +1,9 @@
 """The Triton kernel of ``pfc::swap_or_not`` (:mod:`pfc.head.kernels.permutation`); imports
 ``triton``, so it is imported only when the kernel runs.
 
-Everything in wrapping int64 with arithmetic right shifts, as the torch path
-(:func:`pfc.head.sampling.swap_or_not`) computes it; logical shifts are arithmetic ones masked.
+The points in wrapping int32 and the round keys in wrapping int64, with arithmetic right
+shifts, as the torch path (:func:`pfc.head.sampling.swap_or_not`) computes them; logical shifts
+are arithmetic ones masked.
 """
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import triton
 import triton.language as tl
 
 _BLOCK = 1024
-# SplitMix64's φ and finaliser constants, MurmurHash3's for the round function, as signed int64
+# SplitMix64's φ and finaliser constants (signed int64), MurmurHash3's 32-bit ones for the
+# round function (signed int32)
 GOLDEN: tl.constexpr = -7046029254386353131     # 0x9E3779B97F4A7C15
 MIX1: tl.constexpr = -4658895280553007687       # 0xBF58476D1CE4E5B9
 MIX2: tl.constexpr = -7723592293110705685       # 0x94D049BB133111EB
-ROUND_MUL1: tl.constexpr = -49064778989728563   # 0xFF51AFD7ED558CCD
-ROUND_MUL2: tl.constexpr = -4265267296055464877  # 0xC4CEB9FE1A85EC53
+ROUND_MUL1: tl.constexpr = -2048144789          # 0x85EBCA6B
+ROUND_MUL2: tl.constexpr = -1028477387          # 0xC2B2AE35
 
 
 @triton.jit
@@ -30,21 +32,20 @@ def _mix64(z):
 @triton.jit
 def _swap_or_not_kernel(out_ptr, count, domain, key, rounds, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    x = offsets.to(tl.int64)
-    n = domain.to(tl.int64)
+    x = offsets.to(tl.int32)                       # count ≤ domain < 2^31
+    n = domain.to(tl.int32)
     k = key.to(tl.int64)
-    j = tl.full([], 1, tl.int64)   # 2i + 1 in round i
+    j = tl.full([], 1, tl.int64)                   # 2i + 1 in round i
     for _ in range(rounds):
-        pivot = ((_mix64(k + j * GOLDEN) >> 1) & 0x7FFFFFFFFFFFFFFF) % n
-        salt = _mix64(k + (j + 1) * GOLDEN)
+        pivot = (((_mix64(k + j * GOLDEN) >> 1) & 0x7FFFFFFFFFFFFFFF) % domain.to(tl.int64)).to(tl.int32)
+        salt = (_mix64(k + (j + 1) * GOLDEN) & 0xFFFFFFFF).to(tl.int32)   # the low 32 bits, wrapped
         partner = pivot - x
-        partner += (partner >> 63) & n
+        partner += (partner >> 31) & n
         h = tl.maximum(x, partner) * ROUND_MUL1 + salt
-        h = (h ^ (h >> 32)) * ROUND_MUL2
+        h = (h ^ (h >> 16)) * ROUND_MUL2
         x = tl.where(h < 0, partner, x)
         j += 2
-    tl.store(out_ptr + offsets, x, mask=offsets < count)
-
+    tl.store(out_ptr + offsets, x.to(tl.int64), mask=offsets < count)
 
 def launch_swap_or_not(out: torch.Tensor, domain: int, key: int, rounds: int) -> None:
     """Fill ``out`` (int64 ``[count]``) with ``π(0 … count−1)``."""
