@@ -53,7 +53,7 @@ def test_swap_or_not_is_a_permutation_of_any_domain_size():
     for domain in (1, 2, 3, 17, 256, 1_009, 4_096):
         for key in (0, 12_345, 2**63 - 1):
             values = swap_or_not(domain, domain, key, "cpu")
-            assert torch.equal(values.sort().values, torch.arange(domain)), (domain, key)
+            assert torch.equal(values.sort().values, torch.arange(domain, dtype=torch.int32)), (domain, key)
     with pytest.raises(ValueError, match="key 9223372036854775808 outside"):
         swap_or_not(3, 10, 2**63, "cpu")
     with pytest.raises(ValueError, match="count 11 outside"):

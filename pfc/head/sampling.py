@@ -71,13 +71,14 @@ def sample_classes(labels: torch.Tensor, class_start: int, num_local: int, sampl
 
 
 def _merge_positives(candidates: torch.Tensor, positives: torch.Tensor, num_local: int) -> torch.Tensor:
-    """The sorted union of the distinct positives (``positives [B]``: local rows, ``num_local``
-    for a label owned elsewhere) and the first ``S − P`` candidates that are not positives,
-    S = ``len(candidates)``, P the distinct positives (≤ S by :func:`sample_size`)."""
+    """The sorted union (int64) of the distinct positives (``positives [B]``: local rows,
+    ``num_local`` for a label owned elsewhere) and the first ``S − P`` candidates (int32) that
+    are not positives, S = ``len(candidates)``, P the distinct positives (≤ S by
+    :func:`sample_size`). Sorted in int32 (values ≤ ``num_local`` < 2^31): half the bytes."""
     count = candidates.shape[0]
     if positives.shape[0] == 0:
-        return candidates.sort().values
-    positives = positives.long().sort().values
+        return candidates.sort().values.long()
+    positives = positives.int().sort().values
     first = positives != torch.cat([positives.new_full((1,), -1), positives[:-1]])
     distinct = torch.where(first, positives, num_local)           # each positive once, then sentinels
     num_positives = (distinct < num_local).sum()
@@ -85,7 +86,7 @@ def _merge_positives(candidates: torch.Tensor, positives: torch.Tensor, num_loca
     fresh = positives.gather(0, at) != candidates
     kept = fresh & (fresh.cumsum(0) + num_positives <= count)
     merged = torch.cat([torch.where(kept, candidates, num_local), distinct])
-    return merged.sort().values[:count]
+    return merged.sort().values[:count].long()
 
 
 def swap_or_not_rounds(domain: int) -> int:
@@ -117,7 +118,7 @@ def round_keys(key: int, domain: int, rounds: int) -> list[tuple[int, int]]:
 
 
 def swap_or_not(count: int, domain: int, key: int, device, kernels: str = "torch") -> torch.Tensor:
-    """``π(0), …, π(count − 1)`` (int64 ``[count]``) for a keyed permutation π of ``[0, domain)``:
+    """``π(0), …, π(count − 1)`` (int32 ``[count]``) for a keyed permutation π of ``[0, domain)``:
     the swap-or-not shuffle (Hoang, Morris, Rogaway, CRYPTO 2012), a bijection on any domain size
     with a fixed number of rounds (:func:`swap_or_not_rounds`) and no cycle walking.
 
@@ -153,7 +154,7 @@ def swap_or_not(count: int, domain: int, key: int, device, kernels: str = "torch
         mixed.mul_(_signed32(_ROUND_MUL2))
         torch.bitwise_right_shift(mixed, 31, out=shifted)           # −1 where x swaps, else 0
         x.bitwise_xor_(partner.bitwise_xor_(x).bitwise_and_(shifted))  # a blend: cheaper than where
-    return x.long()
+    return x
 
 
 def _mix64(z: int) -> int:

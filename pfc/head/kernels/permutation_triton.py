@@ -45,9 +45,9 @@ def _swap_or_not_kernel(out_ptr, count, domain, key, rounds, BLOCK: tl.constexpr
         h = (h ^ (h >> 16)) * ROUND_MUL2
         x = tl.where(h < 0, partner, x)
         j += 2
-    tl.store(out_ptr + offsets, x.to(tl.int64), mask=offsets < count)
+    tl.store(out_ptr + offsets, x, mask=offsets < count)
 
 def launch_swap_or_not(out: torch.Tensor, domain: int, key: int, rounds: int) -> None:
-    """Fill ``out`` (int64 ``[count]``) with ``π(0 … count−1)``."""
+    """Fill ``out`` (int32 ``[count]``) with ``π(0 … count−1)``."""
     count = out.shape[0]
     _swap_or_not_kernel[(triton.cdiv(count, _BLOCK),)](out, count, domain, key, rounds, BLOCK=_BLOCK)
