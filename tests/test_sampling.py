@@ -58,6 +58,8 @@ def test_swap_or_not_is_a_permutation_of_any_domain_size():
         swap_or_not(3, 10, 2**63, "cpu")
     with pytest.raises(ValueError, match="count 11 outside"):
         swap_or_not(11, 10, 1, "cpu")
+    with pytest.raises(ValueError, match="kernels='auto' is not 'torch' or 'triton'"):
+        swap_or_not(3, 10, 1, "cpu", kernels="auto")
     with pytest.raises(ValueError, match=r"domain 2147483648 outside \[1, 2\^31\)"):
         swap_or_not(10, 2**31, 1, "cpu")
 

@@ -15,8 +15,9 @@ draws the rest of a static number S of centers uniformly without replacement fro
 3. the kept candidates and the distinct positives, padded with a sentinel to the static length
    S + B, are sorted: the first S entries are the sorted sample.
 
-Work: S·R int32 operations for π (R rounds, :func:`swap_or_not_rounds`) and sorts of B and
-S + B entries; never a pass over all ``C_r`` classes. Integer arithmetic only (wrapping),
+Work: S·R int32 operations for π (R rounds, :func:`swap_or_not_rounds`), S binary searches
+among B labels, a sort of B and one of S + B entries (radix sorts on a GPU); never a pass over
+all ``C_r`` classes. Integer arithmetic only (wrapping),
 so the sample is a pure function of ``(key, class_start, num_local, labels)`` with the same bits
 on every device type; ``kernels="triton"`` computes π in one Triton kernel
 (:mod:`pfc.head.kernels.permutation`, bit for bit the same) instead of 15·R torch ops.
@@ -35,7 +36,7 @@ _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB          # SplitMix64's finaliser
 _ROUND_MUL1, _ROUND_MUL2 = 0x85EBCA6B, 0xC2B2AE35   # the round function's (MurmurHash3's 32-bit finaliser)
-# swap_or_not computes in int32 (5x faster than int64 on a CPU, the same bits everywhere)
+# swap_or_not computes in int32 (a CPU vectorises it; the same bits on every device)
 MAX_DOMAIN = (1 << 31) - 1
 
 
@@ -131,6 +132,9 @@ def swap_or_not(count: int, domain: int, key: int, device, kernels: str = "torch
     else 15 elementwise torch ops a round. ``key`` must lie in ``[0, 2^63)`` (:func:`permutation_key`),
     ``domain`` in ``[1, 2^31)``.
     """
+    if kernels not in ("torch", "triton"):
+        raise ValueError(f"kernels={kernels!r} is not 'torch' or 'triton' (resolve 'auto' with "
+                         "pfc.head.kernels.resolve_kernels)")
     if not 0 <= key < 1 << 63:
         raise ValueError(f"swap_or_not key {key} outside [0, 2^63)")
     if not 1 <= domain <= MAX_DOMAIN:
