@@ -9,8 +9,8 @@ maximum, then the S largest (on the CPU a threshold prefilter, ``kthvalue`` amon
 survivors; elsewhere ``topk``) and a sort. ``before (topk)``: the same with the plain ``topk``,
 what a GPU ran. ``after``: :func:`pfc.head.sampling.sample_classes` (swap-or-not permutation at
 0 … S−1, positives merged; O(S + B log B)). Times: median of ``--repeats`` calls on one CPU
-thread, as CPU time of the thread (``time.thread_time``: what a busy shared machine inflates
-least) and as wall time. Ops: aten ops dispatched by one call on the ``meta`` device (no views), for the torch
+thread, interleaved, as CPU time of the thread (``time.thread_time``: what a busy shared
+machine inflates least) and as wall time. Ops: aten ops dispatched by one call on the ``meta`` device (no views), for the torch
 path and for ``kernels="triton"`` (the permutation as one custom op), the latter being what a
 CUDA step launches (a CUDA sort or scan is a few kernels, not one).
 """
@@ -74,14 +74,19 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
-def _median_seconds(run, repeats: int, clock) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        run()
-        times.append(clock() - start)
-    return statistics.median(times)
+def _median_seconds(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """Median CPU and wall seconds of each run, the runs interleaved (each repeat calls every
+    run once) so that a shared machine's load falls on all of them alike."""
+    cpu, wall = {name: [] for name in runs}, {name: [] for name in runs}
+    for repeat in range(repeats + 1):
+        for name, run in runs.items():
+            start_cpu, start_wall = time.thread_time(), time.perf_counter()
+            run()
+            if repeat:   # the first round warms up
+                cpu[name].append(time.thread_time() - start_cpu)
+                wall[name].append(time.perf_counter() - start_wall)
+    return ({name: statistics.median(values) for name, values in cpu.items()},
+            {name: statistics.median(values) for name, values in wall.items()})
 
 
 def main(argv=None):
@@ -104,8 +109,7 @@ def main(argv=None):
     }
     print(f"C_r = {num_local:,}, S = {count:,}, B = {args.batch:,}, swap-or-not rounds = "
           f"{swap_or_not_rounds(num_local)}, one CPU thread, median of {args.repeats}")
-    cpu = {name: _median_seconds(run, args.repeats, time.thread_time) for name, run in runs.items()}
-    wall = {name: _median_seconds(run, args.repeats, time.perf_counter) for name, run in runs.items()}
+    cpu, wall = _median_seconds(runs, args.repeats)
     print(f"  {'':20s} {'CPU time':>10s} {'wall':>10s}   (load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores)")
     for name in runs:
