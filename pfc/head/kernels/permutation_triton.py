@@ -29,7 +29,7 @@ def _mix64(z):
     return z ^ ((z >> 31) & 0x1FFFFFFFF)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count", "domain", "key"])   # a key or count of 1 stays a tensor
 def _swap_or_not_kernel(out_ptr, count, domain, key, rounds, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     x = offsets.to(tl.int32)                       # count ≤ domain < 2^31
