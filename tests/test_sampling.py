@@ -161,6 +161,29 @@ def test_the_triton_kernel_gives_the_torch_bits_in_the_interpreter(monkeypatch):
         sys.modules.pop("pfc.head.kernels.permutation_triton", None)
 
 
+def test_the_triton_kernel_compiles_for_an_h100_without_one(monkeypatch):
+    """The compiler's front end checks what the interpreter does not (globals must be constexpr,
+    the types of scalars): compile the kernel for sm_90 ahead of time, no GPU needed."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")   # its default, without the warning (no floats here)
+    monkeypatch.delitem(sys.modules, "pfc.head.kernels.permutation_triton", raising=False)
+    try:
+        from pfc.head.kernels.permutation_triton import _swap_or_not_kernel
+
+        for key_type in ("i32", "i64"):
+            signature = {"out_ptr": "*i32", "count": "i32", "domain": "i32", "key": key_type, "rounds": "i32",
+                         "BLOCK": "constexpr"}
+            compiled = triton.compile(ASTSource(fn=_swap_or_not_kernel, signature=signature,
+                                                constexprs={"BLOCK": 1024}), target=GPUTarget("cuda", 90, 32))
+            assert "nsw" not in compiled.asm["ttir"]   # wrapping integer arithmetic, as torch's
+    finally:
+        sys.modules.pop("pfc.head.kernels.permutation_triton", None)
+
+
 def test_an_empty_sample_is_refused_by_name():
     features = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
     with pytest.raises(ValueError, match="no class centers"):

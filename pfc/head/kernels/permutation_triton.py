@@ -14,11 +14,11 @@ import triton.language as tl
 _BLOCK = 1024
 # SplitMix64's φ and finaliser constants (signed int64), MurmurHash3's 32-bit ones for the
 # round function (signed int32)
-GOLDEN: tl.constexpr = -7046029254386353131     # 0x9E3779B97F4A7C15
-MIX1: tl.constexpr = -4658895280553007687       # 0xBF58476D1CE4E5B9
-MIX2: tl.constexpr = -7723592293110705685       # 0x94D049BB133111EB
-ROUND_MUL1: tl.constexpr = -2048144789          # 0x85EBCA6B
-ROUND_MUL2: tl.constexpr = -1028477387          # 0xC2B2AE35
+GOLDEN = tl.constexpr(-7046029254386353131)     # 0x9E3779B97F4A7C15
+MIX1 = tl.constexpr(-4658895280553007687)       # 0xBF58476D1CE4E5B9
+MIX2 = tl.constexpr(-7723592293110705685)       # 0x94D049BB133111EB
+ROUND_MUL1 = tl.constexpr(-2048144789)          # 0x85EBCA6B
+ROUND_MUL2 = tl.constexpr(-1028477387)          # 0xC2B2AE35
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _swap_or_not_kernel(out_ptr, count, domain, key, rounds, BLOCK: tl.constexpr
     j = tl.full([], 1, tl.int64)                   # 2i + 1 in round i
     for _ in range(rounds):
         pivot = (((_mix64(k + j * GOLDEN) >> 1) & 0x7FFFFFFFFFFFFFFF) % domain.to(tl.int64)).to(tl.int32)
-        salt = (_mix64(k + (j + 1) * GOLDEN) & 0xFFFFFFFF).to(tl.int32)   # the low 32 bits, wrapped
+        salt = _mix64(k + (j + 1) * GOLDEN).to(tl.int32)   # the low 32 bits (a truncation)
         partner = pivot - x
         partner += (partner >> 31) & n
         h = tl.maximum(x, partner) * ROUND_MUL1 + salt
