@@ -7,6 +7,8 @@ are arithmetic ones masked.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -47,7 +49,9 @@ def _swap_or_not_kernel(out_ptr, count, domain, key, rounds, BLOCK: tl.constexpr
         j += 2
     tl.store(out_ptr + offsets, x, mask=offsets < count)
 
+
 def launch_swap_or_not(out: torch.Tensor, domain: int, key: int, rounds: int) -> None:
-    """Fill ``out`` (int32 ``[count]``) with ``π(0 … count−1)``."""
+    """Fill ``out`` (int32 ``[count]``) with ``π(0 … count−1)``, on ``out``'s device."""
     count = out.shape[0]
-    _swap_or_not_kernel[(triton.cdiv(count, _BLOCK),)](out, count, domain, key, rounds, BLOCK=_BLOCK)
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        _swap_or_not_kernel[(triton.cdiv(count, _BLOCK),)](out, count, domain, key, rounds, BLOCK=_BLOCK)
