@@ -8,11 +8,11 @@ the baseline: a SplitMix64 score for each of the C_r local classes, positives se
 maximum, then the S largest (on the CPU a threshold prefilter, ``kthvalue`` among the
 survivors; elsewhere ``topk``) and a sort. ``before (topk)``: the same with the plain ``topk``,
 what a GPU ran. ``after``: :func:`pfc.head.sampling.sample_classes` (swap-or-not permutation at
-0 … S−1, positives merged; O(S + B log B)). Times: median of ``--repeats`` calls on one CPU
-thread, interleaved, as CPU time of the thread (``time.thread_time``: what a busy shared
-machine inflates least) and as wall time. Ops: aten ops dispatched by one call on the ``meta`` device (no views), for the torch
-path and for ``kernels="triton"`` (the permutation as one custom op), the latter being what a
-CUDA step launches (a CUDA sort or scan is a few kernels, not one).
+0 … S−1, positives merged; never a pass over C_r). Times: median of ``--repeats`` calls on one
+CPU thread, interleaved, as CPU time of the thread (``time.thread_time``: what a busy shared
+machine inflates least) and as wall time. Ops: aten ops dispatched by one call on the ``meta``
+device (no views), for the torch path and for ``kernels="triton"`` (the permutation as one
+custom op), the latter being what a CUDA step launches (a CUDA sort or scan is a few kernels).
 """
 from __future__ import annotations
 
