@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.pfc-installed
 
-.PHONY: venv test bench demo gpu-check clean
+.PHONY: venv test bench demo readme-numbers gpu-check readme-capacity check-readme-capacity clean
 
 venv: $(STAMP)
 
@@ -41,9 +41,18 @@ gpu-check: TORCH_SPEC = torch
 gpu-check: $(STAMP)
 	$(PY) bench/gpu_check.py --out runs/gpu-check
 
+# The README's capacity table and its text, made by the planner (tools/capacity_table.py, about a
+# minute of simulations on 2 cores): readme-capacity rewrites the block, check-readme-capacity fails
+# with a diff when it is stale (tests/test_capacity_table.py runs the same check in make test)
+readme-capacity: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) tools/capacity_table.py --write README.md
+
+check-readme-capacity: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) tools/capacity_table.py --check README.md
+
 # The demo: synthetic identities (train + disjoint held-out set with a pairs list) → shards →
-# 2 CPU ranks with gloo → held-out verification accuracy, trained vs untrained. About 2 min on 2
-# cores in a fresh clone, .venv included (README, Quick start: 2 min 7 s; up to 2 min 48 s under load).
+# 2 CPU ranks with gloo → held-out verification accuracy, trained vs untrained. Its accuracies and
+# time: README, Quick start, written there by `make readme-numbers`.
 DEMO       ?= demo
 DEMO_RUN   ?= runs/demo
 demo: $(STAMP)
@@ -57,6 +66,14 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) tools/evaluate.py $(DEMO_RUN) --pairs $(DEMO)/heldout/pairs.txt --untrained > $(DEMO_RUN)/untrained.json
 	OMP_NUM_THREADS=1 $(PY) tools/evaluate.py $(DEMO_RUN) --pairs $(DEMO)/heldout/pairs.txt > $(DEMO_RUN)/trained.json
 	$(PY) tools/compare_eval.py $(DEMO_RUN)/untrained.json $(DEMO_RUN)/trained.json
+
+# Reruns `make demo` (its steps timed), records the result in docs/results/demo.json and rewrites
+# the README's generated blocks from it (tools/readme_numbers.py; tests/test_readme_numbers.py
+# fails while a block or the results file is stale). Commit README.md and docs/results/ after it.
+# The inner `make demo` takes the .venv this target made as it is (-o).
+readme-numbers: $(STAMP)
+	$(PY) tools/readme_numbers.py demo --run-dir $(DEMO_RUN) -- -o $(STAMP) \
+		VENV=$(VENV) DEMO=$(DEMO) DEMO_RUN=$(DEMO_RUN) TORCH_SPEC="$(TORCH_SPEC)"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache $(DEMO) $(DEMO_RUN)

@@ -2,17 +2,20 @@
 
     python bench/gpu_check.py [--out runs/gpu-check] [--device cuda|cpu] [--stages tests head train plan]
 
-(``make gpu-check`` runs it in the project's venv.) Four stages, each a subprocess, within
+(``make gpu-check`` runs it in the project's venv.) Five stages, each a subprocess, within
 about 8 minutes on one H100/H200:
 
 1. tests: the CUDA test set, ``pytest -m cuda tests/test_cuda.py``;
 2. head: ``bench/head.py`` on one GPU (world size 1, NCCL): 10M classes, ρ = 0.1, bf16
    centers, B = 1024 gathered rows (one node of 8 × 128), the update inside the backward;
-3. train: synthetic identities made on the spot (``tools/make_synthetic.py`` in parallel
+3. kernels: ``bench/head_kernels.py``: the head's Triton softmax kernels against its torch path
+   (with 2,048-row chunks and with GPU-sized ones) on one rank of the issue-19 job (S = 362,500
+   of 3,625,000 classes, B = 1,024, D = 512, fp16 centers): step time, peak memory, launches;
+4. train: synthetic identities made on the spot (``tools/make_synthetic.py`` in parallel
    processes, ``tools/pack_shards.py``), then a 200-step NCCL training of iresnet50 (torchrun,
    one process, batch 128, bf16 autocast) that reports samples/s (the trainer's own log
    windows, the first one left out as warm-up) and ``torch.cuda.max_memory_allocated``;
-4. plan: ``tools/plan.py`` simulates the same job (class count, network, batch, ρ, center type,
+5. plan: ``tools/plan.py`` simulates the same job (class count, network, batch, ρ, center type,
    precision, one GPU) on fake tensors; its peak is compared with the training's
    ``max_memory_allocated`` (issue 13: within 10 %).
 
@@ -39,6 +42,8 @@ BUDGET_S = 480
 # (GPU run, CPU dry run)
 SIZES = {
     "head_classes": (10_000_000, 20_000), "head_batch": (1024, 64), "head_steps": (5, 1),
+    "kernels_classes": (3_625_000, 2_000), "kernels_batch": (1024, 16), "kernels_dim": (512, 32),
+    "kernels_steps": (5, 1),
     "ids_per_process": (250, 12), "per_id": (8, 4), "generators": (8, 1),
     "network": ("iresnet50", "tiny"), "steps": (200, 3), "batch": (128, 8), "workers": (8, 0), "log_every": (20, 1),
 }
@@ -85,6 +90,25 @@ def stage_head(args, python: str) -> dict:
         with open(path) as f:
             result["rows"] = json.load(f)["rows"]
         result["table"] = [line for line in output.splitlines() if line.startswith("|")]
+    return result
+
+
+def stage_kernels(args, python: str) -> dict:
+    path = os.path.join(args.out, "kernels.json")
+    command = [python, "bench/head_kernels.py", "--device", args.device,
+               "--classes", str(_size("kernels_classes", args.device)), "--rate", "0.1",
+               "--batch", str(_size("kernels_batch", args.device)), "--dim", str(_size("kernels_dim", args.device)),
+               "--center-dtype", "fp16", "--steps", str(_size("kernels_steps", args.device)), "--json", path]
+    # the dry run: Triton's interpreter on CPU tensors
+    env = {"OMP_NUM_THREADS": "1", **({"TRITON_INTERPRET": "1"} if args.device == "cpu" else {})}
+    status, seconds, output = _run(command, os.path.join(args.out, "kernels.log"), env)
+    result = {"status": status, "seconds": seconds, "command": " ".join(command[1:])}
+    if status == 0:
+        with open(path) as f:
+            result["rows"] = json.load(f)["rows"]
+        result["table"] = [line for line in output.splitlines() if line.startswith("|")]
+    else:
+        result["error"] = output[-2000:]
     return result
 
 
@@ -151,8 +175,11 @@ def stage_plan(args, python: str, train: dict | None) -> dict:
     """The capacity planner on the training stage's job; its peak against the measured one."""
     if not train or train.get("status") != 0 or "num_classes" not in train:
         return {"status": 1, "seconds": 0.0, "error": "needs the train stage's numbers (run it first)"}
+    # the GPU kind from the device's name (its memory then is the kind's: only the peak is compared)
+    name = train.get("gpu_name", "").lower()
+    kind = next((kind for kind in ("h200", "h100", "a100", "v100") if kind in name), "h100")
     command = [python, "tools/plan.py", "--classes", str(train["num_classes"]), "--gpus", "1",
-               "--gpu-memory", str(train.get("gpu_memory_gib", 80)), "--network", train["network"],
+               "--gpu", kind, "--network", train["network"],
                "--batch-size", str(train["batch_size"]), "--sample-rate", str(train["sample_rate"]),
                "--center-dtype", train["center_dtype"], "--precision", train["precision"], "--json"]
     status, seconds, output = _run(command, os.path.join(args.out, "plan.log"))
@@ -202,6 +229,7 @@ def worker(out: str, overrides: list[str]) -> int:
                   "precision": config.backbone.precision, "num_classes": int(read_manifest(config.data.root)["num_classes"]),
                   "sample_rate": config.head.sample_rate, "center_dtype": config.head.center_dtype,
                   "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30) if on_gpu else 80,
+                  "gpu_name": torch.cuda.get_device_name(0) if on_gpu else "",
                   "world_size": int(os.environ.get("WORLD_SIZE", "1")), "backend": "nccl" if on_gpu else "gloo"}
         with open(os.path.join(out, "gpu_check_worker.json"), "w") as f:
             json.dump(report, f, indent=1)
@@ -232,6 +260,11 @@ def summary(report: dict) -> str:
         lines.append(f"- head (`python {head['command']}`, {head['seconds']:.0f} s):" if head["status"] == 0
                      else f"- head: FAILED (status {head['status']}, see head.log)")
         lines += ["", *head.get("table", []), ""]
+    kernels = report["stages"].get("kernels")
+    if kernels:
+        lines.append(f"- head kernels (`python {kernels['command']}`, {kernels['seconds']:.0f} s):"
+                     if kernels["status"] == 0 else f"- head kernels: FAILED (status {kernels['status']}, see kernels.log)")
+        lines += ["", *kernels.get("table", []), ""]
     train = report["stages"].get("train")
     if train and train["status"] == 0 and "samples_per_s" in train:
         lines.append(f"- training ({train['network']}, batch {train['batch_size']}, {train['precision']}, "
@@ -260,8 +293,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "gpu-check"), help="logs, data and results")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a dry run at toy sizes")
-    parser.add_argument("--stages", nargs="+", choices=["tests", "head", "train", "plan"],
-                        default=["tests", "head", "train", "plan"])
+    parser.add_argument("--stages", nargs="+", choices=["tests", "head", "kernels", "train", "plan"],
+                        default=["tests", "head", "kernels", "train", "plan"])
     parser.add_argument("--precision", default="bf16", help="the backbone's precision in the training stage")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)   # the training, under torchrun
     parser.add_argument("train_args", nargs="*", help="after --: extra trainer overrides (e.g. --head.center_dtype bf16)")
@@ -283,7 +316,8 @@ def main(argv=None) -> int:
         if name == "plan":
             report["stages"][name] = stage_plan(args, python, report["stages"].get("train"))
         else:
-            report["stages"][name] = {"tests": stage_tests, "head": stage_head, "train": stage_train}[name](args, python)
+            report["stages"][name] = {"tests": stage_tests, "head": stage_head, "kernels": stage_kernels,
+                                      "train": stage_train}[name](args, python)
         print(f"{name}: status {report['stages'][name]['status']} in {report['stages'][name]['seconds']:.0f} s",
               flush=True)
     report["total_seconds"] = time.perf_counter() - start

@@ -245,8 +245,8 @@ def _worker(rank, world_size, init_file, config, results):
     index, _ = head.last_sample
     num_sampled = head.num_local if index is None else index.numel()   # what the head sampled in its last step
     floor = gemm_floor(config["batch"] * world_size, config["dim"], num_sampled, weight.dtype, device)
-    rows = row_floor(weight, momentum, index, head.chunk_rows)
-    passes = pass_floor(num_sampled, config["dim"], head.chunk_rows, device)
+    rows = row_floor(weight, momentum, index, head.last_chunk_rows)
+    passes = pass_floor(num_sampled, config["dim"], head.last_chunk_rows, device)
     results.put(dict(rank=rank, timings=timings, gemm_floor=floor, row_floor=rows, pass_floor=passes,
                      peak_rss=peak_rss, runtime_rss=runtime_rss, own_peak=peak, storage=storage, num_local=head.num_local,
                      num_sampled=num_sampled, weight_dtype=str(weight.dtype).removeprefix("torch."),

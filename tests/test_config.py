@@ -158,7 +158,7 @@ def test_non_finite_numbers_are_refused(field, text):
     (["--head.triplet.weight", "-1"], "head.triplet.weight", "AngularTriplet weight=-1.0"),
     (["--embedding_size", "0"], "backbone.embedding_size", "embedding_size=0 must be >= 1"),
     (["--interclass_filter", "1.5"], "head.interclass_filter", "(it is a cosine)"),
-    (["--head.chunk_rows", "0"], "head.chunk_rows", "chunk_rows=0 must be >= 1"),
+    (["--head.chunk_rows", "-1"], "head.chunk_rows", "chunk_rows=-1 must be >= 1"),
     (["--momentum", "1.0"], "optim.momentum", "momentum 1.0 outside [0, 1)"),
     (["--weight_decay", "-1"], "optim.weight_decay", "weight_decay -1.0 must be >= 0"),
     (["--max_steps", "10", "--warmup_steps", "10"], "schedule.warmup_steps", "warmup_steps=10"),

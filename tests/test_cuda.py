@@ -246,6 +246,80 @@ def test_the_fused_center_update_skips_on_the_device():
         assert torch.equal(param.detach()[untouched], before[0][untouched])
 
 
+def _kernels_step(kernels, center_dtype, logits):
+    """Two sampled steps of a head with MHE and the inter-class filter, the update inside the
+    backward, on the given kernels; what they produced, on the host."""
+    from pfc.head.regularizers import MHE
+
+    head = PartialFC(NUM_CLASSES, DIM, margin=ArcFace(s=30.0, m=0.5), sample_rate=0.5, seed=5, device=DEVICE,
+                     dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[center_dtype],
+                     mhe=MHE(weight=0.1), interclass_filter=0.2, logits=logits, kernels=kernels, chunk_rows=100)
+    optimizer = head.optimizer(lr=0.1, momentum=0.9, weight_decay=5e-4, update_in_backward=True, rounding="nearest")
+    losses, grads = [], []
+    for step in range(2):
+        head.set_iteration(step)
+        x, labels = _batch(DEVICE, step)
+        loss = head(x, labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        grads.append(_to_host(x.grad))
+    return dict(losses=losses, grads=grads, weight=_to_host(head.weight), kernels=head.kernels)
+
+
+def _triton_runs_here() -> bool:
+    from pfc.head.kernels import triton_available, triton_interpreted
+
+    return triton_available() and (DEVICE == "cuda" or triton_interpreted())
+
+
+@pytest.mark.parametrize("center_dtype", ["fp32", "bf16", "fp16"])
+def test_triton_softmax_kernels_follow_the_torch_path_on_the_device(center_dtype):
+    if not _triton_runs_here():
+        pytest.skip("triton does not run here (on the CPU stand-in it needs TRITON_INTERPRET=1)")
+    reference = _kernels_step("torch", center_dtype, "keep")
+    tolerance = {"fp32": 1e-5, "bf16": 1e-2, "fp16": 2e-3}[center_dtype]   # narrow: the gradient block is rounded
+    for logits in ("keep", "recompute"):
+        got = _kernels_step("triton", center_dtype, logits)
+        assert got["kernels"] == "triton"
+        assert got["losses"] == pytest.approx(reference["losses"], rel=tolerance)
+        assert all(relative_error(a, b) <= tolerance for a, b in zip(got["grads"], reference["grads"]))
+        assert relative_error(got["weight"], reference["weight"]) <= tolerance
+    # recomputing rebuilds the kept logits bit for bit (no FMA in the kernels); on a GPU the
+    # recomputed GEMM may take another cuBLAS algorithm (its output is a scratch block, not a
+    # slice of the kept logits), so there only closeness is asserted
+    kept, recomputed = _kernels_step("triton", center_dtype, "keep"), _kernels_step("triton", center_dtype, "recompute")
+    if DEVICE == "cpu":
+        assert kept["losses"] == recomputed["losses"] and torch.equal(kept["weight"], recomputed["weight"])
+    else:
+        assert relative_error(recomputed["weight"], kept["weight"]) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp32_output_addmm_accumulates_narrow_operands_into_its_input(dtype):
+    if DEVICE == "cpu":
+        pytest.skip("addmm(out_dtype=float32) has no CPU kernel: the CPU path upcasts instead")
+    from pfc.head.gemm import StorageGemm
+    from pfc.head.scratch import ScratchBlocks
+
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    a = torch.randn(64, 300, device=DEVICE, generator=generator).to(dtype)
+    b = torch.randn(300, 48, device=DEVICE, generator=generator).to(dtype)
+    out = torch.randn(64, 48, device=DEVICE, generator=generator)
+    expected = out + torch.mm(a, b, out_dtype=torch.float32)
+    StorageGemm(dtype, DEVICE, ScratchBlocks()).addmm_(out, a, b)
+    assert out.dtype == torch.float32 and torch.allclose(out, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_gpu_sized_chunks_on_the_device():
+    from pfc.head.chunking import CPU_CHUNK_ROWS, auto_chunk_rows
+
+    head = PartialFC(NUM_CLASSES, DIM, device=DEVICE)
+    head(*_batch(DEVICE, 0))
+    expected = CPU_CHUNK_ROWS if DEVICE == "cpu" else auto_chunk_rows(DEVICE, BATCH, DIM, torch.float32)
+    assert head.last_chunk_rows == expected and (DEVICE == "cpu" or expected > CPU_CHUNK_ROWS)
+
+
 def test_the_sampler_gives_the_cpu_sample_on_the_device_with_either_kernels():
     """The O(S) sampler at a 29M-class, 8-GPU job's shard (C_r = 3,625,000, S = 362,500,
     B = 1,024): the torch ops and the Triton kernel on the device draw the CPU's rows bit for bit."""

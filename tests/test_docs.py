@@ -17,11 +17,9 @@ def test_the_readme_activates_the_venv_before_the_first_python_command():
     assert 0 <= activate < first_command
 
 
-def test_readme_and_makefile_agree_on_the_demo_time():
-    """The Makefile's demo comment quotes the README's measured time."""
-    measured = re.search(r"Whole `make demo` in a fresh clone, creating `.venv` included: (\d+ min \d+ s)",
-                         read("README.md"))
-    assert measured, "the README's measured demo time"
+def test_the_makefile_leaves_the_demo_time_to_the_readmes_generated_block():
+    """The demo's time is measured by `make readme-numbers` into the README; the Makefile quotes none."""
+    assert "Whole `make demo`" in read("README.md")
     demo_comment = read("Makefile").split("\ndemo: ")[0].rsplit("# The demo", 1)[1]
-    assert measured.group(1) in demo_comment
-    assert not re.search(r"~\s*\d+ min", demo_comment)   # no other estimate beside the measurement
+    assert "README" in demo_comment
+    assert not re.search(r"\d+\s*(min|s)\b", demo_comment)

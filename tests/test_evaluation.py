@@ -16,6 +16,7 @@ from PIL import Image
 from pfc.backbones import build_backbone
 from pfc.errors import CheckpointError, DataError
 from pfc.evaluation import VerificationSet, evaluate, load_backbone, read_bin, read_pairs, save_backbone
+from pfc.evaluation.export import backbone_digest
 from pfc.evaluation.report import comparison_table, read_results
 from pfc.evaluation.roc import fold_slices, format_rate, roc_curve, save_roc_plot, verification_metrics
 from pfc.evaluation.verification import check_decodes
@@ -211,9 +212,11 @@ def test_backbone_roundtrip_keeps_weights_and_file_format(tmp_path):
     save_backbone(model, path, network="tiny", embedding_size=16, image_size=64)
     assert os.listdir(tmp_path) == ["backbone.pt"]   # written under a temporary name, then renamed
     payload = torch.load(path, weights_only=True)   # the format backbone.pt files already have
-    assert set(payload) == {"network", "embedding_size", "image_size", "state_dict"}
+    assert set(payload) == {"network", "embedding_size", "image_size", "state_dict", "sha256"}
     loaded, meta = load_backbone(path)
-    assert meta == {"network": "tiny", "embedding_size": 16, "image_size": 64} and not loaded.training
+    assert meta == {"network": "tiny", "embedding_size": 16, "image_size": 64,
+                    "sha256": payload["sha256"]} and not loaded.training
+    assert payload["sha256"] == backbone_digest(dict(meta, sha256=None), model.state_dict())
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
@@ -259,6 +262,32 @@ def test_compare_eval_reads_results_and_user_errors_are_one_line(tmp_path, capsy
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(DataError, match="not an evaluation result"):
         read_results([str(tmp_path / "other.json")])
+
+
+def test_compare_eval_reads_a_training_runs_eval_results(tmp_path, capsys):
+    """The trainer's eval_results.json ({"final": [...], "history": [...]}) is a column per final
+    set, beside pfc-evaluate's output."""
+    def summary(name, accuracy, step=None):
+        row = {"set": name, "num_pairs": 40, "accuracy": accuracy, "accuracy_std": 0.01, "threshold": 1.2,
+               "auc": 0.9, "tar@far=1e-3": None, "tar@far=1e-4": None}
+        return row if step is None else dict(row, step=step)
+
+    (tmp_path / "untrained.json").write_text(json.dumps(summary("pairs", 0.55)))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "eval_results.json").write_text(json.dumps({"final": [summary("pairs", 0.8, 30)],
+                                                       "history": [summary("pairs", 0.7, 15), summary("pairs", 0.8, 30)]}))
+    assert compare_eval.main([str(tmp_path / "untrained.json"), str(run / "eval_results.json")]) == 0
+    table = capsys.readouterr().out
+    assert "untrained" in table and "0.5500 ± 0.0100" in table
+    assert "eval_results" in table and "0.8000 ± 0.0100" in table and "0.7000" not in table
+    (run / "eval_results.json").write_text(json.dumps({"final": [summary("lfw", 0.9, 30), summary("cfp", 0.85, 30)],
+                                                       "history": []}))
+    names = [name for name, _ in read_results([str(run / "eval_results.json")])]
+    assert names == ["eval_results:lfw", "eval_results:cfp"]
+    (run / "eval_results.json").write_text(json.dumps({"final": [], "history": []}))
+    assert compare_eval.main([str(run / "eval_results.json")]) == 2
+    assert "without final results" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("tool", ["compare_eval", "evaluate", "export_onnx", "make_synthetic", "pack_shards"])

@@ -33,7 +33,7 @@ def guard_run(rank: int, review_every: int) -> dict:
     stop = StopSignals()
     if rank == 0:
         os.kill(os.getpid(), signal.SIGTERM)       # handled: only sets the flag
-    decision = guard.control(stop.requested, step=len(losses))
+    decision = guard.control(stop.requested)
     stop.restore()
     return {"masks": masks, "reviews": reviews, "stop": (decision.stop, decision.reason),
             "gave_up": guard.gave_up, "signal": stop.signal_name}
@@ -56,7 +56,7 @@ def test_nan_and_signal_decisions_are_collective(guard_results):
         assert [review[1:] for review in result["reviews"]] == [
             (False, 0, 0), (False, 1, 1), (False, 0, 1), (False, 1, 2), (False, 2, 3), (True, 3, 4), (True, 0, 4)]
         assert result["gave_up"]
-        assert result["stop"] == (True, "step 7: stop requested by a signal")
+        assert result["stop"] == (True, "stop requested by a signal")     # the step is the caller's to say, once
     assert results[0]["signal"] == "SIGTERM" and results[1]["signal"] is None
 
 
@@ -83,7 +83,7 @@ def test_consecutive_skips_stop_the_run():
     assert not guard.review().stop
     guard.found_inf(torch.tensor(1.0), torch.tensor(False))   # a finite loss, but a non-finite gradient
     decision = guard.review(9)
-    assert decision.stop and "step 9: 2 consecutive non-finite losses" in decision.reason
+    assert decision.stop and decision.reason == "2 consecutive non-finite losses (limit 2)"
 
 
 def errors_agreed(rank: int, world_size: int) -> list:
@@ -111,7 +111,7 @@ def test_a_signal_right_after_a_skipped_step_is_a_stop_not_giving_up():
 
     guard = StepGuard(max_consecutive_skips=3)
     guard.found_inf(torch.tensor(math.nan))
-    decision = guard.control(stop_requested=True, step=4)
+    decision = guard.control(stop_requested=True)
     assert decision.stop and "stop requested by a signal" in decision.reason
     assert not guard.review().stop and guard.consecutive == 1 and not guard.gave_up   # exit 0, no NonFiniteLossError
     guard.found_inf(torch.tensor(math.nan))

@@ -5,6 +5,7 @@ import torch
 
 from pfc.head.optim import SparseRowSGD
 from tests.distributed import run_ranks
+from tests.triton_interpret import kernels, triton_interpreter  # noqa: F401  (fixtures)
 
 
 def _pair(rows=10, dim=6, seed=0):
@@ -83,6 +84,9 @@ def test_bad_hyper_parameters():
         SparseRowSGD([param], lr=0.1, momentum=1.0)
     with pytest.raises(ValueError, match="learning rate -1"):
         SparseRowSGD([param], lr=-1)
+    with pytest.raises(ValueError, match="kernels='cuda' is not one of auto, torch, triton"):
+        SparseRowSGD([param], lr=0.1, kernels="cuda")
+    assert SparseRowSGD([param], lr=0.1, kernels="auto").kernels == "torch"   # CPU tensors
 
 
 def test_without_the_private_sparse_accessors_the_update_is_the_same(monkeypatch):
@@ -120,39 +124,44 @@ def test_found_inf_set_to_zero_keeps_float32_bit_identical_to_torch_sgd():
     assert torch.equal(ours.state[mine]["momentum_buffer"], reference.state[theirs]["momentum_buffer"])
 
 
-def _small_steps(dtype, rounding, steps=200, fraction=0.01, rows=64, dim=64):
+def _small_steps(dtype, rounding, steps=200, fraction=0.01, rows=64, dim=64, kernels="torch"):
     """Centers at 1.0 moved ``steps`` times by ``fraction`` of the type's spacing above 1.0
     (lr 1, no momentum, no decay); returns (moved, expected move, spacing)."""
     spacing = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
     param = torch.nn.Parameter(torch.ones(rows, dim, dtype=dtype))
-    optimizer = SparseRowSGD([param], lr=1.0, momentum=0.0, rounding=rounding, seed=5)
+    optimizer = SparseRowSGD([param], lr=1.0, momentum=0.0, rounding=rounding, seed=5, kernels=kernels)
     for _ in range(steps):
         optimizer.update_rows(param, slice(0, rows), torch.full((rows, dim), -fraction * spacing))
     return param.detach().double() - 1.0, steps * fraction * spacing, spacing
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_stochastic_rounding_keeps_updates_far_below_the_spacing_and_nearest_loses_them(dtype):
+def test_stochastic_rounding_keeps_updates_far_below_the_spacing_and_nearest_loses_them(dtype, kernels):
     """200 updates of 0.01 × spacing move fp32 centers by 2 spacings. With stochastic rounding each
     update's rounding error e_t has mean 0 given the past and variance p(1−p)·s² (p = 0.01: the
     stored value is on the grid, so the new value sits p spacings above a grid point; the values
     stay in [1, 2), one spacing s). The errors are martingale differences and pairwise independent
-    across elements, so the mean move over n = 4096 elements has standard deviation
+    across elements (torch: the pairwise noise; Triton: Philox per value), so the mean move over
+    n = 4096 elements has standard deviation
     s·sqrt(T·p(1−p)/n) ≈ 0.022·s; the test allows 6 of them (0.13·s, vs. the 2·s expected).
     Round-to-nearest sends 1 + 0.01·s back to 1 every time: nothing moves."""
-    moved, expected, spacing = _small_steps(dtype, "stochastic")
-    bound = 6 * spacing * math.sqrt(200 * 0.01 * 0.99 / moved.numel())
+    # the interpreted Triton kernel costs ~30 ms a launch: 20 updates of 0.1 × spacing over 8192
+    # values, the same expected move and a bound as tight (sqrt(20·0.1·0.9/8192) ≈ 0.015·s)
+    steps, fraction, rows = (200, 0.01, 64) if kernels == "torch" else (20, 0.1, 128)
+    moved, expected, spacing = _small_steps(dtype, "stochastic", steps, fraction, rows, kernels=kernels)
+    bound = 6 * spacing * math.sqrt(steps * fraction * (1 - fraction) / moved.numel())
     assert abs(moved.mean().item() - expected) < bound
     assert moved.std().item() > 0   # individual centers moved by whole spacings, differently
-    lost, _, _ = _small_steps(dtype, "nearest")
+    lost, _, _ = _small_steps(dtype, "nearest", steps // 4, fraction, kernels=kernels)
     assert torch.equal(lost, torch.zeros_like(lost))
 
 
-def _narrow_run(seed, steps, optimizer=None, param=None, start=0):
+def _narrow_run(seed, steps, optimizer=None, param=None, start=0, kernels="torch"):
     generator = torch.Generator().manual_seed(11)
     if param is None:
         param = torch.nn.Parameter(torch.randn(20, 8, generator=generator).to(torch.bfloat16))
-        optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=5e-4, chunk_rows=4, seed=seed)
+        optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=5e-4, chunk_rows=4, seed=seed,
+                                 kernels=kernels)
     for step in range(start, steps):
         grads = torch.Generator().manual_seed(100 + step)
         rows = torch.randperm(20, generator=grads)[:7].sort().values
@@ -162,31 +171,31 @@ def _narrow_run(seed, steps, optimizer=None, param=None, start=0):
     return param, optimizer
 
 
-def test_bf16_rounding_is_reproducible_for_a_seed_and_across_a_resume():
-    param, optimizer = _narrow_run(seed=1, steps=6)
+def test_bf16_rounding_is_reproducible_for_a_seed_and_across_a_resume(kernels):
+    param, optimizer = _narrow_run(seed=1, steps=6, kernels=kernels)
     assert param.dtype == optimizer.state[param]["momentum_buffer"].dtype == torch.bfloat16
-    again, _ = _narrow_run(seed=1, steps=6)
-    other, _ = _narrow_run(seed=2, steps=6)
+    again, _ = _narrow_run(seed=1, steps=6, kernels=kernels)
+    other, _ = _narrow_run(seed=2, steps=6, kernels=kernels)
     assert torch.equal(param, again) and not torch.equal(param, other)
-    half, half_optimizer = _narrow_run(seed=1, steps=3)
+    half, half_optimizer = _narrow_run(seed=1, steps=3, kernels=kernels)
     saved = {k: v for k, v in half_optimizer.state_dict().items()}
     assert saved["updates"] == 3
     resumed = torch.nn.Parameter(half.detach().clone())
-    fresh = SparseRowSGD([resumed], lr=0.1, momentum=0.9, weight_decay=5e-4, chunk_rows=4, seed=1)
+    fresh = SparseRowSGD([resumed], lr=0.1, momentum=0.9, weight_decay=5e-4, chunk_rows=4, seed=1, kernels=kernels)
     fresh.load_state_dict(saved)
     _narrow_run(seed=1, steps=6, optimizer=fresh, param=resumed, start=3)
     assert torch.equal(resumed, param)
     assert torch.equal(fresh.state[resumed]["momentum_buffer"], optimizer.state[param]["momentum_buffer"])
 
 
-def test_bf16_update_in_fp32_matches_the_float32_formula_within_one_spacing():
+def test_bf16_update_in_fp32_matches_the_float32_formula_within_one_spacing(kernels):
     generator = torch.Generator().manual_seed(12)
     start = torch.randn(30, 16, generator=generator).to(torch.bfloat16)
     buffer = torch.randn(30, 16, generator=generator).to(torch.bfloat16)
     grad = torch.randn(30, 16, generator=generator).to(torch.bfloat16)
     for rounding in ("stochastic", "nearest"):
         param = torch.nn.Parameter(start.clone())
-        optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=5e-4, rounding=rounding)
+        optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=5e-4, rounding=rounding, kernels=kernels)
         optimizer.state[param]["momentum_buffer"].copy_(buffer)
         param.grad = grad.clone()
         optimizer.step()
@@ -201,11 +210,11 @@ def test_bf16_update_in_fp32_matches_the_float32_formula_within_one_spacing():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_found_inf_and_skip_leave_rows_and_momentum_unchanged_without_a_host_sync(dtype):
+def test_found_inf_and_skip_leave_rows_and_momentum_unchanged_without_a_host_sync(dtype, kernels):
     from pfc.host_syncs import HostSyncCounter
 
     param = torch.nn.Parameter(torch.randn(12, 5).to(dtype))
-    optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=5e-4, chunk_rows=5)
+    optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=5e-4, chunk_rows=5, kernels=kernels)
     optimizer.state[param]["momentum_buffer"].normal_()
     before = param.detach().clone(), optimizer.state[param]["momentum_buffer"].clone()
     rows = torch.tensor([0, 3, 4, 9, 11])
@@ -353,9 +362,9 @@ def test_without_the_fused_kernel_the_update_is_the_same_and_skips_alike(monkeyp
     assert all(torch.equal(a, b) for a, b in zip(fused, run()))
 
 
-def test_momentum_set_to_zero_later_leaves_the_buffer_alone():
+def test_momentum_set_to_zero_later_leaves_the_buffer_alone(kernels):
     param = torch.nn.Parameter(torch.randn(5, 16))
-    optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=0.0)
+    optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=0.0, kernels=kernels)
     optimizer.param_groups[0]["momentum"] = 0.0          # e.g. a schedule
     before = param.detach().clone()
     grad = torch.randn(5, 16)

@@ -351,3 +351,26 @@ def test_shard_writer_writes_what_webdataset_tar_writer_writes():
         for sample in samples:
             reference.write(sample)
     assert ours.getvalue() == theirs.getvalue()
+
+
+def test_a_landmark_file_that_misses_images_stops_before_packing_or_skips_them_when_asked(tmp_path, capsys):
+    """A CSV covering 5 of 40 images: an error naming the coverage, no output folder (not 5 images
+    of 2 classes and 35 "unreadable inputs"); with --missing-landmarks skip the 35 are listed as
+    images without landmarks, apart from unreadable inputs."""
+    from pfc.datasets import write_synthetic
+
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    write_synthetic(src, ids=10, per=4, seed=0, landmarks=True, size=48)
+    rows = open(os.path.join(src, "landmarks.csv")).read().splitlines()
+    os.remove(os.path.join(src, "landmarks.csv"))
+    (tmp_path / "lm.csv").write_text("\n".join(rows[:5]) + "\n")
+    args = ["folder", src, out, "--landmarks", str(tmp_path / "lm.csv"), "--image-size", "32", "--no-progress"]
+    assert pack_shards.main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: landmark file {tmp_path / 'lm.csv'} covers 5 of the 40 source images; "
+                            f"none for 35 (first: ") and "--missing-landmarks skip" in error
+    assert len(error.splitlines()) == 1 and not os.path.exists(out)
+    assert pack_shards.main([*args, "--missing-landmarks", "skip"]) == 0
+    output = capsys.readouterr().out
+    assert "packed 5 images" in output and "skipped 0 unreadable inputs" in output
+    assert "left out 35 images without landmarks (missing_landmarks=skip)" in output

@@ -13,7 +13,7 @@ from tests.distributed import run_ranks
 
 # two gloo ranks, a tiny backbone, 4000 classes: the sampled rows (200 per rank) outnumber the
 # gathered batch (16), so the sample size does not depend on the labels' values
-SMALL = Job(num_classes=4000, gpus=2, network="tiny", batch_size=8, sample_rate=0.1, precision="fp32")
+SMALL = Job(num_classes=4000, gpus=2, network="tiny", batch_size=8, sample_rate=0.1, precision="fp32", kernels="torch")
 
 
 def _real_rank(rank, world_size):
@@ -92,7 +92,7 @@ def _plan_tool_and_bisection():
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         code = main(["--classes", "2M", "--gpus", "2", "--network", "tiny", "--batch-size", "8",
-                     "--precision", "fp32", "--gpu-memory", "4", "--max-classes", "--json"])
+                     "--precision", "fp32", "--gpu-memory", "4", "--gpu", "h100", "--max-classes", "--json"])
     result = json.loads(output.getvalue().strip().splitlines()[-1])
     planner = Planner(Job(num_classes=1, gpus=2, network="tiny", batch_size=8, precision="fp32"))
     largest = result["max_classes"]
@@ -110,7 +110,13 @@ def test_max_classes_fits_and_one_percent_more_does_not_and_one_gpu_jobs_are_pla
         _plan_tool_and_bisection)
     assert code == 0
     assert {"peak_bytes", "bytes_per_identity", "fits", "host_syncs_per_step", "categories", "flops_per_step",
-            "predicted_samples_per_s", "max_classes"} <= set(result)
+            "predicted_samples_per_s", "max_classes", "predicted_head_s", "predicted_backbone_s",
+            "head_kernel_launches", "roofline_samples_per_s", "roofline_head_s"} <= set(result)
+    assert result["head_kernel_launches"] > 0 and result["kernel_launches"]["optimizer"] > 0
+    assert result["head_bytes_per_class"]["matmul"] > 0
+    # the row update in the head's backward: the Triton path's pfc::apply_rows (declared cost) on a CUDA plan
+    assert result["head_bytes_per_class"]["pfc kernel"] > 0 and "optimizer" not in result["head_bytes_per_class"]
+    assert result["gpu"] == "H100-SXM5-80GB" and "--gpu h100" in result["gpu_choice"]
     largest = result["max_classes"]
     assert result["fits"] == (2_000_000 <= largest)
     assert beyond_simulations   # found on the extrapolated plans
@@ -121,8 +127,79 @@ def test_max_classes_fits_and_one_percent_more_does_not_and_one_gpu_jobs_are_pla
     assert one_gpu_result["fits"] and one_gpu_result["host_syncs_per_step"] == 0 and one_gpu_result["peak_bytes"] > 0
 
 
+def _fp16_on_the_memory_named_gpu():
+    import contextlib
+    import io
+
+    from tools.plan import main
+
+    unscaled = []
+    original = torch.amp.GradScaler.unscale_
+
+    def unscale_(scaler, optimizer):
+        unscaled.append(type(optimizer).__name__)
+        return original(scaler, optimizer)
+
+    torch.amp.GradScaler.unscale_ = unscale_
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        code = main(["--classes", "1000", "--gpus", "1", "--network", "tiny", "--batch-size", "8",
+                     "--sample-rate", "1.0", "--precision", "fp16", "--gpu-memory", "141", "--json"])
+    return code, json.loads(output.getvalue().strip().splitlines()[-1]), unscaled
+
+
+def test_fp16_is_simulated_with_its_grad_scaler_and_the_memory_picks_the_gpu_kind():
+    code, result, unscaled = _in_fresh_process(_fp16_on_the_memory_named_gpu)
+    assert code == 0 and result["job"]["precision"] == "fp16"
+    # every simulated step unscales the backbone's optimizer, then the head's, before stepping them
+    assert unscaled and unscaled == ["SGD", "SparseRowSGD"] * (len(unscaled) // 2)
+    assert result["host_syncs_per_step"] == 0
+    assert result["gpu"] == "H200-SXM-141GB" and "from --gpu-memory 141" in result["gpu_choice"]
+    assert result["gpu_memory_gib"] == 141
+
+
+def test_the_gpu_kind_is_named_or_follows_from_the_memory():
+    from pfc.planning.report import choose_gpu
+
+    assert choose_gpu(None, None)[:2] == ("h100", 80)
+    assert choose_gpu(None, 32)[:2] == ("v100", 32)
+    assert choose_gpu(None, 141)[:2] == ("h200", 141)
+    assert choose_gpu(None, 139.8)[:2] == ("h200", 139.8)   # what torch reports on an H200
+    with pytest.raises(ConfigError, match="--gpu-memory 4 names no GPU kind"):
+        choose_gpu(None, 4)
+    assert choose_gpu(None, 80)[:2] == ("h100", 80)     # a100 has 80 too: the default kind wins, said so
+    assert choose_gpu("a100", None)[:2] == ("a100", 80)
+    assert choose_gpu("a100", 40)[:2] == ("a100", 40)   # an A100-40GB
+    with pytest.raises(ConfigError, match="more than a V100-SXM2-32GB has"):
+        choose_gpu("v100", 80)
+
+
+def test_help_shows_every_default(capsys):
+    from tools.plan import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--gpus", "8"), ("--gpu-memory", "the --gpu kind's"), ("--gpu", "the one kind"),
+                          ("--network", "iresnet100"), ("--batch-size", "128"), ("--sample-rate", "0.1"),
+                          ("--center-dtype", "fp32"), ("--precision", "bf16"), ("--kernels", "triton"),
+                          ("--engine", "ddp")):
+        upper = flag[2:].upper().replace("-", "_")
+        after = text.split(f"{flag} {upper} ", 1)[1]
+        assert after.split(" --", 1)[0].count("(default: ") == 1 and f"(default: {default}" in after, flag
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--classes", "12x"], "--classes '12x' is not a number"),
+    (["--classes", "-5"], "--classes '-5' must be a whole number ≥ 1"),
+    (["--classes", "1e30"], "--classes '1e30' is more than 1,000,000,000,000"),
+    (["--classes", "1M", "--compare-classes", "1e30"], "--compare-classes '1e30' is more than"),
+    (["--classes", "1M", "--gpu", "h100", "--gpu-memory", "141"], "--gpu-memory 141 is more than a H100-SXM5-80GB"),
+    (["--classes", "1M", "--gpu-memory", "48"], "--gpu-memory 48 names no GPU kind"),
+    (["--classes", "1M", "--precision", "fp8"], "--precision 'fp8' is not one of fp32, fp16, bf16"),
+    (["--classes", "1M", "--kernels", "cuda"], "--kernels 'cuda' is not one of auto, torch, triton"),
+    (["--classes", "1M", "--precision", "fp16", "--center-dtype", "fp16"], "GradScaler cannot unscale fp16 center"),
     (["--classes", "1M", "--gpus", "0"], "--gpus must be ≥ 1"),
     (["--classes", "1M", "--network", "resnet9000"], "unknown network 'resnet9000'"),
     (["--classes", "1M", "--gpu", "x100"], "--gpu 'x100' is not one of"),

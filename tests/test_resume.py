@@ -75,7 +75,7 @@ def test_stopped_and_resumed_run_equals_straight_run_and_nan_steps_are_skipped(s
     straight, stopped, nan_run = (str(tmp_path / name) for name in ("straight", "stopped", "nan"))
     first = run_ranks(straight_and_stopped, 2, shard_set, straight, stopped, timeout=300)
     for summary in first:
-        assert summary["steps"] == STOP_AT + 1 and "stop requested by a signal" in summary["stopped"]
+        assert summary["steps"] == STOP_AT + 1 and summary["stopped"] == "stop requested by a signal"
     assert find_latest(stopped) == checkpoint_path(stopped, STOP_AT + 1)
     progress = json.loads((checkpoint_path(stopped, STOP_AT + 1) / "pfc_checkpoint.json").read_text())["progress"]
     assert progress == {"step": 4, "epoch": 0, "batch_in_epoch": 8, "skipped_steps": 0}
@@ -113,25 +113,59 @@ def test_stopped_and_resumed_run_equals_straight_run_and_nan_steps_are_skipped(s
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_sigkill_under_torchrun_restarts_and_resumes(shard_set, tmp_path):
+def logged_steps(output) -> list[int]:
+    path = os.path.join(output, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [json.loads(line)["step"] for line in handle if line.endswith("\n")]
+
+
+def tensorboard_steps(output) -> list[int]:
+    """The steps of the train/loss scalars TensorBoard shows (events an earlier attempt purged hidden)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars("train/loss")]
+
+
+def torchrun_train(output, data: str, *extra: str, restarts: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            f"--max-restarts={restarts}", "--monitor-interval=0.5", "launch/train.py", "--data", data, "--output", str(output), "--network", "tiny",
+            "--embedding_size", "16", "--batch_size", "4", "--num_workers", "0", "--warmup_steps", "0",
+            "--log_every", "1", "--margin.s", "16", *extra]
+
+
+def test_sigkill_under_torchrun_restarts_and_resumes_and_the_logs_hold_each_step_once(shard_set, tmp_path):
+    """kill -9 of rank 1 after rank 0 logged a step past the last checkpoint: torchrun restarts the
+    ranks, they resume from that checkpoint, and metrics.jsonl and TensorBoard hold every step once
+    (before: the steps after the checkpoint twice); the summary counts the restarted attempt's
+    steps. Then --resume from an earlier checkpoint: its steps are logged once too."""
+    pytest.importorskip("tensorboard")
     output = tmp_path / "run"
     steps = 60
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "--max-restarts=1", "--monitor-interval=0.5", "launch/train.py", "--data", shard_set,
-               "--output", str(output), "--network", "tiny", "--embedding_size", "16", "--batch_size", "4",
-               "--num_workers", "0", "--max_steps", str(steps), "--save_every", "5", "--warmup_steps", "0",
-               "--log_every", "10", "--margin.s", "16"]
+    command = torchrun_train(output, shard_set, "--max_steps", str(steps), "--save_every", "5", restarts=1)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     log_path = tmp_path / "torchrun.log"      # a file, not a pipe: the output may be long
     log = open(log_path, "w")
     agent = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not checkpoint_path(output, 5).exists():
-            assert agent.poll() is None and time.monotonic() < deadline, "no first checkpoint"
+        while True:   # rank 1 frozen (SIGSTOP) once rank 0 logged a step past the newest checkpoint
+            assert agent.poll() is None and time.monotonic() < deadline, "no step logged after a checkpoint"
+            latest = find_latest(output)
+            if latest is not None and max(logged_steps(output), default=0) > int(latest.name.split("-")[1]):
+                workers = [p for p in psutil.Process(agent.pid).children() if p.environ().get("LOCAL_RANK") == "1"]
+                assert len(workers) == 1
+                workers[0].suspend()
+                time.sleep(0.5)   # rank 0 waits for rank 1 in the step's collectives: nothing moves now
+                latest = find_latest(output)
+                resumed_at = int(latest.name.split("-")[1])
+                if max(logged_steps(output)) > resumed_at:
+                    break
+                workers[0].resume()
             time.sleep(0.05)
-        workers = [p for p in psutil.Process(agent.pid).children() if p.environ().get("LOCAL_RANK") == "1"]
-        assert len(workers) == 1
         workers[0].kill()                                   # SIGKILL, mid-training
         agent.wait(timeout=240)
     finally:
@@ -142,11 +176,22 @@ def test_sigkill_under_torchrun_restarts_and_resumes(shard_set, tmp_path):
         log.close()
         out = log_path.read_text()
     assert agent.returncode == 0, out[-4000:]
-    assert f"trained {steps} steps" in out and "resumed from" in out, out[-4000:]
+    assert f"resumed from {latest} at step {resumed_at} " in out, out[-4000:]
+    assert f"trained {steps - resumed_at} steps ({steps} in all)" in out, out[-4000:]
     checkpoints = list_checkpoints(output)
     assert checkpoints[-1] == checkpoint_path(output, steps)
     for path in checkpoints:
         validate_checkpoint(path)                           # none is corrupt
+    assert logged_steps(output) == list(range(1, steps + 1))
+    assert tensorboard_steps(output) == list(range(1, steps + 1))
+
+    earlier = checkpoint_path(output, steps - 5)            # --resume from an earlier checkpoint
+    result = subprocess.run(torchrun_train(output, shard_set, "--max_steps", str(steps), "--resume", str(earlier)),
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert f"trained 5 steps ({steps} in all)" in result.stdout, result.stdout[-4000:]
+    assert logged_steps(output) == list(range(1, steps + 1))
+    assert tensorboard_steps(output) == list(range(1, steps + 1))
 
 
 def resumed_from_an_earlier_checkpoint(rank: int, world_size: int, data: str, output: str) -> None:
@@ -165,3 +210,22 @@ def test_resuming_an_earlier_checkpoint_sets_the_newer_ones_aside_and_saves_its_
     old = tmp_path / "run" / "checkpoint-00000004.superseded"
     assert json.loads((old / "pfc_checkpoint.json").read_text())["config"]["optim"]["lr"] == 0.1
     assert find_latest(output) == checkpoint_path(output, 4)
+
+
+def test_the_logs_a_resume_continues_keep_the_rows_up_to_its_step_and_lose_a_half_written_line(tmp_path):
+    from pfc.train.metrics import trim_logs
+
+    metrics, evals = tmp_path / "metrics.jsonl", tmp_path / "eval.jsonl"
+    metrics.write_text("".join(json.dumps({"step": step, "loss": 1.0 / step}) + "\n" for step in range(1, 8))
+                       + '{"step": 8, "lo')                 # the last line of a process killed while writing
+    evals.write_text("".join(json.dumps({"set": "pairs", "step": step, "accuracy": 0.5}) + "\n" for step in (2, 4, 6)))
+    before = metrics.stat().st_ino
+    kept = trim_logs(str(tmp_path), 4)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+    assert metrics.read_text().endswith("\n") and metrics.stat().st_ino != before   # replaced whole, by a rename
+    assert [row["step"] for row in kept] == [2, 4] == [json.loads(line)["step"] for line in evals.open()]
+    assert sorted(os.listdir(tmp_path)) == ["eval.jsonl", "metrics.jsonl"]           # no temporary left
+    unchanged = metrics.stat().st_ino
+    assert [row["step"] for row in trim_logs(str(tmp_path), 10)] == [2, 4] and metrics.stat().st_ino == unchanged
+    trim_logs(str(tmp_path), 0)                             # a restart before the first checkpoint: all of it
+    assert metrics.read_text() == evals.read_text() == ""

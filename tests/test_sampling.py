@@ -11,6 +11,7 @@ from pfc.head.margins import ArcFace
 from pfc.head.sampling import permutation_key, sample_classes, sample_size, swap_or_not
 from pfc.head.softmax import sharded_margin_softmax
 from pfc.host_syncs import HostSyncCounter
+from tests.triton_interpret import triton_interpreter  # noqa: F401  (a fixture)
 
 # the statistical tests' false-alarm rate per statistic (their keys are fixed: they pass or fail
 # deterministically; a correct sampler fails one of the six statistics with probability < 6e-4)
@@ -143,22 +144,15 @@ def test_the_uniformity_statistics_catch_a_shuffle_with_too_few_rounds(monkeypat
     assert p_values["inclusion"] < FALSE_ALARM and p_values["neighbours"] < FALSE_ALARM, p_values
 
 
-def test_the_triton_kernel_gives_the_torch_bits_in_the_interpreter(monkeypatch):
-    pytest.importorskip("triton")
-    # the kernel module decorated afresh under the interpreter, and dropped again afterwards
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delitem(sys.modules, "pfc.head.kernels.permutation_triton", raising=False)
-    try:
-        # a full permutation at the largest key, and the largest domain (int32 arithmetic at its edge)
-        for domain, count, key in ((20, 7, 5), (1_009, 1_009, 2**63 - 1), (2**31 - 1, 1_000, 2**62 + 7)):
-            torch_values = swap_or_not(count, domain, key, "cpu")
-            assert torch.equal(torch_values, swap_or_not(count, domain, key, "cpu", kernels="triton")), (domain, key)
-        labels = torch.tensor([3, 3, 7, 950, 12, 400_000])
-        by_torch = sample_classes(labels, 0, 1_000, 0.1, 2**64 - 1)
-        by_triton = sample_classes(labels, 0, 1_000, 0.1, 2**64 - 1, kernels="triton")
-        assert all(torch.equal(a, b) for a, b in zip(by_torch, by_triton))
-    finally:
-        sys.modules.pop("pfc.head.kernels.permutation_triton", None)
+def test_the_triton_kernel_gives_the_torch_bits_in_the_interpreter(triton_interpreter):
+    # a full permutation at the largest key, and the largest domain (int32 arithmetic at its edge)
+    for domain, count, key in ((20, 7, 5), (1_009, 1_009, 2**63 - 1), (2**31 - 1, 1_000, 2**62 + 7)):
+        torch_values = swap_or_not(count, domain, key, "cpu")
+        assert torch.equal(torch_values, swap_or_not(count, domain, key, "cpu", kernels="triton")), (domain, key)
+    labels = torch.tensor([3, 3, 7, 950, 12, 400_000])
+    by_torch = sample_classes(labels, 0, 1_000, 0.1, 2**64 - 1)
+    by_triton = sample_classes(labels, 0, 1_000, 0.1, 2**64 - 1, kernels="triton")
+    assert all(torch.equal(a, b) for a, b in zip(by_torch, by_triton))
 
 
 def test_the_triton_kernel_compiles_for_an_h100_without_one(monkeypatch):

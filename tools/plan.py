@@ -1,97 +1,10 @@
-"""Will my job fit? One rank of an N-GPU Partial-FC job, simulated on this CPU with pfc's own code.
-
-    python tools/plan.py --classes 100M --gpus 8 --gpu-memory 80 --network iresnet100 \
-        --batch-size 128 --sample-rate 0.1 --center-dtype bf16 --precision bf16 [--max-classes] [--json]
-
-Prints memory by category at the peak, whether it fits, host syncs, device-placement findings and
-a roofline time estimate (see pfc/planning). With --json the last line is the same as one object.
-"""
-from __future__ import annotations
-
-import argparse
-import json
+"""``python tools/plan.py …``: the tool of :mod:`pfc.cli.plan` (installed as ``pfc-plan``)."""
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools._cli import one_line_errors  # noqa: E402
-
-from pfc.errors import ConfigError  # noqa: E402
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other user error of the tools
-        raise ConfigError(message)
-
-
-def parse_args(argv):
-    from pfc.planning.roofline import GPUS
-
-    parser = _Parser(description=__doc__.split("\n")[0])
-    parser.add_argument("--classes", required=True, help="class count: 100M, 1.5B, 2e8, 250000")
-    parser.add_argument("--gpus", default="8", help="number of GPUs (ranks)")
-    parser.add_argument("--gpu-memory", default="80", help="GiB per GPU")
-    parser.add_argument("--network", default="iresnet100")
-    parser.add_argument("--batch-size", default="128", help="per GPU")
-    parser.add_argument("--sample-rate", default="0.1", help="ρ, in (0, 1]")
-    parser.add_argument("--center-dtype", default="fp32", help="fp32 | bf16 | fp16")
-    parser.add_argument("--precision", default="bf16", help="backbone autocast: fp32 | bf16")
-    parser.add_argument("--engine", default="ddp", help="ddp (deepspeed is not simulated)")
-    parser.add_argument("--zero", default=None, help="DeepSpeed ZeRO stage (needs --engine deepspeed)")
-    parser.add_argument("--gpu", default="h100", help=f"time estimate for: {' | '.join(GPUS)}")
-    parser.add_argument("--max-classes", action="store_true", help="also find the largest class count that fits")
-    parser.add_argument("--compare-classes", default=None, help="also predict the throughput at this class count")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
-    return parser.parse_args(argv)
-
-
-def _number(text: str, flag: str, kind=float, minimum=None):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise ConfigError(f"{flag} {text!r} is not a number") from None
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{flag} must be ≥ {minimum}, got {text}")
-    return value
-
-
-@one_line_errors
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from tqdm import tqdm
-
-    from pfc.planning.job import Job, parse_count, train_config
-    from pfc.planning.plan import Planner, largest_fitting
-    from pfc.planning.report import format_report, summary
-    from pfc.planning.roofline import GPUS
-
-    if args.gpu not in GPUS:
-        raise ConfigError(f"--gpu {args.gpu!r} is not one of {', '.join(GPUS)}")
-    if args.zero is not None and args.engine != "deepspeed":
-        raise ConfigError("--zero needs --engine deepspeed")
-    if args.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"--precision {args.precision!r} is not one of fp32, bf16 (fp16 is not simulated)")
-    job = Job(num_classes=parse_count(args.classes, "--classes"), gpus=_number(args.gpus, "--gpus", int, 1),
-              network=args.network, batch_size=_number(args.batch_size, "--batch-size", int, 1),
-              sample_rate=_number(args.sample_rate, "--sample-rate"), precision=args.precision,
-              center_dtype=args.center_dtype, engine=args.engine)
-    gpu_memory = _number(args.gpu_memory, "--gpu-memory", float, 1)
-    train_config(job)  # every check before the first simulation
-    baseline_classes = parse_count(args.compare_classes, "--compare-classes") if args.compare_classes else None
-    runs = 3 + (2 if baseline_classes else 0)
-    with tqdm(total=3 * runs, desc="simulating", unit="phase", file=sys.stderr, leave=False) as bar:
-        planner = Planner(job, progress=bar.update)
-        plan = planner.plan(job.num_classes)
-        max_classes = largest_fitting(planner, gpu_memory) if args.max_classes else None
-        baseline = planner.plan(baseline_classes) if baseline_classes else None
-        bar.update(bar.total - bar.n)
-    result = summary(plan, gpu_memory, args.gpu, max_classes, baseline)
-    print(format_report(result))
-    if args.json:
-        print(json.dumps(result))
-    return 0
-
+from pfc.cli.plan import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -58,13 +58,29 @@ def _load_json(path: str, allow_pipe: bool) -> dict:
             raise DataError(f"cannot read manifest {path}: {exc}") from exc
     else:
         if not os.path.isfile(path):
-            raise DataError(f"manifest {path} does not exist (pack the data with tools/pack_shards.py)")
+            raise DataError(_missing_manifest(path))
         with open(path, "rb") as stream:
             text = stream.read()
     try:
         return json.loads(text)
     except ValueError as exc:
         raise DataError(f"manifest {path} is not valid JSON: {exc}") from exc
+
+
+def _missing_manifest(path: str) -> str:
+    """Why a local manifest path does not name a file, in the terms the user gave it: a data
+    folder that does not exist, a folder that is not a packed shard set, or a missing .json."""
+    folder = os.path.dirname(path) or "."
+    pack_hint = "pack images into it with pfc-pack or tools/pack_shards.py"
+    if os.path.isdir(path):
+        return f"manifest {path} is a folder, not a file"
+    if os.path.basename(path) == MANIFEST_NAME and not os.path.exists(folder):
+        return f"data folder {folder} does not exist ({pack_hint})"
+    if os.path.basename(path) == MANIFEST_NAME:
+        return f"data folder {folder} holds no {MANIFEST_NAME}: not a packed shard set ({pack_hint})"
+    if not path.endswith(".json"):
+        return f"data folder {path} does not exist ({pack_hint})"
+    return f"manifest {path} does not exist"
 
 
 def validate_manifest(manifest: dict, where: str = "manifest") -> dict:

@@ -15,6 +15,10 @@ contiguous, ``classes.txt`` line k names label k). One packer at a time writes a
 (a lock, :mod:`pfc.datasets.outdir`). Options that cannot be used and an output folder inside the
 source raise :class:`pfc.errors.ConfigError`; an output folder another packer is writing, one of
 another packing run, or inputs that give no image at all raise :class:`pfc.errors.DataError`.
+
+Alignment (``landmarks``, a CSV): a source image without a landmark row is a DataError before
+anything is written (``missing_landmarks="error"``, naming how many of the images the file covers),
+or is left out and listed apart from the unreadable inputs (``"skip"``).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import os
 import tarfile
 import time
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import simplejpeg
@@ -39,6 +44,9 @@ from pfc.datasets.outdir import STATE_DIR, claim_output, output_lock, refuse_out
 from pfc.datasets.sources import read_landmarks
 from pfc.errors import ConfigError, DataError
 
+MissingLandmarks = Literal["error", "skip"]
+NO_LANDMARKS = "no landmarks for this image"   # the skip reason of an image the landmark file lacks
+
 
 @dataclass
 class PackOptions:
@@ -49,6 +57,7 @@ class PackOptions:
     seed: int = 0
     image_size: int = 112
     landmarks: str | None = None   # CSV: relative path (or record key), x1, y1, ..., x5, y5
+    missing_landmarks: MissingLandmarks = "error"   # a source image without a landmark row
     quality: int = 95
     progress: bool = True
 
@@ -62,11 +71,16 @@ class PackOptions:
             raise ConfigError(f"image size must be at least 8, got {self.image_size}")
         if not 1 <= self.quality <= 100:
             raise ConfigError(f"JPEG quality must be in [1, 100], got {self.quality}")
+        if self.missing_landmarks not in get_args(MissingLandmarks):
+            raise ConfigError(f"missing_landmarks must be one of {', '.join(get_args(MissingLandmarks))}, "
+                              f"got {self.missing_landmarks!r}")
 
 
 @dataclass
 class PackSummary:
-    """What :func:`pack` did. ``skipped`` lists (source reference, reason) of unreadable inputs,
+    """What :func:`pack` did. ``skipped`` lists (source reference, reason) of the inputs not packed
+    (unreadable ones; with ``missing_landmarks="skip"`` also those without landmarks, reason
+    :data:`NO_LANDMARKS`),
     ``left_out`` (class name, reason) of the classes without a packed image (not in the label
     space), ``ignored`` (path, reason) of the source links not followed."""
 
@@ -82,11 +96,16 @@ class PackSummary:
     seconds: float = 0.0
 
     def describe(self) -> str:
+        unaligned = [ref for ref, reason in self.skipped if reason == NO_LANDMARKS]
+        unreadable = [(ref, reason) for ref, reason in self.skipped if reason != NO_LANDMARKS]
         lines = [f"packed {self.num_samples} images of {self.num_classes} classes into "
                  f"{self.num_shards} shards in {self.out_dir} ({self.shards_written} written, "
                  f"{self.shards_kept} kept from an earlier run) in {self.seconds:.1f} s",
-                 f"skipped {len(self.skipped)} unreadable inputs"]
-        lines += [f"  skipped {ref}: {reason}" for ref, reason in self.skipped]
+                 f"skipped {len(unreadable)} unreadable inputs"]
+        lines += [f"  skipped {ref}: {reason}" for ref, reason in unreadable]
+        if unaligned:
+            lines.append(f"left out {len(unaligned)} images without landmarks (missing_landmarks=skip)")
+            lines += [f"  no landmarks: {ref}" for ref in unaligned]
         if self.left_out:
             lines.append(f"left out {len(self.left_out)} classes without a packed image (not in the label "
                          f"space, not in classes.txt)")
@@ -188,7 +207,7 @@ def _pack_shard(task) -> dict:
             if landmarks is not None:
                 points = landmarks.get(os.path.normpath(ref))
                 if points is None:
-                    skipped.append((ref, "no landmarks for this image"))
+                    skipped.append((ref, NO_LANDMARKS))
                     continue
             try:
                 jpeg = prepare_image(source.read(ref), image_size, points, quality)
@@ -216,19 +235,35 @@ def pack(source, out_dir: str, options: PackOptions | None = None) -> PackSummar
     options.validate()
     refuse_output_inside(out_dir, getattr(source, "read_folders", ()))
     started = time.perf_counter()
+    landmarks = _read_landmarks(source, options)   # before the lock: a bad file leaves no folder behind
     with output_lock(out_dir):
-        summary = _pack_locked(source, out_dir, options)
+        summary = _pack_locked(source, out_dir, options, landmarks)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _pack_locked(source, out_dir: str, options: PackOptions) -> PackSummary:
-    """:func:`pack` once the output folder is locked."""
-    landmarks, landmark_digest = None, ""
-    if options.landmarks:
-        landmarks = read_landmarks(options.landmarks)
-        with open(options.landmarks, "rb") as stream:
-            landmark_digest = hashlib.sha256(stream.read()).hexdigest()
+def _read_landmarks(source, options: PackOptions) -> tuple[dict | None, str]:
+    """(landmarks by normalised source reference, sha256 of the file), or (None, "") without
+    alignment. DataError when ``options.missing_landmarks`` is "error" and a source image has no
+    row, naming how many the file covers and the first ones it lacks."""
+    if not options.landmarks:
+        return None, ""
+    landmarks = read_landmarks(options.landmarks)
+    with open(options.landmarks, "rb") as stream:
+        digest = hashlib.sha256(stream.read()).hexdigest()
+    if options.missing_landmarks == "error":
+        missing = [ref for ref, _ in source.items if os.path.normpath(ref) not in landmarks]
+        if missing:
+            total = len(source.items)
+            raise DataError(f"landmark file {options.landmarks} covers {total - len(missing)} of the {total} "
+                            f"source images; none for {len(missing)} (first: {', '.join(missing[:3])}). Give "
+                            f"every image a row, or leave those images out with --missing-landmarks skip")
+    return landmarks, digest
+
+
+def _pack_locked(source, out_dir: str, options: PackOptions, landmark_file: tuple[dict | None, str]) -> PackSummary:
+    """:func:`pack` once the output folder is locked; ``landmark_file`` from :func:`_read_landmarks`."""
+    landmarks, landmark_digest = landmark_file
     claim_output(out_dir, _plan_fingerprint(source, options, landmark_digest))
     order = np.random.default_rng(options.seed).permutation(len(source.items))
     num_shards = (len(order) + options.shard_size - 1) // options.shard_size

@@ -159,16 +159,16 @@ class StepGuard:
         self._counts: torch.Tensor | None = None
 
     def control(self, stop_requested: bool = False, save_due: bool = False, error: BaseException | None = None,
-                what: str = "loading the step's batches", step: int | None = None) -> StepDecision:
+                what: str = "loading the step's batches") -> StepDecision:
         """Collective over the control group (every rank calls it once per step, before any other
         collective of the step): ``error`` on any rank is raised on every rank as
         ``"{what} failed on rank R: …"``; else a stop requested on any rank stops every rank after
-        this step, and ``save_due`` on any rank saves after it. No device is involved."""
+        this step, and ``save_due`` on any rank saves after it. No device is involved. A
+        decision's ``reason`` names no step: the caller knows where it stops and says it once."""
         flags = agree_on_error(error, what, self.control_group,
                                flags={"stop": int(stop_requested), "save": int(save_due)})
         stop, save = bool(flags["stop"]), bool(flags["save"])
-        where = f"step {step}: " if step is not None else ""
-        return StepDecision(stop, f"{where}stop requested by a signal" if stop else "", save)
+        return StepDecision(stop, "stop requested by a signal" if stop else "", save)
 
     def found_inf(self, loss: torch.Tensor, *finite: torch.Tensor | bool | None) -> torch.Tensor:
         """Collective on the device group: the step's skip mask, a 0-d float tensor on ``loss``'s
@@ -193,8 +193,9 @@ class StepGuard:
 
     def review(self, step: int | None = None) -> StepDecision:
         """Read the counts (one host synchronisation, the same values on every rank: no collective):
-        warn about the steps skipped since the last review and decide whether to give up. Call it at
-        log steps, and before a save (so that the saved count is exact)."""
+        warn about the steps skipped since the last review (the warning names ``step``) and decide
+        whether to give up. Call it at log steps, and before a save (so that the saved count is
+        exact)."""
         if self._counts is None:
             return StepDecision()
         consecutive, longest, total = (int(value) for value in self._counts.tolist())
@@ -207,6 +208,5 @@ class StepGuard:
                            longest, consecutive, total)
         if self.max_consecutive_skips and longest >= self.max_consecutive_skips:
             self.gave_up = True
-            return StepDecision(True, f"{where}{longest} consecutive non-finite losses "
-                                      f"(limit {self.max_consecutive_skips}); stopping")
+            return StepDecision(True, f"{longest} consecutive non-finite losses (limit {self.max_consecutive_skips})")
         return StepDecision()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from pfc.errors import DataError
+from pfc.errors import CheckpointError, DataError
 from pfc.evaluation.roc import NUM_FOLDS, VerificationResult, verification_metrics
 
 
@@ -215,7 +215,14 @@ def embed_images(backbone: torch.nn.Module, images: list, image_size: int = 112,
 
 
 def evaluate(backbone: torch.nn.Module, pairs: VerificationSet, image_size: int = 112,
-             batch_size: int = 64, device=None) -> VerificationResult:
-    """Embed every image of ``pairs`` (flip-averaged, normalised) and apply :func:`verification_metrics`."""
+             batch_size: int = 64, device=None, require_finite: bool = False) -> VerificationResult:
+    """Embed every image of ``pairs`` (flip-averaged, normalised) and apply :func:`verification_metrics`.
+    ``require_finite``: CheckpointError when an embedding holds inf/NaN (metrics of such
+    embeddings look plausible, e.g. accuracy 0.5, but mean nothing)."""
     embeddings = embed_images(backbone, pairs.images, image_size, batch_size, device)
+    if require_finite:
+        bad = int((~np.isfinite(embeddings).all(axis=1)).sum())
+        if bad:
+            raise CheckpointError(f"the backbone gives inf/NaN embeddings for {bad} of {len(embeddings)} "
+                                  f"images of {pairs.name}")
     return verification_metrics(embeddings[0::2], embeddings[1::2], pairs.issame, name=pairs.name)

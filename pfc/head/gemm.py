@@ -6,7 +6,8 @@ statistics and gradients stay fp32. Every product that involves the centers goes
 
 - **fp32 (or fp64) storage**: a plain ``torch.mm`` in that type.
 - **narrow storage on a GPU** (any device but the CPU; also ``meta`` and fake CUDA tensors, so the
-  capacity planner sees the real kernels): ``torch.mm(a, b, out_dtype=torch.float32)``: both
+  capacity planner sees the real kernels): ``torch.mm(a, b, out_dtype=torch.float32)`` (and
+  ``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)`` to accumulate): both
   operands in the storage type (the fp32 one is rounded to it), fp32 accumulation, fp32 output.
   Rounding the fp32 operand costs ≈ 2⁻⁹ relative per element, ≈ 2⁻⁹/√D on a cosine (1e-4 at
   D = 512, 0.006 of a logit at s = 64); the output is never rounded to the narrow type.
@@ -57,7 +58,9 @@ class StorageGemm:
         return torch.mm(a, b, out_dtype=torch.float32, out=out)
 
     def addmm_(self, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """``out += a·b`` in fp32."""
+        """``out += a·b`` in fp32: one GEMM accumulating into ``out`` (narrow operands:
+        ``addmm(out_dtype=float32)``, the GEMM's epilogue adds ``out``; no ``[n, m]`` product
+        block and no second pass)."""
         if a.dtype in _WIDE:
             return out.addmm_(a, b)
-        return out.add_(torch.mm(a, b, out_dtype=torch.float32))
+        return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)

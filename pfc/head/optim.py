@@ -15,9 +15,11 @@ import numpy as np
 import torch
 
 from pfc.distributed.collectives import get_rank
-from pfc.head.rounding import check_rounding, is_narrow, round_into
+from pfc.head.kernels import KERNEL_CHOICES, resolve_kernels
+from pfc.head.kernels.rows import RowStep, counter_seed, row_kernels
+from pfc.head.rounding import check_rounding, is_narrow
 from pfc.head.scratch import ScratchBlocks
-from pfc.torch_private import fused_sgd_, uncoalesced_rows
+from pfc.torch_private import uncoalesced_rows
 
 
 class SparseRowSGD(torch.optim.Optimizer):
@@ -64,6 +66,13 @@ class SparseRowSGD(torch.optim.Optimizer):
     rounding: ``p.grad`` is stored in the parameter's type (autograd rounds the head's gradient to
     it), while the backward hands its float32 gradient over directly.
 
+    ``kernels``: the implementation of the row update (:mod:`pfc.head.kernels.rows`): ``"torch"``
+    (the reference; each chunk as described above) or ``"triton"`` (one kernel per call that
+    gathers, widens, updates, rounds and scatters; its stochastic rounding draws from Philox keyed
+    by the same ``(seed, rank, update, parameter)`` instead of the generator), or ``"auto"``
+    (:func:`pfc.head.kernels.resolve_kernels` on the parameters' device), resolved once into
+    :attr:`kernels`. ``PartialFC.optimizer`` passes the head's own choice.
+
     No method reads a tensor value on the host for the head's gradients: a sparse gradient that
     reaches the parameter flagged coalesced (the head's) while ``p.grad`` is None is noted on its
     way in (a gradient hook) and used as it is; any other sparse gradient is checked (one host
@@ -72,7 +81,7 @@ class SparseRowSGD(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  momentum_dtype: torch.dtype | None = None, chunk_rows: int = 1024,
-                 rounding: str = "stochastic", seed: int = 0):
+                 rounding: str = "stochastic", seed: int = 0, kernels: str = "torch"):
         if not lr >= 0:
             raise ValueError(f"learning rate {lr} must be >= 0")
         if not 0 <= momentum < 1:
@@ -82,6 +91,8 @@ class SparseRowSGD(torch.optim.Optimizer):
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows {chunk_rows} must be >= 1")
         check_rounding(rounding)
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
         if momentum_dtype is not None and not momentum_dtype.is_floating_point:
             raise ValueError(f"momentum_dtype {momentum_dtype} is not a floating-point type")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
@@ -92,6 +103,7 @@ class SparseRowSGD(torch.optim.Optimizer):
         self.rank = get_rank()
         self.updates = 0
         self.found_inf: torch.Tensor | None = None
+        self.old_rows: OldRows | None = None
         self._scratch = ScratchBlocks(min_rows=chunk_rows)
         self._generators: dict[torch.device, torch.Generator] = {}
         self._noted_gradients: dict[torch.Tensor, tuple[int, int] | None] = {}
@@ -104,6 +116,9 @@ class SparseRowSGD(torch.optim.Optimizer):
                         param, dtype=momentum_dtype or param.dtype, memory_format=torch.contiguous_format)
                 if param.requires_grad:
                     _note_gradients_of(self, param)
+        first = next((p for group in self.param_groups for p in group["params"]), None)
+        self.kernels = resolve_kernels(kernels, None if first is None else first.device)
+        self.row_kernels = row_kernels(self.kernels)
 
     def state_dict(self):
         state = super().state_dict()
@@ -141,7 +156,7 @@ class SparseRowSGD(torch.optim.Optimizer):
         for index, param in with_grad:
             rows, values = _row_gradient(param.grad, self._noted_gradients.get(param))
             rows = slice(0, values.shape[0]) if rows is None else rows
-            self._apply(param, rows, values, None, self._start(param, index, update, None))
+            self.apply_rows(param, rows, values, self._start(param, index, update, None))
         return loss
 
     @torch.no_grad()
@@ -159,7 +174,7 @@ class SparseRowSGD(torch.optim.Optimizer):
         """
         update = self.updates
         self.updates += 1
-        self._apply(param, rows, grad, weight_rows, self.start_update(param, update, skip))
+        self.apply_rows(param, rows, grad, self.start_update(param, update, skip), weight_rows=weight_rows)
 
     def start_update(self, param: torch.Tensor, update: int, skip: torch.Tensor | None = None) -> RowUpdate:
         """The :class:`RowUpdate` of update number ``update`` of ``param`` (its random stream
@@ -167,6 +182,18 @@ class SparseRowSGD(torch.optim.Optimizer):
         index = next(i for i, p in enumerate(p for group in self.param_groups for p in group["params"])
                      if p is param)
         return self._start(param, index, update, skip)
+
+    def keep_old_rows(self) -> OldRows:
+        """From now on, each update in the head's backward (:class:`UpdateInBackward`) also writes
+        the values its rows had before it (weights and momentum) into the returned
+        :class:`OldRows`, in the same pass (:class:`pfc.train.rollback.StepRollback` puts them back
+        when the guard skips the step); :meth:`drop_old_rows` stops it."""
+        self.old_rows = OldRows()
+        return self.old_rows
+
+    def drop_old_rows(self) -> None:
+        """Stop writing the old rows (see :meth:`keep_old_rows`)."""
+        self.old_rows = None
 
     def _start(self, param, index, update, skip) -> RowUpdate:
         group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
@@ -183,95 +210,62 @@ class SparseRowSGD(torch.optim.Optimizer):
                 generator = self._generators[param.device] = torch.Generator(device=param.device)
             generator.manual_seed(int(np.random.SeedSequence([self.seed, self.rank, update, index]).generate_state(1)[0]))
         found_inf = None if combined is None else combined.to(device=param.device, dtype=torch.float32)
-        return RowUpdate(group, buffer, generator, found_inf)
+        step = RowStep(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+                       rounding=self.rounding, found_inf=found_inf, generator=generator,
+                       seed=counter_seed(self.seed, self.rank, update, index) if self.kernels == "triton" else 0)
+        return RowUpdate(step, buffer)
 
-    def _apply(self, param, rows, grad, weight_rows, update: RowUpdate, wide_rows=None, chunk_rows=None) -> None:
-        """Update ``rows`` (a slice or row ids) chunk by chunk (``chunk_rows``, default
-        :attr:`chunk_rows`); ``weight_rows`` holds ``param[rows]`` (row ids only; else gathered
-        here), ``wide_rows`` optionally the same values in the compute type (narrow storage:
-        spares the widening copy; overwritten)."""
-        buffer = update.buffer
-        chunk_rows = chunk_rows or self.chunk_rows
-        if isinstance(rows, slice):
-            first, last, _ = rows.indices(param.shape[0])
-            for start in range(first, last, chunk_rows):
-                stop = min(start + chunk_rows, last)
-                self._update_rows(param[start:stop], None if buffer is None else buffer[start:stop],
-                                  grad[start - first:stop - first], update,
-                                  None if wide_rows is None else wide_rows[start - first:stop - first])
-            return
-        for start in range(0, rows.numel(), chunk_rows):
-            stop = min(start + chunk_rows, rows.numel())
-            index = rows[start:stop]
-            weight_chunk = weight_rows[start:stop] if weight_rows is not None else torch.index_select(
-                param, 0, index, out=self._scratch.get("weight", stop - start, param))
-            buffer_chunk = None if buffer is None else torch.index_select(
-                buffer, 0, index, out=self._scratch.get("momentum", stop - start, buffer))
-            self._update_rows(weight_chunk, buffer_chunk, grad[start:stop], update,
-                              None if wide_rows is None else wide_rows[start:stop])
-            param.index_copy_(0, index, weight_chunk)
-            if buffer is not None:
-                buffer.index_copy_(0, index, buffer_chunk)
-
-    def _update_rows(self, weight, buffer, grad, update: RowUpdate, wide=None):
-        """One chunk: ``weight`` and ``buffer`` (storage types) updated in place from ``grad``, in
-        one fused pass (:func:`_sgd_pass`) over the compute-type values: the storage itself, or
-        widened (or made contiguous) copies in scratch blocks (``wide``: the caller's, for the
-        weights) that are then rounded (or copied) back."""
-        rows = len(grad)
-        compute = _compute_dtype(weight.dtype)
-
-        def operand(tensor, name):   # the kernel reads contiguous memory: else a scratch copy
-            if tensor is None or (tensor.dtype == compute and tensor.is_contiguous()):
-                return tensor
-            return self._scratch.get(name, rows, _like(tensor, compute)).copy_(tensor)
-
-        w = wide if wide is not None and weight.dtype != compute else operand(weight, "w_compute")
-        g, v = operand(grad, "g_compute"), operand(buffer, "v_compute")
-        _sgd_pass(w, v, g, update.group, update.found_inf)
-        # a skipped update leaves w and v as they were, which round back to themselves exactly
-        if v is not buffer:
-            round_into(buffer, v, self.rounding, update.generator, self._scratch)
-        if w is not weight:
-            round_into(weight, w, self.rounding, update.generator, self._scratch)
-
-
-def _sgd_pass(weight, momentum, grad, group, found_inf) -> None:
-    """``d = grad + wd·w; v = μ·v + d; w = w − lr·v`` in place on contiguous tensors, unless
-    ``found_inf`` (a 0-d float32 tensor on their device, 1.0 = skip) says to leave both unchanged:
-    one pass of torch's fused SGD kernel (:func:`pfc.torch_private.fused_sgd_`; ``torch.optim.SGD``'s
-    arithmetic, bit for bit on the CPU over whole vectors, its scalar tail may fuse a multiply-add),
-    the skip decided on the device. One pass instead of four and no ``torch.where`` for a possible
-    skip (measured on a 2048 × 512 chunk, one thread: 0.68 ms against 1.89 ms). With μ = 0 the
-    buffer is left alone, as ``torch.optim.SGD`` leaves it."""
-    use_momentum = momentum is not None and group["momentum"] != 0
-    fused_sgd_(weight, grad, momentum if use_momentum else None, lr=group["lr"],
-               momentum_factor=group["momentum"] if use_momentum else 0.0, weight_decay=group["weight_decay"],
-               found_inf=found_inf)
+    def apply_rows(self, param, rows, grad, update: RowUpdate, weight_rows=None, wide_rows=None, old_rows=None,
+                   chunk_rows=None) -> None:
+        """Apply the update ``update`` (from :meth:`start_update`; no count taken) to ``rows`` (a
+        slice or row ids) of ``param`` and its momentum from ``grad`` with the chosen implementation
+        (:mod:`pfc.head.kernels.rows`: one Triton kernel, or torch chunk by chunk, ``chunk_rows``,
+        default :attr:`chunk_rows`); what :class:`UpdateInBackward` calls. ``weight_rows`` holds
+        ``param[rows]`` (row ids only; else gathered), ``wide_rows`` optionally the same values in
+        the compute type (narrow storage: spares the widening copy; overwritten), ``old_rows``
+        receives the values before the update."""
+        self.row_kernels.apply_rows(param, update.buffer, rows, grad, update.step, weight_rows=weight_rows,
+                                    wide_rows=wide_rows, old_rows=old_rows, scratch=self._scratch,
+                                    chunk_rows=chunk_rows or self.chunk_rows)
 
 
 _STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _like(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A 0-row stand-in with ``tensor``'s trailing shape and device and ``dtype``, for ScratchBlocks."""
-    return tensor.new_empty((0, *tensor.shape[1:]), dtype=dtype)
-
-
 @dataclass(frozen=True)
 class RowUpdate:
-    """One update of one parameter: its param group, momentum buffer, the seeded random stream
-    of stochastic rounding (None when nothing is rounded stochastically) and the 0-d skip mask
-    on the device as the fused kernel takes it (float32, 1.0 = skip, else 0.0; None: nothing to skip)."""
+    """One update of one parameter: its arithmetic, skip mask and randomness
+    (:class:`pfc.head.kernels.rows.RowStep`, fixed when the update starts: an LR scheduler's
+    change shows at the next update) and its momentum buffer (None without momentum)."""
 
-    group: dict
+    step: RowStep
     buffer: torch.Tensor | None
-    generator: torch.Generator | None
-    found_inf: torch.Tensor | None
+
+
+class OldRows:
+    """The values the rows of the last update in the backward had before it (:meth:`SparseRowSGD.keep_old_rows`):
+    ``rows`` the row ids updated (None: all rows), ``weight`` and ``momentum`` (None without a
+    momentum buffer) ``[n, D]`` in their storage types, in the order of ``rows``; ``filled`` says
+    whether an update wrote them since the owner last cleared it. The blocks are reused across
+    updates (grown when too small)."""
+
+    def __init__(self):
+        self.rows: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = None
+        self.momentum: torch.Tensor | None = None
+        self.filled = False
+        self._blocks = ScratchBlocks()
+
+    def prepare(self, weight: torch.Tensor, momentum: torch.Tensor | None,
+                index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Blocks for an update of rows ``index`` (None: all rows) of ``weight`` and ``momentum``,
+        marked filled (the update writes them before it writes anything else)."""
+        count = weight.shape[0] if index is None else index.numel()
+        self.rows = index
+        self.weight = self._blocks.get("weight", count, weight)
+        self.momentum = None if momentum is None else self._blocks.get("momentum", count, momentum)
+        self.filled = True
+        return self.weight, self.momentum
 
 
 def _note_gradients_of(optimizer: SparseRowSGD, param: torch.Tensor) -> None:
@@ -322,7 +316,9 @@ class UpdateInBackward:
     each chunk (``by_chunk``: the rows are updated in place while they are still in cache, and
     no gradient block is needed); otherwise (MHE adds to the positive rows after the loop) it
     fills a gradient block and calls :meth:`finish` once. A non-finite loss (or the optimizer's
-    ``found_inf``) updates nothing, decided on the device: no host sync.
+    ``found_inf``) updates nothing, decided on the device: no host sync. When the optimizer keeps
+    the old rows (:meth:`SparseRowSGD.keep_old_rows`), the update writes them in the same pass
+    (``old``).
     """
 
     optimizer: SparseRowSGD
@@ -330,6 +326,7 @@ class UpdateInBackward:
     index: torch.Tensor | None
     update: RowUpdate
     by_chunk: bool
+    old: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @classmethod
     def begin(cls, optimizer: SparseRowSGD, weight: torch.Tensor, index: torch.Tensor | None,
@@ -346,7 +343,8 @@ class UpdateInBackward:
         number = optimizer.updates
         optimizer.updates += 1
         update = optimizer.start_update(weight, number, skip=~torch.isfinite(loss))
-        return cls(optimizer, weight, index, update, by_chunk)
+        old = None if optimizer.old_rows is None else optimizer.old_rows.prepare(weight, update.buffer, index)
+        return cls(optimizer, weight, index, update, by_chunk, old)
 
     def chunk(self, start: int, stop: int, grad_rows: torch.Tensor, rows: torch.Tensor,
               wide_rows: torch.Tensor | None = None) -> None:
@@ -358,11 +356,13 @@ class UpdateInBackward:
         wide_rows = wide_rows if wide_rows is not None and wide_rows.dtype != rows.dtype else None
         # the head's chunk in one piece: its rows are in cache, and fewer, larger ops
         where = slice(start, stop) if self.index is None else self.index[start:stop]
-        self.optimizer._apply(self.weight, where, grad_rows, None if self.index is None else rows, self.update,
-                              wide_rows, chunk_rows=stop - start)
+        old = None if self.old is None else (self.old[0][start:stop],
+                                             None if self.old[1] is None else self.old[1][start:stop])
+        self.optimizer.apply_rows(self.weight, where, grad_rows, self.update, None if self.index is None else rows,
+                              wide_rows, old, chunk_rows=stop - start)
 
     def finish(self, grad_values: torch.Tensor) -> None:
         """Update all sampled rows given their gradient ``[S, D]`` (when not done chunk by chunk)."""
         if not self.by_chunk:
             rows = slice(0, grad_values.shape[0]) if self.index is None else self.index
-            self.optimizer._apply(self.weight, rows, grad_values, None, self.update)
+            self.optimizer.apply_rows(self.weight, rows, grad_values, self.update, old_rows=self.old)

@@ -39,6 +39,7 @@ from torch import nn
 
 from pfc.distributed.agree import agree_on_error
 from pfc.distributed.collectives import gather_rows_and_labels, get_rank, get_world_size
+from pfc.head.chunking import auto_chunk_rows
 from pfc.head.kernels import KERNEL_CHOICES, resolve_kernels
 from pfc.head.margins import ArcFace, Margin
 from pfc.head.norms import NORM_EPS
@@ -104,7 +105,10 @@ class PartialFC(nn.Module):
     collective input check of each forward (host syncs); turn it off on steady-state steps when
     the labels are checked elsewhere (the trainer checks them on the loader's CPU tensors).
     ``kernels``: ``"auto"`` (Triton on CUDA when it imports, else torch), ``"torch"`` or
-    ``"triton"`` (:mod:`pfc.head.kernels`), resolved once into :attr:`kernels`.
+    ``"triton"`` (:mod:`pfc.head.kernels`), resolved once into :attr:`kernels`. ``chunk_rows``:
+    sampled centers per chunk of the fused softmax; None (the default): 2,048 on the CPU, from a
+    scratch-memory budget on a GPU (:mod:`pfc.head.chunking`); :attr:`last_chunk_rows` says what
+    the last forward used.
 
     Optional terms, added to the returned loss: ``mhe`` (:class:`pfc.head.regularizers.MHE`, weight·E
     on the sampled centers), ``triplet`` (:class:`pfc.head.regularizers.AngularTriplet`, weight·term on
@@ -121,7 +125,7 @@ class PartialFC(nn.Module):
 
     def __init__(self, num_classes: int, embedding_size: int, margin: Margin | None = None,
                  sample_rate: float = 1.0, group=None, seed: int = 0, init_std: float = 0.01,
-                 chunk_rows: int = 2048, dtype: torch.dtype = torch.float32, device=None,
+                 chunk_rows: int | None = None, dtype: torch.dtype = torch.float32, device=None,
                  mhe: MHE | None = None, triplet: AngularTriplet | None = None,
                  interclass_filter: float | None = None, interclass_filter_mode: str = "exclude",
                  logits: str = "auto", logits_budget: float = 0.1, check_inputs: bool = True,
@@ -144,6 +148,7 @@ class PartialFC(nn.Module):
         self.sample_rate = float(sample_rate)
         self.seed = seed
         self.chunk_rows = chunk_rows
+        self.last_chunk_rows: int | None = None   # the rows per chunk the last forward used
         self.mhe = mhe
         self.triplet = triplet
         self.interclass_filter = interclass_filter
@@ -153,10 +158,15 @@ class PartialFC(nn.Module):
         self.check_inputs = check_inputs
         self.weight = nn.Parameter(init_centers(num_classes, embedding_size, self.class_start,
                                                 self.num_local, seed, init_std, dtype, device))
-        # "torch" or "triton", decided once: forward, backward and the update run on one implementation
-        self.kernels = resolve_kernels(kernels, self.weight.device)
         # features, margins, softmax statistics and the loss: fp32 whatever the storage type
         self.compute_dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        # "torch" or "triton", decided once: forward, backward and the update run on one implementation
+        self.kernels = resolve_kernels(kernels, self.weight.device)
+        if self.kernels == "triton" and self.compute_dtype != torch.float32:
+            if kernels == "triton":
+                raise ValueError(f"kernels='triton' computes in fp32; centers stored in {self.weight.dtype} "
+                                 "need kernels='torch'")
+            self.kernels = "torch"   # auto: fp64 centers stay on the torch path
         self.iteration = 0
         self._forwards_this_iteration = 0
         self._stats: dict[str, torch.Tensor] = {}
@@ -165,7 +175,7 @@ class PartialFC(nn.Module):
         self.last_sample: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
     @staticmethod
-    def check_options(*, sample_rate: float, embedding_size: int, chunk_rows: int = 2048,
+    def check_options(*, sample_rate: float, embedding_size: int, chunk_rows: int | None = None,
                       interclass_filter: float | None = None, interclass_filter_mode: str = "exclude",
                       logits: str = "auto", logits_budget: float = 0.1, kernels: str = "auto") -> None:
         """Raise ValueError naming the first option the head cannot use (the constructor's checks,
@@ -174,8 +184,8 @@ class PartialFC(nn.Module):
             raise ValueError(f"sample_rate={sample_rate} outside (0, 1]")
         if embedding_size < 1:
             raise ValueError(f"embedding_size={embedding_size} must be >= 1")
-        if chunk_rows < 1:
-            raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
+        if chunk_rows is not None and chunk_rows < 1:
+            raise ValueError(f"chunk_rows={chunk_rows} must be >= 1 (None, or 0 in the config: automatic)")
         if interclass_filter is not None and not -1.0 <= interclass_filter <= 1.0:
             raise ValueError(f"interclass_filter={interclass_filter} outside [-1, 1] (it is a cosine)")
         if interclass_filter_mode not in FILTER_MODES:
@@ -218,7 +228,8 @@ class PartialFC(nn.Module):
                   update_in_backward: bool = False, **options) -> SparseRowSGD:
         """The center optimizer: SGD that updates only the rows sampled this step
         (see :class:`pfc.head.optim.SparseRowSGD`; ``options``: ``momentum_dtype``, ``chunk_rows``
-        (for ``step()``), ``rounding``, ``seed``).
+        (for ``step()``), ``rounding``, ``seed``). It updates the rows with the head's kernels
+        (:attr:`kernels`: torch, or one Triton kernel per chunk).
 
         ``update_in_backward=True``: the update is applied inside the head's backward, chunk by
         chunk, with the same result bit for bit (D a multiple of 16), and ``weight.grad`` is never stored (``step()``
@@ -233,7 +244,10 @@ class PartialFC(nn.Module):
         schedulers work unchanged. The trainer uses it unless fp16 loss scaling, gradient
         accumulation or DeepSpeed is on.
         """
-        optimizer = SparseRowSGD([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay, **options)
+        if "kernels" in options:
+            raise ValueError("the head's optimizer runs the head's kernels: choose them with PartialFC(kernels=...)")
+        optimizer = SparseRowSGD([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                 kernels=self.kernels, **options)
         self._optimizer_in_backward = optimizer if update_in_backward else None
         return optimizer
 
@@ -246,11 +260,15 @@ class PartialFC(nn.Module):
             features, labels = gather_rows_and_labels(features, labels.to(self.weight.device), self.group,
                                                       grad_scale=self.world_size)
             index, target = self._sample(labels)
+            columns = features.shape[0] * (2 if self.mhe is not None else 1)
+            self.last_chunk_rows = self.chunk_rows or auto_chunk_rows(
+                self.weight.device, columns, self.embedding_size, self.weight.dtype)
             ce, accuracy, energy = sharded_margin_softmax(
-                features, self.weight, index, target, self.margin, self.group, self.chunk_rows, self._workspace,
+                features, self.weight, index, target, self.margin, self.group, self.last_chunk_rows, self._workspace,
                 self.interclass_filter, self.mhe, self._optimizer_in_backward if self.training else None,
                 filter_mode=self.interclass_filter_mode, keep_logits=self._keep_logits(features.shape[0], index),
-                check_upstream=self.check_inputs, keep_rows=self.compute_dtype == self.weight.dtype)
+                check_upstream=self.check_inputs, keep_rows=self.compute_dtype == self.weight.dtype,
+                kernels=self.kernels)
             loss = ce
             stats = {"ce": ce.detach(), "accuracy": accuracy}
             if self.mhe is not None:

@@ -9,14 +9,14 @@ over the centers so that the ``[S, B]`` exps never exist at once):
 
 0. the target cosines and the margin there, once for all rows (:meth:`Targets.measure`: the B
    target centers gathered, ``ŵ_y·x̂``), and the target cells of every chunk;
-1. chunk logits (:func:`_chunk_cosines`, :func:`_chunk_logits`): ``z = s·r·(w·x)`` in one pass,
+1. chunk logits (:func:`_chunk_cosines`, the chunk kernels' ``forward``): ``z = s·r·(w·x)`` in one pass,
    with the margin logits written into the target cells (:class:`pfc.head.targets.Targets`:
    dense, no host sync); a non-target logit above the inter-class filter leaves the softmax or
-   becomes 0 (:class:`_Filter`);
+   becomes 0 (:class:`pfc.head.kernels.softmax_chunk.ChunkFilter`);
    with MHE the same GEMM yields the cosines against the positive centers, whose energy the MHE
    pieces sum (:class:`pfc.head.regularizers.ShardEnergy`). The GEMM runs in the centers'
    storage type with an fp32 result (:class:`pfc.head.gemm.StorageGemm`);
-2. online row statistics (:class:`_RowStatistics`): each row's local max and sum of exps;
+2. online row statistics (the same ``forward``, in the same pass): each row's local max and sum of exps;
 3. global row max (:func:`_global_row_max`): one MAX all-reduce, no gradient through it;
 4. sum of exps, target logits and MHE sums (:func:`_global_sums`): one SUM all-reduce;
 5. loss ``mean_i(log Σ_j exp(z_ij − m_i) + m_i − z_i,y)`` and accuracy.
@@ -25,16 +25,19 @@ Backward (no collective, except MHE's one): per chunk, from the kept logits or, 
 ``keep_logits=False``, from the chunk's logits recomputed (the same GEMM and steps 1a–1b on the
 same inputs: bit-identical, with the kept rows reused when updating in the backward, fp32 storage),
 
-6. gradient chunk (:func:`_softmax_grad_chunk`): ``G = c·(softmax − onehot)·dz_y/dcos``, its
+6. gradient chunk (the chunk kernels' ``backward``): ``G = c·(softmax − onehot)·dz_y/dcos``, its
    target cells computed once for all rows (:func:`_target_grad`);
 7. MHE gradient (:meth:`ShardEnergy.chunk_grad`) beside it;
 8. the center gradient (:func:`_center_grad_chunk`) and the feature gradient;
 9. the update seam (:class:`pfc.head.optim.UpdateInBackward`): the optimizer applied to the
    chunk's rows instead of returning their gradient, when asked for.
+
+Steps 1b–2 and 6 (the elementwise work on each chunk's ``[S_c, B]`` block) run through the
+softmax chunk seam (:mod:`pfc.head.kernels.softmax_chunk`): torch ops, or one Triton launch per
+chunk and pass, chosen by ``kernels``; the GEMMs, the MHE columns and the collectives stay here.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +46,7 @@ import torch.distributed as dist
 
 from pfc.distributed.collectives import all_reduce_
 from pfc.head.gemm import StorageGemm
+from pfc.head.kernels.softmax_chunk import FILTER_MODES, ChunkFilter, softmax_kernels
 from pfc.head.margins import Margin
 from pfc.head.norms import inverse_norms
 from pfc.head.optim import SparseRowSGD, UpdateInBackward
@@ -50,19 +54,21 @@ from pfc.head.regularizers import MHE
 from pfc.head.scratch import Workspace
 from pfc.head.targets import Targets
 
-_EXCLUDED_LOGIT = -1e30  # a filtered logit left out of the softmax: exp() is exactly 0
-FILTER_MODES = ("exclude", "zero")
+__all__ = ["FILTER_MODES", "LOGITS_MODES", "SoftmaxOptions", "sharded_margin_softmax"]
+
 LOGITS_MODES = ("auto", "keep", "recompute")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SoftmaxOptions:
     """What the sharded softmax needs besides its tensors, as one argument of the autograd
-    function (the fields are the arguments of :func:`sharded_margin_softmax`)."""
+    function (the fields are the arguments of :func:`sharded_margin_softmax`; ``kernels``: the
+    softmax chunk's implementation, :func:`pfc.head.kernels.softmax_chunk.softmax_kernels`)."""
 
     margin: Margin
     group: Any = None
     chunk_rows: int = 2048
+    kernels: str = "torch"
     workspace: Workspace = field(default_factory=Workspace)
     filter_threshold: float | None = None
     mhe: MHE | None = None
@@ -71,49 +77,6 @@ class SoftmaxOptions:
     keep_logits: bool = True
     check_upstream: bool = True
     keep_rows: bool = True
-
-
-class _RowStatistics:
-    """Step 2: each row's max and sum of ``exp(z − max)`` over the chunks seen so far."""
-
-    def __init__(self, num_rows: int, like: torch.Tensor):
-        self.max = like.new_full((num_rows,), -math.inf)
-        self.sum = like.new_zeros(num_rows)
-
-    def add(self, chunk: torch.Tensor, workspace: Workspace) -> None:
-        chunk_max = torch.maximum(chunk.amax(dim=0), self.max)
-        self.sum.mul_(torch.exp(self.max - chunk_max))
-        self.max = chunk_max
-        shifted = torch.sub(chunk, self.max, out=workspace.get("softmax", chunk.shape[0], chunk))
-        self.sum += shifted.exp_().sum(dim=0)  # in place: the exps never need their own block
-
-
-class _Filter:
-    """Inter-class filtering of a chunk's logits ``z [S_c, B]`` (target cells never filtered): a
-    non-target logit above ``s·t`` is left out of the softmax (``exclude``: its exp is 0) or
-    replaced by 0 (``zero``, insightface's recipes: the cosine times 0, so it still adds exp(0)
-    and passes no gradient). The kept logits stay unfiltered; the forward's statistics see the
-    filtered values and the backward zeroes the filtered cells' gradient (in both modes: a
-    constant logit), so both passes decide by the same test on the same values."""
-
-    def __init__(self, threshold: float | None, mode: str, scale: float):
-        self.limit = None if threshold is None else scale * threshold
-        self.fill = _EXCLUDED_LOGIT if mode == "exclude" else 0.0
-
-    def mask(self, chunk, cells, workspace):
-        """The filtered cells of ``chunk`` (None without a threshold)."""
-        if self.limit is None:
-            return None
-        noisy = torch.gt(chunk, self.limit, out=workspace.get("noisy", chunk.shape[0], chunk.new_empty(
-            (0, chunk.shape[1]), dtype=torch.bool)))
-        cells.put(noisy, False)
-        return noisy
-
-    def apply(self, chunk, noisy, workspace):
-        """The logits the softmax sees: ``chunk`` itself, or a filtered copy in a scratch block."""
-        if noisy is None:
-            return chunk
-        return workspace.get("filtered", chunk.shape[0], chunk).copy_(chunk).masked_fill_(noisy, self.fill)
 
 
 def _chunk_rows(weight, index, start, stop, workspace, kept=None):
@@ -127,7 +90,7 @@ def _chunk_rows(weight, index, start, stop, workspace, kept=None):
 
 def _chunk_cosines(rows, operand, block, gemm, inv_norm=None):
     """Step 1a: the products ``block = rows·operandᵀ`` (fp32 whatever the storage type; scaled
-    into cosines and logits by :func:`_chunk_logits`), and ``r = 1/‖row‖`` written to
+    into logits by the chunk kernels and into cosines by :func:`_mhe_cosines_`), and ``r = 1/‖row‖`` written to
     ``inv_norm`` when given (returned, else None)."""
     rows = gemm.rows(rows)
     inv = inverse_norms(rows, out=inv_norm) if inv_norm is not None else None
@@ -135,18 +98,11 @@ def _chunk_cosines(rows, operand, block, gemm, inv_norm=None):
     return block, inv
 
 
-def _chunk_logits(block, scaled_inv, inv, num_rows, target_logit, cells):
-    """Step 1b: the products ``block [S_c, B(+B)]`` → logits in place: ``s·r·(w·x)`` in the first
-    ``num_rows`` columns (``scaled_inv = s·r``; one pass, unclamped: |cos| ≤ 1 up to rounding) with
-    the margin logits ``target_logit [B]`` (``s·margin(cos_y)``, :meth:`Targets.measure`) at the
-    target cells, and the cosines ``clamp(r·(w·p), −1, 1)`` in the MHE columns. Returns the
-    softmax part ``[S_c, B]``."""
-    chunk = block[:, :num_rows]
+def _mhe_cosines_(block, inv, num_rows):
+    """Step 1b for the MHE columns of the products ``block [S_c, B+B]``: the cosines
+    ``clamp(r·(w·p), −1, 1)`` in place (the softmax columns are the chunk kernels')."""
     if block.shape[1] > num_rows:
         block[:, num_rows:].mul_(inv[:, None]).clamp_(-1.0, 1.0)
-    chunk.mul_(scaled_inv[:, None])  # in place: the block is the logits
-    cells.put(chunk, target_logit)
-    return chunk
 
 
 def _global_row_max(local_max, group):
@@ -154,28 +110,17 @@ def _global_row_max(local_max, group):
     return all_reduce_(local_max.clone(), dist.ReduceOp.MAX, group)
 
 
-def _global_sums(stats, row_max, targets, scale, mhe_sum, mhe_count, group):
+def _global_sums(local_max, local_sum, row_max, targets, scale, mhe_sum, mhe_count, group):
     """Step 4: one SUM all-reduce of the sums of exps rescaled to the global max, the target
     logits with and without margin (zero where another rank owns the class) and the MHE sum and
     count. Returns ``(sum_exp, target_logit, raw_target_logit, mhe_total [2])``."""
     num_rows = row_max.shape[0]
     target_logit = torch.where(targets.owned, scale * targets.value, 0.0)
     raw_target_logit = torch.where(targets.owned, scale * targets.cos, 0.0)
-    sum_exp = stats.sum * torch.exp(stats.max - row_max)
+    sum_exp = local_sum * torch.exp(local_max - row_max)
     reduced = torch.cat([sum_exp, target_logit, raw_target_logit, mhe_sum[None], mhe_sum.new_full((1,), mhe_count)])
     all_reduce_(reduced, dist.ReduceOp.SUM, group)
     return reduced.split([num_rows, num_rows, num_rows, 2])
-
-
-def _softmax_grad_chunk(logits_chunk, row_max, shift, noisy, grad_target, cells, out):
-    """Step 6: ``out = |c|·(softmax − onehot)`` of one chunk ``[S_c, B]`` (0 at filtered cells),
-    with ``grad_target [B]`` (:func:`_target_grad`) at the target cells. ``|c|·softmax =
-    exp(z − max − shift)``, ``|c|`` folded into ``shift``; the caller applies the sign of ``c``."""
-    torch.sub(logits_chunk, row_max, out=out)
-    out.sub_(shift).exp_()
-    if noisy is not None:
-        out.masked_fill_(noisy, 0.0)
-    cells.put(out, grad_target)
 
 
 def _target_grad(targets, scale, row_max, shift, magnitude):
@@ -184,19 +129,27 @@ def _target_grad(targets, scale, row_max, shift, magnitude):
     return (torch.exp((scale * targets.value - row_max) - shift) - magnitude) * targets.slope
 
 
-def _center_grad_chunk(grad_block, block, rows, inv, operand, cells, target_correction,
-                       scale, num_rows, workspace, gemm, out):
+def _center_grad_chunk(grad_block, grad_operand_block, block, rows, inv, operand, cells, target_correction,
+                       scale, num_rows, workspace, gemm, out, row_sums=None):
     """Step 8: ``out = ∂/∂w_j = r_j·A_j − r_j²·u_j·w_j`` for the chunk's centers, with
     ``A = Gᵀ·[X̂; P̂]`` and ``u_j = Σ_i G_ji·c_ji``, where ``c = z/s`` in the softmax block except at
     the targets (there the raw cosine, ``z/s + (cos_y − margin(cos_y))``: ``target_correction
     [B]`` holds ``G_jy·r_j`` times that difference, 0 where the cell is not in this chunk) and the
-    cosine itself in the MHE block; ``grad_block`` holds ``G·r``, ``inv`` is ``r [S_c]``."""
-    product = torch.mul(grad_block, block, out=workspace.get("product", block.shape[0], block))
-    u_scaled = product[:, :num_rows].sum(dim=1).div_(scale)  # r_j·u_j
-    if block.shape[1] > num_rows:  # the MHE block
-        u_scaled += product[:, num_rows:].sum(dim=1)
-    u_scaled.index_add_(0, cells.local[0], target_correction)
-    gemm.mm(gemm.operand(grad_block), operand, out=out)  # r_j·A_j
+    cosine itself in the MHE block; ``grad_block`` holds ``G·r`` (fp32),
+    ``grad_operand_block`` the same as the GEMM operand, ``inv`` is ``r [S_c]``. ``row_sums``:
+    ``r_j·u_j`` over the softmax columns, targets included, when the chunk kernel summed them
+    (Triton; ``target_correction`` is then unused), else None: summed here."""
+    if row_sums is None:
+        product = torch.mul(grad_block, block, out=workspace.get("product", block.shape[0], block))
+        u_scaled = product[:, :num_rows].sum(dim=1).div_(scale)  # r_j·u_j
+        if block.shape[1] > num_rows:  # the MHE block
+            u_scaled += product[:, num_rows:].sum(dim=1)
+        u_scaled.index_add_(0, cells.local[0], target_correction)
+    else:
+        u_scaled = row_sums
+        if block.shape[1] > num_rows:  # the MHE block (an fp32 gradient block then)
+            u_scaled += (grad_block[:, num_rows:] * block[:, num_rows:]).sum(dim=1)
+    gemm.mm(grad_operand_block, operand, out=out)  # r_j·A_j
     out.addcmul_(rows, u_scaled.mul_(inv)[:, None], value=-1.0)
 
 
@@ -227,8 +180,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         scratch_logits = features.new_empty(0, operand.shape[0])  # the shape of a chunk's recomputed logits
         inv_norm = features.new_empty(num_sampled)
         scaled_inv = features.new_empty(num_sampled)
-        filtering = _Filter(options.filter_threshold, options.filter_mode, scale)
-        stats = _RowStatistics(num_rows, features)
+        filtering = ChunkFilter(options.filter_threshold, options.filter_mode, scale)
+        chunk_kernels = softmax_kernels(options.kernels)
+        stats = chunk_kernels.statistics(num_rows, features)
         mhe_sum = features.new_zeros(())
         chunk_cells = targets.in_chunks(options.chunk_rows, num_sampled)
         for start in range(0, num_sampled, options.chunk_rows):
@@ -238,14 +192,16 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             block, inv = _chunk_cosines(rows, gemm_operand, block, gemm, inv_norm[start:stop])
             cells = chunk_cells[start // options.chunk_rows]
             torch.mul(inv, scale, out=scaled_inv[start:stop])
-            chunk = _chunk_logits(block, scaled_inv[start:stop], inv, num_rows, margin_logits, cells)
+            _mhe_cosines_(block, inv, num_rows)
             if energy is not None:  # Σ_{j ≠ y_i} f(ŵ_yi, ŵ_j) over this chunk's centers
                 mhe_sum += energy.chunk_sum(block[:, num_rows:], start, cells)
-            stats.add(filtering.apply(chunk, filtering.mask(chunk, cells, workspace), workspace), workspace)
+            chunk_kernels.forward(block[:, :num_rows], scaled_inv[start:stop], margin_logits, cells, filtering,
+                                  stats, workspace, keep=logits is not None)
 
-        row_max = _global_row_max(stats.max, options.group)
+        local_max, local_sum = stats.result()
+        row_max = _global_row_max(local_max, options.group)
         sum_exp, target_logit, raw_target_logit, mhe_total = _global_sums(
-            stats, row_max, targets, scale, mhe_sum, 0 if energy is None else energy.count, options.group)
+            local_max, local_sum, row_max, targets, scale, mhe_sum, 0 if energy is None else energy.count, options.group)
         log_sum = sum_exp.log()
         loss = (log_sum + row_max - target_logit).mean()
         correct = (target_logit >= row_max) | (raw_target_logit >= row_max)
@@ -278,7 +234,8 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         margin_logits = scale * targets.value   # as the forward wrote them (recompute)
         # per chunk, what the target cells add to u_j (r_j·G_jy·(cos_y − margin(cos_y)))
         chunk_cells = ctx.chunk_cells
-        target_corrections = chunk_cells.masked(
+        chunk_kernels = softmax_kernels(options.kernels)
+        target_corrections = None if chunk_kernels.name != "torch" else chunk_cells.masked(
             grad_target * sign * inv_norm[targets.positions] * (targets.cos - targets.value))
         inv_sign = inv_norm * sign   # r with the sign of c: the factor of G in both products below
 
@@ -292,9 +249,10 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         kept = workspace.kept(ctx.kept)
         gemm = StorageGemm(weight.dtype, weight.device, workspace)
         gemm_operand = gemm.operand(operand)
-        filtering = _Filter(options.filter_threshold, options.filter_mode, scale)
+        filtering = ChunkFilter(options.filter_threshold, options.filter_mode, scale)
         grad_operand = torch.zeros_like(operand)
         scratch_logits = operand.new_empty(0, operand.shape[0])
+        scratch_grad = operand.new_empty((0, operand.shape[0]), dtype=chunk_kernels.grad_dtype(gemm, energy is not None))
         for start in range(0, num_sampled, options.chunk_rows):
             stop = min(start + options.chunk_rows, num_sampled)
             rows = kept[start:stop] if kept is not None else _chunk_rows(weight, index, start, stop, workspace)
@@ -306,22 +264,25 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
             else:  # recompute the chunk's logits: one more GEMM instead of keeping [S, B]
                 block, _ = _chunk_cosines(rows_operand, gemm_operand,
                                           workspace.get("logits", stop - start, scratch_logits), gemm)
-                _chunk_logits(block, scaled_inv[start:stop], inv, num_rows, margin_logits, cells)
-            grad_block = workspace.get("grad", stop - start, block)
-            noisy = filtering.mask(block[:, :num_rows], cells, workspace)
-            _softmax_grad_chunk(block[:, :num_rows], row_max, shift, noisy, grad_target, cells,
-                                out=grad_block[:, :num_rows])
-            grad_block[:, :num_rows].mul_(inv_sign[start:stop, None])  # in place: G·r
+                _mhe_cosines_(block, inv, num_rows)
+            grad_block = workspace.get("grad", stop - start, scratch_grad)
+            # G·r·sign(c) of the softmax columns (and r·sign(c)·u_j from the Triton kernel)
+            row_sums = chunk_kernels.backward(
+                block[:, :num_rows], logits is None, scaled_inv[start:stop], inv_sign[start:stop], row_max, shift,
+                grad_target, margin_logits, targets.cos, cells, filtering, scale, workspace,
+                out=grad_block[:, :num_rows])
             if energy is not None:
                 energy.chunk_grad(block[:, num_rows:], start, cells, grad_energy, out=grad_block[:, num_rows:])
                 grad_block[:, num_rows:].mul_(inv[:, None])
+            grad_operand_block = gemm.operand(grad_block)  # cast once, used by both GEMMs
             grad_rows = None
             if weight_needs_grad:
                 grad_rows = grad_values[start:stop] if grad_values is not None else \
                     workspace.get("grad_rows", stop - start, operand)
-                _center_grad_chunk(grad_block, block, rows_operand, inv, gemm_operand, cells,
-                                   target_corrections[chunk], scale, num_rows, workspace, gemm, out=grad_rows)
-            gemm.addmm_(grad_operand, gemm.operand(grad_block.t()), rows_operand)  # Σ_j G_j r_j w_j
+                _center_grad_chunk(grad_block, grad_operand_block, block, rows_operand, inv, gemm_operand, cells,
+                                   None if target_corrections is None else target_corrections[chunk], scale,
+                                   num_rows, workspace, gemm, out=grad_rows, row_sums=row_sums)
+            gemm.addmm_(grad_operand, grad_operand_block.t(), rows_operand)  # Σ_j G_j r_j w_j
             if update is not None:  # the rows are no longer needed as they were: update them in place
                 update.chunk(start, stop, grad_rows, rows, rows_operand)
 
@@ -347,7 +308,7 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
                            workspace: Workspace | None = None, filter_threshold: float | None = None,
                            mhe: MHE | None = None, optimizer: SparseRowSGD | None = None, *,
                            filter_mode: str = "exclude", keep_logits: bool = True, check_upstream: bool = True,
-                           keep_rows: bool = True):
+                           keep_rows: bool = True, kernels: str = "torch"):
     """Margin softmax cross-entropy over class centers sharded across the ranks of ``group``.
 
     Args:
@@ -374,6 +335,9 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
         keep_rows: when updating in the backward, keep the sampled rows the forward gathers
             (``S × D`` in the storage type) for the backward and the update (True), or gather them
             again there (one more random pass over the rows, no block held).
+        kernels: the softmax chunk's implementation, ``"torch"`` or ``"triton"``
+            (:func:`pfc.head.kernels.softmax_chunk.softmax_kernels`; the head passes its resolved
+            ``PartialFC.kernels``).
 
     Returns ``(loss, accuracy, energy)``, scalars: ``loss = mean_i(logsumexp_j z_ij − z_i,y)``
     over all ranks' sampled centers, identical on every rank; accuracy is the share of rows
@@ -382,6 +346,8 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
     MHE) and yields ``∂loss/∂features [B, D]`` from this rank's shard only (sum over ranks for
     the total) and ``∂loss/∂weight [C_r, D]`` (sparse COO over ``index`` when given).
     """
-    options = SoftmaxOptions(margin, group, chunk_rows, workspace if workspace is not None else Workspace(),
-                             filter_threshold, mhe, optimizer, filter_mode, keep_logits, check_upstream, keep_rows)
+    options = SoftmaxOptions(margin=margin, group=group, chunk_rows=chunk_rows, kernels=kernels,
+                             workspace=workspace if workspace is not None else Workspace(),
+                             filter_threshold=filter_threshold, mhe=mhe, optimizer=optimizer, filter_mode=filter_mode,
+                             keep_logits=keep_logits, check_upstream=check_upstream, keep_rows=keep_rows)
     return _ShardedMarginSoftmax.apply(features, weight, index, target, options)

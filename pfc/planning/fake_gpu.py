@@ -146,7 +146,9 @@ class FakeGpu(TorchDispatchMode):
                 self._values[out] = known
             return out
         if func._overloadpacket.__name__ in _FUSED_OPTIMIZERS:
-            return None   # in place on existing tensors; no fake kernel exists (nothing to allocate)
+            # in place on existing tensors; no fake kernel exists (nothing to allocate); the work
+            # counter above this mode charges them (pfc.planning.work)
+            return None
         if func in _DYNAMIC_SIZE:
             self._record(f"data-dependent size ({func._overloadpacket.__name__})")
             return self._upper_bound(func, args)

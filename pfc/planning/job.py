@@ -14,27 +14,36 @@ import re
 from dataclasses import dataclass
 
 from pfc.errors import ConfigError
+from pfc.head.kernels import KERNEL_CHOICES
 from pfc.train.config import HeadConfig, TrainConfig, validate
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
-_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbg]?)\s*$", re.IGNORECASE)
+_COUNT = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbg]?)\s*$", re.IGNORECASE)
+# the largest class count planned: 10^12 identities (2 PB of fp16 centers at D = 1024), beyond
+# any job and where a plan's byte counts stop being exact in float64
+MAX_CLASSES = 10**12
 CENTER_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def parse_count(text: str, what: str = "count") -> int:
-    """``"100M"`` → 100000000; accepts k/M/B suffixes and ``2e8``; a whole positive number."""
+    """``"100M"`` → 100000000; accepts k/M/B suffixes and ``2e8``; a whole number in
+    ``[1, MAX_CLASSES]``."""
     match = _COUNT.match(str(text))
     if not match:
         raise ConfigError(f"{what} {text!r} is not a number like 100M, 1.5B, 2e8 or 250000")
     value = float(match.group(1)) * _SUFFIXES[match.group(2).lower()]
     if not math.isfinite(value) or value != int(value) or value < 1:
         raise ConfigError(f"{what} {text!r} must be a whole number ≥ 1")
+    if value > MAX_CLASSES:
+        raise ConfigError(f"{what} {text!r} is more than {MAX_CLASSES:,}, the largest count the planner answers for")
     return int(value)
 
 
 @dataclass(frozen=True)
 class Job:
-    """One data-parallel backbone + Partial-FC job: ``gpus`` ranks, ``batch_size`` per rank."""
+    """One data-parallel backbone + Partial-FC job: ``gpus`` ranks, ``batch_size`` per rank.
+    ``kernels``: the head's kernels (``head.kernels``); "triton" is what a CUDA run with triton
+    installed resolves "auto" to, so it is the default for a planned GPU job."""
 
     num_classes: int
     gpus: int
@@ -44,6 +53,7 @@ class Job:
     precision: str = "bf16"
     center_dtype: str = "fp32"
     engine: str = "ddp"
+    kernels: str = "triton"
     embedding_size: int = 512
     image_size: int = 112
 
@@ -64,6 +74,13 @@ def train_config(job: Job) -> TrainConfig:
         raise ConfigError(f"{job.num_classes} classes cannot be sharded over {job.gpus} GPUs (fewer than one each)")
     if job.center_dtype not in CENTER_DTYPES:
         raise ConfigError(f"--center-dtype {job.center_dtype!r} is not one of {', '.join(CENTER_DTYPES)}")
+    if job.kernels not in KERNEL_CHOICES:
+        raise ConfigError(f"--kernels {job.kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
+    if job.engine == "ddp" and job.precision == "fp16" and job.center_dtype == "fp16":
+        # torch.amp.GradScaler.unscale_ raises "Attempting to unscale FP16 gradients" for the head's
+        # fp16 center gradients: on a GPU this job fails at its first step (the trainer's defect)
+        raise ConfigError("--precision fp16 with --center-dtype fp16: the DDP trainer's GradScaler cannot unscale "
+                          "fp16 center gradients (a GPU run fails at its first step); use bf16 or fp32 centers")
     if job.engine != "ddp":
         raise ConfigError(f"--engine {job.engine!r}: the planner simulates the ddp engine only (DeepSpeed "
                           "does not initialise on fake tensors)")
@@ -76,6 +93,7 @@ def train_config(job: Job) -> TrainConfig:
     config.backbone.engine = job.engine
     config.backbone.embedding_size = job.embedding_size
     config.head.sample_rate = job.sample_rate
+    config.head.kernels = job.kernels
     config.schedule.max_steps = 1000
     config.checkpoint.every_minutes = 0
     if centers_configurable():

@@ -50,6 +50,8 @@ class Plan:
     flops: dict[str, float]
     comm_bytes: dict[str, float]
     seconds: dict[str, dict[str, float]]
+    launches: dict[str, float] = field(default_factory=dict)
+    by_class: dict[str, dict[str, float]] = field(default_factory=dict)
     bytes_per_identity: float = 0.0
     method: str = ""
     simulated: list[int] = field(default_factory=list)
@@ -98,7 +100,8 @@ def _combine(terms):
 def _numbers(result: RankResult) -> dict:
     return {"phase_peaks": result.phase_peaks, "host_syncs": result.host_syncs,
             "step_findings": result.step_findings, "setup_findings": result.setup_findings,
-            "flops": result.flops, "comm_bytes": result.comm_bytes, "seconds": result.seconds}
+            "flops": result.flops, "comm_bytes": result.comm_bytes, "seconds": result.seconds,
+            "launches": result.launches, "by_class": result.by_class}
 
 
 def base_classes(job: Job, chunk_rows: int = 2048) -> int:
@@ -111,9 +114,10 @@ def base_classes(job: Job, chunk_rows: int = 2048) -> int:
 class Planner:
     """Makes plans for one job at any class count, reusing its simulations (see the module docstring)."""
 
-    def __init__(self, job: Job, progress=None):
+    def __init__(self, job: Job, progress=None, counter=None):
         self.job = job
         self.progress = progress
+        self.counter = counter   # the work counter's class (default: pfc.planning.work.WorkCounter)
         self.base = base_classes(job)
         self._runs: dict[tuple[str, int], dict] = {}
 
@@ -121,7 +125,8 @@ class Planner:
         key = (network, num_classes)
         if key not in self._runs:
             job = dataclasses.replace(self.job, network=network, num_classes=num_classes)
-            self._runs[key] = _numbers(simulate(job, progress=self.progress))
+            extra = {} if self.counter is None else {"counter": self.counter}
+            self._runs[key] = _numbers(simulate(job, progress=self.progress, **extra))
         return self._runs[key]
 
     def tiny_at(self, num_classes: int) -> dict:

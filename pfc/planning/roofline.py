@@ -1,34 +1,30 @@
-"""Time on paper: the step's work counted op by op, turned into a roofline estimate for a named GPU.
+"""Time on paper: the step's work (:class:`pfc.planning.work.WorkCounter`) as seconds on a named GPU.
 
-    work = WorkCounter()
-    with work:
-        work.part = "backbone"; ...        # the step, parts named by the simulator
-    seconds = {part: s for (gpu, part), s in work.seconds.items() if gpu == GPUS["h100"].name}
-    estimate = roofline(seconds, work.comm_bytes, GPUS["h100"], global_batch=8 * 128)
+    estimate = roofline(seconds, comm_bytes, GPUS["v100"], global_batch=8 * 128, launches=launches)
+    estimate.samples_per_s            # calibrated: the backbone at its measured efficiency
+    estimate.roofline_samples_per_s   # pure roofline: every op at vendor peak, no launch cost
 
-Each op's floating-point operations come from ``torch.utils.flop_counter``'s formulas (the ones
-``FlopCounterMode`` uses: matmuls and convolutions, forward and backward), its memory traffic is
-the bytes of its tensor inputs and outputs (a view moves nothing; an in-place op reads and
-writes its target), so the head's row gathers and row updates (``index_select``,
-``index_copy_``) are counted by the rows they move. An op takes ``max(flops / peak, bytes /
-bandwidth)`` at the vendor's peak for its input dtype (bf16/fp16: dense tensor-core peak; fp32
-matmuls: the plain fp32 peak, torch's default without TF32; convolutions in fp32: TF32, cuDNN's
-default). Collectives of the head take ``bytes / link bandwidth`` (ring algorithms move about
-twice the payload, which the payload-per-link convention below absorbs); DDP's all-reduce of the
-backbone gradient overlaps its backward and is not added.
+Two estimates of one step, per part (backbone, head, optimizer, other):
 
-This is an ideal bound, not a measurement: real kernels reach a fraction of peak (often
-40-70 %) and the data loader is not modelled. Ratios between two class counts are its point.
+- the **pure roofline**: every op at ``max(flops / peak, bytes / bandwidth)`` at the vendor's
+  peak for its input dtype (bf16/fp16: dense tensor-core peak; fp32 matmuls: plain fp32, torch's
+  default without TF32; fp32 convolutions: TF32, cuDNN's default), no launch cost. An ideal bound.
+- the **calibrated** estimate (``samples_per_s``, the planner's ``predicted_samples_per_s``):
+  the backbone's roofline divided by the fraction of it a published run reached on that GPU
+  (:data:`BACKBONE_CALIBRATION`, which also covers its launches); the head, the optimizers and
+  the rest at their roofline plus :data:`LAUNCH_S` per kernel launch. Kernels are issued one
+  after another by eager PyTorch: when they are short (the head's per-chunk ops), the GPU waits
+  for the host to launch the next one, and that wait is what a fused kernel saves.
+
+Collectives of the head take ``bytes / link bandwidth`` (ring algorithms move about twice the
+payload, which the payload-per-link convention absorbs); DDP's all-reduce of the backbone
+gradient overlaps its backward and is not added. The data loader is not modelled.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry
 
 
 @dataclass(frozen=True)
@@ -54,87 +50,54 @@ GPUS = {
 }
 PARTS = ("backbone", "head", "optimizer", "other")
 _CONVOLUTIONS = {"convolution", "convolution_backward", "_convolution"}
-_aten = torch.ops.aten
-_GATHERS = {_aten.index_select, _aten.index, _aten.gather, _aten.embedding, _aten.take}
-_SCATTERS = {_aten.index_copy_, _aten.index_copy, _aten.index_put_, _aten.index_put, _aten.index_add_,
-             _aten.index_add, _aten.scatter_, _aten.scatter, _aten.scatter_add_, _aten.scatter_add,
-             _aten._index_put_impl_, _aten.index_fill_, _aten.masked_fill_}
 
 
-class WorkCounter(TorchDispatchMode):
-    """Per part (``part``, set by the caller): flops, bytes moved and roofline seconds per GPU,
-    and the bytes handed to collectives."""
-
-    def __init__(self, gpus=tuple(GPUS.values())):
-        super().__init__()
-        self.part = "other"
-        self.gpus = gpus
-        self.flops: dict[str, int] = defaultdict(int)
-        self.bytes: dict[str, int] = defaultdict(int)
-        self.comm_bytes: dict[str, int] = defaultdict(int)
-        self.seconds: dict[tuple[str, str], float] = defaultdict(float)   # (gpu name, part)
-
-    def reset(self) -> None:
-        """Forget what was counted (count one step only)."""
-        for counts in (self.flops, self.bytes, self.comm_bytes, self.seconds):
-            counts.clear()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        if func.namespace in ("c10d", "_c10d_functional"):
-            self.comm_bytes[self.part] += sum(_nbytes(t) for t in inputs)
-            return out
-        if not any(t.device.type != "cpu" for t in inputs) and not _on_device(out):
-            return out  # host-side bookkeeping (flags over the CPU group)
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if func.is_view or _aliases(outputs, inputs) and not func._schema.is_mutable:
-            return out
-        packet = func._overloadpacket
-        flops = flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
-        if packet in _GATHERS:      # reads the rows it returns, not the whole source
-            moved = 2 * sum(_nbytes(t) for t in outputs) + sum(_nbytes(t) for t in inputs[1:])
-        elif packet in _SCATTERS:   # reads and writes the rows it is given, not the whole target
-            moved = 2 * sum(_nbytes(t) for t in inputs[1:])
-        else:
-            moved = sum(_nbytes(t) for t in inputs) + sum(_nbytes(t) for t in outputs)
-        self.flops[self.part] += flops
-        self.bytes[self.part] += moved
-        dtype = inputs[0].dtype if inputs else torch.float32
-        for gpu in self.gpus:
-            peak = _peak_tflops(gpu, dtype, packet.__name__) * 1e12
-            self.seconds[(gpu.name, self.part)] += max(flops / peak, moved / (gpu.memory_gbps * 1e9))
-        return out
-
-
-def _on_device(out) -> bool:
-    return any(isinstance(t, torch.Tensor) and t.device.type != "cpu" for t in tree_flatten(out)[0])
-
-
-def _nbytes(tensor: torch.Tensor) -> int:
-    if tensor.is_sparse:
-        return 0
-    return tensor.numel() * tensor.element_size()
-
-
-def _aliases(outputs, inputs) -> bool:
-    """Whether every output shares an input's storage (a view, or an in-place op's result)."""
-    if not outputs:
-        return False
-    storages = {id(t.untyped_storage()) for t in inputs if not t.is_sparse}
-    return all(not t.is_sparse and id(t.untyped_storage()) in storages for t in outputs)
-
-
-def _peak_tflops(gpu: GPU, dtype: torch.dtype, op: str) -> float:
+def peak_tflops(gpu: GPU, dtype: torch.dtype, op: str) -> float:
+    """The peak an op of input ``dtype`` runs at: bf16/fp16 the dense tensor-core peak; fp32
+    matmuls the plain fp32 peak (torch's default, no TF32); fp32 convolutions TF32 (cuDNN's default)."""
     if dtype in (torch.bfloat16, torch.float16):
         return gpu.bf16_tflops
     return gpu.tf32_tflops if op in _CONVOLUTIONS else gpu.fp32_tflops
 
 
+# One kernel launch as the step pays it: the driver and runtime take about 4-6 µs to submit a
+# kernel (measured with CUDA 13: https://susun-blog.com/blog/pegainfer-3-cuda-graph, "about
+# 4-6 μs"), and PyTorch's dispatcher adds its own per-op overhead on top; 5 µs is the low end
+# of the 5-10 µs issue 19 assumed, so launch-bound estimates are optimistic rather than not.
+LAUNCH_S = 5e-6
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A published training speed that calibrates the backbone on one GPU kind: ``efficiency``
+    is the backbone's pure roofline time divided by its measured time (the measured step less
+    this planner's calibrated head, optimizer and other time for that job)."""
+
+    efficiency: float
+    source: str
+
+
+# From `python bench/calibrate_planner.py` (docs/benchmarks.md, "Planner calibration"), which plans
+# each published job and solves for the backbone's share of its measured step: V100 204.6 ms
+# measured, 13.2 ms planned for the rest, 64.0 ms backbone roofline → 0.334; A100 189.6 ms,
+# 35.9 ms, 26.7 ms → 0.174 (PyTorch 1.9, CUDA 11.1 there; a newer stack may do better).
+BACKBONE_CALIBRATION = {
+    "v100": Calibration(0.334, "insightface arcface_torch docs/speed_benchmark.md: iresnet50, 8 × V100-SXM2-32GB, "
+                              "batch 128/GPU, fp16, Partial FC 0.1, 125k classes: 5,004 samples/s"),
+    "a100": Calibration(0.174, "insightface benchmarks/train/nvidia_a100.md: iresnet50, 8 × A100-80GB, batch 1024 "
+                              "(128/GPU), FP16 + TF32, no PFC, WebFace600K (618K classes): ~5,400 samples/s"),
+}
+# no published insightface figure on Hopper: H100 and H200 are taken to reach the fraction of
+# their (3.2 × A100's) tensor-core peak that the A100 run reached (an assumption, likely optimistic:
+# the same convolutions leave more of a bigger GPU idle)
+BACKBONE_CALIBRATION["h100"] = Calibration(BACKBONE_CALIBRATION["a100"].efficiency, "A100's efficiency (assumed)")
+BACKBONE_CALIBRATION["h200"] = Calibration(BACKBONE_CALIBRATION["a100"].efficiency, "A100's efficiency (assumed)")
+
+
 @dataclass(frozen=True)
 class TimeEstimate:
-    """Roofline seconds of one step on ``gpu`` by part, the step, and samples/s over all ranks."""
+    """One step on ``gpu`` by part, calibrated (see the module docstring), with the pure roofline
+    beside it; samples/s over all ranks; kernel launches per part."""
 
     gpu: str
     backbone_s: float
@@ -144,18 +107,38 @@ class TimeEstimate:
     head_comm_s: float
     step_s: float
     samples_per_s: float
+    roofline_backbone_s: float = 0.0
+    roofline_head_s: float = 0.0
+    roofline_step_s: float = 0.0
+    roofline_samples_per_s: float = 0.0
+    launches: tuple[tuple[str, int], ...] = ()
 
     @property
     def head_share(self) -> float:
-        """The head's share of the step (its compute and its collectives)."""
+        """The head's share of the step (its compute, launches and collectives)."""
         return (self.head_s + self.head_comm_s) / self.step_s if self.step_s else 0.0
 
+    @property
+    def head_launches(self) -> int:
+        return dict(self.launches).get("head", 0)
 
-def roofline(seconds: dict[str, float], comm_bytes: dict[str, float], gpu: GPU, global_batch: int) -> TimeEstimate:
-    """The step's estimate on ``gpu``: ``seconds`` per part (a :class:`WorkCounter`'s for this
-    GPU, one step), ``comm_bytes`` per part, ``global_batch`` samples per step over all ranks."""
-    parts = {part: max(seconds.get(part, 0.0), 0.0) for part in PARTS}
+
+def roofline(seconds: dict[str, float], comm_bytes: dict[str, float], gpu: GPU, global_batch: int,
+             launches: dict[str, float] | None = None, backbone_efficiency: float | None = None) -> TimeEstimate:
+    """The step's estimate on ``gpu``: ``seconds`` per part (a WorkCounter's pure roofline for this
+    GPU, one step), ``comm_bytes`` per part, ``global_batch`` samples per step over all ranks,
+    ``launches`` per part, ``backbone_efficiency`` (default: :data:`BACKBONE_CALIBRATION`'s for
+    ``gpu``, else 1)."""
+    if backbone_efficiency is None:
+        kind = next((key for key, spec in GPUS.items() if spec.name == gpu.name), None)
+        backbone_efficiency = BACKBONE_CALIBRATION[kind].efficiency if kind in BACKBONE_CALIBRATION else 1.0
+    launches = {part: max(round(launches.get(part, 0)), 0) for part in PARTS} if launches else {p: 0 for p in PARTS}
+    pure = {part: max(seconds.get(part, 0.0), 0.0) for part in PARTS}
     head_comm = max(comm_bytes.get("head", 0), 0) / (gpu.link_gbps * 1e9)
-    step = sum(parts.values()) + head_comm
-    return TimeEstimate(gpu.name, parts["backbone"], parts["head"], parts["optimizer"], parts["other"],
-                        head_comm, step, global_batch / step if step else 0.0)
+    pure_step = sum(pure.values()) + head_comm
+    timed = {part: pure[part] + launches[part] * LAUNCH_S for part in PARTS}
+    timed["backbone"] = pure["backbone"] / backbone_efficiency
+    step = sum(timed.values()) + head_comm
+    return TimeEstimate(gpu.name, timed["backbone"], timed["head"], timed["optimizer"], timed["other"], head_comm,
+                        step, global_batch / step if step else 0.0, pure["backbone"], pure["head"], pure_step,
+                        global_batch / pure_step if pure_step else 0.0, tuple(launches.items()))

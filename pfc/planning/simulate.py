@@ -15,8 +15,9 @@ The simulated rank is a GPU rank: the head makes its centers on the device (its 
 while the real CPU run of the validation takes the head's CPU path; the two differ at setup
 only. Two things stand in for what fake tensors cannot run: the backbone is made on the device
 directly (a fake parameter cannot be moved by ``Module.to``), and DDP is :class:`SimulatedDDP`
-(its C++ reducer reads tensor data); the runner's autocast, enabled on device type ``cuda``
-only, is enabled the same way on the simulated GPU.
+(its C++ reducer reads tensor data); the runner's autocast and fp16 loss scaling, enabled on
+device type ``cuda`` only, are enabled the same way on the simulated GPU (bf16/fp16 autocast; fp16
+with a ``GradScaler`` on the device, so the head's update leaves its backward as on a GPU).
 """
 from __future__ import annotations
 
@@ -29,9 +30,9 @@ from torch import nn
 from pfc.host_syncs import HostSyncCounter
 from pfc.planning.fake_gpu import FakeGpu
 from pfc.planning.job import Job, train_config
-from pfc.planning.roofline import WorkCounter
 from pfc.planning.sim_device import fake_process_group, fake_tensor_mode, sim_device
 from pfc.planning.tracker import MemoryTracker
+from pfc.planning.work import WorkCounter
 from pfc.train.runtime import Runtime
 
 
@@ -40,7 +41,8 @@ class RankResult:
     """What one rank's run saw, as plain numbers (so that runs at two class counts combine):
     per phase, bytes by category at its high-water mark; the last step's host syncs and fake-GPU
     findings (``"kind at file:line"`` → count) and setup's findings; the last step's flops, bytes
-    moved and collective payload per part, and roofline seconds per GPU and part."""
+    moved, kernel launches and collective payload per part, bytes per op class and part, and
+    roofline seconds per GPU and part."""
 
     phase_peaks: dict[str, dict[str, int]]
     host_syncs: dict[str, int]
@@ -50,6 +52,8 @@ class RankResult:
     moved_bytes: dict[str, int] = field(default_factory=dict)
     comm_bytes: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    launches: dict[str, int] = field(default_factory=dict)
+    by_class: dict[str, dict[str, int]] = field(default_factory=dict)
     num_local: int = 0
     sampled_rows: int = 0
 
@@ -144,13 +148,14 @@ def _momentum(state):
 
 
 @contextlib.contextmanager
-def _backbone_made_on(device: torch.device):
+def _trainer_on_sim_gpu(device: torch.device):
     """Fake tensors cannot move between devices as modules (``Module.to`` swaps each parameter,
     which a fake parameter refuses): the backbone is made on ``device`` directly, and its
-    ``.to(device)`` then has nothing to move."""
+    ``.to(device)`` then has nothing to move. The runner autocasts and scales fp16 losses on
+    ``device`` as it does on ``cuda``."""
     import pfc.train.builders as builders
 
-    original_build, original_to = builders.build_backbone, nn.Module.to
+    original_build, original_to, original_runner = builders.build_backbone, nn.Module.to, builders.build_runner
 
     def build_backbone(*args, **kwargs):
         with torch.device(device):
@@ -163,13 +168,25 @@ def _backbone_made_on(device: torch.device):
             return module
         return original_to(module, *args, **kwargs)
 
+    def build_runner(config, runtime, model, optimizer):
+        runner = original_runner(config, runtime, model, optimizer)
+        precision = config.backbone.precision
+        if precision != "fp32":   # as builders.build_runner on cuda
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+            runner.autocast_dtype = dtype
+            runner._autocast = lambda where: torch.autocast(where.type, dtype=dtype)
+        if precision == "fp16":
+            runner.grad_scaler = torch.amp.GradScaler(device.type)
+            runner.head_update_in_backward = False
+        return runner
+
     original_ddp = nn.parallel.DistributedDataParallel
-    builders.build_backbone, nn.Module.to = build_backbone, to
+    builders.build_backbone, nn.Module.to, builders.build_runner = build_backbone, to, build_runner
     nn.parallel.DistributedDataParallel = SimulatedDDP
     try:
         yield
     finally:
-        builders.build_backbone, nn.Module.to = original_build, original_to
+        builders.build_backbone, nn.Module.to, builders.build_runner = original_build, original_to, original_runner
         nn.parallel.DistributedDataParallel = original_ddp
 
 
@@ -234,10 +251,6 @@ def run_tracked(job: Job, runtime: Runtime, tracker: MemoryTracker, *, steps: in
     for tensor in batch:
         tracker.tag(tensor, "activations")
     state = build_train_state(config, runtime, job.image_size, steps, {})
-    if fake is not None and job.precision != "fp32":  # the runner autocasts on device type "cuda" only
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[job.precision]
-        state.runner.autocast_dtype = dtype
-        state.runner._autocast = lambda device: torch.autocast(device.type, dtype=dtype)
     _tag_state(state, tracker)
     if progress:
         progress(1)
@@ -264,6 +277,9 @@ def run_tracked(job: Job, runtime: Runtime, tracker: MemoryTracker, *, steps: in
             if last and fake is not None:
                 step_findings = {site: n - before.get(site, 0) for site, n in fake.findings.items()
                                  if n > before.get(site, 0)}
+            if last and work is not None:
+                step_findings.update({f"pfc op without a declared cost (charged as elementwise): {name}": calls
+                                      for name, calls in work.undeclared.items()})
             phases.set("other", "other")
             if progress:
                 progress(1)
@@ -279,6 +295,8 @@ def run_tracked(job: Job, runtime: Runtime, tracker: MemoryTracker, *, steps: in
                         sampled_rows=state.head.num_local if index is None else int(index.shape[0]))
     if work is not None:
         result.flops, result.moved_bytes, result.comm_bytes = dict(work.flops), dict(work.bytes), dict(work.comm_bytes)
+        result.launches = dict(work.launches)
+        result.by_class = {part: dict(classes) for part, classes in work.by_class.items()}
         for (gpu, part), seconds in work.seconds.items():
             result.seconds.setdefault(gpu, {})[part] = seconds
     return result
@@ -292,11 +310,14 @@ def _tag_state(state, tracker: MemoryTracker) -> None:
     tracker.tag(_momentum(state), "momentum")
 
 
-def simulate(job: Job, *, steps: int = 2, progress=None) -> RankResult:
-    """Rank 0 of ``job`` on fake CUDA tensors with a fake process group of ``job.gpus`` ranks."""
-    tracker, work, fake = MemoryTracker(), WorkCounter(), FakeGpu()
+def simulate(job: Job, *, steps: int = 2, progress=None, counter=WorkCounter) -> RankResult:
+    """Rank 0 of ``job`` on fake CUDA tensors with a fake process group of ``job.gpus`` ranks;
+    ``counter``: the work counter's class (a WorkCounter)."""
+    tracker, work, fake = MemoryTracker(), counter(), FakeGpu()
     runtime = Runtime(rank=0, world_size=job.gpus, local_rank=0, device=sim_device())
-    with fake_process_group(job.gpus), _backbone_made_on(runtime.device), fake_tensor_mode(), tracker, work, fake:
+    # the work counter sits above the fake GPU (entered last, it sees each op first): it sees
+    # the fused optimizers, which the fake GPU answers without running them
+    with fake_process_group(job.gpus), _trainer_on_sim_gpu(runtime.device), fake_tensor_mode(), tracker, fake, work:
         return run_tracked(job, runtime, tracker, steps=steps, work=work, fake=fake, progress=progress)
 
 

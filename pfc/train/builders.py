@@ -45,12 +45,13 @@ def build_backbone_optimizer(config: TrainConfig, backbone: nn.Module) -> torch.
 def deepspeed_settings(config: TrainConfig, runtime: Runtime) -> dict:
     """The DeepSpeed config: the file of ``backbone.deepspeed_config``, whose precision must agree
     with ``backbone.precision`` (ConfigError otherwise: a file without bf16 would silently train
-    a ``--precision bf16`` run in fp32), or ZeRO-1 defaults with the trainer's precision."""
+    a ``--precision bf16`` run in fp32), or ZeRO-1 defaults with the trainer's precision. Unlike
+    the DDP engine's autocast, DeepSpeed's precision applies on the CPU too: bf16 trains there,
+    fp16 is refused there when the engine is built (DeepSpeed's CPU accelerator has no fp16)."""
     from pfc.train.runners.deepspeed import load_deepspeed_config
 
     backbone = config.backbone
-    wanted = {"bf16": backbone.precision == "bf16",
-              "fp16": backbone.precision == "fp16" and runtime.device.type == "cuda"}
+    wanted = {"bf16": backbone.precision == "bf16", "fp16": backbone.precision == "fp16"}
     if not backbone.deepspeed_config:
         settings: dict = {"zero_optimization": {"stage": 1}}
         settings.update({name: {"enabled": True} for name, enabled in wanted.items() if enabled})

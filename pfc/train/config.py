@@ -146,8 +146,9 @@ class HeadConfig:
     logits: str = "auto"
     """keep | recompute | auto: keep the [S, B] logits for the backward or recompute them (one more GEMM);
     auto recomputes when they would exceed 10 % of the center storage"""
-    chunk_rows: int = 2048
-    """rows of centers per chunk of the fused softmax (memory vs. speed)"""
+    chunk_rows: int = 0
+    """rows of centers per chunk of the fused softmax (memory vs. launches); 0: automatic (2048 on the CPU,
+    from a 1 GiB scratch budget on a GPU, pfc/head/chunking.py)"""
     kernels: str = "auto"
     """auto | torch | triton: the head's kernels (auto: Triton on CUDA when it imports, else torch)"""
     center_dtype: str = "fp32"
@@ -173,14 +174,14 @@ class HeadConfig:
     def check(self, embedding_size: int) -> None:
         """The head's own option checks (:meth:`PartialFC.check_options`)."""
         PartialFC.check_options(sample_rate=self.sample_rate, embedding_size=embedding_size,
-                                chunk_rows=self.chunk_rows, interclass_filter=self.interclass_filter or None,
+                                chunk_rows=self.chunk_rows or None, interclass_filter=self.interclass_filter or None,
                                 interclass_filter_mode=self.interclass_filter_mode, logits=self.logits,
                          kernels=self.kernels)
 
     def build(self, num_classes: int, embedding_size: int, *, seed: int, group=None, device=None) -> PartialFC:
         """:class:`PartialFC` over ``num_classes`` centers with this margin and these regularisers."""
         return PartialFC(num_classes=num_classes, embedding_size=embedding_size, margin=self.margin.build(),
-                         sample_rate=self.sample_rate, group=group, seed=seed, chunk_rows=self.chunk_rows,
+                         sample_rate=self.sample_rate, group=group, seed=seed, chunk_rows=self.chunk_rows or None,
                          dtype=self.storage_dtype, device=device, mhe=_enabled(self.mhe), triplet=_enabled(self.triplet),
                          interclass_filter=self.interclass_filter or None,
                          interclass_filter_mode=self.interclass_filter_mode, logits=self.logits,

@@ -27,7 +27,9 @@ Everything a resume needs lives in :class:`pfc.train.state.TrainState`: saved ev
 ``save_every`` steps and every ``save_every_minutes`` minutes (rank 0's clock, decided in the
 step's collective check), on a stop, and at the end when either is set; restored by ``resume``
 (:mod:`pfc.train.resume`). A fresh run refuses an output folder holding another run's files
-(:mod:`pfc.train.output`).
+(:mod:`pfc.train.output`); a resumed one continues its logs from the checkpoint's step, what an
+earlier attempt logged past it dropped (:func:`pfc.train.metrics.trim_logs`), and its summary
+says how many steps it trained itself and in all.
 """
 from __future__ import annotations
 
@@ -40,13 +42,14 @@ import torch
 from tqdm import tqdm
 
 from pfc.data.manifest import image_side, manifest_source, read_manifest
+from pfc.distributed.agree import run_on_every_rank
 from pfc.distributed.fault import StepDecision, StepGuard, StopSignals
 from pfc.errors import ConfigError
 from pfc.evaluation.export import save_backbone
 from pfc.train.builders import build_loader, build_train_state
 from pfc.train.config import TrainConfig, apply_dataset, to_dict
 from pfc.train.finite import NonFiniteLossError, NonFiniteStateError, check_state_finite  # noqa: F401 (re-exported)
-from pfc.train.metrics import MetricsWindow, SkippedSamples, TrainLogger, TripletIdleWarning, write_json
+from pfc.train.metrics import MetricsWindow, SkippedSamples, TrainLogger, TripletIdleWarning, trim_logs, write_json
 from pfc.train.output import claim_output
 from pfc.train.resume import restore_train_state, save_train_checkpoint
 from pfc.train.rollback import StepRollback
@@ -94,12 +97,16 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
                           f"{config.optim.grad_accumulation}: use more data or a smaller batch_size")
     state = build_train_state(config, runtime, image_size, steps_per_epoch, to_dict(config))
     restore_train_state(state, config, runtime)
+    start_step = state.step
+    # a resumed run's logs continue from its checkpoint: what an earlier attempt logged after it goes
+    earlier_evals = run_on_every_rank(lambda: trim_logs(config.output, start_step) if runtime.is_main else [],
+                                      f"trimming the logs in {config.output} to step {start_step}")
     if runtime.is_main:  # only now: a run that fails to start leaves nothing behind
         os.makedirs(config.output, exist_ok=True)
         write_json(os.path.join(config.output, "config.json"), to_dict(config))
-        if runtime.device.type != "cuda" and config.backbone.precision != "fp32":
+        if runtime.device.type != "cuda" and config.backbone.precision != "fp32" and config.backbone.engine == "ddp":
             print(f"note: precision {config.backbone.precision} applies on GPU only; training in fp32 on CPU")
-    with TrainLogger(config.output, runtime.is_main) as logger:
+    with TrainLogger(config.output, runtime.is_main, start_step) as logger:
         start = time.perf_counter()
         # _run polls its own handlers; these outer ones are in force once it returns, so that a
         # repeated SIGTERM (schedulers often send two) cannot kill the stop's checkpoint half-way
@@ -108,17 +115,20 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
             last_loss, stopped, guard, history = _run(state, config, runtime, logger, val_sets, image_size)
             if stopped or config.checkpoint.every or config.checkpoint.every_minutes:  # a stop saves regardless
                 path = save_train_checkpoint(state, config)
-                if stopped and runtime.is_main:
+                if stopped and not guard.gave_up and runtime.is_main:
                     print(f"stopped at step {state.step}: {stopped}; checkpoint {path} (continue with --resume auto)")
         finally:
             outer_signals.restore()
         if stopped and guard.gave_up:
-            raise NonFiniteLossError(f"{stopped}; the last good state is in the checkpoint of step {state.step}")
+            raise NonFiniteLossError(f"stopped at step {state.step}: {stopped}; the last good state is in the "
+                                     f"checkpoint {path}")
         if stopped:
             return TrainResult(state.step, last_loss, [], state.skipped_steps, stopped)
-        summaries = _finish(state, config, runtime, logger, val_sets, image_size, history)
+        summaries = _finish(state, config, runtime, logger, val_sets, image_size, earlier_evals + history)
         if runtime.is_main:
-            print(f"trained {state.step} steps in {time.perf_counter() - start:.1f} s; outputs in {config.output}")
+            in_all = f" ({state.step} in all)" if start_step else ""
+            print(f"trained {state.step - start_step} steps{in_all} in {time.perf_counter() - start:.1f} s; "
+                  f"outputs in {config.output}")
     return TrainResult(state.step, last_loss, summaries, state.skipped_steps)
 
 
@@ -225,8 +235,7 @@ def _next_batches(state: TrainState, config: TrainConfig, loader, guard: StepGua
     except Exception as exc:  # a data error (e.g. a label outside [0, num_classes))
         error = exc
     batch_names = f"batch {first}" if count == 1 else f"batches {first}–{first + count - 1}"
-    decision = guard.control(stop_signals.requested, save_due, error,
-                             f"loading {batch_names} of epoch {state.epoch}", step=state.step)
+    decision = guard.control(stop_signals.requested, save_due, error, f"loading {batch_names} of epoch {state.epoch}")
     return batches, decision
 
 

@@ -1,5 +1,11 @@
 """Rank-0 bookkeeping: averaged metrics per log window, console lines, JSONL files, TensorBoard;
-the count of corrupt samples the loaders skipped, summed over the ranks at log steps."""
+the count of corrupt samples the loaders skipped, summed over the ranks at log steps.
+
+A resumed run (``--resume``, or a torchrun restart) continues the logs of the run it resumes
+from the checkpoint's step: :func:`trim_logs` drops the rows the earlier attempt wrote past that
+step (the steps are trained again), and :class:`TrainLogger` purges its TensorBoard events past
+it, so that every step is logged once.
+"""
 from __future__ import annotations
 
 import json
@@ -106,10 +112,62 @@ class TripletIdleWarning:
               f"{record['step']}) and adds nothing to the loss: {cause}")
 
 
-class TrainLogger:
-    """Rank-0 logging: console lines, ``metrics.jsonl``, ``eval.jsonl`` and TensorBoard when installed."""
+METRICS_LOG, EVAL_LOG, TENSORBOARD_DIR = "metrics.jsonl", "eval.jsonl", "tensorboard"
 
-    def __init__(self, output: str, enabled: bool):
+
+def _rows_up_to(path: str, last_step: int) -> tuple[list[dict], bool]:
+    """``(rows of the JSONL file at path with "step" <= last_step, whether any line was left out)``;
+    a line that is not a JSON object with a step (the half-written last line of a killed process)
+    is left out."""
+    kept, dropped = [], False
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+                kept.append(row)
+            else:
+                dropped = dropped or bool(line.strip())
+    return kept, dropped
+
+
+def trim_logs(output: str, last_step: int) -> list[dict]:
+    """Keep the rows of ``output``'s ``metrics.jsonl`` and ``eval.jsonl`` up to ``last_step`` (the
+    step a run resumes from; 0 for a fresh start), drop the rest; returns the ``eval.jsonl`` rows
+    kept (the verification history before the resume). A file that changes is rewritten under a
+    temporary name and renamed over the old one: never half-written."""
+    kept_evals: list[dict] = []
+    for name in (METRICS_LOG, EVAL_LOG):
+        path = os.path.join(output, name)
+        if not os.path.isfile(path):
+            continue
+        rows, dropped = _rows_up_to(path, last_step)
+        if dropped:
+            temporary = f"{path}.tmp"
+            with open(temporary, "w", encoding="utf-8") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in rows)
+            os.replace(temporary, path)
+        if name == EVAL_LOG:
+            kept_evals = rows
+    return kept_evals
+
+
+def _has_events(folder: str) -> bool:
+    return os.path.isdir(folder) and any(name.startswith("events.out.tfevents.") for name in os.listdir(folder))
+
+
+class TrainLogger:
+    """Rank-0 logging: console lines, ``metrics.jsonl``, ``eval.jsonl`` and TensorBoard when installed.
+
+    ``start_step``: the step the run starts from (a resumed run's checkpoint step). When the
+    TensorBoard folder already holds events (an earlier attempt of the run), those past
+    ``start_step`` are purged (``SummaryWriter(purge_step=start_step + 1)``: TensorBoard hides the
+    earlier events from that step on), so the steps trained again are not shown twice.
+    """
+
+    def __init__(self, output: str, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.output = output
         self.writer = None
@@ -119,7 +177,8 @@ class TrainLogger:
             except ImportError:  # tensorboard is optional
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self.writer = SummaryWriter(os.path.join(output, "tensorboard"))
+                folder = os.path.join(output, TENSORBOARD_DIR)
+                self.writer = SummaryWriter(folder, purge_step=start_step + 1 if _has_events(folder) else None)
 
     def _append(self, name: str, record: dict) -> None:
         with open(os.path.join(self.output, name), "a", encoding="utf-8") as handle:
@@ -128,7 +187,7 @@ class TrainLogger:
     def log_train(self, record: dict, write=print) -> None:
         if not self.enabled:
             return
-        self._append("metrics.jsonl", record)
+        self._append(METRICS_LOG, record)
         write(" ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                        for key, value in record.items()))
         if self.writer is not None:
@@ -140,7 +199,7 @@ class TrainLogger:
         if not self.enabled:
             return
         for summary in summaries:
-            self._append("eval.jsonl", summary)
+            self._append(EVAL_LOG, summary)
             write(f"eval {summary['set']} step {summary['step']}: accuracy {summary['accuracy']:.4f} "
                   f"± {summary['accuracy_std']:.4f}, tar@far=1e-3 {format_rate(summary['tar@far=1e-3'])}")
             if self.writer is not None:

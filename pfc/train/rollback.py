@@ -6,7 +6,7 @@
     found_inf = guard.found_inf(loss, ..., rollback.buffers_finite())
     applied = runner.step(head_optimizer, found_inf)     # masked: a skipped step updates nothing
     rollback.restore(skip=~applied)  # on the device: what the step changed is put back where skipped
-    rollback.close()                 # at the end of the run (removes the head's forward hook)
+    rollback.close()                 # at the end of the run (the head's update stops keeping old rows)
 
 A skipped step's optimizer steps are masked (``found_inf``), so the weights and the optimizer
 states stay. Two things change anyway, before the decision can be taken:
@@ -18,10 +18,12 @@ states stay. Two things change anyway, before the decision can be taken:
 * with the head's update inside its backward (``runner.head_update_in_backward``): the head's
   loss is identical on every rank, so a non-finite loss updates no center anywhere; but a NaN
   that appears only in some rank's backbone gradient (the loss finite) is seen by the guard only
-  after the head has updated its sampled rows. The sampled rows of the centers and of their
-  momentum are therefore copied after each head forward (a forward hook: the rows are known only
-  then) and written back by :meth:`restore`. That is one gather of the rows the update itself
-  reads and writes, ``2 · S_r · D`` values per step (S_r sampled rows on the rank).
+  after the head has updated its sampled rows. The values the sampled rows of the centers and of
+  their momentum had before the update are therefore kept and written back by :meth:`restore`:
+  the update itself writes them (:meth:`pfc.head.optim.SparseRowSGD.keep_old_rows`) from the
+  rows it has just read, ``2 · S_r · D`` values written per step (S_r sampled rows on the rank)
+  and no pass of its own (the Triton update writes them from registers; the torch one copies
+  each chunk it gathered, in cache).
 
 :meth:`restore` decides on the device, without a host synchronisation: ``skip`` is a 0-d bool
 tensor, and every snapshotted value becomes ``where(skip, saved, current)``. A step that is not
@@ -34,7 +36,8 @@ when True.
 Measured with ``python bench/step_rollback.py`` on one CPU thread: the buffer copy and check cost
 0.2 % / 0.03 % of a tiny / iresnet50 step (batch 16), the gradient norm of the guard 1.5 % /
 0.3 % (reused by clipping); the row copy at 1M classes on 2 ranks (50k of 500k rows sampled)
-40 ms, about 11 % of the head's own step there (367 ms), which a backbone step dwarfs.
+40 ms, about 11 % of the head's own step there (367 ms), when it was a gather of its own after
+the forward (before the update wrote the old rows itself).
 
 The LR schedules are not the model: the loop steps them on a skipped step too (the schedule is a
 function of the step index, which moves on).
@@ -56,10 +59,8 @@ class StepRollback:
         self.saved_buffers = [torch.empty_like(buffer) for buffer in self.buffers]
         self.head = head
         self.head_optimizer = head_optimizer
-        self._rows: torch.Tensor | None = None   # the sampled rows snapshotted (None: all rows)
-        self._saved_rows: dict[str, torch.Tensor] = {}   # "weight", "momentum" → [capacity, D] scratch
-        self._have_rows = False
-        self._hook = head.register_forward_hook(self._snapshot_rows) if head_update_in_backward else None
+        # the rows the update in the backward changed and their old values, written by the update
+        self._old_rows = head_optimizer.keep_old_rows() if head_update_in_backward else None
 
     def buffers_finite(self) -> torch.Tensor | None:
         """Whether the backbone's buffers are finite after the forward (a finite loss can come with
@@ -69,10 +70,12 @@ class StepRollback:
 
     @torch.no_grad()
     def begin(self) -> None:
-        """Before the step's micro-batches: copy the backbone's buffers."""
+        """Before the step's micro-batches: copy the backbone's buffers (and forget the old rows of
+        an earlier step)."""
         for saved, buffer in zip(self.saved_buffers, self.buffers):
             saved.copy_(buffer)
-        self._have_rows = False
+        if self._old_rows is not None:
+            self._old_rows.filled = False
 
     def _live_rows(self) -> dict[str, torch.Tensor]:
         weight = self.head.weight
@@ -82,38 +85,15 @@ class StepRollback:
             live["momentum"] = momentum
         return live
 
-    @staticmethod
-    def _scratch(blocks: dict[str, torch.Tensor], name: str, count: int, like: torch.Tensor) -> torch.Tensor:
-        """A reused ``[≥ count, D]`` block of ``like``'s type and device (grown when too small)."""
-        block = blocks.get(name)
-        if block is None or block.shape[0] < count or block.dtype != like.dtype:
-            block = blocks[name] = torch.empty((count, *like.shape[1:]), dtype=like.dtype, device=like.device)
-        return block[:count]
-
-    @torch.no_grad()
-    def _snapshot_rows(self, head: nn.Module, inputs, output) -> None:
-        """Forward hook of the head (update in backward only): copy the rows its backward will update."""
-        if not head.training:
-            return
-        index = head.last_sample[0]
-        self._rows = index
-        for name, live in self._live_rows().items():
-            count = live.shape[0] if index is None else index.numel()
-            scratch = self._scratch(self._saved_rows, name, count, live)
-            if index is None:
-                scratch.copy_(live)
-            else:
-                torch.index_select(live, 0, index, out=scratch)
-        self._have_rows = True
-
     @torch.no_grad()
     def restore(self, skip: torch.Tensor | bool = True) -> None:
-        """Put back what :meth:`begin` and the head's forward hook copied where ``skip`` (a 0-d
-        bool tensor, decided on the device; or a Python bool) is true; a no-op where it is false."""
+        """Put back what :meth:`begin` copied and the old rows the head's update kept where ``skip``
+        (a 0-d bool tensor, decided on the device; or a Python bool) is true; a no-op where it is false."""
         if not isinstance(skip, torch.Tensor):
             if skip:
                 self._write_back(None)
-            self._have_rows = False
+            if self._old_rows is not None:
+                self._old_rows.filled = False
             return
         self._write_back(skip)
 
@@ -122,18 +102,21 @@ class StepRollback:
         (``skip`` None: ``current = saved``)."""
         for saved, buffer in zip(self.saved_buffers, self.buffers):
             buffer.copy_(saved if skip is None else torch.where(skip.to(buffer.device), saved, buffer))
-        if not self._have_rows:
+        old = self._old_rows
+        if old is None or not old.filled:
             return
-        rows = self._rows
+        rows = old.rows
         for name, live in self._live_rows().items():
-            saved = self._saved_rows[name][:live.shape[0] if rows is None else rows.numel()]
+            saved = getattr(old, name)
+            if saved is None:
+                continue
             if rows is None:  # every row was updated: one pass over the shard
                 live.copy_(saved if skip is None else torch.where(skip.to(live.device), saved, live))
             elif skip is None:
                 live.index_copy_(0, rows, saved)
             elif rows.numel():
                 self._masked_row_write(live, rows, saved, skip.to(live.device))
-        self._have_rows = False
+        old.filled = False
 
     @staticmethod
     def _masked_row_write(live: torch.Tensor, rows: torch.Tensor, saved: torch.Tensor, skip: torch.Tensor) -> None:
@@ -148,7 +131,7 @@ class StepRollback:
         live.index_copy_(0, first, torch.where(skip, saved[:1], first_now))
 
     def close(self) -> None:
-        """Remove the head's forward hook."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        """Stop the head's optimizer writing the old rows."""
+        if self._old_rows is not None:
+            self.head_optimizer.drop_old_rows()
+            self._old_rows = None

@@ -10,7 +10,15 @@ engine's precision; ``backward`` undoes the fp16 loss scale for the head's gradi
 own checkpointing keeps the engine state (module, ZeRO-partitioned optimizer, engine LR
 scheduler). DeepSpeed averages the backbone gradients over the ranks like DDP, so the head's
 gradient convention (x.grad = N·∂loss/∂x_r) gives the exact gradient. DeepSpeed is optional
-(``pip install pfc[deepspeed]``) and imported only when an engine is built.
+(``pip install -e ".[deepspeed]"`` in pfc's clone) and imported only when an engine is built.
+
+Precision: with bf16 (or fp16) DeepSpeed casts the module's parameters and leaves its buffers
+in fp32; pfc keeps BatchNorm in fp32 on top (running statistics fp32, each layer normalising
+with its scale and shift upcast to fp32 on the low-precision input, torch's mixed-type kernel:
+see :mod:`pfc.train.runners.fp32_batchnorm`), as autocast and apex O2 do; without it every
+BatchNorm layer fails ("expected scalar type BFloat16 but found Float"). fp16 needs a GPU:
+DeepSpeed's CPU accelerator refuses it (:func:`resolve_deepspeed_config` says so); bf16 runs on
+the CPU too.
 
 On CPU the engine runs with DeepSpeed's ``cpu`` accelerator over the gloo group that is
 already initialised. DeepSpeed's communication backend would compile its ``shm_comm`` op with g++
@@ -38,6 +46,7 @@ from typing import Any
 import torch
 
 from pfc.errors import CheckpointError, ConfigError
+from pfc.train.runners.fp32_batchnorm import keep_batchnorm_in_fp32
 
 ENGINE = "deepspeed"
 ENGINE_TAG = "engine"  # the tag of DeepSpeed's checkpoint inside the engine directory
@@ -60,7 +69,8 @@ def _import_deepspeed():
         import deepspeed
     except ImportError as exc:
         raise ConfigError("engine 'deepspeed' needs DeepSpeed, which is not installed: "
-                          "pip install 'pfc[deepspeed]' (or use --engine ddp)") from exc
+                          "pip install -e '.[deepspeed]' in pfc's clone, or pip install 'deepspeed>=0.14' "
+                          "(or use --engine ddp)") from exc
     return deepspeed
 
 
@@ -332,6 +342,8 @@ def build_deepspeed_runner(backbone: torch.nn.Module, config: dict | str | os.Pa
                                            else [p for p in backbone.parameters() if p.requires_grad],
                                            mpu=None, dist_init_required=False)
     _use_weights_only_loading(engine)
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        keep_batchnorm_in_fp32(engine.module)
     return DeepSpeedRunner(engine, optimizer, grad_accumulation)
 
 
