@@ -318,3 +318,19 @@ def test_gpu_sized_chunks_on_the_device():
     head(*_batch(DEVICE, 0))
     expected = CPU_CHUNK_ROWS if DEVICE == "cpu" else auto_chunk_rows(DEVICE, BATCH, DIM, torch.float32)
     assert head.last_chunk_rows == expected and (DEVICE == "cpu" or expected > CPU_CHUNK_ROWS)
+
+
+def test_the_sampler_gives_the_cpu_sample_on_the_device_with_either_kernels():
+    """The O(S) sampler at a 29M-class, 8-GPU job's shard (C_r = 3,625,000, S = 362,500,
+    B = 1,024): the torch ops and the Triton kernel on the device draw the CPU's rows bit for bit."""
+    from pfc.head.kernels import triton_available
+    from pfc.head.sampling import sample_classes
+
+    num_local, key = 3_625_000, 2**64 - 1
+    labels = torch.randint(0, 2 * num_local, (1_024,), generator=torch.Generator().manual_seed(0))
+    expected = sample_classes(labels, 0, num_local, 0.1, key)
+    kernel_names = ["torch"] + (["triton"] if DEVICE == "cuda" and triton_available() else [])
+    for kernels in kernel_names:
+        index, target = sample_classes(labels.to(DEVICE), 0, num_local, 0.1, key, kernels=kernels)
+        assert index.device.type == torch.device(DEVICE).type
+        assert torch.equal(index.cpu(), expected[0]) and torch.equal(target.cpu(), expected[1]), kernels

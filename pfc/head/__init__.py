@@ -2,6 +2,7 @@
 margins, regularisers and the row-sparse center optimizer. Usable without the trainer.
 
     partial_fc.py    PartialFC: sharding, sampling, input checks (start here)
+    sampling.py      which centers a step takes: positives + a keyed permutation's first rows, O(S)
     softmax.py       the fused sharded softmax as named steps (sharded_margin_softmax)
     targets.py       the target cells of the logits, dense over the batch (no host sync)
     gemm.py          GEMMs against centers stored in bf16/fp16, with fp32 results

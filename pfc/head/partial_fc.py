@@ -299,7 +299,7 @@ class PartialFC(nn.Module):
         key = int(np.random.SeedSequence([self.seed, self.iteration, self._forwards_this_iteration])
                   .generate_state(2, dtype=np.uint64)[0])
         self._forwards_this_iteration += 1
-        return sample_classes(labels, self.class_start, self.num_local, self.sample_rate, key)
+        return sample_classes(labels, self.class_start, self.num_local, self.sample_rate, key, kernels=self.kernels)
 
     def _check_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         """Collective: every rank checks its own inputs, then all raise the same error (naming
