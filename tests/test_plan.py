@@ -203,7 +203,7 @@ def test_help_shows_every_default(capsys):
     for flag, default in (("--gpus", "8"), ("--gpu-memory", "the --gpu kind's"), ("--gpu", "the one kind"),
                           ("--network", "iresnet100"), ("--batch-size", "128"), ("--sample-rate", "0.1"),
                           ("--center-dtype", "fp32"), ("--precision", "bf16"), ("--kernels", "triton"),
-                          ("--engine", "ddp")):
+                          ("--chunk-rows", "0"), ("--engine", "ddp")):
         upper = flag[2:].upper().replace("-", "_")
         after = text.split(f"{flag} {upper} ", 1)[1]
         assert after.split(" --", 1)[0].count("(default: ") == 1 and f"(default: {default}" in after, flag
@@ -220,6 +220,7 @@ def test_help_shows_every_default(capsys):
     (["--classes", "1M", "--kernels", "cuda"], "--kernels 'cuda' is not one of auto, torch, triton"),
     (["--classes", "1M", "--precision", "fp16", "--center-dtype", "fp16"], "GradScaler cannot unscale fp16 center"),
     (["--classes", "1M", "--gpus", "0"], "--gpus must be ≥ 1"),
+    (["--classes", "1M", "--chunk-rows", "-1"], "--chunk-rows must be ≥ 0, got -1"),
     (["--classes", "1M", "--network", "resnet9000"], "unknown network 'resnet9000'"),
     (["--classes", "1M", "--gpu", "x100"], "--gpu 'x100' is not one of"),
     (["--classes", "1M", "--center-dtype", "fp8"], "--center-dtype 'fp8' is not one of"),
@@ -232,6 +233,20 @@ def test_bad_arguments_end_with_one_line_naming_the_cause(argv, message, capsys)
     assert main(argv) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and error.startswith("error: ") and message in error, error
+
+
+def test_the_planned_chunk_rows_are_the_jobs_or_what_the_head_picks_on_a_gpu():
+    from pfc.head.chunking import auto_chunk_rows
+    from pfc.planning.job import train_config
+    from pfc.planning.plan import base_classes
+
+    issue = Job(num_classes=29_000_000, gpus=8, network="iresnet50", batch_size=128, center_dtype="fp16")
+    assert issue.head_chunk_rows == 61_440 == auto_chunk_rows("meta", 1024, 512, torch.float16)
+    assert base_classes(issue) == 8 * 2 * 614_400   # two full chunks per rank at ρ = 0.1
+    assert train_config(issue).head.chunk_rows == 0   # automatic in the simulated head as well
+    explicit = Job(num_classes=4000, gpus=2, batch_size=8, chunk_rows=2048)
+    assert explicit.head_chunk_rows == 2048 and train_config(explicit).head.chunk_rows == 2048
+    assert base_classes(explicit) == 2 * 40_960
 
 
 def test_class_counts_read_with_suffixes():
