@@ -12,8 +12,14 @@ from pfc.planning.job import Job, parse_count
 from tests.distributed import run_ranks
 
 # two gloo ranks, a tiny backbone, 4000 classes: the sampled rows (200 per rank) outnumber the
-# gathered batch (16), so the sample size does not depend on the labels' values
-SMALL = Job(num_classes=4000, gpus=2, network="tiny", batch_size=8, sample_rate=0.1, precision="fp32", kernels="torch")
+# gathered batch (16), so the sample size does not depend on the labels' values; the CPU's chunk
+# rows on both sides (the simulated GPU would pick budget-sized chunks)
+SMALL = Job(num_classes=4000, gpus=2, network="tiny", batch_size=8, sample_rate=0.1, precision="fp32", kernels="torch",
+            chunk_rows=2048)
+# budget-sized chunks small enough to simulate several of them quickly: 2,048 gathered columns and
+# fp16 centers give 35,840 rows per chunk, ρ = 0.5 makes C0 = 286,720 classes
+BUDGET_CHUNKS = Job(num_classes=1, gpus=2, network="tiny", batch_size=1024, sample_rate=0.5, precision="bf16",
+                    center_dtype="fp16")
 
 
 def _real_rank(rank, world_size):
@@ -67,47 +73,54 @@ def _extrapolated_and_direct():
     from pfc.planning.plan import Planner
     from pfc.planning.simulate import simulate
 
-    planner = Planner(Job(num_classes=1, gpus=2, network="tiny", batch_size=8, sample_rate=0.1, precision="fp32"))
-    target = 3 * planner.base   # beyond 2·C0: extrapolated
-    return planner.plan(target), simulate(planner.job.with_classes(target))
+    planner = Planner(BUDGET_CHUNKS)
+    target = 3 * planner.base + planner.base // 3   # beyond 2·C0: extrapolated, 6⅔ chunks' rows per rank
+    return planner.plan(target), simulate(planner.job.with_classes(target)), planner.chunk_rows, planner.base
 
 
-def test_extrapolated_plan_matches_a_direct_simulation():
-    plan, direct = _in_fresh_process(_extrapolated_and_direct)
+def test_extrapolated_plan_with_budget_sized_chunks_matches_a_direct_simulation():
+    plan, direct, chunk_rows, base = _in_fresh_process(_extrapolated_and_direct)
+    assert chunk_rows == 35_840 and base == 2 * 2 * 35_840 * 2   # two full chunks per rank at C0
     assert plan.peak_bytes == pytest.approx(direct.peak_bytes, rel=0.01)
     for category, value in direct.categories.items():
         assert plan.categories[category] == pytest.approx(value, rel=0.01, abs=65536), category
     assert plan.host_syncs_per_step == pytest.approx(
         sum(direct.host_syncs.values()) + sum(n for site, n in direct.step_findings.items()
                                                if site.startswith("data-dependent")), rel=0.01)
+    # launches are a step in the chunk count: 7 chunks here (6⅔ chunks' rows), exact, not 6⅔ chunks' worth
+    assert plan.launches == direct.launches
 
 
 def _plan_tool_and_bisection():
     import contextlib
     import io
 
-    from pfc.planning.plan import Planner, fits, largest_fitting
+    from pfc.planning.plan import Planner, fits, largest_fitting, memory_anchors
     from tools.plan import main
 
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output):
-        code = main(["--classes", "2M", "--gpus", "2", "--network", "tiny", "--batch-size", "8",
-                     "--precision", "fp32", "--gpu-memory", "4", "--gpu", "h100", "--max-classes", "--json"])
-    result = json.loads(output.getvalue().strip().splitlines()[-1])
-    planner = Planner(Job(num_classes=1, gpus=2, network="tiny", batch_size=8, precision="fp32"))
-    largest = result["max_classes"]
+    job_args = ["--gpus", "2", "--network", "tiny", "--batch-size", "1024", "--sample-rate", "0.5",
+                "--center-dtype", "fp16", "--gpu", "h100", "--max-classes", "--json"]
+    planner = Planner(BUDGET_CHUNKS)
+    results = {}
+    for gpu_memory, classes in ((8, "2M"), (3, "140k")):   # 2·C0 fits 8 GiB; on 3 GiB not even one full chunk
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            code = main(["--classes", classes, "--gpu-memory", str(gpu_memory), *job_args])
+        result = json.loads(output.getvalue().strip().splitlines()[-1])
+        largest = result["max_classes"]
+        results[gpu_memory] = (code, result, fits(planner.plan(largest), gpu_memory),
+                               fits(planner.plan(int(largest * 1.01)), gpu_memory), largest_fitting(planner, gpu_memory))
     one_gpu = io.StringIO()   # the job make gpu-check plans: one GPU (no process group of its own)
     with contextlib.redirect_stdout(one_gpu):
         one_gpu_code = main(["--classes", "1000", "--gpus", "1", "--network", "tiny", "--batch-size", "8",
                              "--sample-rate", "1.0", "--json"])
-    return (code, result, largest > 2 * planner.base, fits(planner.plan(largest), 4),
-            fits(planner.plan(int(largest * 1.01)), 4), largest_fitting(planner, 4),
+    return (results, planner.base, memory_anchors(BUDGET_CHUNKS),
             (one_gpu_code, json.loads(one_gpu.getvalue().strip().splitlines()[-1])))
 
 
 def test_max_classes_fits_and_one_percent_more_does_not_and_one_gpu_jobs_are_planned():
-    code, result, beyond_simulations, fits_at, fits_above, bisected, one_gpu = _in_fresh_process(
-        _plan_tool_and_bisection)
+    results, base, anchors, one_gpu = _in_fresh_process(_plan_tool_and_bisection)
+    code, result, fits_at, fits_above, bisected = results[8]
     assert code == 0
     assert {"peak_bytes", "bytes_per_identity", "fits", "host_syncs_per_step", "categories", "flops_per_step",
             "predicted_samples_per_s", "max_classes", "predicted_head_s", "predicted_backbone_s",
@@ -119,9 +132,15 @@ def test_max_classes_fits_and_one_percent_more_does_not_and_one_gpu_jobs_are_pla
     assert result["gpu"] == "H100-SXM5-80GB" and "--gpu h100" in result["gpu_choice"]
     largest = result["max_classes"]
     assert result["fits"] == (2_000_000 <= largest)
-    assert beyond_simulations   # found on the extrapolated plans
+    assert largest > 2 * base   # found on the extrapolated plans
     assert fits_at and not fits_above
     assert largest == bisected
+    # a small GPU: 2·C0 does not fit, the limit lies below one full chunk per rank (anchors[1]), found
+    # on the peak interpolated between simulations, and direct simulations around it agree to 1 %
+    code, result, fits_at, fits_above, bisected = results[3]
+    assert code == 0 and not result["fits"]
+    assert anchors[0] < result["max_classes"] < anchors[1] and result["max_classes"] == bisected
+    assert fits_at and not fits_above
     one_gpu_code, one_gpu_result = one_gpu   # make gpu-check compares this plan with the allocator's peak
     assert one_gpu_code == 0
     assert one_gpu_result["fits"] and one_gpu_result["host_syncs_per_step"] == 0 and one_gpu_result["peak_bytes"] > 0
@@ -188,7 +207,7 @@ def test_help_shows_every_default(capsys):
     for flag, default in (("--gpus", "8"), ("--gpu-memory", "the --gpu kind's"), ("--gpu", "the one kind"),
                           ("--network", "iresnet100"), ("--batch-size", "128"), ("--sample-rate", "0.1"),
                           ("--center-dtype", "fp32"), ("--precision", "bf16"), ("--kernels", "triton"),
-                          ("--engine", "ddp")):
+                          ("--chunk-rows", "0"), ("--engine", "ddp")):
         upper = flag[2:].upper().replace("-", "_")
         after = text.split(f"{flag} {upper} ", 1)[1]
         assert after.split(" --", 1)[0].count("(default: ") == 1 and f"(default: {default}" in after, flag
@@ -204,6 +223,7 @@ def test_help_shows_every_default(capsys):
     (["--classes", "1M", "--precision", "fp8"], "--precision 'fp8' is not one of fp32, fp16, bf16"),
     (["--classes", "1M", "--kernels", "cuda"], "--kernels 'cuda' is not one of auto, torch, triton"),
     (["--classes", "1M", "--gpus", "0"], "--gpus must be ≥ 1"),
+    (["--classes", "1M", "--chunk-rows", "-1"], "--chunk-rows must be ≥ 0, got -1"),
     (["--classes", "1M", "--network", "resnet9000"], "unknown network 'resnet9000'"),
     (["--classes", "1M", "--gpu", "x100"], "--gpu 'x100' is not one of"),
     (["--classes", "1M", "--center-dtype", "fp8"], "--center-dtype 'fp8' is not one of"),
@@ -216,6 +236,20 @@ def test_bad_arguments_end_with_one_line_naming_the_cause(argv, message, capsys)
     assert main(argv) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and error.startswith("error: ") and message in error, error
+
+
+def test_the_planned_chunk_rows_are_the_jobs_or_what_the_head_picks_on_a_gpu():
+    from pfc.head.chunking import auto_chunk_rows
+    from pfc.planning.job import train_config
+    from pfc.planning.plan import base_classes
+
+    issue = Job(num_classes=29_000_000, gpus=8, network="iresnet50", batch_size=128, center_dtype="fp16")
+    assert issue.head_chunk_rows == 61_440 == auto_chunk_rows("meta", 1024, 512, torch.float16)
+    assert base_classes(issue) == 8 * 2 * 614_400   # two full chunks per rank at ρ = 0.1
+    assert train_config(issue).head.chunk_rows == 0   # automatic in the simulated head as well
+    explicit = Job(num_classes=4000, gpus=2, batch_size=8, chunk_rows=2048)
+    assert explicit.head_chunk_rows == 2048 and train_config(explicit).head.chunk_rows == 2048
+    assert base_classes(explicit) == 2 * 40_960
 
 
 def test_class_counts_read_with_suffixes():

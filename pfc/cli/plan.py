@@ -48,6 +48,9 @@ def parse_args(argv):
     parser.add_argument("--kernels", default="triton",
                         help=f"the head's kernels: {' | '.join(KERNEL_CHOICES)} (default: triton, what a CUDA run "
                              "with triton installed uses)")
+    parser.add_argument("--chunk-rows", default="0",
+                        help="sampled centers per chunk of the head's softmax; 0: automatic, what a GPU run picks "
+                             "(a 1 GiB scratch budget, pfc/head/chunking.py) (default: 0)")
     parser.add_argument("--engine", default="ddp", help="ddp (deepspeed is not simulated) (default: ddp)")
     parser.add_argument("--zero", default=None, help="DeepSpeed ZeRO stage (needs --engine deepspeed)")
     parser.add_argument("--max-classes", action="store_true", help="also find the largest class count that fits")
@@ -85,10 +88,11 @@ def main(argv=None) -> int:
     job = Job(num_classes=parse_count(args.classes, "--classes"), gpus=_number(args.gpus, "--gpus", int, 1),
               network=args.network, batch_size=_number(args.batch_size, "--batch-size", int, 1),
               sample_rate=_number(args.sample_rate, "--sample-rate"), precision=args.precision,
-              center_dtype=args.center_dtype, engine=args.engine, kernels=args.kernels)
+              center_dtype=args.center_dtype, engine=args.engine, kernels=args.kernels,
+              chunk_rows=_number(args.chunk_rows, "--chunk-rows", int, 0))
     baseline_classes = parse_count(args.compare_classes, "--compare-classes") if args.compare_classes else None
     train_config(job)  # every check before the first simulation
-    runs = 3 + (2 if baseline_classes else 0)
+    runs = 3 + (2 if baseline_classes else 0) + (4 if args.max_classes else 0)
     with tqdm(total=3 * runs, desc="simulating", unit="phase", file=sys.stderr, leave=False) as bar:
         planner = Planner(job, progress=bar.update)
         plan = planner.plan(job.num_classes)

@@ -14,8 +14,9 @@ import re
 from dataclasses import dataclass
 
 from pfc.errors import ConfigError
+from pfc.head.chunking import auto_chunk_rows
 from pfc.head.kernels import KERNEL_CHOICES
-from pfc.train.config import HeadConfig, TrainConfig, validate
+from pfc.train.config import STORAGE_DTYPES, HeadConfig, TrainConfig, validate
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 _COUNT = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbg]?)\s*$", re.IGNORECASE)
@@ -43,7 +44,8 @@ def parse_count(text: str, what: str = "count") -> int:
 class Job:
     """One data-parallel backbone + Partial-FC job: ``gpus`` ranks, ``batch_size`` per rank.
     ``kernels``: the head's kernels (``head.kernels``); "triton" is what a CUDA run with triton
-    installed resolves "auto" to, so it is the default for a planned GPU job."""
+    installed resolves "auto" to, so it is the default for a planned GPU job. ``chunk_rows``: the
+    head's rows per chunk (``head.chunk_rows``); None or 0: automatic, as on a GPU."""
 
     num_classes: int
     gpus: int
@@ -56,6 +58,19 @@ class Job:
     kernels: str = "triton"
     embedding_size: int = 512
     image_size: int = 112
+    chunk_rows: int | None = None
+
+    @property
+    def head_chunk_rows(self) -> int:
+        """The sampled centers per chunk of the head's fused softmax on the simulated GPU:
+        ``chunk_rows``, or when it is None/0 what the head picks on a GPU
+        (:func:`pfc.head.chunking.auto_chunk_rows`: a 1 GiB scratch budget at ``batch_size · gpus``
+        gathered columns, D = ``embedding_size``, the centers' storage type)."""
+        if self.chunk_rows:
+            return self.chunk_rows
+        storage = STORAGE_DTYPES.get(self.center_dtype, STORAGE_DTYPES["fp32"])
+        # any device but the CPU gets the budget's rows; "meta" stands for the simulated GPU
+        return auto_chunk_rows("meta", self.batch_size * self.gpus, self.embedding_size, storage)
 
     def with_classes(self, num_classes: int) -> Job:
         return dataclasses.replace(self, num_classes=num_classes)
@@ -76,6 +91,8 @@ def train_config(job: Job) -> TrainConfig:
         raise ConfigError(f"--center-dtype {job.center_dtype!r} is not one of {', '.join(CENTER_DTYPES)}")
     if job.kernels not in KERNEL_CHOICES:
         raise ConfigError(f"--kernels {job.kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
+    if job.chunk_rows is not None and job.chunk_rows < 0:
+        raise ConfigError(f"--chunk-rows must be ≥ 0 (0: automatic), got {job.chunk_rows}")
     if job.engine != "ddp":
         raise ConfigError(f"--engine {job.engine!r}: the planner simulates the ddp engine only (DeepSpeed "
                           "does not initialise on fake tensors)")
@@ -89,6 +106,7 @@ def train_config(job: Job) -> TrainConfig:
     config.backbone.embedding_size = job.embedding_size
     config.head.sample_rate = job.sample_rate
     config.head.kernels = job.kernels
+    config.head.chunk_rows = job.chunk_rows or 0
     config.schedule.max_steps = 1000
     config.checkpoint.every_minutes = 0
     if centers_configurable():

@@ -166,16 +166,18 @@ class WorkCounter(TorchDispatchMode):
 def _flops(func, args, kwargs, out) -> int:
     """The op's flops by torch's formulas (0 for an op without one). An overload with an extra
     positional argument the formulas do not know (``addmm.dtype``'s ``out_dtype``, the fp32-output
-    GEMM of narrow centers) is counted by its tensor arguments alone, ``out=`` left out."""
+    GEMM of narrow centers) is counted without it, ``out=`` left out; every other op (a convolution's
+    ``None`` bias and int strides included) by all its arguments."""
     formula = flop_registry.get(func._overloadpacket)
     if formula is None:
         return 0
-    if "dtype" not in func._overloadname:
+    names = [argument.name for argument in func._schema.arguments]
+    if "out_dtype" not in names:
         return formula(*args, **kwargs, out_val=out)
     outs = {argument.name for argument in func._schema.arguments if argument.is_out}
-    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+    positional = [arg for name, arg in zip(names, args) if name != "out_dtype"]
     options = {key: value for key, value in kwargs.items() if key not in outs and key != "out_dtype"}
-    return formula(*tensors, **options, out_val=out)
+    return formula(*positional, **options, out_val=out)
 
 
 def _io_cost(inputs, outputs, func, args, kwargs, out) -> KernelCost:
