@@ -207,7 +207,7 @@ def test_help_shows_every_default(capsys):
     for flag, default in (("--gpus", "8"), ("--gpu-memory", "the --gpu kind's"), ("--gpu", "the one kind"),
                           ("--network", "iresnet100"), ("--batch-size", "128"), ("--sample-rate", "0.1"),
                           ("--center-dtype", "fp32"), ("--precision", "bf16"), ("--kernels", "triton"),
-                          ("--chunk-rows", "0"), ("--engine", "ddp")):
+                          ("--chunk-rows", "0"), ("--logits", "auto"), ("--engine", "ddp")):
         upper = flag[2:].upper().replace("-", "_")
         after = text.split(f"{flag} {upper} ", 1)[1]
         assert after.split(" --", 1)[0].count("(default: ") == 1 and f"(default: {default}" in after, flag
@@ -224,6 +224,7 @@ def test_help_shows_every_default(capsys):
     (["--classes", "1M", "--kernels", "cuda"], "--kernels 'cuda' is not one of auto, torch, triton"),
     (["--classes", "1M", "--gpus", "0"], "--gpus must be ≥ 1"),
     (["--classes", "1M", "--chunk-rows", "-1"], "--chunk-rows must be ≥ 0, got -1"),
+    (["--classes", "1M", "--logits", "never"], "--logits 'never' is not one of auto, keep, recompute"),
     (["--classes", "1M", "--network", "resnet9000"], "unknown network 'resnet9000'"),
     (["--classes", "1M", "--gpu", "x100"], "--gpu 'x100' is not one of"),
     (["--classes", "1M", "--center-dtype", "fp8"], "--center-dtype 'fp8' is not one of"),

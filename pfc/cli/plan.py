@@ -51,6 +51,10 @@ def parse_args(argv):
     parser.add_argument("--chunk-rows", default="0",
                         help="sampled centers per chunk of the head's softmax; 0: automatic, what a GPU run picks "
                              "(a 1 GiB scratch budget, pfc/head/chunking.py) (default: 0)")
+    parser.add_argument("--logits", default="auto",
+                        help="the head's logits: keep (the [S, B] block held for the backward: faster, more memory) | "
+                             "recompute (one GEMM more) | auto (recompute when the block would exceed 10 %% of the "
+                             "centers' storage) (default: auto)")
     parser.add_argument("--engine", default="ddp", help="ddp (deepspeed is not simulated) (default: ddp)")
     parser.add_argument("--zero", default=None, help="DeepSpeed ZeRO stage (needs --engine deepspeed)")
     parser.add_argument("--max-classes", action="store_true", help="also find the largest class count that fits")
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
               network=args.network, batch_size=_number(args.batch_size, "--batch-size", int, 1),
               sample_rate=_number(args.sample_rate, "--sample-rate"), precision=args.precision,
               center_dtype=args.center_dtype, engine=args.engine, kernels=args.kernels,
-              chunk_rows=_number(args.chunk_rows, "--chunk-rows", int, 0))
+              chunk_rows=_number(args.chunk_rows, "--chunk-rows", int, 0), logits=args.logits)
     baseline_classes = parse_count(args.compare_classes, "--compare-classes") if args.compare_classes else None
     train_config(job)  # every check before the first simulation
     runs = 3 + (2 if baseline_classes else 0) + (4 if args.max_classes else 0)

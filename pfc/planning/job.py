@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pfc.errors import ConfigError
 from pfc.head.chunking import auto_chunk_rows
 from pfc.head.kernels import KERNEL_CHOICES
+from pfc.head.softmax import LOGITS_MODES
 from pfc.train.config import STORAGE_DTYPES, HeadConfig, TrainConfig, validate
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
@@ -45,7 +46,9 @@ class Job:
     """One data-parallel backbone + Partial-FC job: ``gpus`` ranks, ``batch_size`` per rank.
     ``kernels``: the head's kernels (``head.kernels``); "triton" is what a CUDA run with triton
     installed resolves "auto" to, so it is the default for a planned GPU job. ``chunk_rows``: the
-    head's rows per chunk (``head.chunk_rows``); None or 0: automatic, as on a GPU."""
+    head's rows per chunk (``head.chunk_rows``); None or 0: automatic, as on a GPU. ``logits``: the
+    head's ``head.logits`` (keep the ``[S, B]`` block for the backward, or recompute it: one GEMM
+    more; auto decides by memory, see :class:`pfc.head.PartialFC`)."""
 
     num_classes: int
     gpus: int
@@ -59,6 +62,7 @@ class Job:
     embedding_size: int = 512
     image_size: int = 112
     chunk_rows: int | None = None
+    logits: str = "auto"
 
     @property
     def head_chunk_rows(self) -> int:
@@ -91,6 +95,8 @@ def train_config(job: Job) -> TrainConfig:
         raise ConfigError(f"--center-dtype {job.center_dtype!r} is not one of {', '.join(CENTER_DTYPES)}")
     if job.kernels not in KERNEL_CHOICES:
         raise ConfigError(f"--kernels {job.kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
+    if job.logits not in LOGITS_MODES:
+        raise ConfigError(f"--logits {job.logits!r} is not one of {', '.join(LOGITS_MODES)}")
     if job.chunk_rows is not None and job.chunk_rows < 0:
         raise ConfigError(f"--chunk-rows must be ≥ 0 (0: automatic), got {job.chunk_rows}")
     if job.engine != "ddp":
@@ -107,6 +113,7 @@ def train_config(job: Job) -> TrainConfig:
     config.head.sample_rate = job.sample_rate
     config.head.kernels = job.kernels
     config.head.chunk_rows = job.chunk_rows or 0
+    config.head.logits = job.logits
     config.schedule.max_steps = 1000
     config.checkpoint.every_minutes = 0
     if centers_configurable():
