@@ -55,6 +55,12 @@ def test_a_narrow_gemm_with_an_fp32_output_accumulating_into_its_out_costs_its_f
     # addmm.dtype (the head's Σ_j G_j r_j w_j with narrow centers): out_dtype is positional in its schema
     counter = _count(lambda: torch.addmm(out, a, b, out_dtype=torch.float32, out=out))
     assert _single(counter) == (2 * 64 * 32 * 16, (64 * 32 + 32 * 16) * 2 + 2 * 64 * 16 * F32, 1)
+    # at the tensor-core peak of its bf16 multiplicands, not the fp32 peak of the accumulator it adds to
+    big = [torch.randn(shape, device="meta", dtype=dtype) for shape, dtype in
+           (((4096, 4096), torch.float32), ((4096, 4096), torch.bfloat16), ((4096, 4096), torch.bfloat16))]
+    counter = _count(lambda: torch.addmm(*big, out_dtype=torch.float32, out=big[0]))
+    v100 = GPUS["v100"]
+    assert counter.seconds[(v100.name, "head")] == pytest.approx(2 * 4096**3 / (v100.bf16_tflops * 1e12))
 
 
 def test_a_convolution_without_bias_costs_its_flops():

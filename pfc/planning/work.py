@@ -116,7 +116,7 @@ class WorkCounter(TorchDispatchMode):
             return out
         charged = self.cost(func, args, kwargs, out)
         if charged is not None:
-            self._add(*charged, dtype=_first_dtype(args, kwargs, out), op=func._overloadpacket.__name__)
+            self._add(*charged, dtype=_multiplicand_dtype(args, kwargs, out), op=func._overloadpacket.__name__)
         return out
 
     def cost(self, func, args, kwargs, out) -> tuple[KernelCost, str] | None:
@@ -199,9 +199,13 @@ def _tensors(tree) -> list[torch.Tensor]:
     return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
 
 
-def _first_dtype(args, kwargs, out) -> torch.dtype:
+def _multiplicand_dtype(args, kwargs, out) -> torch.dtype:
+    """The dtype whose peak the op's flops run at: bf16/fp16 when any input is (tensor cores take the
+    narrow multiplicands: ``addmm(out fp32, a fp16, b fp16)`` accumulates into an fp32 ``self``), else
+    the first tensor's. Only matmuls and convolutions have flops, so only they depend on it."""
     tensors = _tensors((args, kwargs)) or _tensors(out)
-    return tensors[0].dtype if tensors else torch.float32
+    narrow = [t.dtype for t in tensors if t.dtype in (torch.bfloat16, torch.float16)]
+    return narrow[0] if narrow else tensors[0].dtype if tensors else torch.float32
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
