@@ -134,3 +134,25 @@ def test_head_with_triton_kernels_on_the_device_updates_one_kernel_per_chunk_lik
     tolerance = 1e-5 if dtype == torch.float32 else 2 ** -5
     for ours, theirs in zip(results["triton"], results["torch"]):
         assert (ours - theirs).abs().max().item() <= tolerance * theirs.abs().max().item()
+
+
+def test_compiled_radial_term_equals_the_addcmul_then_the_update_within_one_rounding_of_the_product():
+    """The kernel's ``g − c·w`` (one FMA once compiled) against the head's addcmul handed over:
+    the bound of tests/test_radial_update.py (one rounding of |c·w|, flipped fp32 roundings)."""
+    rows, grad = _rows_and_grad(4)
+    radial = torch.rand(SAMPLED, generator=torch.Generator().manual_seed(5)).to(DEVICE) * 4 - 1
+    weight = torch.randn(CLASSES, DIM, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    reference_grad = grad.addcmul(weight[rows], radial[:, None], value=-1.0)
+    (expected_weight, expected_momentum), _ = _update("triton", torch.float32, rows, reference_grad)
+    generator = torch.Generator().manual_seed(1)
+    fused_weight = torch.randn(CLASSES, DIM, generator=generator).to(DEVICE)
+    fused_momentum = torch.randn(CLASSES, DIM, generator=generator).to(DEVICE)
+    step = RowStep(lr=0.1, momentum=0.9, weight_decay=5e-4, rounding="nearest", seed=counter_seed(3))
+    row_kernels("triton").apply_rows(fused_weight, fused_momentum, rows, grad, step, radial=radial)
+    ulp = 2.0 ** -24
+    product = (radial[:, None] * weight[rows]).abs().max().item()
+    momentum_bound = ulp * (product + 2 * reference_grad.abs().max().item()
+                            + 2 * expected_momentum.abs().max().item())
+    assert (fused_momentum - expected_momentum).abs().max().item() <= momentum_bound
+    assert (fused_weight - expected_weight).abs().max().item() <= \
+        0.1 * momentum_bound + ulp * expected_weight.abs().max().item()

@@ -304,11 +304,11 @@ from pfc.head.kernels import _rows_triton_kernels as kernels
 
 def row_update(arch, weight, momentum, weight_mode, momentum_mode):
     pointers = dict(W=weight, V=momentum, G="fp32", ROWS="i64", FOUND_INF="fp32", OLD_W=weight, OLD_V=momentum,
-                    UNSCALE="fp32")
+                    UNSCALE="fp32", RADIAL="fp32")
     scalars = dict(num_rows="i32", row_start="i64", D="i32", w_stride="i32", v_stride="i32", g_stride="i32",
                    old_w_stride="i32", old_v_stride="i32", lr="fp32", momentum="fp32", weight_decay="fp32", seed="i64")
     constexprs = dict(HAS_ROWS=True, USE_MOMENTUM=True, LOAD_V=True, HAS_DECAY=True, HAS_SKIP=True, HAS_UNSCALE=True,
-                      SAVE_W=True,
+                      HAS_RADIAL=True, SAVE_W=True,
                       SAVE_V=True, W_MODE=weight_mode, V_MODE=momentum_mode, BLOCK_R=4, BLOCK_D=512)
     signature = {**{k: "*" + v for k, v in pointers.items()}, **scalars, **{k: "constexpr" for k in constexprs}}
     compiled = triton.compile(ASTSource(kernels.row_update_kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32))

@@ -18,12 +18,13 @@ The issue's job (S = 362,500 sampled centers per rank, B = 1,024, D = 512, fp16 
 Triton kernels (:mod:`pfc.head.kernels.softmax_ops`) a chunk launches, in the forward: the row
 gather 1, the inverse norms 3, the GEMM 1, ``s·r`` 1, ``pfc::chunk_forward`` 1 = 7; in the
 backward (narrow storage gathers the rows again, the logits are recomputed at this size): the
-gather 1, the GEMM 1, ``pfc::chunk_backward`` 1, the center-gradient GEMM 1, ``r·u`` and the
-``addcmul`` 2, the feature-gradient ``addmm`` 1 = 7, plus the row update's launches ``U``
-(branch krows: one fused kernel). 6·(14 + U) = 90 at U = 1, against ≈ 16,000 with 2,048-row
+gather 1, the GEMM 1, ``pfc::chunk_backward`` 1, the center-gradient GEMM 1, ``r·u`` 1, the
+feature-gradient ``addmm`` 1 = 6, plus the row update's launches ``U`` (one fused kernel, which
+adds the center gradient's radial term; with MHE or without the update in the backward the
+``addcmul`` does: 7). 6·(13 + U) = 84 at U = 1, against ≈ 16,000 with 2,048-row
 chunks and the torch path; the per-step fixed part (sampling, the target measure, the
 collectives and their packing, the loss) is about 100 more: ≈ 190–250 in all, within the 400 the
-issue asks for. Launches still grow with S, by 14 + U per 61,440 rows per GiB of budget (not
+issue asks for. Launches still grow with S, by 13 + U per 61,440 rows per GiB of budget (not
 per 2,048 rows): the budget is the memory/launch trade-off, ``chunk_rows`` overrides it.
 """
 from __future__ import annotations

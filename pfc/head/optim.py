@@ -253,17 +253,19 @@ class SparseRowSGD(torch.optim.Optimizer):
         return RowUpdate(step, buffer)
 
     def apply_rows(self, param, rows, grad, update: RowUpdate, weight_rows=None, wide_rows=None, old_rows=None,
-                   chunk_rows=None) -> None:
+                   chunk_rows=None, radial=None) -> None:
         """Apply the update ``update`` (from :meth:`start_update`; no count taken) to ``rows`` (a
         slice or row ids) of ``param`` and its momentum from ``grad`` with the chosen implementation
         (:mod:`pfc.head.kernels.rows`: one Triton kernel, or torch chunk by chunk, ``chunk_rows``,
         default :attr:`chunk_rows`); what :class:`UpdateInBackward` calls. ``weight_rows`` holds
         ``param[rows]`` (row ids only; else gathered), ``wide_rows`` optionally the same values in
         the compute type (narrow storage: spares the widening copy; overwritten), ``old_rows``
-        receives the values before the update."""
+        receives the values before the update; ``radial`` (``c [n]`` fp32): the gradient is
+        ``grad − c·w`` (:func:`pfc.head.kernels.rows.radial_gradient`; in the Triton kernel)."""
+        extra = {} if radial is None else {"radial": radial}
         self.row_kernels.apply_rows(param, update.buffer, rows, grad, update.step, weight_rows=weight_rows,
                                     wide_rows=wide_rows, old_rows=old_rows, scratch=self._scratch,
-                                    chunk_rows=chunk_rows or self.chunk_rows)
+                                    chunk_rows=chunk_rows or self.chunk_rows, **extra)
 
 
 _STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -383,11 +385,20 @@ class UpdateInBackward:
         old = None if optimizer.old_rows is None else optimizer.old_rows.prepare(weight, update.buffer, index)
         return cls(optimizer, weight, index, update, by_chunk, old)
 
+    @property
+    def adds_radial_term(self) -> bool:
+        """Whether :meth:`chunk` takes the center gradient without its radial term and adds it in
+        the row update (``radial``): by chunk with the Triton row kernel, whose pass computes it
+        from the rows it loads (the head's backward then skips its own pass over the gradient)."""
+        return self.by_chunk and self.optimizer.kernels == "triton"
+
     def chunk(self, start: int, stop: int, grad_rows: torch.Tensor, rows: torch.Tensor,
-              wide_rows: torch.Tensor | None = None) -> None:
+              wide_rows: torch.Tensor | None = None, radial: torch.Tensor | None = None) -> None:
         """Update sampled rows ``[start, stop)`` given their gradient; ``rows`` holds their current
         values (``weight[index[start:stop]]``, overwritten; a view of ``weight`` when index is None),
-        ``wide_rows`` optionally the same values in float32 (narrow storage; overwritten)."""
+        ``wide_rows`` optionally the same values in float32 (narrow storage; overwritten);
+        ``radial`` (``c [stop − start]`` fp32, when :attr:`adds_radial_term`): the gradient is
+        ``grad_rows − c·w``, ``w`` the rows' values before the update."""
         if not self.by_chunk:
             return
         wide_rows = wide_rows if wide_rows is not None and wide_rows.dtype != rows.dtype else None
@@ -396,7 +407,7 @@ class UpdateInBackward:
         old = None if self.old is None else (self.old[0][start:stop],
                                              None if self.old[1] is None else self.old[1][start:stop])
         self.optimizer.apply_rows(self.weight, where, grad_rows, self.update, None if self.index is None else rows,
-                              wide_rows, old, chunk_rows=stop - start)
+                                  wide_rows, old, chunk_rows=stop - start, radial=radial)
 
     def finish(self, grad_values: torch.Tensor) -> None:
         """Update all sampled rows given their gradient ``[S, D]`` (when not done chunk by chunk)."""

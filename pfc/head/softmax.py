@@ -30,7 +30,9 @@ same inputs: bit-identical, with the kept rows reused when updating in the backw
 7. MHE gradient (:meth:`ShardEnergy.chunk_grad`) beside it;
 8. the center gradient (:func:`_center_grad_chunk`) and the feature gradient;
 9. the update seam (:class:`pfc.head.optim.UpdateInBackward`): the optimizer applied to the
-   chunk's rows instead of returning their gradient, when asked for.
+   chunk's rows instead of returning their gradient, when asked for; with the Triton kernels and
+   the update by chunk, step 8 leaves out the radial term ``−r_j²·u_j·w_j`` and the row update's
+   kernel adds it from the rows it loads (no pass over the gradient block for it).
 
 Steps 1b–2 and 6 (the elementwise work on each chunk's ``[S_c, B]`` block) run through the
 softmax chunk seam (:mod:`pfc.head.kernels.softmax_chunk`): torch ops, or one Triton launch per
@@ -130,7 +132,7 @@ def _target_grad(targets, scale, row_max, shift, magnitude):
 
 
 def _center_grad_chunk(grad_block, grad_operand_block, block, rows, inv, operand, cells, target_correction,
-                       scale, num_rows, workspace, gemm, out, row_sums=None):
+                       scale, num_rows, workspace, gemm, out, row_sums=None, radial=False):
     """Step 8: ``out = ∂/∂w_j = r_j·A_j − r_j²·u_j·w_j`` for the chunk's centers, with
     ``A = Gᵀ·[X̂; P̂]`` and ``u_j = Σ_i G_ji·c_ji``, where ``c = z/s`` in the softmax block except at
     the targets (there the raw cosine, ``z/s + (cos_y − margin(cos_y))``: ``target_correction
@@ -138,7 +140,9 @@ def _center_grad_chunk(grad_block, grad_operand_block, block, rows, inv, operand
     cosine itself in the MHE block; ``grad_block`` holds ``G·r`` (fp32),
     ``grad_operand_block`` the same as the GEMM operand, ``inv`` is ``r [S_c]``. ``row_sums``:
     ``r_j·u_j`` over the softmax columns, targets included, when the chunk kernel summed them
-    (Triton; ``target_correction`` is then unused), else None: summed here."""
+    (Triton; ``target_correction`` is then unused), else None: summed here. ``radial``: leave the
+    radial term out (``out = r_j·A_j``) and return its coefficient ``r_j²·u_j [S_c]`` (fp32), for
+    the row update to add (:attr:`pfc.head.optim.UpdateInBackward.adds_radial_term`); else None."""
     if row_sums is None:
         product = torch.mul(grad_block, block, out=workspace.get("product", block.shape[0], block))
         u_scaled = product[:, :num_rows].sum(dim=1).div_(scale)  # r_j·u_j
@@ -150,7 +154,10 @@ def _center_grad_chunk(grad_block, grad_operand_block, block, rows, inv, operand
         if block.shape[1] > num_rows:  # the MHE block (an fp32 gradient block then)
             u_scaled += (grad_block[:, num_rows:] * block[:, num_rows:]).sum(dim=1)
     gemm.mm(grad_operand_block, operand, out=out)  # r_j·A_j
+    if radial:
+        return u_scaled.mul_(inv)
     out.addcmul_(rows, u_scaled.mul_(inv)[:, None], value=-1.0)
+    return None
 
 
 class _ShardedMarginSoftmax(torch.autograd.Function):
@@ -246,6 +253,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         if weight_needs_grad and not (update is not None and update.by_chunk):
             grad_values = workspace.gradient(num_sampled, operand) if update is None else \
                 workspace.get("grad_values", num_sampled, operand)
+        # with the Triton kernels the update by chunk adds the radial term of the center gradient
+        # itself (from the rows it loads): the gradient block is read by nothing else
+        fuse_radial = chunk_kernels.name == "triton" and update is not None and update.adds_radial_term
         kept = workspace.kept(ctx.kept)
         gemm = StorageGemm(weight.dtype, weight.device, workspace)
         gemm_operand = gemm.operand(operand)
@@ -275,16 +285,17 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
                 energy.chunk_grad(block[:, num_rows:], start, cells, grad_energy, out=grad_block[:, num_rows:])
                 grad_block[:, num_rows:].mul_(inv[:, None])
             grad_operand_block = gemm.operand(grad_block)  # cast once, used by both GEMMs
-            grad_rows = None
+            grad_rows = radial = None
             if weight_needs_grad:
                 grad_rows = grad_values[start:stop] if grad_values is not None else \
                     workspace.get("grad_rows", stop - start, operand)
-                _center_grad_chunk(grad_block, grad_operand_block, block, rows_operand, inv, gemm_operand, cells,
-                                   None if target_corrections is None else target_corrections[chunk], scale,
-                                   num_rows, workspace, gemm, out=grad_rows, row_sums=row_sums)
+                radial = _center_grad_chunk(
+                    grad_block, grad_operand_block, block, rows_operand, inv, gemm_operand, cells,
+                    None if target_corrections is None else target_corrections[chunk], scale, num_rows, workspace,
+                    gemm, out=grad_rows, row_sums=row_sums, radial=fuse_radial)
             gemm.addmm_(grad_operand, grad_operand_block.t(), rows_operand)  # Σ_j G_j r_j w_j
             if update is not None:  # the rows are no longer needed as they were: update them in place
-                update.chunk(start, stop, grad_rows, rows, rows_operand)
+                update.chunk(start, stop, grad_rows, rows, rows_operand, radial=radial)
 
         if energy is not None and grad_values is not None:
             energy.return_center_grad(grad_operand[num_rows:], grad_values, options.group)

@@ -72,17 +72,19 @@ def _store(pointer, value, noise, mask, MODE: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["num_rows", "row_start", "seed"])
-def row_update_kernel(W, V, G, ROWS, FOUND_INF, OLD_W, OLD_V, UNSCALE,
+def row_update_kernel(W, V, G, ROWS, FOUND_INF, OLD_W, OLD_V, UNSCALE, RADIAL,
                       num_rows, row_start, D, w_stride, v_stride, g_stride, old_w_stride, old_v_stride,
                       lr, momentum, weight_decay, seed,
                       HAS_ROWS: tl.constexpr, USE_MOMENTUM: tl.constexpr, LOAD_V: tl.constexpr,
                       HAS_DECAY: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_UNSCALE: tl.constexpr,
-                      SAVE_W: tl.constexpr,
+                      HAS_RADIAL: tl.constexpr, SAVE_W: tl.constexpr,
                       SAVE_V: tl.constexpr, W_MODE: tl.constexpr, V_MODE: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Rows ``[pid0·BLOCK_R, …)`` × columns ``[pid1·BLOCK_D, …)`` of the update: gather ``W`` and
-    ``V`` rows (by ``ROWS`` or from ``row_start``), widen (``g`` times the fp32 at ``UNSCALE``
-    when HAS_UNSCALE: a loss scale's inverse), ``d = g + wd·w; v = μ·v + d;
+    ``V`` rows (by ``ROWS`` or from ``row_start``), widen (with HAS_RADIAL the gradient is
+    ``G − c·w``, ``c`` the row's fp32 at ``RADIAL``: the center gradient's radial term, one FMA on
+    the row already loaded; then times the fp32 at ``UNSCALE`` when HAS_UNSCALE: a loss scale's
+    inverse), ``d = g + wd·w; v = μ·v + d;
     w = w − lr·v`` in fp32, the old values to ``OLD_W``/``OLD_V``, and the new ones rounded back
     unless ``FOUND_INF`` is nonzero. Random bits: Philox keyed by ``seed`` at counter
     ``row·D + column`` (first word for W, second for V)."""
@@ -99,6 +101,8 @@ def row_update_kernel(W, V, G, ROWS, FOUND_INF, OLD_W, OLD_V, UNSCALE,
     stored_w = tl.load(w_at, mask=mask, other=0.0)
     w = _widen(stored_w)
     step = _widen(tl.load(G + local * g_stride + column[None, :], mask=mask, other=0.0))
+    if HAS_RADIAL:   # the radial term belongs to the (scaled) gradient: before the unscaling
+        step = step - tl.load(RADIAL + position, mask=in_rows, other=0.0)[:, None] * w
     if HAS_UNSCALE:   # loaded once per column, as FOUND_INF below
         step = step * tl.load(UNSCALE + column * 0)[None, :]
     if HAS_DECAY:
@@ -137,7 +141,7 @@ def round_kernel(X, OUT, SEED, numel, BLOCK: tl.constexpr):
 
 def launch_row_update(weight, momentum, rows, row_start, grad, found_inf, old_weight, old_momentum,
                       lr, momentum_factor, weight_decay, seed, weight_mode, momentum_mode,
-                      use_momentum, interpreted, unscale=None) -> None:
+                      use_momentum, interpreted, unscale=None, radial=None) -> None:
     """One launch of :func:`row_update_kernel` over the ``grad.shape[0]`` rows (tensors already
     checked by the caller: row-major rows, on one device). Multiply-adds may fuse into FMAs
     (``enable_fp_fusion``, Triton's default until 3.10 made explicit: as nvcc compiles torch's
@@ -154,12 +158,14 @@ def launch_row_update(weight, momentum, rows, row_start, grad, found_inf, old_we
         weight, momentum if momentum is not None else dummy, grad, rows if rows is not None else dummy,
         found_inf if found_inf is not None else dummy,
         old_weight if old_weight is not None else dummy, old_momentum if old_momentum is not None else dummy,
-        unscale if unscale is not None else dummy, num_rows, row_start, dim, weight.stride(0), momentum.stride(0) if momentum is not None else 0,
+        unscale if unscale is not None else dummy, radial if radial is not None else dummy,
+        num_rows, row_start, dim, weight.stride(0), momentum.stride(0) if momentum is not None else 0,
         grad.stride(0), old_weight.stride(0) if old_weight is not None else 0,
         old_momentum.stride(0) if old_momentum is not None else 0,
         lr, momentum_factor, weight_decay, seed,
         HAS_ROWS=rows is not None, USE_MOMENTUM=use_momentum, LOAD_V=load_v, HAS_DECAY=weight_decay != 0,
-        HAS_SKIP=found_inf is not None, HAS_UNSCALE=unscale is not None, SAVE_W=old_weight is not None,
+        HAS_SKIP=found_inf is not None, HAS_UNSCALE=unscale is not None,
+        HAS_RADIAL=radial is not None, SAVE_W=old_weight is not None,
         SAVE_V=old_momentum is not None and momentum is not None,
         W_MODE=weight_mode, V_MODE=momentum_mode, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
         enable_fp_fusion=True)

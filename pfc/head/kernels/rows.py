@@ -13,8 +13,11 @@ its momentum ``momentum [C, D]`` (or None) from their gradient ``grad [n, D]``, 
     w = w − lr · v
 
 (``grad`` first multiplied by ``step.unscale`` in the compute type when it is given: the
-inverse of a loss scale), then rounds ``w`` and ``v`` into their storage types (float32: exact; bfloat16 / float16: to
-nearest, or stochastically, unbiased: :mod:`pfc.head.rounding`). Where ``step.found_inf`` (a 0-d
+inverse of a loss scale; with ``radial=c [n]`` (fp32) the gradient is ``grad_j − c_j·w_j``, the
+center gradient's radial term added from the rows' values before the update, before the
+unscaling: :func:`radial_gradient`), then rounds ``w`` and ``v`` into their storage types
+(float32: exact; bfloat16 / float16: to nearest, or stochastically, unbiased:
+:mod:`pfc.head.rounding`). Where ``step.found_inf`` (a 0-d
 float32 device tensor) is nonzero nothing changes, decided on the device. ``old_rows``, when
 given, receives the rows' values before the update (weights, momentum), in the order of ``rows``:
 what :class:`pfc.train.rollback.StepRollback` writes back when the guard skips the step.
@@ -69,6 +72,21 @@ def counter_seed(*key: int) -> int:
     bits from numpy's SeedSequence with bit 62 set, so that it is always passed as an int64."""
     low, high = np.random.SeedSequence([int(part) for part in key]).generate_state(2)
     return int((int(high) & 0x3FFFFFFF) << 32 | int(low)) | 1 << 62
+
+
+def radial_gradient(weight: torch.Tensor, rows: slice | torch.Tensor, grad: torch.Tensor, radial: torch.Tensor,
+                    weight_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``grad_j − c_j·w_j`` (``c = radial [n]``) as a new tensor in ``grad``'s type, ``w_j`` the
+    current values of ``rows`` of ``weight`` (``weight_rows`` when given: ``weight[rows]``),
+    widened exactly: the addcmul the head's backward skips when the update adds the radial term
+    (what the torch path does, and the Triton path for rows its kernel does not take)."""
+    count = grad.shape[0]
+    if radial.shape != (count,):
+        raise ValueError(f"the radial coefficients have shape {tuple(radial.shape)}, not ({count},) for the "
+                         f"gradient's {count} rows")
+    if weight_rows is None:
+        weight_rows = weight[rows] if isinstance(rows, slice) else torch.index_select(weight, 0, rows)
+    return grad.addcmul(weight_rows.to(grad.dtype), radial.to(grad.dtype)[:, None], value=-1.0)
 
 
 ApplyRows = Callable[..., None]

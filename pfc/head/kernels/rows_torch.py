@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pfc.head.kernels.rows import RowStep
+from pfc.head.kernels.rows import RowStep, radial_gradient
 from pfc.head.rounding import round_into
 from pfc.head.scratch import ScratchBlocks
 from pfc.torch_private import fused_sgd_
@@ -21,15 +21,20 @@ def apply_rows(weight: torch.Tensor, momentum: torch.Tensor | None, rows: slice 
                grad: torch.Tensor, step: RowStep, *, weight_rows: torch.Tensor | None = None,
                wide_rows: torch.Tensor | None = None,
                old_rows: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-               scratch: ScratchBlocks | None = None, chunk_rows: int = 1024) -> None:
+               scratch: ScratchBlocks | None = None, chunk_rows: int = 1024,
+               radial: torch.Tensor | None = None) -> None:
     """Update ``rows`` of ``weight`` and ``momentum`` from ``grad [n, D]`` (:mod:`pfc.head.kernels.rows`).
 
     ``weight_rows`` (row ids only): ``weight[rows]`` already gathered, overwritten with the new
     values (saves a gather); ``wide_rows``: the same values in the compute type (narrow storage:
     spares the widening copy; overwritten); ``old_rows``: ``(weights [n, D], momentum [n, D] or
-    None)`` receiving the values before the update; ``scratch``: blocks reused across calls.
+    None)`` receiving the values before the update; ``scratch``: blocks reused across calls;
+    ``radial``: ``c [n]``, the gradient taken as ``grad − c·w`` (:func:`radial_gradient`, one
+    more pass; the head's torch path adds the term itself and does not pass it).
     """
     scratch = scratch if scratch is not None else ScratchBlocks()
+    if radial is not None:
+        grad = radial_gradient(weight, rows, grad, radial, weight_rows)
     if isinstance(rows, slice):
         first, last, _ = rows.indices(weight.shape[0])
         for start in range(first, last, chunk_rows):

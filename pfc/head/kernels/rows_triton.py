@@ -3,14 +3,16 @@ custom ops ``pfc::apply_rows`` and ``pfc::round_into``.
 
 ``pfc::apply_rows`` is one kernel per call for everything the torch path does in about ten
 passes per chunk: it gathers the weight and momentum rows by index (or a contiguous range),
-widens them to fp32 in registers (the gradient times the 0-d ``unscale`` when given: a loss
-scale's inverse), computes ``d = g + wd·w; v = μ·v + d; w = w − lr·v`` (the
-operations of ``torch.optim.SGD``, each rounded to fp32; on a GPU the compiler may fuse a
-multiply and an add into one FMA, rounded once: results then differ from torch's by a rounding
-of a product, ≤ 2⁻²⁴ relative to it), writes the rows' old values for the rollback, and
-rounds the new ones into their storage types (nearest, or stochastic with Philox bits keyed by
-``step.seed`` at each value's (row, column)) before scattering them back, unless the 0-d
-``found_inf`` on the device is nonzero (then nothing is written but the old values).
+widens them to fp32 in registers (with ``radial = c [n]`` the gradient is ``g − c·w`` from
+the row it loaded: the center gradient's radial term, which the head's backward then leaves
+out; then times the 0-d ``unscale`` when given: a loss scale's inverse), computes
+``d = g + wd·w; v = μ·v + d; w = w − lr·v`` (the operations of ``torch.optim.SGD``, each
+rounded to fp32; on a GPU the compiler may fuse a multiply and an add into one FMA, rounded
+once: results then differ from torch's by a rounding of a product, ≤ 2⁻²⁴ relative to it),
+writes the rows' old values for the rollback, and rounds the new ones into their storage
+types (nearest, or stochastic with Philox bits keyed by ``step.seed`` at each value's (row,
+column)) before scattering them back, unless the 0-d ``found_inf`` on the device is nonzero
+(then nothing is written but the old values).
 ``pfc::round_into`` rounds an fp32 tensor stochastically into bf16/fp16 in one pass (the torch
 path: ~17 elementwise passes), its key drawn from the caller's generator on the device.
 
@@ -38,15 +40,18 @@ def apply_rows(weight: torch.Tensor, momentum: torch.Tensor | None, rows: slice 
                grad: torch.Tensor, step: RowStep, *, weight_rows: torch.Tensor | None = None,
                wide_rows: torch.Tensor | None = None,
                old_rows: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-               scratch: ScratchBlocks | None = None, chunk_rows: int | None = None) -> None:
+               scratch: ScratchBlocks | None = None, chunk_rows: int | None = None,
+               radial: torch.Tensor | None = None) -> None:
     """:func:`pfc.head.kernels.rows_torch.apply_rows` as one kernel (module docstring): the same
     arguments; ``weight_rows``, ``wide_rows``, ``scratch`` and ``chunk_rows`` are not needed (the
-    kernel gathers and widens the rows itself, and covers them all in one launch)."""
+    kernel gathers and widens the rows itself, and covers them all in one launch). ``radial``
+    (``c [n]``, fp32): the gradient is ``grad − c·w``, computed in the kernel from the row it
+    loads (one FMA per value on a GPU, no pass over the gradient)."""
     check_rounding(step.rounding)
     if not _kernel_can_take(weight, momentum, old_rows):
         from pfc.head.kernels import rows_torch
         rows_torch.apply_rows(weight, momentum, rows, grad, step, weight_rows=weight_rows, wide_rows=wide_rows,
-                              old_rows=old_rows, scratch=scratch, chunk_rows=chunk_rows or 1024)
+                              old_rows=old_rows, scratch=scratch, chunk_rows=chunk_rows or 1024, radial=radial)
         return
     if isinstance(rows, slice):
         first, last, _ = rows.indices(weight.shape[0])
@@ -57,6 +62,9 @@ def apply_rows(weight: torch.Tensor, momentum: torch.Tensor | None, rows: slice 
         index, row_start = rows.contiguous(), 0
         if grad.shape[0] != index.numel():
             raise ValueError(f"the gradient has {grad.shape[0]} rows for {index.numel()} rows to update")
+    if radial is not None and (radial.shape != (grad.shape[0],) or radial.dtype != torch.float32):
+        raise ValueError(f"the radial coefficients must be float32 of shape ({grad.shape[0]},), got "
+                         f"{radial.dtype} {tuple(radial.shape)}")
     if grad.shape[0] == 0:
         return
     if grad.stride(-1) != 1:
@@ -66,7 +74,8 @@ def apply_rows(weight: torch.Tensor, momentum: torch.Tensor | None, rows: slice 
     torch.ops.pfc.apply_rows(weight, momentum, index, row_start, grad, step.found_inf, old_weight,
                              old_momentum if momentum is not None else None, float(step.lr),
                              float(step.momentum) if use_momentum else 0.0, float(step.weight_decay),
-                             step.rounding, int(step.seed), step.unscale)
+                             step.rounding, int(step.seed), step.unscale,
+                             None if radial is None else radial.contiguous())
 
 
 def round_into(out: torch.Tensor, x: torch.Tensor, rounding: str = "nearest",
@@ -106,28 +115,32 @@ def _store_mode(dtype: torch.dtype, rounding: str) -> int:
 def _apply_rows_op(weight: torch.Tensor, momentum: torch.Tensor | None, rows: torch.Tensor | None, row_start: int,
                    grad: torch.Tensor, found_inf: torch.Tensor | None, old_weight: torch.Tensor | None,
                    old_momentum: torch.Tensor | None, lr: float, momentum_factor: float, weight_decay: float,
-                   rounding: str, seed: int, unscale: torch.Tensor | None = None) -> None:
+                   rounding: str, seed: int, unscale: torch.Tensor | None = None,
+                   radial: torch.Tensor | None = None) -> None:
     """Rows ``rows`` (or ``[row_start, row_start + n)``) of ``weight`` and ``momentum`` updated from
     ``grad [n, D]`` in one kernel (module docstring); ``momentum_factor`` 0 leaves ``momentum``
     unchanged; ``old_weight``/``old_momentum [n, D]`` receive the values before the update;
-    ``unscale`` (0-d fp32) multiplies the widened gradient (a loss scale's inverse)."""
+    ``unscale`` (0-d fp32) multiplies the widened gradient (a loss scale's inverse); ``radial``
+    (``c [n]`` fp32) makes the gradient ``grad − c·w`` (before the unscaling)."""
     from pfc.head.kernels import _rows_triton_kernels as kernels   # imports triton
 
     kernels.launch_row_update(weight, momentum, rows, row_start, grad, found_inf, old_weight, old_momentum,
                               lr, momentum_factor, weight_decay, seed, _store_mode(weight.dtype, rounding),
                               _store_mode(momentum.dtype, rounding) if momentum is not None else _AS_IS,
-                              momentum is not None and momentum_factor != 0, triton_interpreted(), unscale)
+                              momentum is not None and momentum_factor != 0, triton_interpreted(), unscale,
+                              radial)
 
 
 @_apply_rows_op.register_fake
 def _(weight, momentum, rows, row_start, grad, found_inf, old_weight, old_momentum, lr, momentum_factor,
-      weight_decay, rounding, seed, unscale=None) -> None:
+      weight_decay, rounding, seed, unscale=None, radial=None) -> None:
     return None
 
 
 @declare_cost("pfc::apply_rows")
 def _apply_rows_cost(args, kwargs, out) -> KernelCost:
-    """Per value: read w, g (and v), write w (and v) and the old values asked for; the row ids once."""
+    """Per value: read w, g (and v), write w (and v) and the old values asked for; the row ids once
+    (and the radial coefficients, with one more multiply-add per value)."""
     weight, momentum, rows, _, grad, found_inf, old_weight, old_momentum, _, momentum_factor = args[:10]
     values = grad.numel()
     moving = [weight] + ([momentum] if momentum is not None and momentum_factor != 0 else [])
@@ -137,9 +150,12 @@ def _apply_rows_cost(args, kwargs, out) -> KernelCost:
     unscale = args[13] if len(args) > 13 else kwargs.get("unscale")
     read += (rows.numel() * rows.element_size() if rows is not None else 0) + (4 if found_inf is not None else 0)
     read += 4 if unscale is not None else 0
+    radial = args[14] if len(args) > 14 else kwargs.get("radial")
+    read += radial.numel() * radial.element_size() if radial is not None else 0
+    flops = (_SGD_FLOPS_PER_VALUE + (2 if radial is not None else 0)) * values
     written = values * sum(t.element_size() for t in moving)
     written += sum(values * t.element_size() for t in (old_weight, old_momentum) if t is not None)
-    return KernelCost(flops=_SGD_FLOPS_PER_VALUE * values, bytes_read=read, bytes_written=written, launches=1)
+    return KernelCost(flops=flops, bytes_read=read, bytes_written=written, launches=1)
 
 
 @torch.library.custom_op("pfc::round_into", mutates_args=("out",))
