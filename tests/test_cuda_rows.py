@@ -99,7 +99,7 @@ def test_compiled_round_into_keeps_nan_inf_signed_zero_and_overflows_as_nearest(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_with_triton_kernels_on_the_device_updates_one_kernel_per_chunk_like_torch(dtype, monkeypatch):
-    from pfc.head.optim import UpdateInBackward
+    from pfc.head.update_in_backward import UpdateInBackward
     from pfc.head.partial_fc import PartialFC
 
     ops = []

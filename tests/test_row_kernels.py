@@ -236,7 +236,7 @@ def test_head_with_triton_kernels_updates_its_rows_like_the_torch_path(triton_in
 def test_each_head_chunk_is_updated_by_one_kernel_and_nothing_else(triton_interpreter, monkeypatch):
     """On a GPU every op is a launch: the update of a head chunk is the one ``pfc::apply_rows``
     (no gather, no widening, no rounding passes), with narrow storage too."""
-    from pfc.head.optim import UpdateInBackward
+    from pfc.head.update_in_backward import UpdateInBackward
 
     per_chunk = []
 

@@ -1,10 +1,10 @@
-"""Row-sparse SGD for the class centers, and the seam through which the head's backward applies it.
+"""Row-sparse SGD for the class centers.
 
 Partial FC touches only the sampled rows of the center matrix each step. ``SparseRowSGD``
 updates exactly those rows (weights and momentum of every other row stay bit-identical) and
 never materialises a dense gradient; its work and memory traffic scale with the sampled rows.
-:class:`UpdateInBackward` is what the head's backward calls instead of returning the rows'
-gradient (``PartialFC.optimizer(update_in_backward=True)``).
+The seam through which the head's backward applies it instead of returning the rows' gradient
+(``PartialFC.optimizer(update_in_backward=True)``) is :mod:`pfc.head.update_in_backward`.
 """
 from __future__ import annotations
 
@@ -214,13 +214,13 @@ class SparseRowSGD(torch.optim.Optimizer):
 
     def start_update(self, param: torch.Tensor, update: int, skip: torch.Tensor | None = None) -> RowUpdate:
         """The :class:`RowUpdate` of update number ``update`` of ``param`` (its random stream
-        seeded, its skip mask combined with :attr:`found_inf`); see :class:`UpdateInBackward`."""
+        seeded, its skip mask combined with :attr:`found_inf`); see :class:`pfc.head.update_in_backward.UpdateInBackward`."""
         index = next(i for i, p in enumerate(p for group in self.param_groups for p in group["params"])
                      if p is param)
         return self._start(param, index, update, skip)
 
     def keep_old_rows(self) -> OldRows:
-        """From now on, each update in the head's backward (:class:`UpdateInBackward`) also writes
+        """From now on, each update in the head's backward (:class:`pfc.head.update_in_backward.UpdateInBackward`) also writes
         the values its rows had before it (weights and momentum) into the returned
         :class:`OldRows`, in the same pass (:class:`pfc.train.rollback.StepRollback` puts them back
         when the guard skips the step); :meth:`drop_old_rows` stops it."""
@@ -257,7 +257,7 @@ class SparseRowSGD(torch.optim.Optimizer):
         """Apply the update ``update`` (from :meth:`start_update`; no count taken) to ``rows`` (a
         slice or row ids) of ``param`` and its momentum from ``grad`` with the chosen implementation
         (:mod:`pfc.head.kernels.rows`: one Triton kernel, or torch chunk by chunk, ``chunk_rows``,
-        default :attr:`chunk_rows`); what :class:`UpdateInBackward` calls. ``weight_rows`` holds
+        default :attr:`chunk_rows`); what :class:`pfc.head.update_in_backward.UpdateInBackward` calls. ``weight_rows`` holds
         ``param[rows]`` (row ids only; else gathered), ``wide_rows`` optionally the same values in
         the compute type (narrow storage: spares the widening copy; overwritten), ``old_rows``
         receives the values before the update; ``radial`` (``c [n]`` fp32): the gradient is
@@ -340,77 +340,3 @@ def _row_gradient(grad: torch.Tensor, noted: tuple[int, int] | None = None):
             return rows, values
     grad = grad.coalesce()
     return grad.indices()[0], grad.values()
-
-
-@dataclass(frozen=True)
-class UpdateInBackward:
-    """The update-in-backward seam: the head's backward hands it the gradient of the sampled rows
-    ``weight[index]`` (``index`` None: all rows) instead of returning it, and it applies
-    :meth:`SparseRowSGD.update_rows`, with a result bit-identical to a backward and ``step()`` (for
-    D a multiple of 16, as the class docstring says). It updates the head's chunks whole (the rows
-    are in cache), so with narrow storage the seeded rounding draws per head chunk.
-
-    Made by :meth:`begin` once per backward (one update of the optimizer's counter). When every
-    row's gradient is final as soon as its chunk is done, the backward calls :meth:`chunk` for
-    each chunk (``by_chunk``: the rows are updated in place while they are still in cache, and
-    no gradient block is needed); otherwise (MHE adds to the positive rows after the loop) it
-    fills a gradient block and calls :meth:`finish` once. A non-finite loss (or the optimizer's
-    ``found_inf``) updates nothing, decided on the device: no host sync. When the optimizer keeps
-    the old rows (:meth:`SparseRowSGD.keep_old_rows`), the update writes them in the same pass
-    (``old``).
-    """
-
-    optimizer: SparseRowSGD
-    weight: torch.Tensor
-    index: torch.Tensor | None
-    update: RowUpdate
-    by_chunk: bool
-    old: tuple[torch.Tensor, torch.Tensor | None] | None = None
-
-    @classmethod
-    def begin(cls, optimizer: SparseRowSGD, weight: torch.Tensor, index: torch.Tensor | None,
-              upstream: torch.Tensor, loss: torch.Tensor, by_chunk: bool,
-              check_upstream: bool = True) -> UpdateInBackward:
-        """Start the update of this backward. ``check_upstream``: check on the host that the loss
-        is backpropagated as it is (``upstream`` gradient 1: the update uses the gradient of the
-        loss itself); ValueError otherwise. The rows are left unchanged where ``loss`` is not
-        finite (a device mask, ``skip = ~isfinite(loss)``)."""
-        if check_upstream and float(upstream) != 1.0:
-            raise ValueError(f"the head's optimizer updates the centers in the backward, which needs the "
-                             f"head's loss backpropagated as it is (upstream gradient 1, got {float(upstream):g}); "
-                             "for loss scaling or gradient accumulation use head.optimizer(update_in_backward=False)")
-        number = optimizer.updates
-        optimizer.updates += 1
-        update = optimizer.start_update(weight, number, skip=~torch.isfinite(loss))
-        old = None if optimizer.old_rows is None else optimizer.old_rows.prepare(weight, update.buffer, index)
-        return cls(optimizer, weight, index, update, by_chunk, old)
-
-    @property
-    def adds_radial_term(self) -> bool:
-        """Whether :meth:`chunk` takes the center gradient without its radial term and adds it in
-        the row update (``radial``): by chunk with the Triton row kernel, whose pass computes it
-        from the rows it loads (the head's backward then skips its own pass over the gradient)."""
-        return self.by_chunk and self.optimizer.kernels == "triton"
-
-    def chunk(self, start: int, stop: int, grad_rows: torch.Tensor, rows: torch.Tensor,
-              wide_rows: torch.Tensor | None = None, radial: torch.Tensor | None = None) -> None:
-        """Update sampled rows ``[start, stop)`` given their gradient; ``rows`` holds their current
-        values (``weight[index[start:stop]]``, overwritten; a view of ``weight`` when index is None),
-        ``wide_rows`` optionally the same values in float32 (narrow storage; overwritten);
-        ``radial`` (``c [stop − start]`` fp32, when :attr:`adds_radial_term`): the gradient is
-        ``grad_rows − c·w``, ``w`` the rows' values before the update."""
-        if not self.by_chunk:
-            return
-        wide_rows = wide_rows if wide_rows is not None and wide_rows.dtype != rows.dtype else None
-        # the head's chunk in one piece: its rows are in cache, and fewer, larger ops
-        where = slice(start, stop) if self.index is None else self.index[start:stop]
-        old = None if self.old is None else (self.old[0][start:stop],
-                                             None if self.old[1] is None else self.old[1][start:stop])
-        self.optimizer.apply_rows(self.weight, where, grad_rows, self.update, None if self.index is None else rows,
-                                  wide_rows, old, chunk_rows=stop - start, radial=radial)
-
-    def finish(self, grad_values: torch.Tensor) -> None:
-        """Update all sampled rows given their gradient ``[S, D]`` (when not done chunk by chunk)."""
-        if not self.by_chunk:
-            rows = slice(0, grad_values.shape[0]) if self.index is None else self.index
-            self.optimizer.apply_rows(self.weight, rows, grad_values, self.update, old_rows=self.old)

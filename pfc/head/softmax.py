@@ -29,7 +29,7 @@ same inputs: bit-identical, with the kept rows reused when updating in the backw
    target cells computed once for all rows (:func:`_target_grad`);
 7. MHE gradient (:meth:`ShardEnergy.chunk_grad`) beside it;
 8. the center gradient (:func:`_center_grad_chunk`) and the feature gradient;
-9. the update seam (:class:`pfc.head.optim.UpdateInBackward`): the optimizer applied to the
+9. the update seam (:class:`pfc.head.update_in_backward.UpdateInBackward`): the optimizer applied to the
    chunk's rows instead of returning their gradient, when asked for; with the Triton kernels and
    the update by chunk, step 8 leaves out the radial term ``−r_j²·u_j·w_j`` and the row update's
    kernel adds it from the rows it loads (no pass over the gradient block for it).
@@ -51,7 +51,8 @@ from pfc.head.gemm import StorageGemm
 from pfc.head.kernels.softmax_chunk import FILTER_MODES, ChunkFilter, softmax_kernels
 from pfc.head.margins import Margin
 from pfc.head.norms import inverse_norms
-from pfc.head.optim import SparseRowSGD, UpdateInBackward
+from pfc.head.optim import SparseRowSGD
+from pfc.head.update_in_backward import UpdateInBackward
 from pfc.head.regularizers import MHE
 from pfc.head.scratch import Workspace
 from pfc.head.targets import Targets
@@ -142,7 +143,7 @@ def _center_grad_chunk(grad_block, grad_operand_block, block, rows, inv, operand
     ``r_j·u_j`` over the softmax columns, targets included, when the chunk kernel summed them
     (Triton; ``target_correction`` is then unused), else None: summed here. ``radial``: leave the
     radial term out (``out = r_j·A_j``) and return its coefficient ``r_j²·u_j [S_c]`` (fp32), for
-    the row update to add (:attr:`pfc.head.optim.UpdateInBackward.adds_radial_term`); else None."""
+    the row update to add (:attr:`pfc.head.update_in_backward.UpdateInBackward.adds_radial_term`); else None."""
     if row_sums is None:
         product = torch.mul(grad_block, block, out=workspace.get("product", block.shape[0], block))
         u_scaled = product[:, :num_rows].sum(dim=1).div_(scale)  # r_j·u_j
