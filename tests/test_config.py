@@ -263,3 +263,19 @@ def test_pk_sampler_needs_a_k_that_divides_the_batch():
     with pytest.raises(ConfigError, match="'data.sampler'"):
         load_config(None, ["--sampler", "balanced"])
     assert load_config(None, ["--batch_size", "30"]).data.sampler == "shuffle"   # K is the P×K sampler's only
+
+
+def test_head_kernels_triton_where_it_cannot_run_is_a_config_error_naming_the_field(monkeypatch):
+    import torch
+
+    from pfc.errors import ConfigError
+    from pfc.train.builders import build_head
+    from pfc.train.config import TrainConfig
+    from pfc.train.runtime import Runtime
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the CPU runs Triton only in its interpreter
+    config = TrainConfig()
+    config.data.num_classes = 10
+    config.head.kernels = "triton"
+    with pytest.raises(ConfigError, match="config field 'head.kernels': kernels='triton' on CPU tensors"):
+        build_head(config, Runtime(0, 1, 0, torch.device("cpu")))

@@ -72,3 +72,31 @@ def test_narrow_storage_equals_float64_reference_at_the_stored_centers(world_siz
             # autograd stores weight.grad in the parameter's type: rounded once (≤ 2⁻⁹ resp. 2⁻¹¹
             # relative per element; update_in_backward hands the optimizer the fp32 gradient instead)
             assert relative_error(got["weight_grad"], stored.grad[own]) < GRAD_ROUNDING[dtype_name], where
+
+
+def test_a_cuda_build_that_refuses_an_fp32_accumulator_beside_narrow_operands_gets_the_two_op_addmm(monkeypatch):
+    import pfc.head.gemm as gemm
+    from pfc.head.scratch import ScratchBlocks
+
+    refused = []
+
+    def old_addmm(*args, **kwargs):
+        refused.append(1)
+        raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+
+    plain_mm = torch.mm
+
+    def mm_fp32(a, b, out_dtype=None, out=None):   # what mm(out_dtype=float32) computes, on the CPU
+        return plain_mm(a.float(), b.float())
+
+    monkeypatch.setattr(gemm, "_ADDMM_INTO_FP32", True)
+    monkeypatch.setattr(gemm.torch, "addmm", old_addmm)
+    monkeypatch.setattr(gemm.torch, "mm", mm_fp32)
+    a, b = torch.randn(8, 4).to(torch.bfloat16), torch.randn(4, 3).to(torch.bfloat16)
+    out = torch.randn(8, 3)
+    expected = out + a.float() @ b.float()
+    product = gemm.StorageGemm(torch.bfloat16, "cpu", ScratchBlocks())
+    for _ in range(2):   # refused once, then not tried again
+        out = expected - a.float() @ b.float()
+        assert torch.equal(product.addmm_(out, a, b), expected)
+    assert refused == [1]

@@ -24,6 +24,9 @@ import torch
 from pfc.head.scratch import ScratchBlocks
 
 _WIDE = (torch.float32, torch.float64)
+# torch's CUDA addmm(out_dtype=float32) first required ``self`` in the operands' type and later
+# accepted an fp32 one: tried once, then the product and its addition as two ops (the same values)
+_ADDMM_INTO_FP32 = True
 
 
 class StorageGemm:
@@ -61,6 +64,14 @@ class StorageGemm:
         """``out += a·b`` in fp32: one GEMM accumulating into ``out`` (narrow operands:
         ``addmm(out_dtype=float32)``, the GEMM's epilogue adds ``out``; no ``[n, m]`` product
         block and no second pass)."""
+        global _ADDMM_INTO_FP32
         if a.dtype in _WIDE:
             return out.addmm_(a, b)
-        return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        if _ADDMM_INTO_FP32:
+            try:
+                return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+            except RuntimeError as error:   # an fp32 ``self`` beside narrow operands: refused by older CUDA builds
+                if "dtype" not in str(error):
+                    raise
+                _ADDMM_INTO_FP32 = False
+        return out.add_(torch.mm(a, b, out_dtype=torch.float32))

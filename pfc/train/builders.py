@@ -9,6 +9,7 @@ from torch import nn
 
 from pfc.backbones import build_backbone
 from pfc.errors import ConfigError
+from pfc.head.kernels import resolve_kernels
 from pfc.head.partial_fc import PartialFC
 from pfc.train.cli import check_component
 from pfc.train.config import TrainConfig
@@ -23,6 +24,10 @@ _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 def build_head(config: TrainConfig, runtime: Runtime) -> PartialFC:
     """PartialFC over ``data.num_classes`` centers, sharded over the default group (see
     :meth:`pfc.train.config.HeadConfig.build`)."""
+    try:   # head.kernels is checked against the device only here (triton there, or its interpreter)
+        resolve_kernels(config.head.kernels, runtime.device)
+    except ValueError as error:
+        raise ConfigError(f"config field 'head.kernels': {error}") from None
     return config.head.build(config.data.num_classes, config.backbone.embedding_size, seed=config.seed,
                              device=runtime.device)
 
