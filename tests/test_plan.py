@@ -56,9 +56,13 @@ def test_simulated_rank_matches_a_real_two_rank_cpu_run_per_phase_and_category()
     assert set(simulated.phase_peaks) == set(real_peaks)
     # setup differs by design: the head makes its centers by its device path on the simulated
     # GPU (blocks joined by one cat) and by its CPU path in the real run
-    # a category within 5 %, or within 0.1 % of the step's peak: the head's scratch differs by
-    # ~50 KB in the head phase (a few [16, 200] blocks of 68 MB; cause not pinned down)
-    floor = 0.001 * max(sum(c.values()) for p, c in real_peaks.items() if p != "setup")
+    # a category within 5 %, or within 0.2 % of the step's peak: the head phase has two high-water
+    # moments within a few KB of each other (in the softmax's backward, and in the feature
+    # gradient's tail after it), and gloo drops its references to collective buffers from its own
+    # thread, so which one is the real run's peak varies between runs (~30 % of runs, also before
+    # session 6): its "logits and head scratch" is then 92 KB larger ([8, 512] blocks of the
+    # normalisation's backward instead of [200, 16] softmax scratch), 0.11 % of the 80 MB peak
+    floor = 0.002 * max(sum(c.values()) for p, c in real_peaks.items() if p != "setup")
     for phase, categories in ((p, c) for p, c in simulated.phase_peaks.items() if p != "setup"):
         for category, simulated_bytes in categories.items():
             real_bytes = real_peaks[phase][category]
