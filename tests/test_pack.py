@@ -338,7 +338,7 @@ def test_shard_writer_writes_what_webdataset_tar_writer_writes():
     byte-identical, so a set resumed across the change mixes nothing different."""
     import webdataset as wds
 
-    from pfc.datasets.packing import ShardTarWriter
+    from pfc.datasets.shard_writer import ShardTarWriter
 
     samples = [{"__key__": f"{k:09d}", "jpg": jpeg(random_image(np.random.default_rng(k), 16, 16)),
                 "cls": str(k * 7).encode()} for k in range(3)]

@@ -41,6 +41,7 @@ from pfc.data import manifest as manifest_io
 from pfc.datasets.align import align_face
 from pfc.datasets.indexing import build_index
 from pfc.datasets.outdir import STATE_DIR, claim_output, output_lock, refuse_output_inside, write_atomic
+from pfc.datasets.shard_writer import shard_name, shard_writer
 from pfc.datasets.sources import read_landmarks
 from pfc.errors import ConfigError, DataError
 
@@ -140,10 +141,6 @@ def prepare_image(data: bytes, image_size: int, landmarks: np.ndarray | None, qu
                                   colorspace="RGB")
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
-
-
 def _plan_fingerprint(source, options: PackOptions, landmark_digest: str) -> str:
     plan = {"format": manifest_io.FORMAT, "source": source.describe(), "items": len(source.items),
             "classes": len(source.classes), "seed": options.seed, "shard_size": options.shard_size,
@@ -155,53 +152,13 @@ def _plan_fingerprint(source, options: PackOptions, landmark_digest: str) -> str
     return digest.hexdigest()
 
 
-class ShardTarWriter:
-    """Samples {"__key__": KEY, EXT: bytes, ...} as tar members ``KEY.EXT`` in sorted extension
-    order, mode 0444, owner "bigdata", mtime 0: byte for byte what ``webdataset.TarWriter(stream,
-    encoder=False, mtime=0)`` writes, without importing webdataset (and with it torch) into the
-    packer and each of its workers. The integer mtime keeps tarfile from adding a PAX header to
-    every member (a float mtime does), which halves the header parsing the loader pays per sample;
-    fixed, so that the same inputs give byte-identical shards."""
-
-    def __init__(self, stream):
-        self.archive = tarfile.open(fileobj=stream, mode="w|")
-
-    def write(self, sample: dict[str, bytes | str]) -> None:
-        key = sample["__key__"]
-        for extension in sorted(name for name in sample if name != "__key__"):
-            data = sample[extension]
-            info = tarfile.TarInfo(f"{key}.{extension}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            info.uname = info.gname = "bigdata"
-            self.archive.addfile(info, io.BytesIO(data))
-
-    def close(self) -> None:
-        self.archive.close()
-
-
-@contextlib.contextmanager
-def _shard_writer(final: str):
-    """A :class:`ShardTarWriter` into a temporary name that becomes ``final`` when the block ends
-    without an error (never a half-written ``final``)."""
-    temporary = f"{final}.tmp{os.getpid()}"
-    with open(temporary, "wb") as stream:
-        writer = ShardTarWriter(stream)
-        try:
-            yield writer
-        finally:
-            writer.close()
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, final)
-
-
 def _pack_shard(task) -> dict:
     """Worker: write one shard to a temporary name, rename it, then record its count and skips."""
     source, out_dir, name, entries, image_size, landmarks, quality = task
     final = os.path.join(out_dir, name)
     skipped = []
     count = 0
-    with _shard_writer(final) as writer:
+    with shard_writer(final) as writer:
         for key, ref, label in entries:
             points = None
             if landmarks is not None:
@@ -345,7 +302,7 @@ def _relabel_shard(task) -> bool:
         changed = changed or files.get("cls") != label
         files["cls"] = label
     if changed:
-        with _shard_writer(path) as writer:
+        with shard_writer(path) as writer:
             for key, files in samples.items():
                 writer.write({"__key__": key, "jpg": files["jpg"], "cls": files["cls"]})
     return changed
