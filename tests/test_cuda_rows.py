@@ -13,9 +13,9 @@ import os
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pfc.head.kernels.rows import RowStep, counter_seed, row_kernels
+from tests.dispatch import record_update_chunks
 
 DEVICE = os.environ.get("PFC_CUDA_TESTS_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda,
@@ -99,28 +99,13 @@ def test_compiled_round_into_keeps_nan_inf_signed_zero_and_overflows_as_nearest(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_with_triton_kernels_on_the_device_updates_one_kernel_per_chunk_like_torch(dtype, monkeypatch):
-    from pfc.head.update_in_backward import UpdateInBackward
     from pfc.head.partial_fc import PartialFC
 
     ops = []
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                ops[-1].append(func._name)
-            return func(*args, **(kwargs or {}))
-
-    chunk = UpdateInBackward.chunk
-
-    def counted(self, *args, **kwargs):
-        ops.append([])
-        with Ops():
-            chunk(self, *args, **kwargs)
-
     results = {}
     for name in ("torch", "triton"):
         if name == "triton":
-            monkeypatch.setattr(UpdateInBackward, "chunk", counted)
+            ops = record_update_chunks(monkeypatch)
         head = PartialFC(5_000, DIM, sample_rate=0.2, seed=3, chunk_rows=256, dtype=dtype, device=DEVICE,
                          kernels=name)
         optimizer = head.optimizer(lr=0.5, momentum=0.9, weight_decay=5e-4, update_in_backward=True)

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pfc.head.kernels.costs import declared_cost
 from pfc.head.kernels.rows import RowStep, counter_seed, radial_gradient, row_kernels
+from tests.dispatch import RecordedOps
 from tests.triton_interpret import kernels, triton_interpreter  # noqa: F401  (fixtures)
 
 ROWS, DIM, LR, MOMENTUM, DECAY = 40, 48, 0.1, 0.9, 5e-4
@@ -97,18 +97,8 @@ def test_float64_rows_on_the_triton_path_add_the_radial_term_in_torch(triton_int
 def test_the_declared_cost_counts_the_coefficients_and_one_multiply_add_per_value():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.args = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func._name == "pfc::apply_rows":
-                self.args.append((args, kwargs or {}))
-            return func(*args, **(kwargs or {}))
-
     count, dim = 300, 512
-    with FakeTensorMode(), Calls() as recorded:
+    with FakeTensorMode(), RecordedOps() as recorded:
         weight = torch.empty(10_000, dim, dtype=torch.float16, device="cuda")
         momentum = torch.empty(10_000, dim, dtype=torch.float16, device="cuda")
         rows = torch.empty(count, dtype=torch.int64, device="cuda")
@@ -117,7 +107,7 @@ def test_the_declared_cost_counts_the_coefficients_and_one_multiply_add_per_valu
         row_kernels("triton").apply_rows(weight, momentum, rows, grad, step)
         row_kernels("triton").apply_rows(weight, momentum, rows, grad, step,
                                          radial=torch.empty(count, device="cuda"))
-    plain, fused = (declared_cost("pfc::apply_rows")(*call, None) for call in recorded.args)
+    plain, fused = (declared_cost("pfc::apply_rows")(*call, None) for call in recorded.of("pfc::apply_rows"))
     assert fused.bytes_read == plain.bytes_read + count * 4 and fused.bytes_written == plain.bytes_written
     assert fused.flops == plain.flops + 2 * count * dim and fused.launches == plain.launches == 1
 
@@ -127,18 +117,9 @@ def test_the_declared_cost_counts_the_coefficients_and_one_multiply_add_per_valu
 NUM_CLASSES, HEAD_DIM, BATCH = 61, 16, 6
 
 
-class _Ops(TorchDispatchMode):
-    """The ops run, by name, and the ``radial`` argument of every ``pfc::apply_rows``."""
-
-    def __init__(self):
-        super().__init__()
-        self.names, self.radial = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func._name)
-        if func._name == "pfc::apply_rows":
-            self.radial.append(args[14] if len(args) > 14 else (kwargs or {}).get("radial"))
-        return func(*args, **(kwargs or {}))
+def _radial_arguments(recorded: RecordedOps) -> list:
+    """The ``radial`` argument of every ``pfc::apply_rows`` call."""
+    return [args[14] if len(args) > 14 else kwargs.get("radial") for args, kwargs in recorded.of("pfc::apply_rows")]
 
 
 def _head_step(name, mhe=None):
@@ -148,7 +129,7 @@ def _head_step(name, mhe=None):
     optimizer = head.optimizer(lr=0.5, momentum=0.9, weight_decay=0.01, update_in_backward=True)
     data = torch.Generator().manual_seed(5)
     loss = head(torch.randn(BATCH, HEAD_DIM, generator=data), torch.randint(0, NUM_CLASSES, (BATCH,), generator=data))
-    with _Ops() as ops:
+    with RecordedOps() as ops:
         loss.backward()
     optimizer.step()
     return head.weight.detach(), ops
@@ -164,9 +145,9 @@ def test_the_triton_head_updating_by_chunk_hands_the_radial_term_to_the_update_i
 
     fused_weight, fused = _head_step("triton")
     assert "aten::addcmul_" not in fused.names
-    assert len(fused.radial) == 4 and all(c is not None and c.dtype == torch.float32 for c in fused.radial)
+    assert len(_radial_arguments(fused)) == 4 and all(c is not None and c.dtype == torch.float32 for c in _radial_arguments(fused))
     torch_weight, on_torch = _head_step("torch")
     assert on_torch.names.count("aten::addcmul_") == 4   # ⌈31 sampled rows / 8⌉ chunks
     assert (fused_weight - torch_weight).abs().max() <= 1e-6 * torch_weight.abs().max()
     _, with_mhe = _head_step("triton", MHE(weight=0.1))
-    assert with_mhe.names.count("aten::addcmul_") == 4 and with_mhe.radial == [None]
+    assert with_mhe.names.count("aten::addcmul_") == 4 and _radial_arguments(with_mhe) == [None]

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from pfc.head.kernels.costs import declared_cost
 from pfc.head.kernels.rows import RowStep, counter_seed, row_kernels
+from tests.dispatch import RecordedOps, record_update_chunks
 from tests.triton_interpret import kernels, triton_interpreter  # noqa: F401  (fixtures)
 
 ROWS, DIM = 50, 48          # D not a power of two: the kernel's column mask is exercised
@@ -155,17 +155,8 @@ def test_the_ops_run_on_fake_cuda_tensors_without_a_launch_and_declare_their_cos
     launch would fail: there is no GPU and no interpreter for fake tensors)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    class Calls(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.calls.append((func, args, kwargs or {}))
-            return func(*args, **(kwargs or {}))
-
     count, dim = 300, 512
-    with FakeTensorMode(), Calls() as recorded:
+    with FakeTensorMode(), RecordedOps() as recorded:
         weight = torch.empty(10_000, dim, dtype=torch.bfloat16, device="cuda")
         momentum = torch.empty(10_000, dim, dtype=torch.bfloat16, device="cuda")
         rows = torch.empty(count, dtype=torch.int64, device="cuda")
@@ -176,7 +167,7 @@ def test_the_ops_run_on_fake_cuda_tensors_without_a_launch_and_declare_their_cos
                                          old_rows=old)
         row_kernels("triton").round_into(torch.empty(count, dim, dtype=torch.float16, device="cuda"),
                                          torch.empty(count, dim, device="cuda"), "stochastic")
-    ops = {func._name: (args, kwargs) for func, args, kwargs in recorded.calls if func._name.startswith("pfc::")}
+    ops = {name: (args, kwargs) for name, args, kwargs in recorded.calls if name.startswith("pfc::")}
     assert set(ops) == {"pfc::apply_rows", "pfc::round_into"}
     cost = declared_cost("pfc::apply_rows")(*ops["pfc::apply_rows"], None)
     values = count * dim
@@ -236,24 +227,7 @@ def test_head_with_triton_kernels_updates_its_rows_like_the_torch_path(triton_in
 def test_each_head_chunk_is_updated_by_one_kernel_and_nothing_else(triton_interpreter, monkeypatch):
     """On a GPU every op is a launch: the update of a head chunk is the one ``pfc::apply_rows``
     (no gather, no widening, no rounding passes), with narrow storage too."""
-    from pfc.head.update_in_backward import UpdateInBackward
-
-    per_chunk = []
-
-    class Ops(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:   # a view (the chunk's slice of the row ids) launches nothing
-                per_chunk[-1].append(func._name)
-            return func(*args, **(kwargs or {}))
-
-    chunk = UpdateInBackward.chunk
-
-    def counted(self, *args, **kwargs):
-        per_chunk.append([])
-        with Ops():
-            chunk(self, *args, **kwargs)
-
-    monkeypatch.setattr(UpdateInBackward, "chunk", counted)
+    per_chunk = record_update_chunks(monkeypatch)   # views (the chunk's slice of the row ids) left out
     _train_head("triton", torch.bfloat16, steps=2)
     assert len(per_chunk) >= 2 * 3                            # ⌈31 sampled rows / 8⌉ chunks a step
     assert all(ops == ["pfc::apply_rows"] for ops in per_chunk), per_chunk
