@@ -254,9 +254,9 @@ class _ShardedMarginSoftmax(torch.autograd.Function):
         if weight_needs_grad and not (update is not None and update.by_chunk):
             grad_values = workspace.gradient(num_sampled, operand) if update is None else \
                 workspace.get("grad_values", num_sampled, operand)
-        # with the Triton kernels the update by chunk adds the radial term of the center gradient
-        # itself (from the rows it loads): the gradient block is read by nothing else
-        fuse_radial = chunk_kernels.name == "triton" and update is not None and update.adds_radial_term
+        # the Triton row update by chunk adds the radial term of the center gradient itself (from
+        # the rows it loads): the gradient block is read by nothing else
+        fuse_radial = update is not None and update.adds_radial_term
         kept = workspace.kept(ctx.kept)
         gemm = StorageGemm(weight.dtype, weight.device, workspace)
         gemm_operand = gemm.operand(operand)
