@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tools._cli import one_line_errors  # noqa: E402
 
 from pfc.docs_numbers import read_block, replace_block  # noqa: E402
+from pfc.files import write_atomic  # noqa: E402
 
 BLOCK = "capacity"
 GIB = 2**30
@@ -144,10 +145,7 @@ def main(argv=None) -> int:
                                                    f"{path} (regenerated)"))
         print(f"{path}: the capacity block is stale: run make readme-capacity", file=sys.stderr)
         return 1
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(updated)
-    os.replace(temporary, path)
+    write_atomic(path, updated)
     print(f"{path}: capacity block written")
     return 0
 

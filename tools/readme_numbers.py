@@ -36,6 +36,7 @@ from pfc.docs_numbers import block_names, read_block, replace_block  # noqa: E40
 from pfc.errors import DataError  # noqa: E402
 from pfc.evaluation.report import read_results  # noqa: E402
 from pfc.evaluation.roc import format_rate  # noqa: E402
+from pfc.files import write_atomic  # noqa: E402
 from tools._cli import one_line_errors  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -268,9 +269,7 @@ def write_readme(results_dir: str = RESULTS_DIR) -> bool:
         text = handle.read()
     new = rendered(text, results_dir)
     if new != text:
-        with open(README + ".tmp", "w", encoding="utf-8") as handle:
-            handle.write(new)
-        os.replace(README + ".tmp", README)
+        write_atomic(README, new)
     return new != text
 
 
@@ -293,10 +292,7 @@ def main(argv=None) -> int:
         path = os.path.join(RESULTS_DIR, "demo.json")
         previous = load_results("demo.json") if os.path.exists(path) else {}
         os.makedirs(RESULTS_DIR, exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-        os.replace(path + ".tmp", path)
+        write_atomic(path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         same = all(previous.get(key) == results[key] for key in ("untrained", "trained"))
         print(f"wrote {os.path.relpath(path, ROOT)}: evaluations "
               f"{'identical to' if same else 'changed from'} the previous file")

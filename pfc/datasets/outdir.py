@@ -19,6 +19,7 @@ import os
 
 from pfc.data import manifest as manifest_io
 from pfc.errors import ConfigError, DataError
+from pfc.files import write_atomic
 
 STATE_DIR = ".pack"
 LOCK_NAME = "lock"
@@ -80,13 +81,3 @@ def claim_output(out_dir: str, fingerprint: str) -> None:
     if stray:
         raise DataError(f"{out_dir} already holds {stray[0]} from an unknown run; pack into an empty directory")
     write_atomic(plan_path, json.dumps({"fingerprint": fingerprint}).encode())
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary name (never a half-written ``path``)."""
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)

@@ -40,10 +40,11 @@ from PIL import Image
 from pfc.data import manifest as manifest_io
 from pfc.datasets.align import align_face
 from pfc.datasets.indexing import build_index
-from pfc.datasets.outdir import STATE_DIR, claim_output, output_lock, refuse_output_inside, write_atomic
+from pfc.datasets.outdir import STATE_DIR, claim_output, output_lock, refuse_output_inside
 from pfc.datasets.shard_writer import shard_name, shard_writer
 from pfc.datasets.sources import read_landmarks
 from pfc.errors import ConfigError, DataError
+from pfc.files import write_atomic
 
 MissingLandmarks = Literal["error", "skip"]
 NO_LANDMARKS = "no landmarks for this image"   # the skip reason of an image the landmark file lacks

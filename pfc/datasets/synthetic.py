@@ -22,6 +22,7 @@ from PIL import Image, ImageFilter
 
 from pfc.datasets.align import TEMPLATE_112
 from pfc.errors import ConfigError
+from pfc.files import write_atomic
 
 _SKIN = np.array([[235, 200, 170], [220, 175, 140], [190, 140, 105], [150, 105, 75],
                   [110, 75, 55], [240, 210, 190]], dtype=np.float64)
@@ -337,7 +338,4 @@ def write_synthetic(out_dir: str, ids: int, per: int, seed: int, pairs: int = 0,
 
 
 def _write_text(path: str, lines: list[str]) -> None:
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as stream:
-        stream.write("".join(line + "\n" for line in lines))
-    os.replace(temporary, path)
+    write_atomic(path, "".join(line + "\n" for line in lines))

@@ -16,6 +16,7 @@ import torch
 
 from pfc.distributed.collectives import all_reduce_
 from pfc.evaluation.roc import format_rate
+from pfc.files import write_atomic
 from pfc.host_syncs import read_host
 from pfc.train.state import TrainState
 
@@ -145,10 +146,7 @@ def trim_logs(output: str, last_step: int) -> list[dict]:
             continue
         rows, dropped = _rows_up_to(path, last_step)
         if dropped:
-            temporary = f"{path}.tmp"
-            with open(temporary, "w", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(row) + "\n" for row in rows)
-            os.replace(temporary, path)
+            write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
         if name == EVAL_LOG:
             kept_evals = rows
     return kept_evals
@@ -221,7 +219,4 @@ class TrainLogger:
 
 def write_json(path: str, payload) -> None:
     """Write JSON to a temporary name, then rename: never a half-written file."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(temporary, path)
+    write_atomic(path, json.dumps(payload, indent=2))
