@@ -1,0 +1,129 @@
+"""The image operations of the loader's augmentation, one small function each, with their math.
+
+Geometric ones work on uint8 ``[H, W, 3]`` images (resampling by PIL, which interpolates and
+rounds in C); photometric ones on float32 ``[H, W, 3]`` images with values in [0, 255] (rounded
+and clipped to uint8 once, after the last of them). Pure functions of the image and their
+parameters: the parameters are drawn elsewhere (:mod:`pfc.data.augment`).
+
+Colours: luma is ITU-R BT.601, ``Y = 0.299 R + 0.587 G + 0.114 B``; hue and saturation act on
+the chroma plane (I, Q) of the YIQ space, whose luma row is Y: a saturation factor scales (I, Q),
+a hue shift rotates it, so both keep every pixel's luma and a grey pixel (I = Q = 0) stays grey.
+This is the linear form of a hue shift (one 3 × 3 matrix per image), not HSV's piecewise one.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+LUMA = np.array([0.299, 0.587, 0.114])
+"""ITU-R BT.601 luma weights of R, G, B (they sum to 1)."""
+RGB_TO_YIQ = np.array([LUMA,
+                       [0.596, -0.274, -0.322],
+                       [0.211, -0.523, 0.312]])
+"""RGB → YIQ (NTSC); the chroma rows sum to 0, so a grey (v, v, v) maps to (v, 0, 0)."""
+YIQ_TO_RGB = np.linalg.inv(RGB_TO_YIQ)
+
+
+def resize(image: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """The region ``box = (x0, y0, x1, y1)`` (pixel edges, fractional allowed; default the whole
+    image) of uint8 ``image`` [H, W, 3] resampled to ``size = (width, height)``: PIL's bilinear
+    filter. Output pixel x samples the source at ``c = x0 + (x + ½)·s`` with ``s = (x1 − x0) /
+    width``, as ``Σ_i w((i + ½ − c)/f)·in[i] / Σ_i w((i + ½ − c)/f)`` over the source pixels i
+    inside the image, ``w(t) = max(0, 1 − |t|)`` and ``f = max(s, 1)`` (a wider triangle when
+    shrinking: antialiased); then the same along y; rounded to uint8."""
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, box=box))
+
+
+def crop_box(width: int, height: int, area: float, log_ratio: float, u_x: float, u_y: float,
+             ratio_range: tuple[float, float]) -> tuple[float, float, float, float]:
+    """The box ``(x0, y0, x1, y1)`` of a random resized crop: area ``area·W·H`` and aspect ratio
+    ``r = w / h`` (``w = √(area·W·H·r)``, ``h = √(area·W·H / r)``), placed at ``x0 = u_x·(W − w)``,
+    ``y0 = u_y·(H − h)`` (u in [0, 1)), so it lies inside the image.
+
+    ``log ratio`` in [0, 1) picks ``ln r`` uniformly in the part of ``[ln r_lo, ln r_hi]`` where
+    such a box fits (``w ≤ W`` and ``h ≤ H``: ``area·W/H ≤ r ≤ W/(area·H)``); when no ratio of the
+    range fits, the fitting ratio nearest to it is taken. No rejection loop: one draw, one box.
+    """
+    fit_low, fit_high = math.log(area * width / height), math.log(width / (area * height))
+    low, high = math.log(ratio_range[0]), math.log(ratio_range[1])
+    low, high = max(low, fit_low), min(high, fit_high)
+    if low > high:   # no ratio of the range fits: the nearest that does
+        low = high = min(max(low, fit_low), fit_high)
+    ratio = math.exp(low + log_ratio * (high - low))
+    box_width = min(math.sqrt(area * width * height * ratio), width)
+    box_height = min(math.sqrt(area * width * height / ratio), height)
+    x0, y0 = u_x * (width - box_width), u_y * (height - box_height)
+    return x0, y0, x0 + box_width, y0 + box_height
+
+
+def low_resolution(image: np.ndarray, factor: float) -> np.ndarray:
+    """uint8 ``image`` [H, W, 3] shrunk to ``(round(factor·W), round(factor·H))`` (at least 1 px)
+    and resized back to W × H with :func:`resize`: the detail of a lower-resolution face
+    (insightface's DALI ``dali_random_resize``)."""
+    height, width = image.shape[:2]
+    small = resize(image, (max(1, round(factor * width)), max(1, round(factor * height))))
+    return resize(small, (width, height))
+
+
+def gaussian_kernel(sigma: float) -> np.ndarray:
+    """float64 [2r + 1], ``r = max(1, ⌈3σ⌉)``: ``k_i = exp(−i² / 2σ²) / Σ_j exp(−j² / 2σ²)`` for
+    ``i = −r … r`` (sums to 1: a blur keeps the mean brightness)."""
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-offsets ** 2 / (2 * sigma * sigma))
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """float32 ``image`` [H, W, 3] convolved with the 2-D Gaussian ``k_i·k_j``
+    (:func:`gaussian_kernel`), as two 1-D passes (rows, then columns); borders mirrored without
+    repeating the edge pixel (``… in[2], in[1] | in[0], in[1], …``)."""
+    kernel = gaussian_kernel(sigma).astype(np.float32)
+    radius = len(kernel) // 2
+    height, width = image.shape[:2]
+    out = np.empty_like(image, dtype=np.float32)
+    term = np.empty_like(out)   # one scratch buffer for every tap: no batch-sized temporaries
+    for axis, length in ((0, height), (1, width)):
+        padding = [(0, 0), (0, 0), (0, 0)]
+        padding[axis] = (radius, radius)
+        padded = np.pad(image if axis == 0 else out, padding, mode="reflect")
+        window = (lambda tap: padded[tap:tap + length]) if axis == 0 else (lambda tap: padded[:, tap:tap + length])
+        np.multiply(window(0), kernel[0], out=out)
+        for tap in range(1, len(kernel)):
+            np.multiply(window(tap), kernel[tap], out=term)
+            out += term
+    return out
+
+
+def color_matrix(brightness: float, saturation: float, hue_degrees: float) -> np.ndarray:
+    """float64 [3, 3]: ``brightness · YIQ⁻¹ · diag(1, s·R(h)) · YIQ`` — the chroma plane (I, Q)
+    rotated by ``h`` degrees and scaled by ``s``, then every channel multiplied by ``b``.
+    ``s = 0`` gives the grey of the same luma."""
+    angle = math.radians(hue_degrees)
+    cos, sin = math.cos(angle), math.sin(angle)
+    chroma = np.array([[1.0, 0.0, 0.0],
+                       [0.0, saturation * cos, -saturation * sin],
+                       [0.0, saturation * sin, saturation * cos]])
+    return brightness * (YIQ_TO_RGB @ chroma @ RGB_TO_YIQ)
+
+
+def color_jitter(image: np.ndarray, brightness: float, contrast: float, saturation: float,
+                 hue_degrees: float) -> np.ndarray:
+    """float32 ``image`` [H, W, 3] → ``c·M·x + (1 − c)·b·μ`` per pixel x (an RGB column), with
+    ``M`` = :func:`color_matrix` (b, s, h) and ``μ`` the mean luma of ``image``: brightness
+    ``b·x``, then contrast (each pixel pulled towards, c < 1, or pushed from, c > 1, the image's
+    mean luma ``b·μ``), then saturation and hue, which keep luma. One affine map: nothing is
+    clipped between the steps (the result is clipped once, to [0, 255], by the caller)."""
+    matrix = color_matrix(brightness, saturation, hue_degrees) * contrast
+    mean_luma = float((image.reshape(-1, 3) @ LUMA.astype(np.float32)).mean(dtype=np.float64))
+    out = image @ matrix.T.astype(np.float32)
+    out += np.float32((1.0 - contrast) * brightness * mean_luma)
+    return out
+
+
+def grayscale(image: np.ndarray) -> np.ndarray:
+    """float32 ``image`` [H, W, 3] → its luma ``0.299 R + 0.587 G + 0.114 B`` in all three channels."""
+    luma = image @ LUMA.astype(np.float32)
+    return np.repeat(luma[..., None], 3, axis=2)
