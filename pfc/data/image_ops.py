@@ -84,16 +84,17 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     radius = len(kernel) // 2
     height, width = image.shape[:2]
     out = np.empty_like(image, dtype=np.float32)
-    term = np.empty_like(out)   # one scratch buffer for every tap: no batch-sized temporaries
+    pair = np.empty_like(out)   # one scratch buffer for every tap: no image-sized temporaries
     for axis, length in ((0, height), (1, width)):
         padding = [(0, 0), (0, 0), (0, 0)]
         padding[axis] = (radius, radius)
         padded = np.pad(image if axis == 0 else out, padding, mode="reflect")
         window = (lambda tap: padded[tap:tap + length]) if axis == 0 else (lambda tap: padded[:, tap:tap + length])
-        np.multiply(window(0), kernel[0], out=out)
-        for tap in range(1, len(kernel)):
-            np.multiply(window(tap), kernel[tap], out=term)
-            out += term
+        np.multiply(window(radius), kernel[radius], out=out)
+        for offset in range(1, radius + 1):   # k is symmetric: (in[i − t] + in[i + t])·k_t
+            np.add(window(radius - offset), window(radius + offset), out=pair)
+            pair *= kernel[radius + offset]
+            out += pair
     return out
 
 

@@ -36,7 +36,9 @@ memory that is reused once the consumer is done with it: the hand-off to the mai
 nothing, see :mod:`pfc.data.handoff`) and pick the flips; they hand over uint8 [b, H, W, 3]
 batches with a flip mask. The flip and the conversion to float happen where the batch is
 consumed (on ``device`` when given): workers move a quarter of the bytes and do nothing but
-parse and decode.
+parse and decode — and, when an ``augmentation`` is on, augment each decoded image in place
+(:mod:`pfc.data.augment`: crops, blur, colour, grey, drawn from the sample's position in the
+epoch, so a resume or another worker count gives each sample the same pixels).
 
 Corrupt samples are skipped with a warning naming the shard and key (an unreadable tar: the
 shard, once per worker) and counted in ``loader.stats`` (each lost position the batches met,
