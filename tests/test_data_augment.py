@@ -102,30 +102,39 @@ def test_crop_boxes_lie_in_the_image_with_area_and_ratio_in_their_ranges(width, 
         if low > high:   # none of the range fits: the fitting ratio nearest to it
             low = high = fits[0] if fits[0] > ratio[1] else fits[1]
         assert low * (1 - 1e-9) <= (x1 - x0) / (y1 - y0) <= high * (1 + 1e-9)
+    # rounded to whole pixels: inside, non-empty, each edge within half a pixel
+    for box in ((0.2, 0.4, 15.6, 15.5), (15.7, 3.0, 15.9, 3.2), (-0.0, 0.0, 16.0, 16.0)):
+        x0, y0, x1, y1 = image_ops.pixel_box(box, 16, 16)
+        assert 0 <= x0 < x1 <= 16 and 0 <= y0 < y1 <= 16
+        assert all(abs(a - b) <= 1 for a, b in zip((x0, y0, x1, y1), box))
     # a ratio range no box of that area fits: the nearest ratio that fits, area kept
     x0, y0, x1, y1 = image_ops.crop_box(16, 16, 0.9, 0.5, 0.5, 0.5, (3.0, 4.0))
     assert math.isclose((x1 - x0) / (y1 - y0), 1 / 0.9) and x1 - x0 <= 16 + 1e-9
 
 
 def _triangle_resample(image: np.ndarray, size, box) -> np.ndarray:
-    """float64 reference of :func:`pfc.data.image_ops.resize`'s formula, axis by axis."""
-    def along(values, length, start, stop, axis):
-        scale = (stop - start) / length
+    """float64 reference of :func:`pfc.data.image_ops.resize`'s formula, axis by axis, on the
+    pixels of the box alone."""
+    x0, y0, x1, y1 = box
+    image = image[y0:y1, x0:x1]
+
+    def along(values, length, axis):
+        scale = values.shape[axis] / length
         support = max(scale, 1.0)
         out = []
         for x in range(length):
-            center = start + (x + 0.5) * scale
+            center = (x + 0.5) * scale
             taps = np.arange(values.shape[axis])
             weights = np.maximum(0.0, 1 - np.abs((taps + 0.5 - center) / support))
             out.append(np.tensordot(weights / weights.sum(), values, axes=([0], [axis])))
         return np.stack(out, axis=axis)
-    rows = along(image.astype(np.float64), size[1], box[1], box[3], 0)
-    return along(rows, size[0], box[0], box[2], 1)
+    return along(along(image.astype(np.float64), size[1], 0), size[0], 1)
 
 
-@pytest.mark.parametrize("size,box", [((11, 9), (1.5, 0.25, 8.75, 7.0)),   # a crop, enlarged
-                                      ((5, 4), (0.0, 0.0, 11.0, 9.0)),     # shrunk (antialiased)
-                                      ((11, 9), (0.0, 0.0, 11.0, 9.0))])   # the identity
+@pytest.mark.parametrize("size,box", [((11, 9), (2, 1, 9, 7)),     # a crop, enlarged
+                                      ((5, 4), (0, 0, 11, 9)),     # shrunk (antialiased)
+                                      ((13, 4), (3, 2, 10, 9)),    # a crop, wider and lower
+                                      ((11, 9), (0, 0, 11, 9))])   # the identity
 def test_resize_is_the_triangle_filter_of_its_docstring(size, box):
     image = _image(seed=3)
     out = image_ops.resize(image, size, box)

@@ -8,8 +8,8 @@ Each operation fires on an image with its own probability (0: off, the default: 
 this module at all). In this order, in the DataLoader workers, right after the JPEG decode:
 
 1. ``random_resized_crop``: a box of area fraction in ``crop_scale`` and aspect ratio
-   (width / height, log-uniform) in ``crop_ratio`` (:func:`pfc.data.image_ops.crop_box`),
-   resampled back to the image size;
+   (width / height, log-uniform) in ``crop_ratio`` (:func:`pfc.data.image_ops.crop_box`), its
+   edges rounded to whole pixels, resampled back to the image size;
 2. ``low_resolution``: shrunk by a factor in ``low_resolution_factor`` and resized back
    (insightface: probability 0.1, side 56 … 89.6 of 112);
 3. ``blur``: a Gaussian of σ in ``blur_sigma`` (insightface: probability 0.2, a 3 × 3 window,
@@ -140,7 +140,7 @@ def augment_image(image: np.ndarray, draws: np.ndarray, augmentation: Augmentati
     if draws[CROP] < a.random_resized_crop:
         box = image_ops.crop_box(width, height, _between(a.crop_scale, draws[CROP_AREA]), draws[CROP_RATIO],
                                  draws[CROP_X], draws[CROP_Y], a.crop_ratio)
-        image[...] = image_ops.resize(image, (width, height), box)
+        image[...] = image_ops.resize(image, (width, height), image_ops.pixel_box(box, width, height))
     if draws[LOW_RES] < a.low_resolution:
         image[...] = image_ops.low_resolution(image, _between(a.low_resolution_factor, draws[LOW_RES_FACTOR]))
     blur, jitter, gray = draws[BLUR] < a.blur, draws[JITTER] < a.color_jitter, draws[GRAY] < a.grayscale

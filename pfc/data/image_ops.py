@@ -1,7 +1,7 @@
 """The image operations of the loader's augmentation, one small function each, with their math.
 
-Geometric ones work on uint8 ``[H, W, 3]`` images (resampling by PIL, which interpolates and
-rounds in C); photometric ones on float32 ``[H, W, 3]`` images with values in [0, 255] (rounded
+Geometric ones work on uint8 ``[H, W, 3]`` images (resampling by torch's uint8 bilinear kernel,
+which interpolates and rounds in fixed point); photometric ones on float32 ``[H, W, 3]`` images with values in [0, 255] (rounded
 and clipped to uint8 once, after the last of them). Pure functions of the image and their
 parameters: the parameters are drawn elsewhere (:mod:`pfc.data.augment`).
 
@@ -15,7 +15,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from PIL import Image
+import torch
+import torch.nn.functional as F
 
 LUMA = np.array([0.299, 0.587, 0.114])
 """ITU-R BT.601 luma weights of R, G, B (they sum to 1)."""
@@ -26,14 +27,19 @@ RGB_TO_YIQ = np.array([LUMA,
 YIQ_TO_RGB = np.linalg.inv(RGB_TO_YIQ)
 
 
-def resize(image: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float] | None = None) -> np.ndarray:
-    """The region ``box = (x0, y0, x1, y1)`` (pixel edges, fractional allowed; default the whole
-    image) of uint8 ``image`` [H, W, 3] resampled to ``size = (width, height)``: PIL's bilinear
-    filter. Output pixel x samples the source at ``c = x0 + (x + ½)·s`` with ``s = (x1 − x0) /
-    width``, as ``Σ_i w((i + ½ − c)/f)·in[i] / Σ_i w((i + ½ − c)/f)`` over the source pixels i
-    inside the image, ``w(t) = max(0, 1 − |t|)`` and ``f = max(s, 1)`` (a wider triangle when
-    shrinking: antialiased); then the same along y; rounded to uint8."""
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, box=box))
+def resize(image: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The region ``box = (x0, y0, x1, y1)`` (whole pixels, default the whole image) of uint8
+    ``image`` [H, W, 3] resampled to ``size = (width, height)`` with the bilinear filter: output
+    pixel x samples the region at ``c = x0 + (x + ½)·s``, ``s = (x1 − x0) / width``, as
+    ``Σ_i w((i + ½ − c)/f)·in[i] / Σ_i w((i + ½ − c)/f)`` over the source pixels i of the
+    region (nothing outside the box is read), ``w(t) = max(0, 1 − |t|)`` and ``f = max(s, 1)`` (a wider triangle when shrinking:
+    antialiased); then the same along y; rounded to uint8. torch's uint8 kernel for it (about
+    twice PIL's speed at 112 px)."""
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = box if box is not None else (0, 0, width, height)
+    region = torch.from_numpy(image)[y0:y1, x0:x1].permute(2, 0, 1).unsqueeze(0)   # [1, 3, h, w], channels-last
+    out = F.interpolate(region, size=(size[1], size[0]), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].permute(1, 2, 0).numpy()
 
 
 def crop_box(width: int, height: int, area: float, log_ratio: float, u_x: float, u_y: float,
@@ -56,6 +62,13 @@ def crop_box(width: int, height: int, area: float, log_ratio: float, u_x: float,
     box_height = min(math.sqrt(area * width * height / ratio), height)
     x0, y0 = u_x * (width - box_width), u_y * (height - box_height)
     return x0, y0, x0 + box_width, y0 + box_height
+
+
+def pixel_box(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
+    """``box`` with each edge rounded to the nearest pixel edge, inside the W × H image and at
+    least one pixel wide and high (a crop's area and ratio then move by under a pixel's worth)."""
+    x0, y0 = min(round(box[0]), width - 1), min(round(box[1]), height - 1)
+    return x0, y0, max(x0 + 1, min(round(box[2]), width)), max(y0 + 1, min(round(box[3]), height))
 
 
 def low_resolution(image: np.ndarray, factor: float) -> np.ndarray:
