@@ -37,7 +37,10 @@ def resize(image: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, i
     twice PIL's speed at 112 px)."""
     height, width = image.shape[:2]
     x0, y0, x1, y1 = box if box is not None else (0, 0, width, height)
-    region = torch.from_numpy(image)[y0:y1, x0:x1].permute(2, 0, 1).unsqueeze(0)   # [1, 3, h, w], channels-last
+    region = torch.from_numpy(image)[y0:y1, x0:x1].permute(2, 0, 1).unsqueeze(0)   # [1, 3, h, w]
+    # a channels-last copy in, so that the result is channels-last too, i.e. a contiguous [H, W, 3]
+    # (torch's uint8 kernel otherwise returns NCHW, and copying that back costs as much as the resize)
+    region = region.contiguous(memory_format=torch.channels_last)
     out = F.interpolate(region, size=(size[1], size[0]), mode="bilinear", antialias=True, align_corners=False)
     return out[0].permute(1, 2, 0).numpy()
 
@@ -91,23 +94,58 @@ def gaussian_kernel(sigma: float) -> np.ndarray:
 
 def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     """float32 ``image`` [H, W, 3] convolved with the 2-D Gaussian ``k_i·k_j``
-    (:func:`gaussian_kernel`), as two 1-D passes (rows, then columns); borders mirrored without
+    (:func:`gaussian_kernel`), as two 1-D passes (columns, then rows); borders mirrored without
     repeating the edge pixel (``… in[2], in[1] | in[0], in[1], …``)."""
     kernel = gaussian_kernel(sigma).astype(np.float32)
     radius = len(kernel) // 2
     height, width = image.shape[:2]
-    out = np.empty_like(image, dtype=np.float32)
+    vertical = np.empty_like(image, dtype=np.float32)
+    _symmetric_filter(_mirror_pad(image, radius, 0).reshape(-1), kernel, width * 3, vertical.reshape(-1))
+    # the horizontal pass over the row-padded image as one flat array: output (y, x) at the flat
+    # index of (y, x) in the padded layout; the last 2r columns of that layout are left over
+    padded = _mirror_pad(vertical, radius, 1)
+    horizontal = np.empty_like(padded)
+    _symmetric_filter(padded.reshape(-1), kernel, 3, horizontal.reshape(-1)[:padded.size - 6 * radius])
+    return np.ascontiguousarray(horizontal[:, :width])
+
+
+def _symmetric_filter(values: np.ndarray, kernel: np.ndarray, step: int, out: np.ndarray) -> None:
+    """``out[j] = Σ_t k_t·values[j + t·step]`` (t = 0 … 2r) for a symmetric kernel of 2r + 1 taps,
+    on flat arrays: ``(values[j + (r − o)·step] + values[j + (r + o)·step])·k_(r+o)`` pairwise,
+    each term a whole-array operation on shifted views."""
+    radius, length = len(kernel) // 2, len(out)
+
+    def shifted(tap: int) -> np.ndarray:
+        return values[tap * step:tap * step + length]
+
+    np.multiply(shifted(radius), kernel[radius], out=out)
     pair = np.empty_like(out)   # one scratch buffer for every tap: no image-sized temporaries
-    for axis, length in ((0, height), (1, width)):
-        padding = [(0, 0), (0, 0), (0, 0)]
+    for offset in range(1, radius + 1):
+        np.add(shifted(radius - offset), shifted(radius + offset), out=pair)
+        pair *= kernel[radius + offset]
+        out += pair
+
+
+def _mirror_pad(image: np.ndarray, radius: int, axis: int) -> np.ndarray:
+    """``image`` with ``radius`` mirrored pixels (the edge pixel not repeated) before and after
+    along ``axis`` (0 or 1); np.pad's "reflect", without its per-call overhead when the radius
+    is below the side (else np.pad itself, which reflects again and again)."""
+    length = image.shape[axis]
+    if radius >= length:
+        padding = [(0, 0)] * image.ndim
         padding[axis] = (radius, radius)
-        padded = np.pad(image if axis == 0 else out, padding, mode="reflect")
-        window = (lambda tap: padded[tap:tap + length]) if axis == 0 else (lambda tap: padded[:, tap:tap + length])
-        np.multiply(window(radius), kernel[radius], out=out)
-        for offset in range(1, radius + 1):   # k is symmetric: (in[i − t] + in[i + t])·k_t
-            np.add(window(radius - offset), window(radius + offset), out=pair)
-            pair *= kernel[radius + offset]
-            out += pair
+        return np.pad(image, padding, mode="reflect")
+    shape = list(image.shape)
+    shape[axis] += 2 * radius
+    out = np.empty(shape, dtype=image.dtype)
+
+    def along(part: slice) -> tuple:
+        return (part,) if axis == 0 else (slice(None), part)
+
+    out[along(slice(radius, radius + length))] = image
+    out[along(slice(0, radius))] = image[along(slice(radius, 0, -1))]
+    stop = length - 2 - radius
+    out[along(slice(radius + length, None))] = image[along(slice(length - 2, stop if stop >= 0 else None, -1))]
     return out
 
 
