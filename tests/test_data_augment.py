@@ -174,6 +174,8 @@ def test_bad_settings_are_refused_naming_the_field():
         Augmentation(blur=1.5)
     with pytest.raises(ValueError, match=r"crop_scale is a range \(low, high\) with low <= high, got \(0.9, 0.5\)"):
         Augmentation(crop_scale=(0.9, 0.5))
+    with pytest.raises(ValueError, match=r"blur_sigma is a range \(low, high\) of two numbers, got 0.8"):
+        Augmentation(blur_sigma=0.8)
     with pytest.raises(ValueError, match=r"blur_sigma \(0.0, 1.0\): both ends must be > 0"):
         Augmentation(blur_sigma=(0.0, 1.0))
     with pytest.raises(ConfigError, match=r"'data.crop_scale'.*both ends must be > 0.0 and <= 1.0"):
@@ -182,7 +184,8 @@ def test_bad_settings_are_refused_naming_the_field():
         load_config(None, ["--data.hue", "20"])
     config = load_config(None, ["--data.blur", "0.2", "--data.blur_sigma", "0.5,1.5"])
     assert config.data.augmentation() == Augmentation(blur=0.2, blur_sigma=(0.5, 1.5))
-    assert not load_config(None).data.augmentation().active   # off by default
+    assert load_config(None).data.augmentation() == Augmentation()   # the same defaults: every operation off
+    assert not Augmentation().active
 
 
 # ------------------------------------------------------------------------------ in the loader

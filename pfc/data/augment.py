@@ -34,7 +34,6 @@ run.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -42,6 +41,8 @@ import numpy as np
 
 from pfc.data import image_ops
 
+OPERATIONS = ("random_resized_crop", "low_resolution", "blur", "color_jitter", "grayscale")
+"""The fields of :class:`Augmentation` that are an operation's probability, in the order they run."""
 SHUFFLE_STREAM, PK_STREAM = 0x5348, 0x504B   # "SH", "PK": keys of the two samplers never collide
 
 # columns of an image's draws
@@ -72,7 +73,7 @@ class Augmentation:
     def __post_init__(self):
         """ValueError naming the field: a probability outside [0, 1], a range that is not
         ``low ≤ high`` or leaves the field's domain."""
-        for name in ("random_resized_crop", "low_resolution", "blur", "color_jitter", "grayscale"):
+        for name in OPERATIONS:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} is a probability in [0, 1], got {value}")
@@ -81,7 +82,10 @@ class Augmentation:
                    "brightness": (0.0, math.inf, True), "contrast": (0.0, math.inf, True),
                    "saturation": (0.0, math.inf, True), "hue": (-180.0, 180.0, True)}
         for name, (low, high, low_allowed) in domains.items():
-            value = tuple(getattr(self, name))
+            try:
+                value = tuple(float(end) for end in getattr(self, name))
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} is a range (low, high) of two numbers, got {getattr(self, name)!r}") from None
             object.__setattr__(self, name, value)   # a list from a config becomes the tuple it stands for
             if len(value) != 2 or not value[0] <= value[1]:
                 raise ValueError(f"{name} is a range (low, high) with low <= high, got {value}")
@@ -94,12 +98,7 @@ class Augmentation:
     @property
     def active(self) -> bool:
         """Whether any operation can fire (else the loader skips augmentation entirely)."""
-        return any(getattr(self, name) > 0 for name in
-                   ("random_resized_crop", "low_resolution", "blur", "color_jitter", "grayscale"))
-
-    def replace(self, **changes) -> "Augmentation":
-        """A copy with ``changes`` (checked again)."""
-        return dataclasses.replace(self, **changes)
+        return any(getattr(self, name) > 0 for name in OPERATIONS)
 
 
 _GOLDEN = 0x9E3779B97F4A7C15

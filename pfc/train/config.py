@@ -39,8 +39,7 @@ SAMPLERS = ("shuffle", "pk")
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                   "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ROUNDINGS = ("stochastic", "nearest")
-AUGMENTATION_FIELDS = ("random_resized_crop", "crop_scale", "crop_ratio", "low_resolution", "low_resolution_factor",
-                       "blur", "blur_sigma", "color_jitter", "brightness", "contrast", "saturation", "hue", "grayscale")
+AUGMENTATION_FIELDS = tuple(field.name for field in dataclasses.fields(Augmentation))   # DataConfig has each
 
 
 @dataclass
