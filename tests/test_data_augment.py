@@ -75,7 +75,7 @@ def test_color_jitter_is_brightness_then_contrast_then_saturation_and_hue_in_yiq
     contrasted = contrast * bright + (1 - contrast) * mean_luma
     to_yiq = np.array([LUMA, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
     y, i, q = np.moveaxis(contrasted @ to_yiq.T, 2, 0)
-    angle = math.radians(hue)
+    angle = -math.radians(hue)   # HSV's hue grows red → yellow → green, clockwise in the (I, Q) plane
     i, q = (saturation * (math.cos(angle) * i - math.sin(angle) * q),
             saturation * (math.sin(angle) * i + math.cos(angle) * q))
     want = np.stack([y, i, q], axis=2) @ np.linalg.inv(to_yiq).T
@@ -86,6 +86,14 @@ def test_color_jitter_is_brightness_then_contrast_then_saturation_and_hue_in_yiq
                        image @ LUMA, atol=2e-3)
     assert np.allclose(image_ops.color_jitter(image.astype(np.float32), 1, 1, 0, hue),
                        image_ops.grayscale(image.astype(np.float32)), atol=2e-3)
+
+
+def test_a_positive_hue_shift_turns_red_towards_yellow_and_green_as_hsv_does():
+    red = np.zeros((1, 1, 3), dtype=np.float32)
+    red[..., 0] = 200
+    for shift, strongest in ((60, (0, 1)), (120, (1,)), (240, (2,))):   # yellow: red = green; green; blue
+        out = image_ops.color_jitter(red, 1, 1, 1, shift)[0, 0]
+        assert set(np.flatnonzero(out >= out.max() - 25)) == set(strongest), (shift, out)
 
 
 @pytest.mark.parametrize("width,height", [(112, 112), (16, 16), (20, 12)])

@@ -150,10 +150,11 @@ def _mirror_pad(image: np.ndarray, radius: int, axis: int) -> np.ndarray:
 
 
 def color_matrix(brightness: float, saturation: float, hue_degrees: float) -> np.ndarray:
-    """float64 [3, 3]: ``brightness · YIQ⁻¹ · diag(1, s·R(h)) · YIQ`` — the chroma plane (I, Q)
-    rotated by ``h`` degrees and scaled by ``s``, then every channel multiplied by ``b``.
-    ``s = 0`` gives the grey of the same luma."""
-    angle = math.radians(hue_degrees)
+    """float64 [3, 3]: ``brightness · YIQ⁻¹ · diag(1, s·R(−h)) · YIQ`` — the chroma plane (I, Q)
+    rotated by ``−h`` degrees (red, yellow, green lie clockwise in it: a positive ``h`` moves
+    hues the way HSV's hue angle grows, red → yellow → green) and scaled by ``s``, then every
+    channel multiplied by ``b``. ``s = 0`` gives the grey of the same luma."""
+    angle = -math.radians(hue_degrees)
     cos, sin = math.cos(angle), math.sin(angle)
     chroma = np.array([[1.0, 0.0, 0.0],
                        [0.0, saturation * cos, -saturation * sin],
