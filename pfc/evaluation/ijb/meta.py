@@ -148,8 +148,8 @@ def read_faces(layout: IjbLayout) -> IjbFaces:
     differing = np.flatnonzero(names != template_rows[:, 0])
     if differing.size:
         line = int(differing[0])
-        raise DataError(f"{templates_file} line {line + 1}: face {template_rows[line, 0]!r} differs from "
-                        f"{names[line]!r} on the same line of {points_file}")
+        raise DataError(f"{templates_file} line {line + 1}: face {str(template_rows[line, 0])!r} differs from "
+                        f"{str(names[line])!r} on the same line of {points_file}")
     numbers = _to_numbers(point_rows[:, 1:], np.float64, points_file, first_column=2)
     bad = np.flatnonzero(~np.isfinite(numbers).all(axis=1))
     if bad.size:
@@ -289,7 +289,7 @@ def _to_numbers(fields: np.ndarray, dtype, path: str, first_column: int) -> np.n
                 dtype(text) if dtype is np.float64 else int(text)
             except ValueError:
                 kind = "a number" if dtype is np.float64 else "an integer"
-                raise DataError(f"{path} line {line + 1}: field {column + first_column} {text!r} is not {kind}") from None
+                raise DataError(f"{path} line {line + 1}: field {column + first_column} {str(text)!r} is not {kind}") from None
     raise DataError(f"{path}: cannot convert its fields to {np.dtype(dtype).name}")
 
 
