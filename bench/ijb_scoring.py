@@ -48,6 +48,17 @@ def timed(fn):
     return value, (time.perf_counter() - wall, time.process_time() - cpu)
 
 
+def pooled_templates(args, rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float]]:
+    """Template features of random faces (every template has one), and the pooling's time."""
+    templates = np.sort(rng.integers(0, args.templates, args.faces))
+    templates[: args.templates] = np.arange(args.templates)
+    medias = rng.integers(0, args.faces // 3, args.faces)
+    scores = rng.uniform(0.1, 1, args.faces)
+    faces = rng.standard_normal((args.faces, args.dim), dtype=np.float32)
+    pooled, seconds = timed(lambda: template_features(faces, templates, medias, scores))
+    return pooled.features, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--templates", type=int, default=23124)
@@ -61,14 +72,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = []
 
-    face_templates = np.sort(rng.integers(0, args.templates, args.faces))
-    face_templates[: args.templates] = np.arange(args.templates)           # every template has a face
-    medias = rng.integers(0, args.faces // 3, args.faces)
-    faces = rng.standard_normal((args.faces, args.dim), dtype=np.float32)
-    templates, seconds = timed(lambda: template_features(faces, face_templates, medias, rng.uniform(0.1, 1, args.faces)))
+    features, seconds = pooled_templates(args, rng)
     rows.append((f"pooling {args.faces} faces → {args.templates} templates", seconds))
-    del faces
-    features = templates.features
 
     probes = args.templates - args.gallery
     codes = rng.choice(args.gallery * probes, args.pairs, replace=False)

@@ -166,6 +166,11 @@ def read_pairs(path: str, known_templates: np.ndarray, templates_file: str = "th
     if bad_label.size:
         row = int(bad_label[0])
         raise DataError(f"{path} line {_line_of_row(path, row)}: label {values[row, 2]} is not 0 or 1")
+    mated = int((values[:, 2] == 1).sum())
+    if mated in (0, len(values)):
+        kind = "mated" if mated else "non-mated"
+        other = "non-mated" if mated else "mated"
+        raise DataError(f"{path}: all {len(values)} pairs are {kind}; a ROC needs {other} pairs too")
     for column in (0, 1):
         _check_known(values[:, column], known_templates, path, templates_file,
                      line_of=lambda row: _line_of_row(path, row))
@@ -208,7 +213,8 @@ def read_search_set(path: str, name: str, known_templates: np.ndarray, templates
         try:
             ids[number] = int(fields[0]), int(fields[1])
         except (ValueError, IndexError):
-            raise DataError(f"{path} line {number + 2}: expected TEMPLATE_ID,SUBJECT_ID,…, got {line[:80]!r}") from None
+            raise DataError(f"{path} line {number + 2}: expected TEMPLATE_ID,SUBJECT_ID,…, "
+                            f"got {line[:80]!r}") from None
     _check_known(ids[:, 0], known_templates, path, templates_file, line_of=lambda row: row + 2)
     templates, first_rows = np.unique(ids[:, 0], return_index=True)
     order = np.argsort(first_rows, kind="stable")
