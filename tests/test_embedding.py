@@ -94,6 +94,11 @@ def test_the_cache_is_reused_and_keyed_by_model_items_and_flip(faces, tmp_path):
     unflipped = extract_features(model, items, cache_dir=str(tmp_path / "cache"), flip=False, num_workers=0,
                                  progress=False)
     assert calls and not np.allclose(unflipped, first) and len(os.listdir(tmp_path / "cache")) == 2
+    opencv4 = extract_features(model, items, cache_dir=str(tmp_path / "cache"), resampling="opencv4", num_workers=0,
+                               progress=False)
+    loose = np.array([item.landmarks is not None for item in items])
+    assert np.array_equal(opencv4[~loose], first[~loose]) and not np.allclose(opencv4[loose], first[loose])
+    assert len(os.listdir(tmp_path / "cache")) == 3
     (tmp_path / "cache" / cache_file).write_bytes(b"truncated")        # a damaged cache is extracted again
     calls.clear()
     assert np.array_equal(extract_features(model, items, cache_dir=str(tmp_path / "cache"), num_workers=0,
