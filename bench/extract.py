@@ -7,7 +7,7 @@ five landmarks each), then times over the same images, best of --repeats, interl
 (1) decode only (simplejpeg, RGB): the floor;
 (2) decode + alignment (pfc.evaluation.embedding.load_face: the file read, the decode,
     align_face_cv's similarity fit and OpenCV-style bilinear) in this process, one thread;
-(3) the alignment alone (align_face_cv on decoded images);
+(3) the alignment alone (align_face_cv on decoded images), float and resampling="opencv4";
 (4) extract_features' whole loader (DataLoader workers decoding and aligning, batches handed to
     the rank) with a model that costs nothing, per worker process (rate / workers), after the
     workers started;
@@ -72,6 +72,9 @@ def main() -> None:
             rows.setdefault("align only (align_face_cv)", []).append(
                 best_rate(lambda: [align_face_cv(image, item.landmarks) for image, item in zip(decoded, items)],
                           count, 1))
+            rows.setdefault("align only, resampling='opencv4' (OpenCV 4 bit for bit)", []).append(
+                best_rate(lambda: [align_face_cv(image, item.landmarks, resampling="opencv4")
+                                   for image, item in zip(decoded, items)], count, 1))
             if args.workers:
                 loader_items = items * 4
                 extract_features(free, items[:args.workers * args.batch_size], batch_size=args.batch_size,
