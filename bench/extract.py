@@ -17,7 +17,6 @@ Prints one table: images/s per core and the fraction of the floor.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 
