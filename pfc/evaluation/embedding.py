@@ -12,7 +12,8 @@ does (:func:`pfc.evaluation.alignment.align_face_cv`); one without is taken as a
 when it is not of the model's size, resized to it (PIL bilinear, as
 :mod:`pfc.evaluation.verification` does).
 
-Decoding and alignment run in DataLoader workers; batches go to the model (on its device).
+Decoding and alignment run in ``num_workers`` DataLoader workers (none for a share of one batch);
+batches go to the model (on its device).
 Under an initialised ``torch.distributed`` group each rank extracts a contiguous share of the
 items (shares differ by at most one item) and every rank returns the whole array (an all-gather
 of equal, padded shares). The group must carry CPU tensors: gloo, or ``"cpu:gloo,cuda:nccl"`` as
@@ -222,6 +223,8 @@ def _extract_share(model: EmbeddingModel, share: FaceDataset, count: int, larges
     from tqdm import tqdm
 
     features = np.zeros((len(share), model.embedding_size), dtype=np.float32)
+    if len(share) <= batch_size:
+        num_workers = 0   # one batch: starting a worker process would cost more than decoding it here
     loader = torch.utils.data.DataLoader(
         share, batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=_collate, worker_init_fn=functools.partial(_worker_init, rank_pid=os.getpid()) if num_workers else None)
