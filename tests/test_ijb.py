@@ -268,3 +268,77 @@ def test_the_tool_exits_2_with_one_line_for_a_missing_meta_file(tmp_path):
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip() == f"error: missing IJB meta file {tmp_path / 'root' / 'meta' / 'ijbb_name_5pts_score.txt'}"
+
+
+# ------------------------------------------------------------------ end to end: images → numbers
+
+def test_the_tool_on_images_pt_and_onnx_agree_and_a_rerun_reads_the_cache(ijb_root, tmp_path, monkeypatch, capsys):
+    """A tiny backbone over the fixture's loose crops: the outputs the issue names, the scores
+    equal the reference protocol on the extracted features, ONNX within 1e-4 of .pt, and a rerun
+    into the same folder never calls the model."""
+    from tests.face_fixtures import save_tiny_backbone
+
+    from pfc.cli import eval_ijb
+    from pfc.evaluation import embedding
+    from pfc.evaluation.embedding import FaceItem, extract_features, load_embedding_model
+
+    backbone = save_tiny_backbone(str(tmp_path / "backbone.pt"))
+    out = tmp_path / "out"
+    assert eval_ijb.main(["--model", backbone, "--root", ijb_root, "--output", str(out), "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "IJBC 1:1 TAR (%) at FAR" in printed and "backbone.pt" in printed
+    result = json.loads((out / "ijb_result.json").read_text())
+    assert set(result["tar_at_far"]) == {"1e-06", "1e-05", "1e-04", "1e-03", "1e-02", "1e-01"}
+    assert set(result["identification"]) == {"G1", "G2", "mean"}
+    assert set(result["identification"]["G1"]["tpir_at_fpir"]) == {"0.01", "0.1"}
+    assert (result["templates"], result["pairs"], result["flip"]) == (3 * SUBJECTS, 2 * SUBJECTS ** 2, True)
+    assert (out / "roc.png").stat().st_size > 0
+    scores = np.load(out / "scores.npy")
+
+    meta = read_ijb_meta(ijb_root, "IJBC")
+    items = [FaceItem(meta.layout.image(n), lm) for n, lm in zip(meta.faces.names.tolist(), meta.faces.landmarks)]
+    features = extract_features(load_embedding_model(backbone), items, num_workers=0, progress=False)
+    templates = reference_templates(features, meta.faces.detector_scores, meta.faces.templates, meta.faces.medias)
+    expected = [float(np.dot(templates[a], templates[b])) for a, b in zip(meta.pairs.first, meta.pairs.second)]
+    np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=0)
+
+    def no_model(path, device="cpu"):
+        model = load_embedding_model(path, device)
+        model.forward = lambda batch: pytest.fail("the rerun called the model")
+        return model
+
+    monkeypatch.setattr(embedding, "load_embedding_model", no_model)
+    assert eval_ijb.main(["--model", backbone, "--root", ijb_root, "--output", str(out), "--workers", "0"]) == 0
+    np.testing.assert_array_equal(np.load(out / "scores.npy"), scores)
+    monkeypatch.undo()
+
+    pytest.importorskip("onnxruntime")
+    from pfc.evaluation.export import load_backbone
+    from pfc.evaluation.onnx_export import export_onnx
+
+    network, saved = load_backbone(backbone)
+    export_onnx(network, str(tmp_path / "backbone.onnx"), saved["image_size"])
+    onnx_out = tmp_path / "onnx"
+    assert eval_ijb.main(["--model", str(tmp_path / "backbone.onnx"), "--root", ijb_root, "--output", str(onnx_out),
+                          "--workers", "0"]) == 0
+    np.testing.assert_allclose(np.load(onnx_out / "scores.npy"), scores, atol=1e-4, rtol=0)
+
+
+def test_an_unreadable_image_names_the_file_and_its_line(ijb_root, tmp_path, capsys):
+    from tests.face_fixtures import save_tiny_backbone
+
+    from pfc.cli.eval_ijb import main
+
+    root = corrupt(ijb_root, tmp_path, "", None)
+    os.unlink(root + "/loose_crop")
+    os.makedirs(root + "/loose_crop")
+    for name in os.listdir(os.path.join(ijb_root, "loose_crop")):
+        os.symlink(os.path.join(ijb_root, "loose_crop", name), os.path.join(root, "loose_crop", name))
+    os.unlink(os.path.join(root, "loose_crop", "7.jpg"))
+    with open(os.path.join(root, "loose_crop", "7.jpg"), "wb") as stream:
+        stream.write(b"not a jpeg")
+    backbone = save_tiny_backbone(str(tmp_path / "backbone.pt"))
+    code = main(["--model", backbone, "--root", root, "--output", str(tmp_path / "out"), "--workers", "0"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, errors         # beside the progress bar, one line
+    assert "loose_crop/7.jpg (line 7)" in errors[0], errors

@@ -82,8 +82,8 @@ def _extract(args, meta, rank: int):
     os.makedirs(args.output, exist_ok=True)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
     model = load_embedding_model(args.model, device)
-    items = [FaceItem(meta.layout.image(name), landmarks)
-             for name, landmarks in zip(meta.faces.names.tolist(), meta.faces.landmarks)]
+    items = [FaceItem(meta.layout.image(name), landmarks, line=line)     # line: of the 5-point file
+             for line, (name, landmarks) in enumerate(zip(meta.faces.names.tolist(), meta.faces.landmarks), start=1)]
     return extract_features(model, items, batch_size=args.batch_size, flip=not args.no_flip,
                             num_workers=args.workers, cache_dir=args.output, progress=rank == 0)
 
