@@ -51,8 +51,7 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int = 112, *,
     torch's ``grid_sample`` (zeros padding, ``align_corners=True``: the same sampling) in
     float32 on the part of the image the output reads.
 
-    ``resampling="opencv4"``: OpenCV ≤ 4's fixed-point arithmetic instead (what insightface's
-    published IJB numbers were computed with): the inverse map as OpenCV inverts it, each
+    ``resampling="opencv4"``: OpenCV ≤ 4's fixed-point arithmetic instead: the inverse map as OpenCV inverts it, each
     position rounded to 1/32 pixel, integer weights (32−fx)(32−fy)·32 … summing to 2¹⁵, the sum
     rounded half up (:func:`_warp_opencv4`); bit-identical to OpenCV 4's ``warpAffine``."""
     image = np.asarray(image)
