@@ -56,9 +56,14 @@ def test_shares_are_contiguous_and_differ_by_at_most_one_item():
     assert [share_bounds(2, 3, rank) for rank in range(3)] == [(0, 1), (1, 2), (2, 2)]
 
 
-def _extract_on_ranks(rank, world_size, model_file, items, bad_path):
+def _extract_on_ranks(rank, world_size, model_file, items, bad_path, cache_dir):
     model = load_embedding_model(model_file)
     features = extract_features(model, items, batch_size=2, num_workers=0, progress=False)   # ranks are daemons: no workers
+    cached = extract_features(model, items, batch_size=2, num_workers=0, progress=False, cache_dir=cache_dir)
+    model.forward = None   # a second call must read the cache (on every rank) and never run the model
+    again = extract_features(model, items, batch_size=2, num_workers=0, progress=False, cache_dir=cache_dir)
+    assert np.array_equal(cached, features) and np.array_equal(again, features)
+    model = load_embedding_model(model_file)
     # an unreadable image in rank 1's share only (the last item): every rank raises, none waits
     broken = items + [FaceItem(bad_path, line=42)]
     try:
@@ -69,12 +74,12 @@ def _extract_on_ranks(rank, world_size, model_file, items, bad_path):
     return torch.from_numpy(features), message
 
 
-def test_two_ranks_give_the_single_process_array_and_the_same_error(faces, tmp_path):
+def test_two_ranks_give_the_single_process_array_share_a_cache_and_raise_the_same_error(faces, tmp_path):
     model_file, items = faces
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 not really a JPEG")
     single = extract_features(load_embedding_model(model_file), items, batch_size=4, num_workers=0, progress=False)
-    results = run_ranks(_extract_on_ranks, 2, model_file, items, str(bad), timeout=90)
+    results = run_ranks(_extract_on_ranks, 2, model_file, items, str(bad), str(tmp_path / "cache"), timeout=90)
     for features, message in results:
         np.testing.assert_allclose(features.numpy(), single, atol=1e-6)
         assert message is not None and f"{bad} (line 42): the image does not decode" in message
@@ -94,6 +99,11 @@ def test_the_cache_is_reused_and_keyed_by_model_items_and_flip(faces, tmp_path):
     unflipped = extract_features(model, items, cache_dir=str(tmp_path / "cache"), flip=False, num_workers=0,
                                  progress=False)
     assert calls and not np.allclose(unflipped, first) and len(os.listdir(tmp_path / "cache")) == 2
+    opencv4 = extract_features(model, items, cache_dir=str(tmp_path / "cache"), resampling="opencv4", num_workers=0,
+                               progress=False)
+    loose = np.array([item.landmarks is not None for item in items])
+    assert np.array_equal(opencv4[~loose], first[~loose]) and not np.allclose(opencv4[loose], first[loose])
+    assert len(os.listdir(tmp_path / "cache")) == 3
     (tmp_path / "cache" / cache_file).write_bytes(b"truncated")        # a damaged cache is extracted again
     calls.clear()
     assert np.array_equal(extract_features(model, items, cache_dir=str(tmp_path / "cache"), num_workers=0,

@@ -5,7 +5,7 @@
     pfc-embed MODEL --list FILE [--root DIR] -o OUT     # one image path per line (relative to DIR,
                                                         # default the list's folder); names as written
     pfc-embed MODEL --shards DATASET -o OUT             # pfc shards (dataset.json); names = sample keys
-    … [--landmarks CSV] [--no-flip] [--batch-size 128] [--workers 4] [--quiet]
+    … [--landmarks CSV [--resampling float|opencv4]] [--no-flip] [--batch-size 128] [--workers 4] [--quiet]
     torchrun --nproc_per_node=8 tools/embed.py …        # every rank embeds a share; rank 0 writes
 
 MODEL: a pfc backbone.pt (or a training output folder) or an ONNX file from export_onnx. A face
@@ -151,6 +151,9 @@ def main(argv=None) -> int:
     parser.add_argument("-o", "--output", required=True, help="OUT: writes OUT.npy and OUT.names.txt")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                         help="add the horizontally flipped face's embedding before normalising (default: on)")
+    parser.add_argument("--resampling", choices=["float", "opencv4"], default="float",
+                        help="alignment's bilinear: float (as OpenCV 5) or opencv4 (OpenCV <= 4's fixed point, "
+                             "bit for bit)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers decoding and aligning, per rank")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -172,7 +175,7 @@ def main(argv=None) -> int:
         names, items = run_on_every_rank(lambda: face_items(args), "reading the input")
         model = run_on_every_rank(lambda: load_embedding_model(args.model, runtime.device), "loading the model")
         features = extract_features(model, items, batch_size=args.batch_size, flip=args.flip,
-                                    num_workers=args.workers, progress=not args.quiet)
+                                    num_workers=args.workers, progress=not args.quiet, resampling=args.resampling)
         run_on_every_rank(lambda: write_outputs(npy_path, names_path, names, features) if runtime.is_main else None,
                           "writing the embeddings")
     finally:

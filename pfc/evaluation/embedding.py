@@ -12,7 +12,8 @@ does (:func:`pfc.evaluation.alignment.align_face_cv`); one without is taken as a
 when it is not of the model's size, resized to it (PIL bilinear, as
 :mod:`pfc.evaluation.verification` does).
 
-Decoding and alignment run in DataLoader workers; batches go to the model (on its device).
+Decoding and alignment run in ``num_workers`` DataLoader workers (none for a share of one batch);
+batches go to the model (on its device).
 Under an initialised ``torch.distributed`` group each rank extracts a contiguous share of the
 items (shares differ by at most one item) and every rank returns the whole array (an all-gather
 of equal, padded shares). The group must carry CPU tensors: gloo, or ``"cpu:gloo,cuda:nccl"`` as
@@ -44,7 +45,7 @@ from PIL import Image, UnidentifiedImageError
 from pfc.distributed.agree import agree_on_error, run_on_every_rank
 from pfc.distributed.collectives import get_rank, get_world_size, is_distributed
 from pfc.errors import ConfigError, DataError
-from pfc.evaluation.alignment import align_face_cv
+from pfc.evaluation.alignment import RESAMPLINGS, Resampling, align_face_cv
 from pfc.evaluation.embedding_model import EmbeddingModel, load_embedding_model
 from pfc.files import write_atomic
 
@@ -93,13 +94,14 @@ def decode_image(item: FaceItem) -> np.ndarray:
         raise DataError(f"{item.describe()}: the image does not decode ({exc})") from exc
 
 
-def load_face(item: FaceItem, image_size: int) -> np.ndarray:
-    """The item's face as uint8 RGB ``[image_size, image_size, 3]``: aligned from its landmarks,
-    else the decoded image (resized bilinearly when of another size). DataError naming the item."""
+def load_face(item: FaceItem, image_size: int, resampling: Resampling = "float") -> np.ndarray:
+    """The item's face as uint8 RGB ``[image_size, image_size, 3]``: aligned from its landmarks
+    (:func:`pfc.evaluation.alignment.align_face_cv` with ``resampling``), else the decoded image
+    (resized bilinearly when of another size). DataError naming the item."""
     image = decode_image(item)
     if item.landmarks is not None:
         try:
-            return align_face_cv(image, item.landmarks, image_size)
+            return align_face_cv(image, item.landmarks, image_size, resampling=resampling)
         except DataError as exc:
             raise DataError(f"{item.describe()}: {exc}") from exc
     if image.shape[:2] != (image_size, image_size):
@@ -111,15 +113,15 @@ class FaceDataset(torch.utils.data.Dataset):
     """``items[i]`` as ``(i, uint8 face [S, S, 3] or None, error message or None)``: a face that
     cannot be loaded is reported to the rank, which makes every rank raise it."""
 
-    def __init__(self, items: list[FaceItem], image_size: int):
-        self.items, self.image_size = items, image_size
+    def __init__(self, items: list[FaceItem], image_size: int, resampling: Resampling = "float"):
+        self.items, self.image_size, self.resampling = items, image_size, resampling
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int):
         try:
-            return index, load_face(self.items[index], self.image_size), None
+            return index, load_face(self.items[index], self.image_size, self.resampling), None
         except DataError as exc:
             return index, None, str(exc)
 
@@ -153,10 +155,10 @@ def share_bounds(count: int, world_size: int, rank: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
-def items_key(items: list[FaceItem], model: EmbeddingModel, flip: bool) -> str:
-    """sha256 (hex) of the model file's digest, ``flip``, the input size and every item's path,
-    landmarks and encoded bytes: what the features depend on."""
-    digest = hashlib.sha256(f"{model.digest}\0{flip}\0{model.image_size}\0{len(items)}\0".encode())
+def items_key(items: list[FaceItem], model: EmbeddingModel, flip: bool, resampling: Resampling = "float") -> str:
+    """sha256 (hex) of the model file's digest, ``flip``, ``resampling``, the input size and every
+    item's path, landmarks and encoded bytes: what the features depend on."""
+    digest = hashlib.sha256(f"{model.digest}\0{flip}\0{resampling}\0{model.image_size}\0{len(items)}\0".encode())
     for item in items:
         digest.update(item.path.encode() + b"\0")
         if item.landmarks is not None:
@@ -182,12 +184,15 @@ def _write_cache(path: str, features: np.ndarray) -> None:
 
 def extract_features(model: EmbeddingModel, items: list[FaceItem], *, batch_size: int = 128, flip: bool = True,
                      num_workers: int = 2, cache_dir: str | None = None, progress: bool = True,
-                     group=None) -> np.ndarray:
+                     group=None, resampling: Resampling = "float") -> np.ndarray:
     """float32 ``[len(items), D]`` features of ``items`` as the module docstring describes
     (collective under an initialised process group: every rank of ``group`` calls it with the same
-    items and gets the same array)."""
+    items and gets the same array). ``resampling``: how faces with landmarks are resampled
+    (:func:`pfc.evaluation.alignment.warp_affine`: "float", or "opencv4" bit for bit as OpenCV ≤ 4)."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if resampling not in RESAMPLINGS:
+        raise ConfigError(f"resampling {resampling!r} is not one of {', '.join(RESAMPLINGS)}")
     if cache_dir is not None and model.digest is None:
         raise ConfigError("a feature cache needs a model read from a file (its digest keys the cache)")
     world_size = get_world_size(group) if is_distributed() else 1
@@ -195,13 +200,14 @@ def extract_features(model: EmbeddingModel, items: list[FaceItem], *, batch_size
     shape = (len(items), model.embedding_size)
     cache_file = None
     if cache_dir is not None:
-        cache_file = os.path.join(cache_dir, f"features-{items_key(items, model, flip)[:24]}.npy")
+        cache_file = os.path.join(cache_dir, f"features-{items_key(items, model, flip, resampling)[:24]}.npy")
         cached = _read_cache(cache_file, shape)
         missing = agree_on_error(None, "reading the feature cache", group, flags={"missing": int(cached is None)})
         if not missing["missing"]:
             return cached
     start, stop = share_bounds(len(items), world_size, rank)
-    local = _extract_share(model, items[start:stop], len(items), math.ceil(len(items) / world_size), batch_size,
+    dataset = FaceDataset(items[start:stop], model.image_size, resampling)
+    local = _extract_share(model, dataset, len(items), math.ceil(len(items) / world_size), batch_size,
                            flip, num_workers, progress and rank == 0, world_size, group)
     features = _gather_shares(local, len(items), world_size, group)
     if cache_file is not None:
@@ -210,15 +216,17 @@ def extract_features(model: EmbeddingModel, items: list[FaceItem], *, batch_size
     return features
 
 
-def _extract_share(model: EmbeddingModel, share: list[FaceItem], count: int, largest_share: int, batch_size: int,
+def _extract_share(model: EmbeddingModel, share: FaceDataset, count: int, largest_share: int, batch_size: int,
                    flip: bool, num_workers: int, progress: bool, world_size: int, group) -> np.ndarray:
     """This rank's features; every rank runs the same number of steps (that of the largest share),
     each ending in one agreement on errors."""
     from tqdm import tqdm
 
     features = np.zeros((len(share), model.embedding_size), dtype=np.float32)
+    if len(share) <= batch_size:
+        num_workers = 0   # one batch: starting a worker process would cost more than decoding it here
     loader = torch.utils.data.DataLoader(
-        FaceDataset(share, model.image_size), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        share, batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=_collate, worker_init_fn=functools.partial(_worker_init, rank_pid=os.getpid()) if num_workers else None)
     batches = iter(loader)
     bar = tqdm(total=count, desc="features", unit="img", disable=not progress, smoothing=0.05)

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pfc.distributed.agree import run_on_every_rank
 from pfc.errors import DataError
 from pfc.evaluation import VerificationSet, evaluate, read_bin, read_pairs
+from pfc.evaluation.embedding import FaceItem, extract_features
+from pfc.evaluation.embedding_model import module_embedding_model
+from pfc.evaluation.ijb import IjbMeta, Roc, read_ijb_meta, template_features, verification_scores
 from pfc.evaluation.verification import check_decodes
 from pfc.evaluation.roc import save_roc_plot
 from pfc.train.config import TrainConfig
@@ -24,11 +27,11 @@ IJB_PROTOCOL = "ijb 1:1"     # the "protocol" of an IJB row in eval.jsonl (pair-
 
 @dataclass
 class IjbSet:
-    """An IJB protocol read for evaluation: its meta (:class:`pfc.evaluation.ijb.IjbMeta`) and one
-    :class:`pfc.evaluation.embedding.FaceItem` per face (loose crop and landmarks)."""
+    """An IJB protocol read for evaluation: its meta files and one face item per face (its loose
+    crop and landmarks)."""
 
-    meta: object
-    items: list = field(repr=False)
+    meta: IjbMeta
+    items: list[FaceItem] = field(repr=False)
 
 
 @dataclass
@@ -74,9 +77,6 @@ def load_val_sets(config: TrainConfig, runtime: Runtime, image_size: int) -> Eva
 def read_ijb_set(config: TrainConfig, check_images: bool) -> IjbSet:
     """``eval.ijb``'s protocol of ``eval.ijb_target``; with ``check_images`` DataError naming the
     first face whose loose crop does not exist."""
-    from pfc.evaluation.embedding import FaceItem
-    from pfc.evaluation.ijb import read_ijb_meta
-
     if not os.path.isdir(config.eval.ijb):
         raise DataError(f"eval.ijb {config.eval.ijb} is not a folder")
     meta = read_ijb_meta(config.eval.ijb, config.eval.ijb_target)
@@ -116,10 +116,6 @@ def run_verification(state: TrainState, val_sets: EvalSets | list[VerificationSe
 def run_ijb(state: TrainState, ijb: IjbSet, config: TrainConfig, runtime: Runtime, image_size: int) -> list[dict]:
     """Collective: the IJB 1:1 summary of the current backbone (on rank 0; [] elsewhere):
     ``{"set", "protocol", "step", "tar@far=F", "tar@far=F interpolated", "templates", "pairs"}``."""
-    from pfc.evaluation.embedding import extract_features
-    from pfc.evaluation.embedding_model import module_embedding_model
-    from pfc.evaluation.ijb import Roc, template_features, verification_scores
-
     model = module_embedding_model(state.runner.model, config.backbone.embedding_size, image_size, runtime.device)
     features = extract_features(model, ijb.items, batch_size=config.eval.batch_size,
                                 num_workers=config.data.num_workers, progress=False)
