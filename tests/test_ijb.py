@@ -278,8 +278,8 @@ def test_the_tool_exits_2_with_one_line_for_a_missing_meta_file(tmp_path):
 
 def test_the_tool_on_images_pt_and_onnx_agree_and_a_rerun_reads_the_cache(ijb_root, tmp_path, monkeypatch, capsys):
     """A tiny backbone over the fixture's loose crops: the outputs the issue names, the scores
-    equal the reference protocol on the extracted features, ONNX within 1e-4 of .pt, and a rerun
-    into the same folder never calls the model."""
+    equal the reference protocol on the extracted features, a rerun into the same folder (another
+    batch size) never calls the model, --no-flip changes the features, ONNX within 1e-4 of .pt."""
     from tests.face_fixtures import save_tiny_backbone
 
     from pfc.cli import eval_ijb
@@ -312,9 +312,15 @@ def test_the_tool_on_images_pt_and_onnx_agree_and_a_rerun_reads_the_cache(ijb_ro
         return model
 
     monkeypatch.setattr(embedding, "load_embedding_model", no_model)
-    assert eval_ijb.main(["--model", backbone, "--root", ijb_root, "--output", str(out), "--workers", "0"]) == 0
+    assert eval_ijb.main(["--model", backbone, "--root", ijb_root, "--output", str(out), "--workers", "0",
+                          "--batch-size", "7"]) == 0
     np.testing.assert_array_equal(np.load(out / "scores.npy"), scores)
     monkeypatch.undo()
+
+    assert eval_ijb.main(["--model", backbone, "--root", ijb_root, "--output", str(tmp_path / "unflipped"),
+                          "--workers", "0", "--no-flip"]) == 0
+    assert json.loads((tmp_path / "unflipped" / "ijb_result.json").read_text())["flip"] is False
+    assert np.abs(np.load(tmp_path / "unflipped" / "scores.npy") - scores).max() > 1e-3
 
     pytest.importorskip("onnxruntime")
     from pfc.evaluation.export import load_backbone
