@@ -1,7 +1,7 @@
 """End to end: synthetic identities → shards → 2-rank gloo training via real torchrun → outputs.
 
-One training run checks several things (loss goes down, metrics/eval files, ROC, backbone.pt,
-tools/evaluate.py, tools/export_onnx.py); a second run checks that a num_classes mismatch stops
+One training run checks several things (loss goes down, metrics/eval files with an IJB root's
+1:1 TAR beside the pairs, ROC, backbone.pt, tools/evaluate.py, tools/export_onnx.py); a second run checks that a num_classes mismatch stops
 every rank with a clear message.
 """
 import json
@@ -35,6 +35,8 @@ def dataset(tmp_path_factory):
     run(["tools/make_synthetic.py", str(root / "heldout"), "--ids", "8", "--per", "4", "--seed", "2",
          "--pairs", "40"])
     run(["tools/pack_shards.py", "folder", str(root / "train"), str(root / "shards"), "--shard-size", "50"])
+    from pfc.datasets.synthetic_ijb import write_synthetic_ijb
+    write_synthetic_ijb(str(root / "ijb"), "IJBB", subjects=3, seed=4, identification=False)
     return root
 
 
@@ -48,7 +50,8 @@ def test_two_rank_training_run(dataset, tmp_path):
     result = torchrun("--data", str(dataset / "shards"), "--output", str(output),
                       "--val_pairs", str(dataset / "heldout" / "pairs.txt"), "--max_steps", "30",
                       "--batch_size", "16", "--warmup_steps", "3", "--log_every", "5", "--eval_every", "15",
-                      "--num_workers", "1")
+                      "--num_workers", "1", "--eval.ijb", str(dataset / "ijb"), "--eval.ijb_target", "IJBB",
+                      "--eval.ijb_far", "0.1")
     assert "trained 30 steps" in result.stdout
 
     config = json.loads((output / "config.json").read_text())
@@ -61,10 +64,12 @@ def test_two_rank_training_run(dataset, tmp_path):
     assert records[0]["lr"] == pytest.approx(0.1 * (1 - 1 / 27) ** 2)  # warmup done; poly decay at step 4
 
     evals = read_jsonl(output / "eval.jsonl")
-    assert [e["step"] for e in evals] == [15, 30]
-    assert all(0.0 <= e["accuracy"] <= 1.0 and "tar@far=1e-3" in e for e in evals)
-    final = json.loads((output / "eval_results.json").read_text())["final"][0]
-    assert final["num_pairs"] == 40
+    assert [(e["step"], e["set"]) for e in evals] == [(15, "pairs"), (15, "IJBB"), (30, "pairs"), (30, "IJBB")]
+    assert all(0.0 <= e["accuracy"] <= 1.0 and "tar@far=1e-3" in e for e in evals[::2])
+    assert all(0.0 <= e["tar@far=1e-1"] <= 1.0 and e["protocol"] == "ijb 1:1" and e["pairs"] > 0 for e in evals[1::2])
+    assert "eval IJBB step 30: ijb 1:1 tar@far=1e-1" in result.stdout
+    final, ijb_final = json.loads((output / "eval_results.json").read_text())["final"]
+    assert final["num_pairs"] == 40 and ijb_final == evals[-1]
     assert (output / "roc.png").stat().st_size > 0 and (output / "backbone.pt").exists()
 
     evaluated = json.loads(run(["tools/evaluate.py", str(output), "--pairs",

@@ -7,6 +7,7 @@
     pfc-compare-eval    verification results side by side
     pfc-export-onnx     backbone.pt → ONNX, checked with onnxruntime
     pfc-make-synthetic  procedural face-like identities to try pfc on
+    pfc-embed           embeddings of a folder, an image list or shards (aligned by landmarks if given)
 
 Each module's ``main(argv=None) -> int`` parses the command line and is the only place argv is
 read; ``tools/*.py`` and ``launch/train.py`` in a clone are thin entries that call the same

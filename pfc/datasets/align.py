@@ -1,4 +1,6 @@
-"""Five-point face alignment: least-squares similarity transform onto the standard ArcFace template.
+"""Five-point face alignment for the packer (PIL): least-squares similarity transform onto the
+standard ArcFace template (the geometry is :mod:`pfc.five_points`; evaluation resamples as OpenCV
+does, :mod:`pfc.evaluation.alignment`).
 
 Coordinates are in pixels with the centre of pixel (i, j) at x = j, y = i (the OpenCV convention
 landmark detectors use). Point order: left eye, right eye, nose tip, left mouth corner,
@@ -10,66 +12,17 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pfc.errors import DataError
+from pfc.five_points import TEMPLATE_112, apply_transform, check_landmarks, invert_affine, similarity_transform, template
 
-# The standard 112x112 five-point template used by ArcFace-style aligned face datasets.
-TEMPLATE_112 = np.array([
-    [38.2946, 51.6963],
-    [73.5318, 51.5014],
-    [56.0252, 71.7366],
-    [41.5493, 92.3655],
-    [70.7299, 92.2041],
-], dtype=np.float64)
-
-
-def template(image_size: int) -> np.ndarray:
-    """The five template points for a square ``image_size`` output (the 112 template scaled)."""
-    if image_size <= 0:
-        raise ValueError(f"image size must be positive, got {image_size}")
-    return TEMPLATE_112 * (image_size / 112.0)
-
-
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The 2x3 matrix M = [s·R | t] minimising Σ‖s·R·src_k + t − dst_k‖² (Umeyama, no reflection).
-
-    ``src`` and ``dst`` are [K, 2] point arrays, K ≥ 2, not all ``src`` points equal.
-    """
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or src.shape[0] < 2:
-        raise ValueError(f"need two [K, 2] point arrays with K >= 2, got {src.shape} and {dst.shape}")
-    src_mean, dst_mean = src.mean(0), dst.mean(0)
-    src_c, dst_c = src - src_mean, dst - dst_mean
-    src_var = (src_c ** 2).sum() / len(src)
-    if src_var < 1e-12:
-        raise DataError("landmarks are all at one point; cannot estimate an alignment")
-    u, sigma, vt = np.linalg.svd(dst_c.T @ src_c / len(src))
-    sign = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        sign[1] = -1.0
-    rotation = u @ np.diag(sign) @ vt
-    scale = (sigma * sign).sum() / src_var
-    matrix = np.empty((2, 3))
-    matrix[:, :2] = scale * rotation
-    matrix[:, 2] = dst_mean - scale * rotation @ src_mean
-    return matrix
-
-
-def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Map [K, 2] points through the 2x3 affine ``matrix``."""
-    points = np.asarray(points, dtype=np.float64)
-    return points @ matrix[:, :2].T + matrix[:, 2]
+__all__ = ["TEMPLATE_112", "template", "similarity_transform", "apply_transform", "align_face"]
 
 
 def align_face(image: Image.Image, landmarks: np.ndarray, image_size: int = 112) -> Image.Image:
     """Warp ``image`` so its five ``landmarks`` ([5, 2]) land on the template; returns an RGB
     ``image_size`` x ``image_size`` crop (bilinear, black outside the source)."""
-    landmarks = np.asarray(landmarks, dtype=np.float64)
-    if landmarks.shape != (5, 2) or not np.isfinite(landmarks).all():
-        raise DataError(f"need 5 finite (x, y) landmarks, got shape {landmarks.shape}")
-    forward = similarity_transform(landmarks, template(image_size))
-    linear_inv = np.linalg.inv(forward[:, :2])
-    shift_inv = -linear_inv @ forward[:, 2]
+    forward = similarity_transform(check_landmarks(landmarks), template(image_size))
+    inverse = invert_affine(forward)
+    linear_inv, shift_inv = inverse[:, :2], inverse[:, 2]
     # PIL samples output pixel centres at (j + 0.5, i + 0.5) and reads the input in the same
     # half-pixel convention; shift the inverse map into it.
     half = np.array([0.5, 0.5])

@@ -29,9 +29,11 @@ def read_results(paths: list[str]) -> list[tuple[str, dict]]:
         stem = os.path.splitext(os.path.basename(path))[0]
         if isinstance(content, dict) and "final" in content:   # a training run's eval_results.json
             rows = content["final"]
+            if isinstance(rows, list):   # IJB rows (a "protocol" key) are not pair verifications
+                rows = [row for row in rows if not (isinstance(row, dict) and "protocol" in row)]
             if not isinstance(rows, list) or not rows:
                 raise DataError(f"{path}: a run's eval_results.json without final results (the run had no "
-                                f"verification set)")
+                                f"pair verification set)")
             named = [(stem if len(rows) == 1 else f"{stem}:{_set_name(row)}", row) for row in rows]
         else:
             named = [(stem, content)]

@@ -139,7 +139,16 @@ def verification_metrics(embeddings1: np.ndarray, embeddings2: np.ndarray, issam
 
 
 def save_roc_plot(results: list[VerificationResult], path: str, size: int = 480) -> str:
-    """Write the ROC curves (TAR vs log10 FAR, 1e-4 … 1) as a PNG at ``path``; returns ``path``.
+    """Write the ROC curves of ``results`` (TAR vs log10 FAR, 1e-4 … 1) as a PNG at ``path``;
+    returns ``path`` (:func:`save_curves_plot`)."""
+    curves = [(f"{result.name} (acc {result.accuracy:.3f})", result.far, result.tar) for result in results]
+    return save_curves_plot(curves, path, size)
+
+
+def save_curves_plot(curves: list[tuple[str, np.ndarray, np.ndarray]], path: str, size: int = 480,
+                     far_floor: float = 1e-4) -> str:
+    """Write ROC curves ``(label, far, tar)`` as TAR vs log10 FAR from ``far_floor`` to 1 in a PNG at
+    ``path``; returns ``path``.
 
     Drawn with matplotlib when it is installed, otherwise with PIL (no extra dependency).
     The file is written to a temporary name and renamed, so it is never half-written.
@@ -150,12 +159,12 @@ def save_roc_plot(results: list[VerificationResult], path: str, size: int = 480)
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        _draw_roc_with_pil(results, temporary, size)
+        _draw_roc_with_pil(curves, temporary, size, far_floor)
     else:
         figure, axes = plt.subplots(figsize=(5, 5))
-        for result in results:
-            axes.plot(np.maximum(result.far, 1e-4), result.tar, label=f"{result.name} (acc {result.accuracy:.3f})")
-        axes.set(xscale="log", xlim=(1e-4, 1), ylim=(0, 1), xlabel="FAR", ylabel="TAR", title="ROC")
+        for label, far, tar in curves:
+            axes.plot(np.maximum(far, far_floor), tar, label=label)
+        axes.set(xscale="log", xlim=(far_floor, 1), ylim=(0, 1), xlabel="FAR", ylabel="TAR", title="ROC")
         axes.grid(True, alpha=0.3)
         axes.legend(loc="lower right")
         figure.savefig(temporary, dpi=100)
@@ -164,7 +173,8 @@ def save_roc_plot(results: list[VerificationResult], path: str, size: int = 480)
     return path
 
 
-def _draw_roc_with_pil(results: list[VerificationResult], path: str, size: int) -> None:
+def _draw_roc_with_pil(curves: list[tuple[str, np.ndarray, np.ndarray]], path: str, size: int,
+                       far_floor: float) -> None:
     from PIL import ImageDraw
 
     margin = 50
@@ -172,12 +182,13 @@ def _draw_roc_with_pil(results: list[VerificationResult], path: str, size: int) 
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = margin, 20, size - 20, size - margin
     draw.rectangle([left, top, right, bottom], outline="black")
+    decades = max(1, round(-math.log10(far_floor)))
 
     def to_pixel(far: float, tar: float) -> tuple[float, float]:
-        x = (math.log10(max(far, 1e-4)) + 4.0) / 4.0
+        x = (math.log10(max(far, far_floor)) + decades) / decades
         return left + x * (right - left), bottom - tar * (bottom - top)
 
-    for exponent in range(-4, 1):
+    for exponent in range(-decades, 1):
         x, _ = to_pixel(10.0 ** exponent, 0)
         draw.line([x, top, x, bottom], fill=(220, 220, 220))
         draw.text((x - 12, bottom + 5), f"1e{exponent}", fill="black")
@@ -188,10 +199,10 @@ def _draw_roc_with_pil(results: list[VerificationResult], path: str, size: int) 
     draw.text(((left + right) // 2 - 10, bottom + 25), "FAR", fill="black")
     draw.text((5, (top + bottom) // 2), "TAR", fill="black")
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
-    for index, result in enumerate(results):
+    for index, (label, far, tar) in enumerate(curves):
         colour = colours[index % len(colours)]
-        points = [to_pixel(f, t) for f, t in zip(result.far, result.tar)]
+        points = [to_pixel(f, t) for f, t in zip(far, tar)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
-        draw.text((left + 10, top + 10 + 14 * index), f"{result.name}: accuracy {result.accuracy:.3f}", fill=colour)
+        draw.text((left + 10, top + 10 + 14 * index), label, fill=colour)
     image.save(path, format="PNG")

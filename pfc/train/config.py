@@ -24,6 +24,7 @@ import torch
 from pfc.backbones import available_backbones
 from pfc.data.augment import Augmentation
 from pfc.errors import ConfigError
+from pfc.evaluation.ijb.meta import TARGETS as IJB_TARGETS
 from pfc.head.margins import CombinedMargin, Margin, SphereFace
 from pfc.head.optim import SparseRowSGD
 from pfc.head.partial_fc import PartialFC
@@ -281,6 +282,12 @@ class EvalConfig:
     """evaluate every this many steps; 0: only at the end"""
     batch_size: int = 64
     """images per evaluation batch"""
+    ijb: str = ""
+    """IJB-B/C root in insightface's layout (meta/, loose_crop/): also log the 1:1 TAR at ijb_far"""
+    ijb_target: str = "IJBC"
+    """IJBC | IJBB: which protocol of the ijb root"""
+    ijb_far: float = 1e-4
+    """the FAR at which the IJB 1:1 TAR is logged (insightface's nearest ROC point)"""
 
 
 @dataclass
@@ -370,6 +377,11 @@ def validate(config: TrainConfig) -> None:
         if value < minimum:
             raise ConfigError(f"config field {path!r} must be ≥ {minimum}, got {value}")
     config.data.check()
+    if config.eval.ijb_target not in IJB_TARGETS:
+        raise ConfigError(f"config field 'eval.ijb_target': {config.eval.ijb_target!r} is not one of "
+                          f"{', '.join(IJB_TARGETS)}")
+    if not 0.0 < config.eval.ijb_far < 1.0:
+        raise ConfigError(f"config field 'eval.ijb_far' must be in (0, 1), got {config.eval.ijb_far}")
     if not config.optim.lr > 0:
         raise ConfigError(f"config field 'optim.lr' must be > 0, got {config.optim.lr}")
     if config.backbone.network not in available_backbones():

@@ -198,10 +198,17 @@ class TrainLogger:
             return
         for summary in summaries:
             self._append(EVAL_LOG, summary)
-            write(f"eval {summary['set']} step {summary['step']}: accuracy {summary['accuracy']:.4f} "
-                  f"± {summary['accuracy_std']:.4f}, tar@far=1e-3 {format_rate(summary['tar@far=1e-3'])}")
+            if "protocol" in summary:   # an IJB row: one TAR at its FAR
+                key = next(key for key in summary if key.startswith("tar@far=") and " " not in key)
+                keys = (key,)
+                write(f"eval {summary['set']} step {summary['step']}: {summary['protocol']} {key} "
+                      f"{format_rate(summary[key])} ({summary['pairs']} pairs)")
+            else:
+                keys = ("accuracy", "tar@far=1e-3", "tar@far=1e-4")
+                write(f"eval {summary['set']} step {summary['step']}: accuracy {summary['accuracy']:.4f} "
+                      f"± {summary['accuracy_std']:.4f}, tar@far=1e-3 {format_rate(summary['tar@far=1e-3'])}")
             if self.writer is not None:
-                for key in ("accuracy", "tar@far=1e-3", "tar@far=1e-4"):
+                for key in keys:
                     if summary[key] is not None:  # None: a TAR the set is too small to measure
                         self.writer.add_scalar(f"val_{summary['set']}/{key}", summary[key], summary["step"])
 
