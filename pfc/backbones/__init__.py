@@ -13,6 +13,7 @@ from typing import Callable
 from torch import nn
 
 from pfc.backbones.iresnet import IResNet, IRESNET_DEPTHS
+from pfc.backbones.mbf import MBF_VARIANTS, InsightfaceMobileFaceNet, mbf_factory
 from pfc.backbones.mobilefacenet import MobileFaceNet
 from pfc.backbones.tiny import TinyFaceNet
 
@@ -59,7 +60,9 @@ def _iresnet_factory(depth: int) -> BackboneFactory:
 for _depth in IRESNET_DEPTHS:
     register_backbone(f"iresnet{_depth}", _iresnet_factory(_depth))
 register_backbone("mobilefacenet", MobileFaceNet)
+for _name in MBF_VARIANTS:
+    register_backbone(_name, mbf_factory(_name))
 register_backbone("tiny", TinyFaceNet)
 
 __all__ = ["build_backbone", "available_backbones", "register_backbone",
-           "IResNet", "MobileFaceNet", "TinyFaceNet"]
+           "IResNet", "MobileFaceNet", "InsightfaceMobileFaceNet", "TinyFaceNet"]
