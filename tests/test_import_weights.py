@@ -282,14 +282,17 @@ def write_bad_file(kind: str, path, state):
     ("garbage", "mbf", r"not a PyTorch state dict: the weights-only unpickler cannot read it"),
     ("empty", "mbf", r"the file is empty \(0 bytes\), not a state dict"),
     ("no tensors", "mbf", r"not a state dict: epoch, lr hold no tensor, and there is no state_dict_backbone"),
-    ("missing", "mbf", r"does not fit insightface's mbf: 6 missing keys \(conv_sep\.layers\.0\.weight, .* and 2 more\)$"),
+    ("missing", "mbf", r"does not fit insightface's mbf: 6 missing keys "
+                       r"\(conv_sep\.layers\.0\.weight, .* and 2 more\)$"),
     ("unexpected", "mbf", r"does not fit insightface's mbf: 2 unexpected keys \(head\.weight, head\.bias\)$"),
     ("shape", "mbf", r"1 tensors of another shape: conv_sep\.layers\.0\.weight \(512, 128, 3, 3\) in the file, "
                      r"\(512, 256, 1, 1\) in mbf$"),
     ("nan", "mbf", r"inf/NaN in the weights \(conv_sep\.layers\.1\.running_var\)"),
     ("valid", "mbf_large", r"does not fit insightface's mbf_large: \d+ missing keys .* unexpected keys .*; "
                            r"its keys are those of mbf: --network mbf$"),
-    ("valid", "r7", r"unknown network 'r7' for insightface weights; known: r18, r34, r50, r100, r200, mbf, mbf_large"),
+    ("valid", "r7", r"unknown network 'r7' for insightface weights; known: r18, r34, r50, r100, r200, mbf, "
+                    r"mbf_large(, vit_\w+)*( \(vit_\* once pfc has ViT backbones\))?, "
+                    r"or pfc's iresnet18 … iresnet200$"),
     ("valid", "mobilefacenet", r"'mobilefacenet' is pfc's MobileFaceNet after the paper, not insightface's"),
 ])
 def test_unusable_input_is_one_line_naming_the_cause_and_nothing_is_written(tmp_path, capsys, mbf_state,

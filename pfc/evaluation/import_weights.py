@@ -167,7 +167,8 @@ def _mbf_sizes(state: State) -> tuple[int, int] | None:
 
 
 def _vit_sizes(state: State) -> tuple[int, int] | None:
-    positions, patch, head = (_shape(state, key) for key in ("pos_embed", "patch_embed.proj.weight", "feature.2.weight"))
+    positions, patch, head = (_shape(state, key)
+                              for key in ("pos_embed", "patch_embed.proj.weight", "feature.2.weight"))
     if positions is None or patch is None or head is None:
         return None
     per_side = round(positions[1] ** 0.5) if len(positions) == 3 else 0
@@ -204,10 +205,10 @@ def _family(network: str) -> Family | None:
 
 
 def importable_networks() -> list[str]:
-    """``--network`` values: insightface's names, then pfc's registered networks they map to
-    (ViTs once registered)."""
-    registered = [name for name in available_backbones() if _family(name) and name not in INSIGHTFACE_NAMES]
-    return list(INSIGHTFACE_NAMES) + registered
+    """insightface's network names that ``--network`` takes (the ViTs once pfc registers them);
+    pfc's ``iresnet18`` … ``iresnet200`` are accepted as well."""
+    vits = [name for name in available_backbones() if name.startswith("vit_")]
+    return list(INSIGHTFACE_NAMES) + vits
 
 
 def pfc_network(network: str) -> str:
@@ -219,9 +220,10 @@ def pfc_network(network: str) -> str:
     if network == "mobilefacenet":
         raise ConfigError("'mobilefacenet' is pfc's MobileFaceNet after the paper, not insightface's; "
                           "insightface's mbf weights are --network mbf")
-    pending = " (vit_* once pfc has ViT backbones)" if not any(n.startswith("vit_") for n in available_backbones()) else ""
-    raise ConfigError(f"unknown network {network!r} for insightface weights; known: "
-                      f"{', '.join(importable_networks())}{pending}")
+    known = importable_networks()
+    pending = "" if any(name.startswith("vit_") for name in known) else " (vit_* once pfc has ViT backbones)"
+    raise ConfigError(f"unknown network {network!r} for insightface weights; known: {', '.join(known)}{pending}, "
+                      f"or pfc's iresnet18 … iresnet200")
 
 
 # ---------------------------------------------------------------- matching and converting
@@ -295,7 +297,7 @@ def _fitting_network(state: State, exclude: str) -> str | None:
     keys = set(state)
     for network in importable_networks():
         name = INSIGHTFACE_NAMES.get(network, network)
-        if name == exclude or name not in available_backbones():
+        if name == exclude:
             continue
         try:
             embedding_size, image_size = _family(name).sizes(state) or (512, FACE_SIDE)
@@ -312,7 +314,8 @@ def convert_insightface(state: State, network: str, source: str = "the weights")
     {"network", "embedding_size", "image_size"})`` for :func:`pfc.evaluation.export.save_backbone`.
     Errors as :func:`match_state_dict`, and CheckpointError for inf/NaN weights."""
     match = match_state_dict(state, network, source)
-    bad = [key for key, value in state.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    bad = [key for key, value in state.items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
     if bad:
         raise CheckpointError(f"{source}: inf/NaN in the weights ({_names(bad)})")
     model = _build(match.network, match.embedding_size, match.image_size)

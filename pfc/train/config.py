@@ -75,7 +75,7 @@ class BackboneConfig:
     """The data-parallel network: image → embedding."""
 
     network: str = "iresnet50"
-    """registered backbone: iresnet18/34/50/100/200, mobilefacenet, tiny"""
+    """registered backbone: iresnet18/34/50/100/200, mbf, mbf_large (insightface's MobileFaceNet), mobilefacenet, tiny"""
     embedding_size: int = 512
     """dimension D of the embedding"""
     dropout: float = 0.0
