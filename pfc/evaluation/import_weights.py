@@ -260,66 +260,74 @@ def _sizes(network: str, state: State, source: str) -> tuple[int, int]:
     try:
         sizes = _family(network).sizes(state)
     except CheckpointError as exc:
-        raise CheckpointError(f"{source}: not insightface's {network} weights: {exc}") from None
+        raise CheckpointError(f"{source}: not insightface's {network}: {exc}") from None
     return sizes if sizes is not None else (512, FACE_SIDE)
 
 
-def match_state_dict(state: State, network: str, source: str = "the weights") -> Match:
+def match_state_dict(state: State, network: str, source: str = "state dict",
+                     expected: State | None = None) -> Match:
     """Check ``state`` (insightface's names) against ``network`` and rename its keys to pfc's;
-    the embedding size and image side come from the weights. Reads shapes only (works on meta
-    tensors). CheckpointError naming ``source`` for missing or unexpected keys, tensors of
-    another shape; ConfigError for an unknown network."""
+    the embedding size and image side come from the weights. Reads shapes only (``state`` may
+    hold meta tensors); ``expected``: the state dict of pfc's network at those sizes when the
+    caller has built it (else it is built on the meta device). CheckpointError naming ``source``
+    for missing or unexpected keys or tensors of another shape (and the network they fit, when
+    one does); ConfigError for an unknown network."""
     name = pfc_network(network)
     embedding_size, image_size = _sizes(name, state, source)
-    expected = _build(name, embedding_size, image_size, "meta").state_dict()
+    if expected is None:
+        expected = _build(name, embedding_size, image_size, "meta").state_dict()
     pairs = _key_pairs(name, expected)
     missing = [key for key in pairs if key not in state and not key.endswith("num_batches_tracked")]
     unexpected = [key for key in state if key not in pairs]
-    if missing or unexpected:
-        parts = [f"{len(missing)} missing keys ({_names(missing)})" if missing else "",
-                 f"{len(unexpected)} unexpected keys ({_names(unexpected)})" if unexpected else ""]
-        hint = _fitting_network(state, exclude=name)
-        raise CheckpointError(f"{source} does not fit insightface's {network}: "
-                              f"{', '.join(part for part in parts if part)}"
-                              + (f"; its keys are those of {hint}: --network {hint}" if hint else ""))
     wrong = [f"{key} {tuple(state[key].shape)} in the file, {tuple(expected[ours].shape)} in {name}"
              for key, ours in pairs.items() if key in state and state[key].shape != expected[ours].shape]
-    if wrong:
-        raise CheckpointError(f"{source} does not fit insightface's {network}: {len(wrong)} tensors of another "
-                              f"shape: {'; '.join(wrong[:SHOWN])}" + (f" and {len(wrong) - SHOWN} more"
-                                                                     if len(wrong) > SHOWN else ""))
-    renamed = {ours: state[key] for key, ours in pairs.items() if key in state}
-    return Match(name, embedding_size, image_size, renamed)
+    if missing or unexpected:
+        problem = ", ".join(([f"{len(missing)} missing keys ({_names(missing)})"] if missing else [])
+                            + ([f"{len(unexpected)} unexpected keys ({_names(unexpected)})"] if unexpected else []))
+    elif wrong:
+        problem = f"{len(wrong)} tensors of another shape: {'; '.join(wrong[:SHOWN])}" + (
+            f" and {len(wrong) - SHOWN} more" if len(wrong) > SHOWN else "")
+    else:
+        renamed = {ours: state[key] for key, ours in pairs.items() if key in state}
+        return Match(name, embedding_size, image_size, renamed)
+    fitting = _fitting_network(state, exclude=name)
+    hint = f"; the weights are those of {fitting}: --network {fitting}" if fitting else ""
+    raise CheckpointError(f"{source}: not insightface's {network}: {problem}{hint}")
 
 
 def _fitting_network(state: State, exclude: str) -> str | None:
-    """insightface's name of the importable network whose keys are exactly ``state``'s."""
-    keys = set(state)
+    """insightface's name of an importable network whose keys and shapes are ``state``'s."""
     for network in importable_networks():
         name = INSIGHTFACE_NAMES.get(network, network)
         if name == exclude:
             continue
         try:
-            embedding_size, image_size = _family(name).sizes(state) or (512, FACE_SIDE)
+            sizes = _family(name).sizes(state)
         except CheckpointError:
             continue
-        pairs = _key_pairs(name, _build(name, embedding_size, image_size, "meta").state_dict())
-        if {key for key in pairs if not key.endswith("num_batches_tracked")} <= keys <= set(pairs):
+        if sizes is None:   # the keys that give this network's sizes are absent: not this network
+            continue
+        expected = _build(name, *sizes, "meta").state_dict()
+        pairs = _key_pairs(name, expected)
+        if all(key in pairs for key in state) and all(
+                state[key].shape == expected[ours].shape if key in state else key.endswith("num_batches_tracked")
+                for key, ours in pairs.items()):
             return network
     return None
 
 
-def convert_insightface(state: State, network: str, source: str = "the weights") -> tuple[nn.Module, dict]:
+def convert_insightface(state: State, network: str, source: str = "state dict") -> tuple[nn.Module, dict]:
     """pfc's ``network`` holding insightface's weights ``state``: ``(model in eval mode on the CPU,
     {"network", "embedding_size", "image_size"})`` for :func:`pfc.evaluation.export.save_backbone`.
     Errors as :func:`match_state_dict`, and CheckpointError for inf/NaN weights."""
-    match = match_state_dict(state, network, source)
+    name = pfc_network(network)
+    model = _build(name, *_sizes(name, state, source))
+    full = model.state_dict()
+    match = match_state_dict(state, network, source, expected=full)
     bad = [key for key, value in state.items()
            if value.is_floating_point() and not bool(torch.isfinite(value).all())]
     if bad:
         raise CheckpointError(f"{source}: inf/NaN in the weights ({_names(bad)})")
-    model = _build(match.network, match.embedding_size, match.image_size)
-    full = model.state_dict()
     full.update(match.state)   # num_batches_tracked absent from the file keeps the fresh module's 0
     model.load_state_dict(full)
     meta = {"network": match.network, "embedding_size": match.embedding_size, "image_size": match.image_size}
