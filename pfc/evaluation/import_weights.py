@@ -20,8 +20,8 @@ an eval-mode forward). Everything else is refused with a :class:`pfc.errors.Chec
 ``ConfigError`` for a network name) of one line naming the cause: a pickle holding classes or
 functions (``torch.load`` with ``weights_only=True`` refuses it before anything in it runs), a
 bare tensor, garbage or empty bytes, keys missing or unexpected for the network (counts and the
-first few, and the network the keys do fit when there is one), a tensor of another shape
-(its key and both shapes), inf/NaN weights.
+first few), tensors of another shape (each key and both shapes) (either: and the network whose
+keys and shapes the weights do have, when there is one), inf/NaN weights.
 """
 from __future__ import annotations
 
