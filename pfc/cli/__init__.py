@@ -6,6 +6,7 @@
     pfc-evaluate        verification of a trained backbone.pt
     pfc-compare-eval    verification results side by side
     pfc-export-onnx     backbone.pt → ONNX, checked with onnxruntime
+    pfc-import-weights  insightface backbone weights → a pfc backbone.pt
     pfc-make-synthetic  procedural face-like identities to try pfc on
 
 Each module's ``main(argv=None) -> int`` parses the command line and is the only place argv is

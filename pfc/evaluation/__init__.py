@@ -3,6 +3,7 @@
     verification.py  pair sets (pairs lists, insightface .bin), flip-averaged embeddings, evaluate
     roc.py           10-fold accuracy, exact ROC, TAR at FAR, the ROC plot
     export.py        backbone.pt (save_backbone / load_backbone) and ONNX export
+    import_weights.py  insightface arcface_torch weights → a pfc network for backbone.pt
     report.py        results side by side
 
 Imports :mod:`pfc.backbones` (to rebuild a saved network), never the trainer.
