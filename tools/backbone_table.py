@@ -123,8 +123,8 @@ def block(memory: bool = True, previous_block: str = "", progress=None) -> str:
     aliases = ", ".join(f"`{alias}` ({size}, drop-path {VIT_SETTINGS[alias].drop_path_rate:g}, masking "
                         f"{VIT_SETTINGS[alias].mask_ratio:g})" for alias, size in INSIGHTFACE_ALIASES.items())
     return "\n".join([
-        "<!-- made by `python tools/backbone_table.py --write README.md`; tests/test_backbone_table.py checks the "
-        "parameters and GFLOPs, `--check` everything: edit the tool, not this block -->",
+        "<!-- made by `make readme-backbones` (tools/backbone_table.py); `make check-readme-backbones` checks it all, "
+        "tests/test_backbone_table.py its rows, parameters and GFLOPs: edit the tool, not this block -->",
         "Embedding 512. GFLOPs: one 112-px image's forward in eval mode, 2 FLOPs per multiply-add "
         "(`torch.utils.flop_counter`; insightface's tables count multiply-adds: half these). Training memory: "
         "the planner's peak of the backbone's share on one of 8 GPUs (DDP, batch 128, bf16 autocast, SGD with "
