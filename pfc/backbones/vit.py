@@ -72,7 +72,8 @@ class ViTSettings:
     mlp_ratio: float = 4.0
 
 
-# insightface arcface_torch backbones/__init__.py get_model (every ViT it defines; all 8 heads)
+# insightface arcface_torch backbones/__init__.py get_model: every ViT it defines (all with 8 heads),
+# pfc's vit_l (see the module docstring) and pfc's vit_cpu
 VIT_SETTINGS: dict[str, ViTSettings] = {
     "vit_t": ViTSettings(dim=256, depth=12),
     "vit_s": ViTSettings(dim=512, depth=12),
@@ -87,6 +88,11 @@ VIT_SETTINGS: dict[str, ViTSettings] = {
     # pfc's own: a narrow, shallow ViT that trains on CPU ranks in minutes (demos, tests)
     "vit_cpu": ViTSettings(dim=64, depth=4, num_heads=4),
 }
+
+
+# insightface's config names → the pfc size they are (the rest of their settings in VIT_SETTINGS)
+INSIGHTFACE_ALIASES: dict[str, str] = {"vit_t_dp005_mask0": "vit_t", "vit_s_dp005_mask_0": "vit_s",
+                                       "vit_b_dp005_mask_005": "vit_b", "vit_l_dp005_mask_005": "vit_l"}
 
 
 class DropPath(nn.Module):
@@ -241,4 +247,4 @@ class VisionTransformer(nn.Module):
         return self.feature(self.dropout(self.forward_features(images)))
 
 
-__all__ = ["VisionTransformer", "ViTSettings", "VIT_SETTINGS", "random_masking"]
+__all__ = ["VisionTransformer", "ViTSettings", "VIT_SETTINGS", "INSIGHTFACE_ALIASES", "random_masking"]
