@@ -24,7 +24,8 @@ pfc supports):
 Parameter and buffer names are insightface's (``patch_embed.proj``, ``pos_embed``,
 ``blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``, ``feature.{0,1,2,3}``,
 ``mask_token``): an arcface_torch ViT state_dict loads with ``load_state_dict(strict=True)`` and
-gives the same embeddings in eval mode.
+gives the same embeddings in eval mode; importing insightface weights needs no key mapping.
+``vit_cpu`` (width 64, depth 4, 4 heads) is pfc's own size for CPU runs and tests.
 
 Where pfc differs from insightface's code, and why:
 
