@@ -94,6 +94,9 @@ def read_init_backbone(config: TrainConfig, runtime: Runtime, image_size: int) -
     prints where the weights come from, and the note for a file without a checksum."""
     path = config.backbone.init
     if not path:
+        if config.backbone.freeze_steps and runtime.is_main:
+            print(f"note: --freeze_backbone_steps {config.backbone.freeze_steps} without --init_backbone: the frozen "
+                  f"backbone is the random initialisation")
         return None
     backbone = config.backbone
     init = run_on_every_rank(lambda: load_init_backbone(path, backbone.network, backbone.embedding_size, image_size),
