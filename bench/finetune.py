@@ -14,7 +14,11 @@ steps with 2 gloo ranks (``torchrun --nproc_per_node=2 launch/train.py``):
 - from scratch with the fine-tune recipe: ``configs/finetune_small.py`` without ``--init_backbone``
   (and no frozen steps): the same schedule as the fine-tuned rows, random weights;
 - fine-tuned: ``configs/finetune_small.py`` with ``--init_backbone`` the pretrained run, its
-  frozen steps scaled to the run (a quarter of the steps) — and the same without frozen steps.
+  frozen steps scaled to the run (a quarter of the steps) — and the same without frozen steps;
+  both again at the from-scratch learning rate 0.1 instead of the recipe's 0.01.
+
+The recipe's iresnet50, ArcFace (0.5, s 64) and fp16 are replaced by the CPU net's settings (tiny,
+128-d, ArcFace m 0.3, s 32, fp32; ``CPU_NET``) and its warmup by a sixteenth of the run.
 
 Every row is verified on the held-out pairs (the trainer's final verification: insightface's
 protocol, 10 folds); the pretrained backbone before fine-tuning and the untrained network are
@@ -111,6 +115,10 @@ def rows(args, pretrained: str) -> list[dict]:
              args=CPU_NET + steps + init + ["--freeze_backbone_steps", frozen]),
         dict(key="finetune_unfrozen", label=f"fine-tuned, {FINETUNE}, no frozen steps", config=FINETUNE,
              args=CPU_NET + steps + init + ["--freeze_backbone_steps", "0"]),
+        dict(key="finetune_lr01", label=f"fine-tuned at the from-scratch lr 0.1, {frozen} frozen steps",
+             config=FINETUNE, args=CPU_NET + steps + init + ["--freeze_backbone_steps", frozen, "--lr", "0.1"]),
+        dict(key="finetune_lr01_unfrozen", label="fine-tuned at the from-scratch lr 0.1, no frozen steps",
+             config=FINETUNE, args=CPU_NET + steps + init + ["--freeze_backbone_steps", "0", "--lr", "0.1"]),
     ]
 
 
@@ -164,7 +172,7 @@ def main(argv=None) -> int:
     pretrained = os.path.join(args.work, "runs", "pretrained")
     train(pretrained, SCRATCH, ["--max_steps", str(args.pretrain_steps), "--head.margin.m2", "0.3"], paths, args,
           paths["pretrain"])
-    report = dict(command="python bench/finetune.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    report = dict(command=" ".join(["python bench/finetune.py", *(sys.argv[1:] if argv is None else argv)]),
                   settings=vars(args), rows=[])
     chosen = [row for row in rows(args, pretrained) if args.rows is None or row["key"] in args.rows]
     for row in chosen:

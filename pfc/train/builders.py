@@ -110,7 +110,7 @@ def build_train_state(config: TrainConfig, runtime: Runtime, image_size: int, st
     check_freeze(config, total_steps)
     check_component(config, "schedule", build_schedule, {"total_steps": "max_steps", "min_ratio": "min_lr"})
     model = build_backbone(backbone.network, backbone.embedding_size, backbone.dropout, image_size)
-    if init_weights is not None:  # before any engine wraps it (DeepSpeed's fp32 masters copy it as it is)
+    if init_weights is not None:  # before an engine wraps it: DeepSpeed casts and partitions what it finds
         model.load_state_dict(init_weights)
     model = model.to(runtime.device)
     head = build_head(config, runtime)

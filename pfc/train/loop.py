@@ -99,7 +99,7 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
         raise ConfigError(f"an epoch has {batches_per_epoch} batches per rank, fewer than grad_accumulation="
                           f"{config.optim.grad_accumulation}: use more data or a smaller batch_size")
     resume_from = checkpoint_to_resume(config, runtime)
-    init = None if resume_from else read_init_backbone(config, runtime, image_size)  # a resumed run: the checkpoint's
+    init = None if resume_from else read_init_backbone(config, runtime, image_size)  # resumed: the checkpoint's weights
     resolved = to_dict(config)
     if init is not None:
         resolved[INIT_RECORD] = init.record()

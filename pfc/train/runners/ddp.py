@@ -129,13 +129,11 @@ class DDPRunner:
                 found_inf = overflow if found_inf is None else torch.maximum(found_inf, overflow)
             if head_overflow is not None:
                 found_inf = head_overflow if found_inf is None else torch.maximum(found_inf, head_overflow)
-        if self.frozen:
-            pass  # no backbone gradient; its optimizer (state, step count) stays as it is
-        elif self.grad_clip > 0 and self._grad_norm is not None:  # the norm measured once
-            nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, self._grad_norm)
-        elif self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        if not self.frozen:
+        if not self.frozen:  # frozen: no backbone gradient, its optimizer (state, step count) left as it is
+            if self.grad_clip > 0 and self._grad_norm is not None:  # the norm measured once
+                nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, self._grad_norm)
+            elif self.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             masked_step(self.optimizer, found_inf)
         try:
             masked_step(head_optimizer, found_inf)
