@@ -52,7 +52,7 @@ class InitBackbone:
     state_dict: dict[str, torch.Tensor]
 
     def record(self) -> dict:
-        """What ``config.json`` and the checkpoints keep under ``init_backbone`` (:data:`pfc.train.resume.INIT_RECORD`)."""
+        """What ``config.json`` and the checkpoints keep under :data:`pfc.train.resume.INIT_RECORD`."""
         return {"path": os.path.abspath(self.path), **{key: self.meta[key] for key in
                                                        ("network", "embedding_size", "image_size", "sha256")}}
 
