@@ -2,6 +2,9 @@
 
 8 GPUs × 128 = 1024 images per step; SGD lr 0.1, momentum 0.9, weight decay 5e-4, polynomial
 (power 2) decay over 20 epochs without warmup, ArcFace s = 64, m = 0.5, full softmax (ρ = 1).
+Power 2 is what insightface's PolyScheduler fixed when its released models and logs were trained;
+its lr_scheduler.py today holds PolynomialLRWarmup (power = 1.0 by default, called without a power
+by train_v2.py): its code now decays linearly (``--schedule.power 1`` to match it).
 torchrun --nproc_per_node=8 launch/train.py configs/ms1mv3_r50.py --data /data/ms1mv3-shards
 """
 from pfc.train.config import (

@@ -44,6 +44,34 @@ def test_recipes_carry_the_published_hyper_parameters():
     assert (demo.data.root, demo.schedule.warmup_steps, demo.eval.pairs) == ("demo/shards", 10, "demo/heldout/pairs.txt")
 
 
+VIT_RECIPES = {  # size: insightface's network name, batch per GPU, accumulated micro-batches, warmup steps
+    "t": ("vit_t_dp005_mask0", 512, 1, 41476), "s": ("vit_s_dp005_mask_0", 384, 1, 6912),
+    "b": ("vit_b_dp005_mask_005", 256, 12, 6912), "l": ("vit_l_dp005_mask_005", 384, 1, 6912)}
+
+
+@pytest.mark.parametrize("size", sorted(VIT_RECIPES))
+def test_the_vit_recipes_carry_insightfaces_wf42m_pfc03_hyper_parameters(size):
+    """Needs the ViT backbones (branch vit) and the centers' AdamW (branch adamw): fails before they are merged."""
+    network, batch, accumulation, warmup = VIT_RECIPES[size]
+    config = load_config(recipe(f"wf42m_pfc03_vit_{size}"))
+    assert (config.backbone.network, config.data.batch_size, config.optim.grad_accumulation) == (network, batch,
+                                                                                                  accumulation)
+    assert (config.optim.name, config.optim.lr, config.optim.weight_decay, config.optim.grad_clip) == ("adamw", 1e-3,
+                                                                                                      0.1, 5.0)
+    assert config.head.optimizer == "adamw"
+    assert (config.head.sample_rate, config.head.margin.m1, config.head.margin.m2, config.head.margin.m3,
+            config.head.margin.s) == (0.3, 1.0, 0.0, 0.4, 64.0)
+    assert (config.schedule.num_epochs, config.schedule.warmup_steps, config.schedule.kind, config.schedule.power) == (
+        40, warmup, "poly", 2.0)
+    assert (config.backbone.precision, config.backbone.embedding_size) == ("fp16", 512)
+
+
+def test_the_fine_tune_recipe_freezes_the_backbone_first():
+    config = load_config(recipe("finetune_small"), ["--init_backbone", "runs/r50"])
+    assert (config.backbone.init, config.backbone.freeze_steps, config.head.sample_rate) == ("runs/r50", 200, 1.0)
+    assert config.optim.lr < TrainConfig().optim.lr
+
+
 def test_every_field_has_a_docstring_and_every_component_knob_a_field():
     for path, owner, name, _ in cli.leaves(TrainConfig()):
         assert cli.field_docs(type(owner)).get(name), f"{path} has no attribute docstring"

@@ -174,7 +174,45 @@ def trainer_engines(rank: int, world_size: int, data: str, output_dir: str) -> d
     with open(os.path.join(resumed_dir, "metrics.jsonl")) as handle:
         losses["deepspeed_resumed"] = [json.loads(line)["loss"] for line in handle]
     return {"losses": losses, "stopped_at": stopped.steps, "resumed_steps": resumed.steps,
-            "saved_dtypes": saved_dtypes, "fp16_error": fp16_error}
+            "saved_dtypes": saved_dtypes, "fp16_error": fp16_error,
+            "fine_tuned": fine_tune_under_deepspeed(rank, data, output_dir, zero2)}
+
+
+def fine_tune_under_deepspeed(rank: int, data: str, output_dir: str, zero2: str) -> dict:
+    """--init_backbone and --freeze_backbone_steps 2 with engine: deepspeed (ZeRO-2): whether the
+    backbone holds the saved weights before step 0 and still after the frozen steps, whether the
+    head trained meanwhile, and whether the backbone trained after them."""
+    from pfc.backbones import build_backbone
+    from pfc.evaluation.export import save_backbone
+    from pfc.train import loop as engine
+    from tests.train_fixtures import make_config
+
+    weights = os.path.join(output_dir, "pretrained.pt")
+    torch.manual_seed(11)
+    saved = build_backbone("tiny", 16, 0.0, 16)
+    if rank == 0:
+        save_backbone(saved, weights, network="tiny", embedding_size=16, image_size=16)
+    torch.distributed.barrier()
+    seen, original = {}, engine.train_step
+
+    def train_step(state, *args, **kwargs):
+        seen[state.step] = ({k: v.detach().clone() for k, v in state.runner.model.state_dict().items()},
+                            state.head.weight.detach().clone())
+        return original(state, *args, **kwargs)
+
+    engine.train_step = train_step
+    try:
+        engine.train(make_config(data, os.path.join(output_dir, "fine_tuned"), max_steps=4, warmup_steps=1,
+                                 engine="deepspeed", deepspeed_config=zero2, **{"backbone.init": weights,
+                                                                                "backbone.freeze_steps": 2}))
+    finally:
+        engine.train_step = original
+
+    def same(state):
+        return all(torch.equal(value, state[key]) for key, value in saved.state_dict().items())
+
+    return {"start": same(seen[0][0]), "after_frozen": same(seen[2][0]), "trained_after": not same(seen[3][0]),
+            "head_trained": not torch.equal(seen[0][1], seen[2][1])}
 
 
 def load_on_other_world_size(rank: int, world_size: int, path: str) -> dict:
@@ -256,6 +294,9 @@ def test_deepspeed_zero_matches_ddp_and_resumes(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         assert all("DeepSpeed fp16 needs a GPU" in result["trainer"]["fp16_error"] for result in results)
     assert trainer["stopped_at"] == 3 and trainer["resumed_steps"] == 4
+    # fine-tuning under DeepSpeed: the saved weights at step 0 and after the 2 frozen steps; then it trains
+    assert all(result["trainer"]["fine_tuned"] == {"start": True, "after_frozen": True, "trained_after": True,
+                                                   "head_trained": True} for result in results)
     # the stopped run logged steps 1-3 and the resumed one step 4: the uninterrupted run's losses
     assert losses["deepspeed_resumed"] == pytest.approx(losses["deepspeed"], rel=1e-6)
 def test_deepspeed_config_is_resolved_against_the_trainer_config(tmp_path):

@@ -84,12 +84,19 @@ def counted_run(rank: int, world_size: int, data: str, output: str, overrides: d
     return per_step
 
 
+FROZEN = 6   # the "frozen" run: steps 1-6 train the head only (fine-tuning), 7-10 everything
+
+
 def both_runs(rank: int, world_size: int, data: str, output: str) -> dict:
     """The update of the centers inside the head's backward (grad_accumulation 1, the default
-    path) and the stored-gradient path (grad_accumulation 2, as with fp16 or DeepSpeed)."""
-    return {accumulation: counted_run(rank, world_size, data, f"{output}/{accumulation}",
+    path), the stored-gradient path (grad_accumulation 2, as with fp16 or DeepSpeed), and the
+    first path with a frozen backbone for the first steps (``--freeze_backbone_steps``)."""
+    runs = {accumulation: counted_run(rank, world_size, data, f"{output}/{accumulation}",
                                       {"grad_accumulation": accumulation})
             for accumulation in (1, 2)}
+    runs["frozen"] = counted_run(rank, world_size, data, f"{output}/frozen",
+                                 {"grad_accumulation": 1, "backbone.freeze_steps": FROZEN})
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +105,7 @@ def counted(tmp_path_factory):
     return run_ranks(both_runs, 2, data, str(tmp_path_factory.mktemp("runs")), timeout=300)
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("accumulation", [1, 2, "frozen"])
 def test_a_steady_state_step_reads_no_device_value(counted, accumulation):
     for rank_steps in counted:
         steps = rank_steps[accumulation]

@@ -12,7 +12,7 @@ from pfc.errors import ConfigError
 from pfc.head.kernels import resolve_kernels
 from pfc.head.partial_fc import PartialFC
 from pfc.train.cli import check_component
-from pfc.train.config import TrainConfig
+from pfc.train.config import TrainConfig, check_freeze
 from pfc.train.runners.base import BackboneRunner
 from pfc.train.runners.ddp import DDPRunner
 from pfc.train.runtime import Runtime
@@ -92,21 +92,28 @@ def build_runner(config: TrainConfig, runtime: Runtime, model: nn.Module,
 
 
 def build_train_state(config: TrainConfig, runtime: Runtime, image_size: int, steps_per_epoch: int,
-                      resolved_config: dict) -> TrainState:
-    """Backbone (same initial weights on every rank) in its runner, head, both optimizers and
-    their LR schedules."""
+                      resolved_config: dict, init_weights: dict[str, torch.Tensor] | None = None) -> TrainState:
+    """Backbone (same initial weights on every rank: ``init_weights`` when given, a fine-tuning
+    run's, else seeded) in its runner, head, both optimizers and their LR schedules. The
+    backbone's schedule starts after its ``backbone.freeze_steps`` frozen steps
+    (:mod:`pfc.train.finetune`), the head's at step 0."""
     torch.manual_seed(config.seed)  # identical backbone init on every rank (DDP also broadcasts it)
     backbone, optim = config.backbone, config.optim
     total_steps = config.schedule.max_steps or config.schedule.num_epochs * steps_per_epoch
-    schedule = None
+    schedule = backbone_schedule = None
 
     def build_schedule() -> None:  # the real length is known only now: its checks run here
-        nonlocal schedule
+        nonlocal schedule, backbone_schedule
         schedule = config.schedule.build(total_steps, optim.lr)
+        backbone_schedule = config.schedule.build(total_steps, optim.lr, start_step=backbone.freeze_steps)
 
+    check_freeze(config, total_steps)
     check_component(config, "schedule", build_schedule, {"total_steps": "max_steps", "min_ratio": "min_lr"})
     model = build_backbone(backbone.network, backbone.embedding_size, backbone.dropout, image_size,
-                           grad_checkpointing=backbone.grad_checkpointing).to(runtime.device)
+                           grad_checkpointing=backbone.grad_checkpointing)
+    if init_weights is not None:  # before an engine wraps it: DeepSpeed casts and partitions what it finds
+        model.load_state_dict(init_weights)
+    model = model.to(runtime.device)
     head = build_head(config, runtime)
     backbone_optimizer = build_backbone_optimizer(config, model)
     runner = build_runner(config, runtime, model, backbone_optimizer)
@@ -117,7 +124,7 @@ def build_train_state(config: TrainConfig, runtime: Runtime, image_size: int, st
     head_optimizer = head.optimizer(lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                                     momentum_dtype=config.head.momentum_storage_dtype, rounding=config.head.rounding,
                                     seed=config.seed, update_in_backward=runner.head_update_in_backward)
-    schedulers = {"backbone": torch.optim.lr_scheduler.LambdaLR(runner.optimizer, schedule),
+    schedulers = {"backbone": torch.optim.lr_scheduler.LambdaLR(runner.optimizer, backbone_schedule),
                   "head": torch.optim.lr_scheduler.LambdaLR(head_optimizer, schedule)}
     return TrainState(runner=runner, head=head, head_optimizer=head_optimizer, schedulers=schedulers,
                       config=resolved_config, total_steps=total_steps, steps_per_epoch=steps_per_epoch)

@@ -125,6 +125,10 @@ class BackboneConfig:
     """DeepSpeed JSON file (ZeRO stage, bf16, …); "": ZeRO-1 defaults"""
     grad_checkpointing: bool = False
     """recompute activations in the backward, per residual unit / transformer block (iresnet*, vit_*): less memory, one forward more"""
+    init: str = ""
+    """fine-tuning: a backbone.pt (or a run's output folder) whose weights a fresh run starts from (not on resume)"""
+    freeze_steps: int = 0
+    """fine-tuning: the first N optimizer steps train only the head (backbone in eval mode, not updated)"""
 
 
 @dataclass
@@ -266,9 +270,10 @@ class ScheduleConfig:
     min_lr: float = 0.0
     """floor of the decayed learning rate"""
 
-    def build(self, total_steps: int, lr: float) -> LRSchedule:
-        """The multiplier of ``lr`` per step over a run of ``total_steps`` steps."""
-        return LRSchedule(total_steps, self.warmup_steps, self.kind, self.power, self.min_lr / lr)
+    def build(self, total_steps: int, lr: float, start_step: int = 0) -> LRSchedule:
+        """The multiplier of ``lr`` per step over a run of ``total_steps`` steps; 0 before
+        ``start_step`` (a frozen backbone), the warmup and decay spanning the steps after it."""
+        return LRSchedule(total_steps, self.warmup_steps, self.kind, self.power, self.min_lr / lr, start_step)
 
 
 @dataclass
@@ -355,6 +360,7 @@ ALIASES: dict[str, str] = {
 # short flags of newer fields, and fields that moved (kept working where they were)
 FLAGS: dict[str, str] = {
     "center_dtype": "head.center_dtype",
+    "init_backbone": "backbone.init", "freeze_backbone_steps": "backbone.freeze_steps",
     "optim.head_momentum_dtype": "head.momentum_dtype",   # the momentum's type was set there before center_dtype
 }
 
@@ -374,7 +380,8 @@ def validate(config: TrainConfig) -> None:
     at_least = {"data.batch_size": 1, "optim.grad_accumulation": 1, "schedule.num_epochs": 1, "log_every": 1,
                 "eval.batch_size": 1, "data.pk_k": 1, "data.num_workers": 0, "data.num_classes": 0, "data.num_samples": 0,
                 "schedule.max_steps": 0, "eval.every": 0, "checkpoint.every": 0, "checkpoint.every_minutes": 0,
-                "checkpoint.keep": 0, "checkpoint.max_nonfinite_skips": 0, "optim.grad_clip": 0}
+                "checkpoint.keep": 0, "checkpoint.max_nonfinite_skips": 0, "optim.grad_clip": 0,
+                "backbone.freeze_steps": 0}
     for path, minimum in at_least.items():
         value = cli.get_path(config, path)
         if value < minimum:
@@ -408,6 +415,19 @@ def validate(config: TrainConfig) -> None:
         ("schedule", lambda: schedule.build(total_steps, lr), {"total_steps": "max_steps", "min_ratio": "min_lr"}))
     for group, check, renames in components:
         cli.check_component(config, group, check, renames)
+    if schedule.max_steps:  # otherwise the run's length is known only with the dataset (build_train_state)
+        check_freeze(config, schedule.max_steps)
+
+
+def check_freeze(config: TrainConfig, total_steps: int) -> None:
+    """ConfigError unless the backbone keeps steps to train after its frozen ones and its warmup
+    (``backbone.freeze_steps + schedule.warmup_steps < total_steps``): its schedule (warmup,
+    decay) spans the steps after the frozen ones."""
+    frozen, warmup = config.backbone.freeze_steps, config.schedule.warmup_steps
+    if frozen and frozen + warmup >= total_steps:
+        raise ConfigError(f"config field 'backbone.freeze_steps': {frozen} frozen steps and {warmup} warmup steps "
+                          f"(schedule.warmup_steps) leave the backbone no step to train in a run of {total_steps} "
+                          f"steps (its warmup and decay run after the frozen steps)")
 
 
 def load_config(path: str | None, argv: list[str] = ()) -> TrainConfig:

@@ -12,8 +12,9 @@ One optimizer step (N ranks, ``grad_accumulation`` micro-batches of ``batch_size
   then the step guard's mask (any rank's loss, backbone gradient norm or BatchNorm statistics not
   finite) is all-reduced on the device and the runner clips and steps both optimizers under it,
   and what the step changed before the mask was known is put back where it says skip; both LR
-  schedules advance. The head is never wrapped in DDP: it owns its shard of the class centers and
-  does its own collectives (see pfc/head).
+  schedules advance (during a fine-tuning run's first ``freeze_steps`` steps the backbone is
+  frozen and only the head trains: :mod:`pfc.train.finetune`). The head is never wrapped in DDP:
+  it owns its shard of the class centers and does its own collectives (see pfc/head).
 
 No host synchronisation in a steady-state step (DDP engine): the loss and the head's stats are
 summed on the device and read at log steps (every ``log_every``), when the host also learns of
@@ -48,10 +49,11 @@ from pfc.errors import ConfigError
 from pfc.evaluation.export import save_backbone
 from pfc.train.builders import build_loader, build_train_state
 from pfc.train.config import TrainConfig, apply_dataset, to_dict
+from pfc.train.finetune import read_init_backbone
 from pfc.train.finite import NonFiniteLossError, NonFiniteStateError, check_state_finite  # noqa: F401 (re-exported)
 from pfc.train.metrics import MetricsWindow, SkippedSamples, TrainLogger, TripletIdleWarning, trim_logs, write_json
 from pfc.train.output import claim_output
-from pfc.train.resume import restore_train_state, save_train_checkpoint
+from pfc.train.resume import INIT_RECORD, checkpoint_to_resume, restore_train_state, save_train_checkpoint
 from pfc.train.rollback import StepRollback
 from pfc.train.runtime import Runtime, init_runtime, seed_everything
 from pfc.train.state import TrainState
@@ -74,7 +76,8 @@ class TrainResult:
 def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     """Train per ``config`` under torchrun (or in one process).
 
-    Outputs in ``config.output`` (rank 0): config.json (resolved), metrics.jsonl, eval.jsonl,
+    Outputs in ``config.output`` (rank 0): config.json (resolved, with ``init_backbone``: where
+    the weights of a fine-tuning run came from, :mod:`pfc.train.finetune`), metrics.jsonl, eval.jsonl,
     eval_results.json, roc.png, backbone.pt, tensorboard/ when installed, and checkpoints.
     Raises NonFiniteLossError (after writing a checkpoint) when the loss stays non-finite, and
     NonFiniteStateError (on every rank, nothing written) when a checkpoint or backbone.pt would
@@ -95,15 +98,22 @@ def train(config: TrainConfig, runtime: Runtime | None = None) -> TrainResult:
     if steps_per_epoch < 1:
         raise ConfigError(f"an epoch has {batches_per_epoch} batches per rank, fewer than grad_accumulation="
                           f"{config.optim.grad_accumulation}: use more data or a smaller batch_size")
-    state = build_train_state(config, runtime, image_size, steps_per_epoch, to_dict(config))
-    restore_train_state(state, config, runtime)
+    resume_from = checkpoint_to_resume(config, runtime)
+    init = None if resume_from else read_init_backbone(config, runtime, image_size)  # resumed: the checkpoint's weights
+    resolved = to_dict(config)
+    if init is not None:
+        resolved[INIT_RECORD] = init.record()
+    state = build_train_state(config, runtime, image_size, steps_per_epoch, resolved,
+                              init_weights=init.state_dict if init is not None else None)
+    del init  # the weights are in the model now
+    restore_train_state(state, config, runtime, resume_from)
     start_step = state.step
     # a resumed run's logs continue from its checkpoint: what an earlier attempt logged after it goes
     earlier_evals = run_on_every_rank(lambda: trim_logs(config.output, start_step) if runtime.is_main else [],
                                       f"trimming the logs in {config.output} to step {start_step}")
     if runtime.is_main:  # only now: a run that fails to start leaves nothing behind
         os.makedirs(config.output, exist_ok=True)
-        write_json(os.path.join(config.output, "config.json"), to_dict(config))
+        write_json(os.path.join(config.output, "config.json"), state.config)
         if runtime.device.type != "cuda" and config.backbone.precision != "fp32" and config.backbone.engine == "ddp":
             print(f"note: precision {config.backbone.precision} applies on GPU only; training in fp32 on CPU")
     with TrainLogger(config.output, runtime.is_main, start_step) as logger:
@@ -255,9 +265,11 @@ def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader,
     backward), so a skipped step (or one the engine skipped itself: an fp16 overflow) leaves the
     whole model state as it was; the LR schedules still advance (the step index moves on). The
     host learns of skips at the next :meth:`StepGuard.review`. ``check_inputs``: the head
-    validates its inputs collectively (host syncs; the run's first step and log steps).
+    validates its inputs collectively (host syncs; the run's first step and log steps). The
+    first ``backbone.freeze_steps`` steps train the head only (:meth:`set_frozen` of the runner).
     """
     state.head.set_iteration(state.step)
+    state.runner.set_frozen(state.step < config.backbone.freeze_steps)  # the host's counter: no sync
     batches, decision = _next_batches(state, config, loader, guard, stop_signals, save_due)
     state.head.check_inputs = check_inputs
     rollback.begin()

@@ -41,7 +41,13 @@ class BackboneRunner(Protocol):
     head_update_in_backward: bool
 
     def train(self, mode: bool = True) -> None:
-        """Training or evaluation mode of the network."""
+        """Training or evaluation mode of the network (evaluation while frozen, whatever ``mode``)."""
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Hold the backbone or let it train: while frozen, :meth:`forward_backward` embeds in
+        eval mode without autograd and back-propagates through the head only, and :meth:`step`
+        leaves the backbone and its optimizer as they are (a fine-tuning run's first steps,
+        :mod:`pfc.train.finetune`)."""
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, head: nn.Module,
                          last_micro: bool) -> torch.Tensor:

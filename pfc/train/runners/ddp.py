@@ -32,7 +32,8 @@ class DDPRunner:
     before clipping (the head's narrow center gradients in float32 inside its update:
     :meth:`_unscale_head`); a step whose backbone or center gradients (on any rank) overflow is
     skipped by both optimizers (on the device) and the scale backs off. ``wrap=False`` keeps the
-    bare module (one rank, or a test that averages itself).
+    bare module (one rank, or a test that averages itself). While :meth:`set_frozen` holds the
+    backbone (a fine-tuning run's first steps) only the head trains.
     """
 
     engine = ENGINE
@@ -55,10 +56,21 @@ class DDPRunner:
         self.head_update_in_backward = grad_accumulation == 1 and grad_scaler is None
         self._grad_norm: torch.Tensor | None = None  # of this step's gradients, when gradients_finite computed it
         self._probe: OverflowProbe | None = None     # the head's overflow, as GradScaler sees it
+        self.training, self.frozen = True, False
         prime_momentum(optimizer)
 
     def train(self, mode: bool = True) -> None:
-        self.network.train(mode)
+        self.training = mode
+        self.network.train(mode and not self.frozen)
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Hold the backbone (``frozen``) or let it train: while frozen it runs in eval mode
+        (BatchNorm uses and keeps its running statistics, no dropout) under ``no_grad`` outside
+        DDP (no backward, no gradient, no all-reduce), and :meth:`step` neither clips nor steps
+        its optimizer; the head trains as always (see :mod:`pfc.train.finetune`)."""
+        if frozen != self.frozen:
+            self.frozen = frozen
+            self.train(self.training)
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None or device.type != "cuda":
@@ -66,6 +78,8 @@ class DDPRunner:
         return torch.autocast(device_type="cuda", dtype=self.autocast_dtype)
 
     def forward_backward(self, images, labels, head, last_micro):
+        if self.frozen:
+            return self._head_backward(images, labels, head)
         wrapped = isinstance(self.network, nn.parallel.DistributedDataParallel)
         sync = contextlib.nullcontext() if last_micro or not wrapped else self.network.no_sync()
         with sync:
@@ -76,6 +90,14 @@ class DDPRunner:
                 self.grad_scaler.scale(loss).backward()
             else:
                 loss.backward()
+        return loss.detach()
+
+    def _head_backward(self, images, labels, head):
+        """A frozen backbone's micro-batch: embeddings without autograd, the head's backward only."""
+        with torch.no_grad(), self._autocast(images.device):
+            embeddings = self.model(images)
+        loss = head(embeddings.float(), labels) / self.grad_accumulation
+        (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
         return loss.detach()
 
     def gradients_finite(self) -> torch.Tensor | None:
@@ -107,11 +129,12 @@ class DDPRunner:
                 found_inf = overflow if found_inf is None else torch.maximum(found_inf, overflow)
             if head_overflow is not None:
                 found_inf = head_overflow if found_inf is None else torch.maximum(found_inf, head_overflow)
-        if self.grad_clip > 0 and self._grad_norm is not None:  # the norm measured once
-            nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, self._grad_norm)
-        elif self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        masked_step(self.optimizer, found_inf)
+        if not self.frozen:  # frozen: no backbone gradient, its optimizer (state, step count) left as it is
+            if self.grad_clip > 0 and self._grad_norm is not None:  # the norm measured once
+                nn.utils.clip_grads_with_norm_(self.model.parameters(), self.grad_clip, self._grad_norm)
+            elif self.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            masked_step(self.optimizer, found_inf)
         try:
             masked_step(head_optimizer, found_inf)
         finally:

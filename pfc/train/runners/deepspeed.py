@@ -192,6 +192,7 @@ class DeepSpeedRunner:
         self.deepspeed_engine = engine
         self.optimizer = optimizer if optimizer is not None else engine.optimizer
         self.grad_accumulation = grad_accumulation
+        self.training, self.frozen = True, False
 
     @property
     def model(self) -> torch.nn.Module:
@@ -206,7 +207,16 @@ class DeepSpeedRunner:
         return torch.float32
 
     def train(self, mode: bool = True) -> None:
-        self.deepspeed_engine.train(mode)
+        self.training = mode
+        self.deepspeed_engine.train(mode and not self.frozen)
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Hold the backbone (``frozen``) or let it train: while frozen the engine never runs (its
+        module embeds in eval mode under ``no_grad``; no backward, no engine step, its optimizer
+        and counters untouched) and only the head steps (see :mod:`pfc.train.finetune`)."""
+        if frozen != self.frozen:
+            self.frozen = frozen
+            self.train(self.training)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings ``[b, D]`` in float32 (the head computes in full precision)."""
@@ -227,6 +237,12 @@ class DeepSpeedRunner:
                     parameter.grad.mul_(1.0 / scale)
 
     def forward_backward(self, images, labels, head, last_micro):
+        if self.frozen:  # the head alone; its loss divided by the accumulation steps as DeepSpeed's backward does
+            with torch.no_grad():
+                embeddings = self.deepspeed_engine.module(images.to(self.dtype)).float()
+            loss = head(embeddings, labels) / self.grad_accumulation
+            loss.backward()
+            return loss.detach()
         loss = head(self.embed(images), labels)
         self.backward(loss, head_parameters=[head.weight])
         if not last_micro:  # DeepSpeed accumulates itself: its step updates only at the boundary
@@ -247,7 +263,13 @@ class DeepSpeedRunner:
         return bool(self.deepspeed_engine.was_step_applied())
 
     def step(self, head_optimizer, found_inf=None):
-        if found_inf is not None and bool(found_inf):  # on the host: DeepSpeed's own step reads its flags there too
+        skip = found_inf is not None and bool(found_inf)  # on the host: DeepSpeed's own step reads its flags there too
+        if self.frozen:
+            if not skip:
+                head_optimizer.step()
+            head_optimizer.zero_grad(set_to_none=True)
+            return not skip
+        if skip:
             self.skip(head_optimizer)
             return False
         applied = self.engine_step()  # clipping and the backbone step are DeepSpeed's
