@@ -89,7 +89,7 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int = 112, *,
         scale = 2.0 / (side - 1)
         theta[axis, :2] = scale * half * inverse[axis, :2]
         theta[axis, 2] = scale * (half * inverse[axis, :2].sum() + inverse[axis, 2] - low + 1) - 1.0
-    grid = torch.mm(_output_grid(size), torch.from_numpy(theta.T).float()).view(1, size, size, 2)
+    grid = torch.mm(torch.from_numpy(theta).float(), _output_grid(size)).t().reshape(1, size, size, 2)
     # far-away positions read zeros either way; clamped so that no index computation can overflow
     sampled = F.grid_sample(part, grid.clamp_(-2.0, 2.0), mode="bilinear", padding_mode="zeros",
                             align_corners=True)
@@ -135,12 +135,12 @@ def _warp_opencv4(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarra
 
 @functools.lru_cache(maxsize=8)
 def _output_grid(size: int) -> torch.Tensor:
-    """float32 [size·size, 3]: (u, v, 1) of each output pixel, row by row, u and v from −1 to 1
-    (``affine_grid``'s base grid with align_corners=True, made once per size)."""
+    """float32 [3, size·size]: (u, v, 1) of each output pixel, row by row, u and v from −1 to 1
+    (``affine_grid``'s base grid with align_corners=True, transposed; made once per size)."""
     steps = torch.linspace(-1.0, 1.0, size, dtype=torch.float64) if size > 1 else torch.full((1,), -1.0,
                                                                                               dtype=torch.float64)
     v, u = torch.meshgrid(steps, steps, indexing="ij")
-    return torch.stack([u.reshape(-1), v.reshape(-1), torch.ones(size * size, dtype=torch.float64)], 1).float()
+    return torch.stack([u.reshape(-1), v.reshape(-1), torch.ones(size * size, dtype=torch.float64)]).float()
 
 
 def align_face_cv(image: np.ndarray, landmarks: np.ndarray, size: int = 112, *,
