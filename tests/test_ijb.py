@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -145,7 +146,7 @@ def test_scores_and_tar_table_match_the_float64_reference(ijb_root):
     interpolated = {f"{far:.0e}": reference_tar_interpolated(expected, labels, far) for far in FARS}
     assert result["tar_at_far_interpolated"] == pytest.approx(interpolated, abs=1e-12)
     assert 0 < result["tar_at_far"]["1e-01"] < 1          # the fixture's numbers are not trivial
-    assert (result["templates"], result["pairs"], result["faces"]) == (3 * SUBJECTS, SUBJECTS * 2 * SUBJECTS, len(meta.faces))
+    assert (result["templates"], result["pairs"], result["faces"]) == (3 * SUBJECTS, 2 * SUBJECTS ** 2, len(meta.faces))
 
 
 def test_identification_matches_the_reference_per_gallery_and_mean(ijb_root):
@@ -237,6 +238,8 @@ BAD_INPUTS = [
      r"ijbc_template_pair_label.txt line 2: expected 3 fields"),
     ("ijbc_template_pair_label.txt", replace_line(3, lambda l: l[:-1] + "7"),
      r"ijbc_template_pair_label.txt line 3: label 7 is not 0 or 1"),
+    ("ijbc_template_pair_label.txt", lambda lines: [line[:-1] + "1" for line in lines],
+     r"ijbc_template_pair_label.txt: all \d+ pairs are mated; a ROC needs non-mated pairs too"),
     ("ijbc_1N_probe_mixed.csv", replace_line(4, lambda l: "55," + l.split(",", 1)[1]),
      r"ijbc_1N_probe_mixed.csv line 4: template 55 has no faces"),
     ("ijbc_1N_gallery_G2.csv", replace_line(3, lambda l: l.split(",")[0] + ",1," + l.split(",", 2)[2]),
@@ -255,7 +258,7 @@ def test_bad_meta_ends_the_cli_with_one_line_naming_file_and_line(ijb_root, tmp_
     code = main(["--model", str(model), "--root", root, "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("error: ") and __import__("re").search(message, err), err
+    assert err.startswith("error: ") and re.search(message, err), err
     assert not os.path.exists(tmp_path / "out" / "ijb_result.json")
 
 
@@ -267,7 +270,8 @@ def test_the_tool_exits_2_with_one_line_for_a_missing_meta_file(tmp_path):
                           "--target", "IJBB", "--output", str(tmp_path / "out")],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
-    assert run.stderr.strip() == f"error: missing IJB meta file {tmp_path / 'root' / 'meta' / 'ijbb_name_5pts_score.txt'}"
+    missing = tmp_path / "root" / "meta" / "ijbb_name_5pts_score.txt"
+    assert run.stderr.strip() == f"error: missing IJB meta file {missing}"
 
 
 # ------------------------------------------------------------------ end to end: images → numbers

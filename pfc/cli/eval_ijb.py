@@ -21,6 +21,7 @@ import time
 
 from pfc.cli.errors import one_line_errors
 from pfc.errors import CheckpointError
+from pfc.evaluation.ijb.meta import TARGETS
 
 
 @one_line_errors
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a pfc backbone.pt or an ONNX file (tools/export_onnx.py)")
     parser.add_argument("--root", required=True, help="IJB root: meta/ and loose_crop/ (insightface's layout)")
-    parser.add_argument("--target", default="IJBC", choices=["IJBC", "IJBB"], help="protocol (default IJBC)")
+    parser.add_argument("--target", default="IJBC", choices=TARGETS, help="protocol (default IJBC)")
     parser.add_argument("--output", required=True, help="folder for ijb_result.json, scores.npy, roc.png, the cache")
     parser.add_argument("--batch-size", type=int, default=128, help="faces per forward pass (default 128)")
     parser.add_argument("--no-flip", action="store_true", help="f(x) instead of f(x) + f(flipped x)")

@@ -9,6 +9,7 @@
     indexing.py   the per-sample index (for P×K batches): built by pack and ``pack_shards.py index``, checked
     verify.py     verify_shards: every sample of a shard set checked against its manifest
     synthetic.py  procedural face-like identities for demos and tests
+    synthetic_ijb.py  a small IJB-B/C root of such faces in insightface's layout (loose crops, meta/)
 """
 from pfc.datasets.packing import PackOptions, pack
 from pfc.datasets.sources import FolderSource, RecordSource

@@ -27,17 +27,16 @@ from PIL import Image
 
 from pfc.datasets.synthetic import make_identity, render_sample
 from pfc.errors import ConfigError
+from pfc.evaluation.ijb.meta import GALLERIES
 from pfc.files import write_atomic
-
-GALLERY_NAMES = {"IJBB": ("S1", "S2"), "IJBC": ("G1", "G2")}
 
 
 def write_synthetic_ijb(root: str, target: str = "IJBC", subjects: int = 6, seed: int = 0,
                         identification: bool = True, quality: int = 95) -> dict:
     """Write ``root/meta/*`` and ``root/loose_crop/*.jpg`` (module docstring); returns counts and
     the per-face ``transforms``. Deterministic in (target, subjects, seed)."""
-    if target not in GALLERY_NAMES:
-        raise ConfigError(f"IJB target {target!r} is not one of {', '.join(GALLERY_NAMES)}")
+    if target not in GALLERIES:
+        raise ConfigError(f"IJB target {target!r} is not one of {', '.join(GALLERIES)}")
     if subjects < 2:
         raise ConfigError(f"need at least 2 subjects (one per gallery), got {subjects}")
     rng = np.random.default_rng([int(seed), 0x1B])
@@ -82,7 +81,7 @@ def write_synthetic_ijb(root: str, target: str = "IJBC", subjects: int = 6, seed
     _write_lines(root, f"{prefix}_template_pair_label.txt", [f"{a} {b} {label}" for a, b, label in pairs])
     if identification:
         first_gallery = set(range((subjects + 1) // 2))
-        for index, gallery in enumerate(GALLERY_NAMES[target]):
+        for index, gallery in enumerate(GALLERIES[target]):
             rows = [(t, s) for t, s, role, _ in templates
                     if role == "gallery" and (s in first_gallery) == (index == 0)]
             _write_search_csv(root, f"{prefix}_1N_gallery_{gallery}.csv", rows, subject_ids, images_of)

@@ -1,12 +1,13 @@
 """Evaluation of a trained backbone: verification sets, the protocol's metrics, export.
 
     verification.py  pair sets (pairs lists, insightface .bin), flip-averaged embeddings, evaluate
-    roc.py           10-fold accuracy, exact ROC, TAR at FAR, the ROC plot
+    roc.py           10-fold accuracy, exact ROC, TAR at FAR, the ROC plots
     export.py        backbone.pt (save_backbone / load_backbone) and ONNX export
     alignment.py     five-point alignment resampled as OpenCV's warpAffine (insightface's pipeline)
     embedding.py     features of any list of faces (FaceItem), every rank a share, cached
     embedding_model.py  a backbone.pt or an ONNX graph behind one call (load_embedding_model)
     report.py        results side by side
+    ijb/             IJB-B / IJB-C: meta files, template pooling, 1:1 TAR at FAR, 1:N, outputs
 
 Imports :mod:`pfc.backbones` (to rebuild a saved network), never the trainer.
 """

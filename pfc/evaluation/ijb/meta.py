@@ -19,6 +19,7 @@ runs only to locate an error.
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -137,24 +138,21 @@ def read_ijb_meta(root: str, target: Target = "IJBC") -> IjbMeta:
 def read_faces(layout: IjbLayout) -> IjbFaces:
     """The two face files, joined by row order (their names must agree)."""
     points_file, templates_file = layout.faces_file, layout.templates_file
-    point_rows = _read_table(points_file, 2 + NUM_LANDMARK_VALUES, "NAME x1 y1 … x5 y5 SCORE")
-    template_rows = _read_table(templates_file, 3, "NAME TEMPLATE_ID MEDIA_ID")
-    if len(point_rows) != len(template_rows):
-        raise DataError(f"{templates_file} has {len(template_rows)} faces but {points_file} has "
-                        f"{len(point_rows)}; the two are matched by row order")
-    if len(point_rows) == 0:
+    names, numbers = _read_named_rows(points_file, 1 + NUM_LANDMARK_VALUES, np.float64, "NAME x1 y1 … x5 y5 SCORE")
+    template_names, ids = _read_named_rows(templates_file, 2, np.int64, "NAME TEMPLATE_ID MEDIA_ID")
+    if len(names) != len(template_names):
+        raise DataError(f"{templates_file} has {len(template_names)} faces but {points_file} has "
+                        f"{len(names)}; the two are matched by row order")
+    if len(names) == 0:
         raise DataError(f"{points_file} lists no faces")
-    names = point_rows[:, 0]
-    differing = np.flatnonzero(names != template_rows[:, 0])
+    differing = np.flatnonzero(names != template_names)
     if differing.size:
         line = int(differing[0])
-        raise DataError(f"{templates_file} line {line + 1}: face {str(template_rows[line, 0])!r} differs from "
+        raise DataError(f"{templates_file} line {line + 1}: face {str(template_names[line])!r} differs from "
                         f"{str(names[line])!r} on the same line of {points_file}")
-    numbers = _to_numbers(point_rows[:, 1:], np.float64, points_file, first_column=2)
     bad = np.flatnonzero(~np.isfinite(numbers).all(axis=1))
     if bad.size:
         raise DataError(f"{points_file} line {int(bad[0]) + 1}: landmarks and score must be finite numbers")
-    ids = _to_numbers(template_rows[:, 1:], np.int64, templates_file, first_column=2)
     return IjbFaces(names=names, landmarks=numbers[:, :NUM_LANDMARK_VALUES].reshape(-1, 5, 2),
                     detector_scores=numbers[:, NUM_LANDMARK_VALUES], templates=ids[:, 0], medias=ids[:, 1])
 
@@ -168,6 +166,11 @@ def read_pairs(path: str, known_templates: np.ndarray, templates_file: str = "th
     if bad_label.size:
         row = int(bad_label[0])
         raise DataError(f"{path} line {_line_of_row(path, row)}: label {values[row, 2]} is not 0 or 1")
+    mated = int((values[:, 2] == 1).sum())
+    if mated in (0, len(values)):
+        kind = "mated" if mated else "non-mated"
+        other = "non-mated" if mated else "mated"
+        raise DataError(f"{path}: all {len(values)} pairs are {kind}; a ROC needs {other} pairs too")
     for column in (0, 1):
         _check_known(values[:, column], known_templates, path, templates_file,
                      line_of=lambda row: _line_of_row(path, row))
@@ -210,7 +213,8 @@ def read_search_set(path: str, name: str, known_templates: np.ndarray, templates
         try:
             ids[number] = int(fields[0]), int(fields[1])
         except (ValueError, IndexError):
-            raise DataError(f"{path} line {number + 2}: expected TEMPLATE_ID,SUBJECT_ID,…, got {line[:80]!r}") from None
+            raise DataError(f"{path} line {number + 2}: expected TEMPLATE_ID,SUBJECT_ID,…, "
+                            f"got {line[:80]!r}") from None
     _check_known(ids[:, 0], known_templates, path, templates_file, line_of=lambda row: row + 2)
     templates, first_rows = np.unique(ids[:, 0], return_index=True)
     order = np.argsort(first_rows, kind="stable")
@@ -265,32 +269,22 @@ def _read_text(path: str) -> str:
         raise DataError(f"{path} is not a text file: {exc}") from exc
 
 
-def _read_table(path: str, columns: int, form: str) -> np.ndarray:
-    """Whitespace-separated lines of exactly ``columns`` fields: str array [lines, columns]."""
-    lines = _read_text(path).splitlines()
-    rows = [line.split() for line in lines]
-    counts = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    wrong = np.flatnonzero(counts != columns)
-    if wrong.size:
-        line = int(wrong[0])
-        raise DataError(f"{path} line {line + 1}: expected {columns} fields ({form}), got {counts[line]}")
-    return np.array(rows, dtype=str).reshape(len(rows), columns)
-
-
-def _to_numbers(fields: np.ndarray, dtype, path: str, first_column: int) -> np.ndarray:
-    """Convert a str array to ``dtype``; on failure name the first bad line and column."""
+def _read_named_rows(path: str, values: int, dtype, form: str) -> tuple[np.ndarray, np.ndarray]:
+    """Lines ``NAME v1 … v_values``: (names str [lines], values ``dtype`` [lines, values]); the
+    numbers by numpy's C reader, the line of the first malformed one located only on failure."""
+    text = _read_text(path)
+    lines = text.splitlines()
+    if not lines:
+        return np.empty(0, dtype=str), np.empty((0, values), dtype=dtype)
+    if len(text.split()) != (values + 1) * len(lines):
+        _locate_malformed(path, values + 1, form, dtype, first_numeric_field=2)
+    names = np.array([line.split(None, 1)[0] for line in lines])
     try:
-        return fields.astype(dtype)
+        numbers = np.loadtxt(io.StringIO(text), dtype=dtype, usecols=range(1, values + 1), comments=None, ndmin=2)
     except ValueError:
-        pass
-    for line, row in enumerate(fields):
-        for column, text in enumerate(row):
-            try:
-                dtype(text) if dtype is np.float64 else int(text)
-            except ValueError:
-                kind = "a number" if dtype is np.float64 else "an integer"
-                raise DataError(f"{path} line {line + 1}: field {column + first_column} {str(text)!r} is not {kind}") from None
-    raise DataError(f"{path}: cannot convert its fields to {np.dtype(dtype).name}")
+        _locate_malformed(path, values + 1, form, dtype, first_numeric_field=2)
+        raise DataError(f"{path}: expected lines of {form}") from None
+    return names, numbers
 
 
 def _read_integers(path: str, columns: int, form: str) -> np.ndarray:
@@ -309,15 +303,17 @@ def _read_integers(path: str, columns: int, form: str) -> np.ndarray:
     raise DataError(f"{path}: expected lines of {columns} integers ({form})")
 
 
-def _locate_malformed(path: str, columns: int, form: str) -> None:
-    """Raise naming the first line that is not ``columns`` integers (the slow path of errors)."""
+def _locate_malformed(path: str, columns: int, form: str, dtype=np.int64, first_numeric_field: int = 1) -> None:
+    """Raise naming the first line that is not ``columns`` fields whose fields from
+    ``first_numeric_field`` on are numbers of ``dtype`` (the slow path of errors)."""
+    convert, kind = (float, "a number") if dtype is np.float64 else (int, "an integer")
     with open(path, encoding="utf-8", errors="replace") as stream:
         for number, line in enumerate(stream, start=1):
             fields = line.split()
             if len(fields) != columns:
                 raise DataError(f"{path} line {number}: expected {columns} fields ({form}), got {len(fields)}")
-            for column, text in enumerate(fields, start=1):
+            for column, text in enumerate(fields[first_numeric_field - 1:], start=first_numeric_field):
                 try:
-                    int(text)
+                    convert(text)
                 except ValueError:
-                    raise DataError(f"{path} line {number}: field {column} {text!r} is not an integer") from None
+                    raise DataError(f"{path} line {number}: field {column} {text!r} is not {kind}") from None
