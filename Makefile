@@ -31,6 +31,7 @@ bench: $(STAMP)
 	THP_MEM_ALLOC_ENABLE=1 OMP_NUM_THREADS=1 $(PY) bench/head.py --classes 1000000 --rates 0.1 1.0 --update backward \
 		--center-dtype fp32 bf16 --logits keep recompute
 	OMP_NUM_THREADS=1 $(PY) bench/data.py
+	OMP_NUM_THREADS=1 $(PY) bench/augment.py
 	$(PY) bench/train.py
 
 # On a GPU machine: the CUDA tests, the head at 10M classes on one GPU and a 200-step iresnet50

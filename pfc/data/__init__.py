@@ -6,6 +6,8 @@
     pk.py        P×K batches read at random through the per-sample index (``sampler="pk"``)
     sample_index.py  the per-sample index beside ``dataset.json``: format, opening, staleness
     samples.py   raw samples into batch rows: label check, JPEG decode, replacements, skip counts
+    augment.py   augmentation beside the flip: settings, per-image draws from (seed, epoch, position)
+    image_ops.py the augmentation's image operations (resize, crop box, blur, colour, grey)
     tarstream.py the lean tar reader
     handoff.py   zero-copy hand-off of decoded batches from workers to the consumer
     manifest.py  ``dataset.json``: reading, validating, locating shards, image side

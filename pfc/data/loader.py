@@ -36,7 +36,9 @@ memory that is reused once the consumer is done with it: the hand-off to the mai
 nothing, see :mod:`pfc.data.handoff`) and pick the flips; they hand over uint8 [b, H, W, 3]
 batches with a flip mask. The flip and the conversion to float happen where the batch is
 consumed (on ``device`` when given): workers move a quarter of the bytes and do nothing but
-parse and decode.
+parse and decode — and, when an ``augmentation`` is on, augment each decoded image in place
+(:mod:`pfc.data.augment`: crops, blur, colour, grey, drawn from the sample's position in the
+epoch, so a resume or another worker count gives each sample the same pixels).
 
 Corrupt samples are skipped with a warning naming the shard and key (an unreadable tar: the
 shard, once per worker) and counted in ``loader.stats`` (each lost position the batches met,
@@ -58,6 +60,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pfc.data.augment import SHUFFLE_STREAM, Augmentation, augment_batch
 from pfc.data.handoff import BatchBuffers, ReceivedBatches, release
 from pfc.data.manifest import read_manifest, shard_urls
 from pfc.data.pk import check_pk_data, check_sampler, pk_worker_batches
@@ -101,7 +104,7 @@ class WorkerEpoch:
         :mod:`pfc.data.handoff`). The small parts are arrays, which DataLoader pickles by value
         rather than putting each in a shared-memory segment of its own. Nothing of an earlier
         batch is decoded, and the samples of earlier batches in the first window are not read."""
-        size = self.spec.batch_size
+        spec, size = self.spec, self.spec.batch_size
         first_window = first_batch // self.per_window
         window_start = self.start + first_window * self.per_window * size
         first, _, order, _ = self.window(first_window)
@@ -123,6 +126,9 @@ class WorkerEpoch:
                 labels = np.empty(size, dtype=np.int64)
                 fill_batch([samples[offset] for offset in order[slots]], pixels.numpy(), labels,
                            self.spec.num_classes, self.counter, lambda: self.top_ups(batch), self.total)
+                if spec.augmentation is not None:   # each slot with the draws of the position it was planned for
+                    positions = self.start + first * size + order[slots]
+                    augment_batch(pixels.numpy(), positions, spec.augmentation, spec.seed, spec.epoch, SHUFFLE_STREAM)
                 yield handle, labels, None if flips is None else flips[slots].copy(), self.counter.take()
 
     def top_ups(self, batch: int) -> Iterator[dict | None]:
@@ -177,6 +183,7 @@ class LoaderSpec:
     sampler: str = "shuffle"
     pk_k: int = 4
     index_root: str = ""
+    augmentation: Augmentation | None = None   # None: nothing besides the flip (an inactive one is None)
 
 
 class ShardStream(IterableDataset):
@@ -275,7 +282,8 @@ class FaceLoader:
 def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: int, num_workers: int,
                 seed: int, epoch: int, augment: bool = True, allow_pipe: bool = False,
                 shuffle_buffer_size: int = 1000, prefetch_factor: int | None = 2, device=None,
-                start_batch: int = 0, sampler: str = "shuffle", pk_k: int = 4) -> FaceLoader:
+                start_batch: int = 0, sampler: str = "shuffle", pk_k: int = 4,
+                augmentation: Augmentation | None = None) -> FaceLoader:
     """The training batches of ``rank`` of ``world_size`` for one epoch (see the module docstring),
     from the rank's batch ``start_batch`` of the epoch on: exactly the batches the loader started
     at 0 yields from there (with the same ``num_workers``), without decoding the ones before.
@@ -291,6 +299,8 @@ def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: i
     missing/malformed manifest, an empty shard list, a missing local shard or a dataset smaller
     than one batch per rank; ValueError for bad arguments (a caller's bug, e.g. ``start_batch > B``).
     ``sampler="pk"``: ``pk_k`` images of each of ``batch_size / pk_k`` identities (:mod:`pfc.data.pk`).
+    ``augmentation``: crops, blur, colour and grey images besides the flip, drawn per image from
+    (seed, epoch, its position) (:mod:`pfc.data.augment`); None or all probabilities 0: none.
     """
     for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1),
                              ("num_workers", num_workers, 0), ("shuffle_buffer_size", shuffle_buffer_size, 1)):
@@ -298,6 +308,8 @@ def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: i
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank!r} outside [0, {world_size})")
+    if augmentation is not None and not isinstance(augmentation, Augmentation):
+        raise ValueError(f"augmentation must be a pfc.data.augment.Augmentation or None, got {augmentation!r}")
     check_sampler(sampler, root_or_manifest, batch_size, pk_k)
     manifest = read_manifest(root_or_manifest, allow_pipe=allow_pipe)
     urls = shard_urls(root_or_manifest, manifest, allow_pipe=allow_pipe)
@@ -307,7 +319,8 @@ def make_loader(root_or_manifest: str, batch_size: int, rank: int, world_size: i
                       num_classes=manifest["num_classes"], image_size=tuple(manifest["image_size"]),
                       batch_size=batch_size, rank=rank, world_size=world_size, seed=int(seed),
                       epoch=int(epoch), augment=bool(augment), shuffle_buffer=shuffle_buffer_size,
-                      start_batch=start_batch, sampler=sampler, pk_k=pk_k, index_root=str(root_or_manifest))
+                      start_batch=start_batch, sampler=sampler, pk_k=pk_k, index_root=str(root_or_manifest),
+                      augmentation=augmentation if augmentation is not None and augmentation.active else None)
     batches = batches_per_rank(manifest["num_samples"], batch_size, world_size)
     if batches == 0:
         raise DataError(f"{manifest['num_samples']} samples are fewer than one batch of {batch_size} "

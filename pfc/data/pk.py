@@ -25,6 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
+from pfc.data.augment import PK_STREAM, augment_batch
 from pfc.data.handoff import BatchBuffers
 from pfc.data.manifest import is_url, manifest_source, read_manifest
 from pfc.data.pk_plan import PKPlan
@@ -114,6 +115,9 @@ class PKWorkerEpoch:
             for slot, (row, identity, shard, offset, size) in enumerate(places):
                 if not decode_into(self._sample(shard, offset, size), images[slot], counter):
                     self._replace(row, identity, images[slot], counter, decode_into)
+            if spec.augmentation is not None:   # keyed by the slot of the plan's global batch
+                keys = self.plan.global_batch(spec.rank, batch) * spec.batch_size + np.arange(spec.batch_size)
+                augment_batch(images, keys, spec.augmentation, spec.seed, spec.epoch, PK_STREAM)
             flips = self.plan.flips(spec.rank, batch) if spec.augment else None
             yield handle, labels, flips, counter.take()
 

@@ -66,9 +66,13 @@ class PKPlan:
         first = -(-(self.scaled_starts[places] - self.shift) // self.total)   # its identity's first slot
         return places, slots - np.maximum(first, 0)
 
+    def global_batch(self, rank: int, index: int) -> int:
+        """The epoch's global batch g in [0, N·B) that is rank ``rank``'s batch ``index``."""
+        return int(self.batch_order[rank * self.batches + index])
+
     def batch(self, rank: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows int64 [b] of the index, labels int64 [b]) of rank ``rank``'s batch ``index``."""
-        global_batch = int(self.batch_order[rank * self.batches + index])
+        global_batch = self.global_batch(rank, index)
         slots = global_batch + self.global_batches * np.arange(self.identities_per_batch, dtype=np.int64)
         places, visits = self.place_of_slot(slots)
         held: set[int] = set()

@@ -131,4 +131,5 @@ def build_loader(config: TrainConfig, runtime: Runtime, epoch: int, start_batch:
     data = config.data
     return make_loader(data.root, batch_size=data.batch_size, rank=runtime.rank, world_size=runtime.world_size,
                        num_workers=data.num_workers, seed=config.seed, epoch=epoch, augment=data.augment,
-                       device=runtime.device, start_batch=start_batch, sampler=data.sampler, pk_k=data.pk_k)
+                       device=runtime.device, start_batch=start_batch, sampler=data.sampler, pk_k=data.pk_k,
+                       augmentation=data.augmentation())

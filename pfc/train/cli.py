@@ -64,15 +64,24 @@ def groups(config, prefix: str = "") -> list[str]:
     return found
 
 
+def _is_range(annotation) -> bool:
+    """``tuple[float, float]``: a (low, high) range, written ``LOW,HIGH`` on the command line."""
+    return typing.get_origin(annotation) is tuple and typing.get_args(annotation) == (float, float)
+
+
 def type_name(annotation) -> str:
-    """``int``, ``float``, ``str``, ``bool`` or ``LIST`` (a comma-separated tuple of strings)."""
+    """``int``, ``float``, ``str``, ``bool``, ``LOW,HIGH`` (two numbers) or ``LIST`` (a
+    comma-separated tuple of strings)."""
+    if _is_range(annotation):
+        return "LOW,HIGH"
     if typing.get_origin(annotation) is tuple:
         return "LIST"
     return getattr(annotation, "__name__", str(annotation))
 
 
 def convert(label: str, text: str, annotation):
-    """Parse the command-line string ``text`` as ``annotation`` (int, float, str, bool, tuple[str, ...])."""
+    """Parse the command-line string ``text`` as ``annotation`` (int, float, str, bool,
+    tuple[float, float] from ``LOW,HIGH``, tuple[str, ...] from comma-separated strings)."""
     if annotation is bool:
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -88,6 +97,14 @@ def convert(label: str, text: str, annotation):
             raise ConfigError(f"--{label}: expected {kind}, got {text!r}") from None
     if annotation is str:
         return text
+    if _is_range(annotation):
+        parts = text.split(",")
+        try:
+            if len(parts) == 2:
+                return float(parts[0]), float(parts[1])
+        except ValueError:
+            pass
+        raise ConfigError(f"--{label}: expected two numbers LOW,HIGH, got {text!r}")
     if typing.get_origin(annotation) is tuple:
         return tuple(part for part in text.split(",") if part)
     raise ConfigError(f"--{label}: cannot be set from the command line (type {annotation})")
@@ -96,7 +113,12 @@ def convert(label: str, text: str, annotation):
 def check_type(path: str, value, annotation) -> None:
     """ConfigError unless ``value`` has the field's type (an int is accepted for a float) and,
     for a number, is finite."""
-    if typing.get_origin(annotation) is tuple:
+    if _is_range(annotation):
+        ok = (isinstance(value, tuple) and len(value) == 2
+              and all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in value))
+        if ok and not all(math.isfinite(item) for item in value):
+            raise ConfigError(f"config field {path!r} must be two finite numbers, got {value!r}")
+    elif typing.get_origin(annotation) is tuple:
         ok = isinstance(value, tuple) and all(isinstance(item, str) for item in value)
     elif annotation in (int, float):
         accepted = (int, float) if annotation is float else int
@@ -205,7 +227,7 @@ def help_text(config, aliases: dict[str, str], width: int = 100) -> str:
             title = (type(owner).__doc__ or "").strip().splitlines()[0]
             lines += ["", f"[{group or 'run'}] {title}"]
         value = getattr(owner, name)
-        shown = ",".join(value) if isinstance(value, tuple) else value
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
         lines.append(f"  --{path} {type_name(annotation)} (default: {shown!r})")
         doc = field_docs(type(owner)).get(name, "")
         lines += textwrap.wrap(doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pfc.backbones import available_backbones
+from pfc.data.augment import Augmentation
 from pfc.errors import ConfigError
 from pfc.evaluation.ijb.meta import TARGETS as IJB_TARGETS
 from pfc.head.margins import CombinedMargin, Margin, SphereFace
@@ -39,6 +40,7 @@ SAMPLERS = ("shuffle", "pk")
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
                   "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ROUNDINGS = ("stochastic", "nearest")
+AUGMENTATION_FIELDS = tuple(field.name for field in dataclasses.fields(Augmentation))   # DataConfig has each
 
 
 @dataclass
@@ -61,6 +63,39 @@ class DataConfig:
     """shuffle: shards in windows | pk: pk_k images of each of batch_size/pk_k identities (local shards + index)"""
     pk_k: int = 4
     """images per identity in a P×K batch (sampler pk; must divide batch_size)"""
+    # augmentation besides the flip (pfc.data.augment): a probability per image each, 0 = off;
+    # insightface's DALI recipe: low_resolution 0.1, blur 0.2, color_jitter 0.2, grayscale 0.1
+    random_resized_crop: float = 0.0
+    """probability of a random resized crop (area fraction crop_scale, aspect ratio crop_ratio), back to full size"""
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    """the crop's area as a fraction of the image's"""
+    crop_ratio: tuple[float, float] = (0.75, 4 / 3)
+    """the crop's width / height (log-uniform)"""
+    low_resolution: float = 0.0
+    """probability of shrinking the image by a factor in low_resolution_factor and resizing it back"""
+    low_resolution_factor: tuple[float, float] = (0.5, 0.8)
+    """the side of the shrunk image as a fraction of the original's"""
+    blur: float = 0.0
+    """probability of a Gaussian blur of sigma in blur_sigma (pixels)"""
+    blur_sigma: tuple[float, float] = (0.8, 0.8)
+    """the blur's sigma in pixels (0.8: DALI's for insightface's 3x3 window)"""
+    color_jitter: float = 0.0
+    """probability of a colour jitter: brightness, contrast, saturation factors and hue shift from their ranges"""
+    brightness: tuple[float, float] = (1.0, 1.0)
+    """colour jitter's brightness factor"""
+    contrast: tuple[float, float] = (1.0, 1.0)
+    """colour jitter's contrast factor (about the image's mean luma)"""
+    saturation: tuple[float, float] = (1.0, 1.2)
+    """colour jitter's saturation factor"""
+    hue: tuple[float, float] = (0.0, 20.0)
+    """colour jitter's hue shift in degrees"""
+    grayscale: float = 0.0
+    """probability of replacing the image by its luma (ITU-R BT.601)"""
+
+    def augmentation(self) -> Augmentation:
+        """The loader's :class:`pfc.data.augment.Augmentation` of these fields (ValueError naming
+        the field for a probability outside [0, 1] or a bad range)."""
+        return Augmentation(**{name: getattr(self, name) for name in AUGMENTATION_FIELDS})
 
     def check(self) -> None:
         """The sampler's own rules: a known sampler, and K dividing the batch for P×K."""
@@ -358,6 +393,7 @@ def validate(config: TrainConfig) -> None:
     # the run's length is known only with the dataset unless max_steps is set: check warmup against it then
     total_steps = schedule.max_steps or max(schedule.warmup_steps, 0) + 1
     components = (  # (group, its component's checks, parameters its messages name → other fields)
+        ("data", config.data.augmentation, {}),
         ("head.margin", head.margin.build, {"m": "m1"}),
         ("head.mhe", lambda: dataclasses.replace(head.mhe), {}),
         ("head.triplet", lambda: dataclasses.replace(head.triplet), {}),
