@@ -278,8 +278,9 @@ def test_the_tool_exits_2_with_one_line_for_a_missing_meta_file(tmp_path):
 
 def test_the_tool_on_images_pt_and_onnx_agree_and_a_rerun_reads_the_cache(ijb_root, tmp_path, monkeypatch, capsys):
     """A tiny backbone over the fixture's loose crops: the outputs the issue names, the scores
-    equal the reference protocol on the extracted features, ONNX within 1e-4 of .pt, and a rerun
-    into the same folder never calls the model."""
+    equal the reference protocol on the extracted features, torchrun with 2 ranks gives the same
+    scores, a rerun into the same folder (another batch size) never calls the model, --no-flip
+    changes the features, ONNX within 1e-4 of .pt."""
     from tests.face_fixtures import save_tiny_backbone
 
     from pfc.cli import eval_ijb
@@ -306,15 +307,29 @@ def test_the_tool_on_images_pt_and_onnx_agree_and_a_rerun_reads_the_cache(ijb_ro
     expected = [float(np.dot(templates[a], templates[b])) for a, b in zip(meta.pairs.first, meta.pairs.second)]
     np.testing.assert_allclose(scores, expected, atol=1e-5, rtol=0)
 
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "tools/eval_ijb.py", "--model", backbone, "--root", ijb_root, "--output",
+                          str(tmp_path / "two_ranks"), "--workers", "0"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]             # each rank extracts half; rank 0 alone writes
+    assert run.stdout.count("IJBC 1:1 TAR (%) at FAR") == 1, run.stdout
+    np.testing.assert_allclose(np.load(tmp_path / "two_ranks" / "scores.npy"), scores, atol=1e-6, rtol=0)
+
     def no_model(path, device="cpu"):
         model = load_embedding_model(path, device)
         model.forward = lambda batch: pytest.fail("the rerun called the model")
         return model
 
     monkeypatch.setattr(embedding, "load_embedding_model", no_model)
-    assert eval_ijb.main(["--model", backbone, "--root", ijb_root, "--output", str(out), "--workers", "0"]) == 0
+    assert eval_ijb.main(["--model", backbone, "--root", ijb_root, "--output", str(out), "--workers", "0",
+                          "--batch-size", "7"]) == 0
     np.testing.assert_array_equal(np.load(out / "scores.npy"), scores)
     monkeypatch.undo()
+
+    assert eval_ijb.main(["--model", backbone, "--root", ijb_root, "--output", str(tmp_path / "unflipped"),
+                          "--workers", "0", "--no-flip"]) == 0
+    assert json.loads((tmp_path / "unflipped" / "ijb_result.json").read_text())["flip"] is False
+    assert np.abs(np.load(tmp_path / "unflipped" / "scores.npy") - scores).max() > 1e-3
 
     pytest.importorskip("onnxruntime")
     from pfc.evaluation.export import load_backbone
@@ -346,3 +361,4 @@ def test_an_unreadable_image_names_the_file_and_its_line(ijb_root, tmp_path, cap
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, errors         # beside the progress bar, one line
     assert "loose_crop/7.jpg (line 7)" in errors[0], errors
+
