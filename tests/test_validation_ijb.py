@@ -73,7 +73,8 @@ def test_a_missing_ijb_image_or_root_stops_before_training(ijb_root, tmp_path):
     names = sorted(os.listdir(ijb_root / "loose_crop"))
     for name in names[1:]:
         os.symlink(ijb_root / "loose_crop" / name, tmp_path / "loose_crop" / name)
-    with pytest.raises(DataError, match=f"face \\d+'s image {tmp_path}/loose_crop/{names[0]} does not exist"):
+    missing = f"ijbc_name_5pts_score.txt:\\d+: image {tmp_path}/loose_crop/{names[0]} does not exist"
+    with pytest.raises(DataError, match=missing):
         load_val_sets(ijb_config(tmp_path), runtime, SIZE)
     assert np.all([os.path.exists(tmp_path / "loose_crop" / name) for name in names[1:]])
 
