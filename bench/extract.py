@@ -96,7 +96,8 @@ def main() -> None:
                 best_rate(lambda: extract_features(tiny, items, batch_size=args.batch_size, num_workers=0,
                                                    progress=False), count, 1))
         floor = max(rows["decode only (floor)"])
-        print(f"{count} loose crops, {sides[:, 1].min()}–{sides[:, 1].max()} x {sides[:, 0].min()}–{sides[:, 0].max()} px, "
+        print(f"{count} loose crops, {sides[:, 1].min()}–{sides[:, 1].max()} x "
+              f"{sides[:, 0].min()}–{sides[:, 0].max()} px, "
               f"best of {args.repeats}; torch threads 1")
         print(f"| {'what':<66} | images/s per core | of the floor |")
         print(f"|{'-' * 68}|-------------------|--------------|")

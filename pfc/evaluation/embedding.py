@@ -227,7 +227,8 @@ def _extract_share(model: EmbeddingModel, share: FaceDataset, count: int, larges
         num_workers = 0   # one batch: starting a worker process would cost more than decoding it here
     loader = torch.utils.data.DataLoader(
         share, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=_collate, worker_init_fn=functools.partial(_worker_init, rank_pid=os.getpid()) if num_workers else None)
+        collate_fn=_collate,
+        worker_init_fn=functools.partial(_worker_init, rank_pid=os.getpid()) if num_workers else None)
     batches = iter(loader)
     bar = tqdm(total=count, desc="features", unit="img", disable=not progress, smoothing=0.05)
     try:
