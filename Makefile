@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.pfc-installed
 
-.PHONY: venv test bench demo readme-numbers gpu-check readme-capacity check-readme-capacity clean
+.PHONY: venv test bench demo readme-numbers gpu-check readme-capacity check-readme-capacity readme-backbones check-readme-backbones clean
 
 venv: $(STAMP)
 
@@ -50,6 +50,15 @@ readme-capacity: $(STAMP)
 
 check-readme-capacity: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) tools/capacity_table.py --check README.md
+
+# The README's backbone table (tools/backbone_table.py: parameters, GFLOPs, the planner's training
+# memory of every registered network; minutes of simulations on 2 cores); tests/test_backbone_table.py
+# checks its parameters and GFLOPs in make test
+readme-backbones: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) tools/backbone_table.py --write README.md
+
+check-readme-backbones: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) tools/backbone_table.py --check README.md
 
 # The demo: synthetic identities (train + disjoint held-out set with a pairs list) → shards →
 # 2 CPU ranks with gloo → held-out verification accuracy, trained vs untrained. Its accuracies and

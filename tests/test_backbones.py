@@ -7,10 +7,11 @@ from pfc.backbones import available_backbones, build_backbone
 
 def test_registry_lists_every_required_network():
     names = set(available_backbones())
-    assert {"iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet", "tiny"} <= names
+    assert {"iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "mobilefacenet", "mbf", "mbf_large",
+            "tiny"} <= names
 
 
-@pytest.mark.parametrize("name", ["iresnet18", "mobilefacenet", "tiny"])
+@pytest.mark.parametrize("name", ["iresnet18", "mobilefacenet", "mbf", "tiny"])
 def test_forward_shape_and_embedding_size(name):
     torch.manual_seed(0)
     model = build_backbone(name, embedding_size=40, dropout=0.2).eval()

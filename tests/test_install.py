@@ -14,7 +14,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
 TOOLS = {"pfc-train", "pfc-pack", "pfc-plan", "pfc-evaluate", "pfc-compare-eval", "pfc-export-onnx",
-         "pfc-make-synthetic", "pfc-eval-ijb", "pfc-embed"}
+         "pfc-make-synthetic", "pfc-eval-ijb", "pfc-embed",
+         "pfc-import-weights"}
 
 
 def scripts() -> dict[str, str]:

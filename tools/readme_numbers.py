@@ -209,7 +209,8 @@ RENDERERS = {
     "demo-time": ("demo.json", render_demo_time),
 }
 # blocks another command reruns and checks itself (no results file): block name -> that command
-CHECKED_ELSEWHERE = {"capacity": "make check-readme-capacity (tools/capacity_table.py; tests/test_capacity_table.py)"}
+CHECKED_ELSEWHERE = {"capacity": "make check-readme-capacity (tools/capacity_table.py; tests/test_capacity_table.py)",
+                     "backbones": "python tools/backbone_table.py --check README.md (tests/test_backbone_table.py)"}
 # results file -> (what defines its run, as a digest function; the command that rewrites it)
 DEFINITIONS = {"demo.json": (demo_definition_digest, "make readme-numbers")}
 

@@ -1,7 +1,11 @@
 """Layers shared by the backbones."""
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def conv_bn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -44,3 +48,35 @@ class EmbeddingHead(nn.Module):
     def forward(self, feature_map):
         x = self.dropout(self.norm_map(feature_map))
         return self.norm_embedding(self.linear(x.flatten(1)))
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(module: nn.Module):
+    """The BatchNorms inside ``module`` normalise by the batch as in training but leave their
+    running statistics as they are: the recompute of a checkpointed segment must not count the
+    batch a second time. Momentum 0 keeps the statistics (``(1 − 0)·running + 0·batch``) while
+    the op still receives them, so the recompute saves the same tensors for the backward as the
+    forward did (which checkpointing requires); ``num_batches_tracked`` is put back after it."""
+    norms = [m for m in module.modules() if isinstance(m, _BATCH_NORMS) and m.training and m.track_running_stats]
+    settings = [(norm.momentum, norm.num_batches_tracked.clone()) for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, (momentum, tracked) in zip(norms, settings):
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(tracked)
+
+
+def checkpointed(module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """``module(*inputs)`` under activation checkpointing: only the inputs are kept for the
+    backward, which runs the forward again (``torch.utils.checkpoint``, non-reentrant, with the
+    RNG state of the forward restored, so dropout and drop-path draw the same numbers). The
+    gradients equal those of ``module(*inputs)``; BatchNorm running statistics are updated
+    once, by the first forward only."""
+    return checkpoint(module, *inputs, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _running_stats_frozen(module)))

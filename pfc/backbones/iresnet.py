@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pfc.backbones.common import EmbeddingHead, conv_bn, strided_size
+from pfc.backbones.common import EmbeddingHead, checkpointed, conv_bn, strided_size
 
 # depth → residual units per stage (stage widths 64, 128, 256, 512)
 IRESNET_DEPTHS: dict[int, tuple[int, int, int, int]] = {
@@ -46,11 +46,16 @@ class ImprovedResidualUnit(nn.Module):
 
 
 class IResNet(nn.Module):
-    """IResNet with ``units_per_stage`` residual units; image [b,3,S,S] → embedding [b,D]."""
+    """IResNet with ``units_per_stage`` residual units; image [b,3,S,S] → embedding [b,D].
+
+    ``grad_checkpointing``: in training, each residual unit runs under activation checkpointing
+    (:func:`pfc.backbones.common.checkpointed`): its input is kept, its inside recomputed in the
+    backward."""
 
     def __init__(self, units_per_stage: tuple[int, ...], embedding_size: int = 512,
-                 dropout: float = 0.0, image_size: int = 112):
+                 dropout: float = 0.0, image_size: int = 112, grad_checkpointing: bool = False):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         self.stem = conv_bn(3, STAGE_WIDTHS[0], 3, 1)
         stages = []
         in_channels = STAGE_WIDTHS[0]
@@ -64,4 +69,10 @@ class IResNet(nn.Module):
                                        embedding_size, dropout)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.embedding(self.stages(self.stem(images)))
+        x = self.stem(images)
+        if self.grad_checkpointing and self.training:
+            for unit in (unit for stage in self.stages for unit in stage):
+                x = checkpointed(unit, x)
+        else:
+            x = self.stages(x)
+        return self.embedding(x)

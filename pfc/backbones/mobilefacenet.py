@@ -4,6 +4,10 @@ Body, per the paper's table: conv3×3 s2 (64) → depthwise conv3×3 (64) → bo
 (expansion t, channels c, repeats n, first stride s) = (2,64,5,2), (4,128,1,2), (2,128,6,1),
 (4,128,1,2), (2,128,2,1) → conv1×1 (512) → linear global depthwise conv over the whole map
 (GDConv, no non-linearity) → linear conv1×1 to the embedding → BN. PReLU everywhere.
+
+This is the paper's network (1.20 M parameters at D = 512), not insightface's: arcface_torch's
+``mbf`` (2.06 M, other layer widths and parameter names, so its weights do not load here) is
+``mbf`` / ``mbf_large`` in :mod:`pfc.backbones.mbf`.
 """
 from __future__ import annotations
 

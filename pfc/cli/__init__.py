@@ -6,6 +6,7 @@
     pfc-evaluate        verification of a trained backbone.pt
     pfc-compare-eval    verification results side by side
     pfc-export-onnx     backbone.pt → ONNX, checked with onnxruntime
+    pfc-import-weights  insightface backbone weights → a pfc backbone.pt
     pfc-make-synthetic  procedural face-like identities to try pfc on
     pfc-embed           embeddings of a folder, an image list or shards (aligned by landmarks if given)
 

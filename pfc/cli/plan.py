@@ -1,6 +1,6 @@
 """Will my job fit? One rank of an N-GPU Partial-FC job, simulated on this CPU with pfc's own code.
 
-    pfc-plan --classes 100M --gpus 8 --gpu h100 --network iresnet100 \
+    pfc-plan --classes 100M --gpus 8 --gpu h100 --network iresnet100 [--grad-checkpointing] \
         --batch-size 128 --sample-rate 0.1 --center-dtype bf16 --precision bf16 [--max-classes] [--json]
 
 --gpu names the GPU kind (its memory and its speed); --gpu-memory alone picks the kind of that
@@ -40,6 +40,8 @@ def parse_args(argv):
                         help=f"GPU kind of the time estimate: {' | '.join(GPUS)} (default: the one kind with "
                              "--gpu-memory's size, h100 when it is 80 or not given)")
     parser.add_argument("--network", default="iresnet100", help="backbone (default: iresnet100)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="the backbone recomputes its activations in the backward (iresnet*, vit_*)")
     parser.add_argument("--batch-size", default="128", help="per GPU (default: 128)")
     parser.add_argument("--sample-rate", default="0.1", help="ρ, in (0, 1] (default: 0.1)")
     parser.add_argument("--center-dtype", default="fp32", help=f"{' | '.join(CENTER_DTYPES)} (default: fp32)")
@@ -93,7 +95,8 @@ def main(argv=None) -> int:
               network=args.network, batch_size=_number(args.batch_size, "--batch-size", int, 1),
               sample_rate=_number(args.sample_rate, "--sample-rate"), precision=args.precision,
               center_dtype=args.center_dtype, engine=args.engine, kernels=args.kernels,
-              chunk_rows=_number(args.chunk_rows, "--chunk-rows", int, 0), logits=args.logits)
+              chunk_rows=_number(args.chunk_rows, "--chunk-rows", int, 0), logits=args.logits,
+              grad_checkpointing=args.grad_checkpointing)
     baseline_classes = parse_count(args.compare_classes, "--compare-classes") if args.compare_classes else None
     train_config(job)  # every check before the first simulation
     runs = 3 + (2 if baseline_classes else 0) + (4 if args.max_classes else 0)

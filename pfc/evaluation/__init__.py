@@ -6,6 +6,7 @@
     alignment.py     five-point alignment resampled as OpenCV's warpAffine (insightface's pipeline)
     embedding.py     features of any list of faces (FaceItem), every rank a share, cached
     embedding_model.py  a backbone.pt or an ONNX graph behind one call (load_embedding_model)
+    import_weights.py  insightface arcface_torch weights → a pfc network for backbone.pt
     report.py        results side by side
     ijb/             IJB-B / IJB-C: meta files, template pooling, 1:1 TAR at FAR, 1:N, outputs
 

@@ -48,7 +48,8 @@ class Job:
     installed resolves "auto" to, so it is the default for a planned GPU job. ``chunk_rows``: the
     head's rows per chunk (``head.chunk_rows``); None or 0: automatic, as on a GPU. ``logits``: the
     head's ``head.logits`` (keep the ``[S, B]`` block for the backward, or recompute it: one GEMM
-    more; auto decides by memory, see :class:`pfc.head.PartialFC`)."""
+    more; auto decides by memory, see :class:`pfc.head.PartialFC`). ``grad_checkpointing``: the
+backbone's ``backbone.grad_checkpointing`` (activations recomputed in the backward)."""
 
     num_classes: int
     gpus: int
@@ -63,6 +64,7 @@ class Job:
     image_size: int = 112
     chunk_rows: int | None = None
     logits: str = "auto"
+    grad_checkpointing: bool = False
 
     @property
     def head_chunk_rows(self) -> int:
@@ -110,6 +112,7 @@ def train_config(job: Job) -> TrainConfig:
     config.backbone.precision = job.precision
     config.backbone.engine = job.engine
     config.backbone.embedding_size = job.embedding_size
+    config.backbone.grad_checkpointing = job.grad_checkpointing
     config.head.sample_rate = job.sample_rate
     config.head.kernels = job.kernels
     config.head.chunk_rows = job.chunk_rows or 0

@@ -148,7 +148,9 @@ class Planner:
     def _run(self, network: str, num_classes: int) -> dict:
         key = (network, num_classes)
         if key not in self._runs:
-            job = dataclasses.replace(self.job, network=network, num_classes=num_classes)
+            # the tiny backbone (the head's growth) has no checkpointing, and needs none
+            job = dataclasses.replace(self.job, network=network, num_classes=num_classes,
+                                      grad_checkpointing=self.job.grad_checkpointing and network == self.job.network)
             extra = {} if self.counter is None else {"counter": self.counter}
             self._runs[key] = _numbers(simulate(job, progress=self.progress, **extra))
         return self._runs[key]

@@ -17,6 +17,7 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
 aten = torch.ops.aten
@@ -165,3 +166,34 @@ def fake_process_group(world_size: int, rank: int = 0):
         yield
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def gpu_attention():
+    """While active, ``F.scaled_dot_product_attention`` on the simulated GPU computes as a CUDA
+    run does: flash attention for fp16/bf16 inputs, memory-efficient attention for fp32, the
+    inputs first cast to the autocast type as CUDA's autocast does. Without it the simulated
+    device takes torch's math path, which keeps the ``[b, heads, L, L]`` attention matrices for
+    the backward that the fused kernels recompute (a ViT's activations would be overstated).
+    Calls with a mask, dropout, a causal flag or other options, and other devices, are left to
+    torch. The function itself is swapped (not a TorchFunctionMode, which the autograd engine
+    does not carry into the recompute of a checkpointed block)."""
+    original = F.scaled_dot_product_attention
+
+    def attention(*args, **kwargs):
+        if len(args) != 3 or kwargs or args[0].device.type != SIM_DEVICE_TYPE:
+            return original(*args, **kwargs)
+        query, key, value = args
+        if torch.is_autocast_enabled(SIM_DEVICE_TYPE):
+            dtype = torch.get_autocast_dtype(SIM_DEVICE_TYPE)
+            query, key, value = (t.to(dtype) for t in (query, key, value))
+        if query.dtype in (torch.float16, torch.bfloat16):
+            return aten._scaled_dot_product_flash_attention(query, key, value)[0]
+        needs_grad = any(t.requires_grad for t in (query, key, value))
+        return aten._scaled_dot_product_efficient_attention(query, key, value, None, needs_grad)[0]
+
+    F.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original

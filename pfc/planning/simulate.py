@@ -18,6 +18,8 @@ directly (a fake parameter cannot be moved by ``Module.to``), and DDP is :class:
 (its C++ reducer reads tensor data); the runner's autocast and fp16 loss scaling, enabled on
 device type ``cuda`` only, are enabled the same way on the simulated GPU (bf16/fp16 autocast; fp16
 with a ``GradScaler`` on the device, so the head's update leaves its backward as on a GPU).
+Attention (the ViTs) takes CUDA's fused kernels, flash or memory-efficient, as on a GPU
+(:func:`pfc.planning.sim_device.gpu_attention`), not the math path a Python device gets.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from torch import nn
 from pfc.host_syncs import HostSyncCounter
 from pfc.planning.fake_gpu import FakeGpu
 from pfc.planning.job import Job, train_config
-from pfc.planning.sim_device import fake_process_group, fake_tensor_mode, sim_device
+from pfc.planning.sim_device import fake_process_group, fake_tensor_mode, gpu_attention, sim_device
 from pfc.planning.tracker import MemoryTracker
 from pfc.planning.work import WorkCounter
 from pfc.train.runtime import Runtime
@@ -317,7 +319,8 @@ def simulate(job: Job, *, steps: int = 2, progress=None, counter=WorkCounter) ->
     runtime = Runtime(rank=0, world_size=job.gpus, local_rank=0, device=sim_device())
     # the work counter sits above the fake GPU (entered last, it sees each op first): it sees
     # the fused optimizers, which the fake GPU answers without running them
-    with fake_process_group(job.gpus), _trainer_on_sim_gpu(runtime.device), fake_tensor_mode(), tracker, fake, work:
+    with fake_process_group(job.gpus), _trainer_on_sim_gpu(runtime.device), fake_tensor_mode(), tracker, fake, work, \
+            gpu_attention():
         return run_tracked(job, runtime, tracker, steps=steps, work=work, fake=fake, progress=progress)
 
 

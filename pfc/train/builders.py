@@ -105,7 +105,8 @@ def build_train_state(config: TrainConfig, runtime: Runtime, image_size: int, st
         schedule = config.schedule.build(total_steps, optim.lr)
 
     check_component(config, "schedule", build_schedule, {"total_steps": "max_steps", "min_ratio": "min_lr"})
-    model = build_backbone(backbone.network, backbone.embedding_size, backbone.dropout, image_size).to(runtime.device)
+    model = build_backbone(backbone.network, backbone.embedding_size, backbone.dropout, image_size,
+                           grad_checkpointing=backbone.grad_checkpointing).to(runtime.device)
     head = build_head(config, runtime)
     backbone_optimizer = build_backbone_optimizer(config, model)
     runner = build_runner(config, runtime, model, backbone_optimizer)

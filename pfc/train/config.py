@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pfc.backbones import available_backbones
+from pfc.backbones import available_backbones, supports_grad_checkpointing
 from pfc.data.augment import Augmentation
 from pfc.errors import ConfigError
 from pfc.evaluation.ijb.meta import TARGETS as IJB_TARGETS
@@ -111,7 +111,8 @@ class BackboneConfig:
     """The data-parallel network: image → embedding."""
 
     network: str = "iresnet50"
-    """registered backbone: iresnet18/34/50/100/200, mobilefacenet, tiny"""
+    """registered backbone: iresnet18/34/50/100/200, mbf, mbf_large (insightface's MobileFaceNet),
+    mobilefacenet, vit_t/s/b/l/h (and insightface's vit_* names), tiny"""
     embedding_size: int = 512
     """dimension D of the embedding"""
     dropout: float = 0.0
@@ -122,6 +123,8 @@ class BackboneConfig:
     """ddp | deepspeed (ZeRO-1/2, see README "DeepSpeed")"""
     deepspeed_config: str = ""
     """DeepSpeed JSON file (ZeRO stage, bf16, …); "": ZeRO-1 defaults"""
+    grad_checkpointing: bool = False
+    """recompute activations in the backward, per residual unit / transformer block (iresnet*, vit_*): less memory, one forward more"""
 
 
 @dataclass
@@ -387,6 +390,9 @@ def validate(config: TrainConfig) -> None:
     if config.backbone.network not in available_backbones():
         raise ConfigError(f"config field 'backbone.network': unknown network {config.backbone.network!r}; "
                           f"known: {', '.join(available_backbones())}")
+    if config.backbone.grad_checkpointing and not supports_grad_checkpointing(config.backbone.network):
+        raise ConfigError(f"config field 'backbone.grad_checkpointing': network {config.backbone.network!r} has no "
+                          "gradient checkpointing (iresnet* and vit_* have)")
     if not 0.0 <= config.backbone.dropout < 1.0:
         raise ConfigError(f"config field 'backbone.dropout' must be in [0, 1), got {config.backbone.dropout}")
     head, schedule, lr = config.head, config.schedule, config.optim.lr
