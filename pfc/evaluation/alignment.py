@@ -21,6 +21,7 @@ of smooth images). docs/benchmarks.md has the comparison.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal, get_args
 
 import numpy as np
@@ -66,14 +67,17 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int = 112, *,
     if resampling == "opencv4":
         return _warp_opencv4(image, matrix, size)
     height, width = image.shape[:2]
-    # the output square's corners in the image: an affine map takes its extremes at them
-    corners = np.array([[0.0, 0.0], [size - 1.0, 0.0], [0.0, size - 1.0], [size - 1.0, size - 1.0]])
-    source = corners @ inverse[:, :2].T + inverse[:, 2]
-    # only the pixels some output reads (each position reads floor(p) and floor(p) + 1) are converted
-    x_low = int(np.clip(np.floor(source[:, 0].min()), 0, width - 1))
-    x_high = int(np.clip(np.floor(source[:, 0].max()) + 1, x_low, width - 1))
-    y_low = int(np.clip(np.floor(source[:, 1].min()), 0, height - 1))
-    y_high = int(np.clip(np.floor(source[:, 1].max()) + 1, y_low, height - 1))
+    # only the pixels some output reads (each position reads floor(p) and floor(p) + 1) are
+    # converted: the box of the output square's corners in the image (an affine map takes its
+    # extremes at them), in Python floats (numpy's call overhead dominates on four points)
+    last = size - 1.0
+    (a, b, c), (d, e, f) = inverse.tolist()
+    xs = (c, a * last + c, b * last + c, (a + b) * last + c)
+    ys = (f, d * last + f, e * last + f, (d + e) * last + f)
+    x_low = int(min(max(math.floor(min(xs)), 0), width - 1))
+    x_high = int(min(max(math.floor(max(xs)) + 1, x_low), width - 1))
+    y_low = int(min(max(math.floor(min(ys)), 0), height - 1))
+    y_high = int(min(max(math.floor(max(ys)) + 1, y_low), height - 1))
     # the part inside a frame of zeros one pixel wide: the image's zero surround where the part
     # meets the image's edge (grid_sample's own zero padding serves positions beyond it)
     channels = image.shape[2] if image.ndim == 3 else 1
