@@ -9,14 +9,16 @@ five landmarks each), then times over the same images, best of --repeats, interl
     align_face_cv's similarity fit and OpenCV-style bilinear) in this process, one thread;
 (3) the alignment alone (align_face_cv on decoded images), float and resampling="opencv4";
 (4) extract_features' whole loader (DataLoader workers decoding and aligning, batches handed to
-    the rank) with a model that costs nothing, per worker process (rate / workers), after the
-    workers started;
+    the rank) with a model that costs nothing: wall-clock rate / workers, and images per CPU-second
+    the worker processes used (getrusage of the joined children: what a core does, however
+    loaded the machine is);
 (5) the same with the tiny backbone at 112 (the model on this CPU; on a GPU the loader is the limit).
 Prints one table: images/s per core and the fraction of the floor.
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import tempfile
 import time
 
@@ -75,7 +77,7 @@ def main() -> None:
                 best_rate(lambda: [align_face_cv(image, item.landmarks, resampling="opencv4")
                                    for image, item in zip(decoded, items)], count, 1))
             if args.workers:
-                loader_items = items * 4
+                loader_items = items * 16   # long enough that the workers' start-up is a small part
                 extract_features(free, items[:args.workers * args.batch_size], batch_size=args.batch_size,
                                  num_workers=args.workers, progress=False, flip=False)
                 rate = best_rate(lambda: extract_features(free, loader_items, batch_size=args.batch_size,
@@ -83,11 +85,19 @@ def main() -> None:
                                  len(loader_items), 1)
                 rows.setdefault(f"extract_features loader, free model, per worker ({args.workers} workers)",
                                 []).append(rate / args.workers)
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                extract_features(free, loader_items, batch_size=args.batch_size, num_workers=args.workers,
+                                 progress=False, flip=False)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)   # the workers, joined at the end
+                worker_seconds = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+                rows.setdefault("extract_features loader, free model, per worker CPU-second", []).append(
+                    len(loader_items) / worker_seconds)
             rows.setdefault("extract_features, tiny backbone + flip, num_workers=0", []).append(
                 best_rate(lambda: extract_features(tiny, items, batch_size=args.batch_size, num_workers=0,
                                                    progress=False), count, 1))
         floor = max(rows["decode only (floor)"])
-        print(f"{count} loose crops, {sides[:, 1].min()}–{sides[:, 1].max()} x {sides[:, 0].min()}–{sides[:, 0].max()} px, "
+        print(f"{count} loose crops, {sides[:, 1].min()}–{sides[:, 1].max()} x "
+              f"{sides[:, 0].min()}–{sides[:, 0].max()} px, "
               f"best of {args.repeats}; torch threads 1")
         print(f"| {'what':<66} | images/s per core | of the floor |")
         print(f"|{'-' * 68}|-------------------|--------------|")

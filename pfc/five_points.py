@@ -40,7 +40,10 @@ def check_landmarks(landmarks) -> np.ndarray:
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """The 2x3 matrix M = [s·R | t] minimising Σ‖s·R·src_k + t − dst_k‖² (Umeyama, no reflection).
 
-    ``src`` and ``dst`` are [K, 2] point arrays, K ≥ 2, not all ``src`` points equal.
+    ``src`` and ``dst`` are [K, 2] point arrays, K ≥ 2, not all ``src`` points equal. In the plane
+    s·R is any matrix [[p, −q], [q, p]], so the fit is linear least squares in (p, q, t): with the
+    centred points x_k, y_k, p = Σ x_k·y_k / Σ‖x_k‖², q = Σ x_k × y_k / Σ‖x_k‖² (× the 2-d cross
+    product), t = ȳ − s·R·x̄; the same minimiser as Umeyama's SVD with its reflection check.
     """
     src = np.asarray(src, dtype=np.float64)
     dst = np.asarray(dst, dtype=np.float64)
@@ -48,18 +51,15 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
         raise ValueError(f"need two [K, 2] point arrays with K >= 2, got {src.shape} and {dst.shape}")
     src_mean, dst_mean = src.mean(0), dst.mean(0)
     src_c, dst_c = src - src_mean, dst - dst_mean
-    src_var = (src_c ** 2).sum() / len(src)
-    if src_var < 1e-12:
+    spread = float((src_c ** 2).sum())
+    if spread < 1e-12 * len(src):
         raise DataError("landmarks are all at one point; cannot estimate an alignment")
-    u, sigma, vt = np.linalg.svd(dst_c.T @ src_c / len(src))
-    sign = np.ones(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        sign[1] = -1.0
-    rotation = u @ np.diag(sign) @ vt
-    scale = (sigma * sign).sum() / src_var
+    p = float((src_c * dst_c).sum()) / spread
+    q = float((src_c[:, 0] * dst_c[:, 1] - src_c[:, 1] * dst_c[:, 0]).sum()) / spread
+    linear = np.array([[p, -q], [q, p]])
     matrix = np.empty((2, 3))
-    matrix[:, :2] = scale * rotation
-    matrix[:, 2] = dst_mean - scale * rotation @ src_mean
+    matrix[:, :2] = linear
+    matrix[:, 2] = dst_mean - linear @ src_mean
     return matrix
 
 
@@ -74,7 +74,10 @@ def invert_affine(matrix: np.ndarray) -> np.ndarray:
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (2, 3):
         raise ValueError(f"need a 2x3 affine matrix, got shape {matrix.shape}")
-    if abs(np.linalg.det(matrix[:, :2])) < 1e-12:
+    (a, b, c), (d, e, f) = matrix.tolist()
+    determinant = a * e - b * d
+    if abs(determinant) < 1e-12:
         raise ValueError("the affine matrix is singular (it maps the plane onto a line)")
-    linear_inv = np.linalg.inv(matrix[:, :2])
-    return np.concatenate([linear_inv, (-linear_inv @ matrix[:, 2])[:, None]], axis=1)
+    # closed form: numpy's inverse of a 2x2 costs more in call overhead than the arithmetic
+    ia, ib, id_, ie = e / determinant, -b / determinant, -d / determinant, a / determinant
+    return np.array([[ia, ib, -(ia * c + ib * f)], [id_, ie, -(id_ * c + ie * f)]])

@@ -44,7 +44,8 @@ def loose_crop(aligned: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return warp_affine(aligned, matrix, 3 * len(aligned)), landmarks
 
 
-def write_faces(folder: str, count: int, *, loose_every: int = 0, extension: str = "png") -> list[tuple[str, np.ndarray | None]]:
+def write_faces(folder: str, count: int, *, loose_every: int = 0,
+                extension: str = "png") -> list[tuple[str, np.ndarray | None]]:
     """``count`` images under ``folder`` (lossless by default, so tests can decode them exactly):
     ``(path, landmarks or None)``; every ``loose_every``-th one a loose crop with landmarks."""
     os.makedirs(folder, exist_ok=True)

@@ -68,8 +68,8 @@ def reference_opencv4(image: np.ndarray, matrix: np.ndarray, size: int) -> np.nd
     out = np.zeros((size, size) + image.shape[2:], dtype=np.uint8)
     for y in range(size):
         for x in range(size):
-            u = (int(np.rint(inverse[0, 0] * x * 1024)) + int(np.rint((inverse[0, 1] * y + inverse[0, 2]) * 1024)) + 16) >> 5
-            v = (int(np.rint(inverse[1, 0] * x * 1024)) + int(np.rint((inverse[1, 1] * y + inverse[1, 2]) * 1024)) + 16) >> 5
+            u, v = ((int(np.rint(inverse[axis, 0] * x * 1024))
+                     + int(np.rint((inverse[axis, 1] * y + inverse[axis, 2]) * 1024)) + 16) >> 5 for axis in (0, 1))
             total = 1 << 14
             for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
                 column, row = (u >> 5) + dx, (v >> 5) + dy
@@ -107,7 +107,8 @@ def test_estimate_similarity_recovers_a_known_transform_and_never_reflects():
     np.testing.assert_allclose(estimate_similarity(source), known, atol=1e-9)
     mirrored = ARCFACE_TEMPLATE * [-1.0, 1.0]
     linear = estimate_similarity(mirrored)[:, :2]
-    assert np.linalg.det(linear) > 0 and np.allclose(linear[0, 0], linear[1, 1]) and np.allclose(linear[0, 1], -linear[1, 0])
+    assert np.linalg.det(linear) > 0
+    assert np.allclose(linear[0, 0], linear[1, 1]) and np.allclose(linear[0, 1], -linear[1, 0])
 
 
 def test_alignment_inverts_the_similarity_that_made_a_loose_crop():

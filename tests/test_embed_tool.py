@@ -12,6 +12,8 @@ from pfc.evaluation.embedding import FaceItem, extract_features, load_embedding_
 from tests.data_fixtures import jpeg, write_shard_set
 from tests.face_fixtures import DIM, face_image, save_tiny_backbone, write_faces
 
+ALIGNED_POINTS = np.array([[11, 15], [21, 15], [16, 20], [12, 26], [20, 26]], dtype=float)   # near the 32-px template
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -56,15 +58,13 @@ def test_an_image_list_with_landmarks_aligns_each_face(setup):
     with open(root / "landmarks.csv", "w") as stream:
         stream.write("name,x1,y1,x2,y2,x3,y3,x4,y4,x5,y5\n")
         for path, landmarks in faces:
-            points = landmarks if landmarks is not None else np.array([[11, 15], [21, 15], [16, 20], [12, 26], [20, 26]])
+            points = landmarks if landmarks is not None else ALIGNED_POINTS
             stream.write(os.path.relpath(path, root) + "," + ",".join(f"{v:.6f}" for v in np.ravel(points)) + "\n")
     assert embed_tool.main([model, "--list", str(root / "list.txt"), "--landmarks", str(root / "landmarks.csv"),
                             "-o", str(root / "out_list.npy"), "--workers", "1", "--batch-size", "4", "--quiet"]) == 0
     features, names = read_outputs(root / "out_list")
     assert names == [os.path.relpath(path, root) for path, _ in faces]
-    expected_items = [FaceItem(path, landmarks if landmarks is not None else
-                               np.array([[11, 15], [21, 15], [16, 20], [12, 26], [20, 26]], dtype=float))
-                      for path, landmarks in faces]
+    expected_items = [FaceItem(path, ALIGNED_POINTS if landmarks is None else landmarks) for path, landmarks in faces]
     np.testing.assert_allclose(features, normalised(model, expected_items), atol=1e-6)
 
 

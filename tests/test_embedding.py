@@ -58,7 +58,8 @@ def test_shares_are_contiguous_and_differ_by_at_most_one_item():
 
 def _extract_on_ranks(rank, world_size, model_file, items, bad_path, cache_dir):
     model = load_embedding_model(model_file)
-    features = extract_features(model, items, batch_size=2, num_workers=0, progress=False)   # ranks are daemons: no workers
+    # the ranks are daemon processes: no DataLoader workers
+    features = extract_features(model, items, batch_size=2, num_workers=0, progress=False)
     cached = extract_features(model, items, batch_size=2, num_workers=0, progress=False, cache_dir=cache_dir)
     model.forward = None   # a second call must read the cache (on every rank) and never run the model
     again = extract_features(model, items, batch_size=2, num_workers=0, progress=False, cache_dir=cache_dir)

@@ -73,6 +73,27 @@ def test_a_missing_ijb_image_or_root_stops_before_training(ijb_root, tmp_path):
     names = sorted(os.listdir(ijb_root / "loose_crop"))
     for name in names[1:]:
         os.symlink(ijb_root / "loose_crop" / name, tmp_path / "loose_crop" / name)
-    with pytest.raises(DataError, match=f"face \\d+'s image {tmp_path}/loose_crop/{names[0]} does not exist"):
+    missing = f"ijbc_name_5pts_score.txt:\\d+: image {tmp_path}/loose_crop/{names[0]} does not exist"
+    with pytest.raises(DataError, match=missing):
         load_val_sets(ijb_config(tmp_path), runtime, SIZE)
     assert np.all([os.path.exists(tmp_path / "loose_crop" / name) for name in names[1:]])
+
+
+def test_an_ijb_row_is_logged_with_its_tar_and_left_out_of_the_pair_comparison(tmp_path):
+    import json
+
+    from pfc.evaluation.report import read_results
+    from pfc.train.metrics import TrainLogger
+
+    pair_row = {"set": "pairs", "num_pairs": 40, "accuracy": 0.9, "accuracy_std": 0.01, "threshold": 1.2, "auc": 0.95,
+                "tar@far=1e-3": 0.5, "tar@far=1e-4": None, "step": 5}
+    ijb_row = {"set": "IJBC", "protocol": "ijb 1:1", "step": 5, "far": 1e-4, "tar@far=1e-4": 0.25,
+               "tar@far=1e-4 interpolated": 0.26, "templates": 9, "pairs": 18}
+    lines = []
+    with TrainLogger(str(tmp_path), True) as logger:
+        logger.log_eval([pair_row, ijb_row], write=lines.append)
+    assert lines[1] == "eval IJBC step 5: ijb 1:1 tar@far=1e-4 0.2500 (18 pairs)"
+    logged = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert logged == [pair_row, ijb_row]
+    (tmp_path / "eval_results.json").write_text(json.dumps({"final": [pair_row, ijb_row], "history": []}))
+    assert read_results([str(tmp_path / "eval_results.json")]) == [("eval_results", pair_row)]

@@ -13,13 +13,15 @@ M⁻¹·(x, y, 1), pixel centres at integer coordinates, neighbours outside the 
 The packer's PIL aligner (:func:`pfc.datasets.align.align_face`) samples the same geometry but
 resamples differently (PIL's bilinear), which moves IJB pair scores by up to ~1.5e-2; evaluation
 uses :func:`warp_affine` instead. By default it interpolates in float32 (torch's ``grid_sample``)
-and rounds, as OpenCV 5 does (measured: 98 of 1.5 M values ±1 against OpenCV 5.1);
+and rounds, as OpenCV 5 does (measured: 116 of 1.5 M values ±1 against OpenCV 5.1);
 ``resampling="opencv4"`` reproduces OpenCV ≤ 4's fixed-point arithmetic bit for bit (positions
 rounded to 1/32 pixel; the float path differs from it by ±1–4 grey levels in ~7 % of the values
 of smooth images). docs/benchmarks.md has the comparison.
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Literal, get_args
 
 import numpy as np
@@ -49,7 +51,7 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int = 112, *,
     (1−fx)fy, fx·fy, a neighbour outside the image counting as 0 (OpenCV's INTER_LINEAR with
     BORDER_CONSTANT 0), rounded to the nearest integer and saturated to [0, 255]. Computed by
     torch's ``grid_sample`` (zeros padding, ``align_corners=True``: the same sampling) in
-    float32 on the part of the image the output reads.
+    float32 (positions to ~1e-5 pixel) on the part of the image the output reads.
 
     ``resampling="opencv4"``: OpenCV ≤ 4's fixed-point arithmetic instead: the inverse map as OpenCV inverts it, each
     position rounded to 1/32 pixel, integer weights (32−fx)(32−fy)·32 … summing to 2¹⁵, the sum
@@ -65,26 +67,36 @@ def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int = 112, *,
     if resampling == "opencv4":
         return _warp_opencv4(image, matrix, size)
     height, width = image.shape[:2]
-    grid = np.arange(size, dtype=np.float64)
-    source_x = inverse[0, 0] * grid[None, :] + inverse[0, 1] * grid[:, None] + inverse[0, 2]
-    source_y = inverse[1, 0] * grid[None, :] + inverse[1, 1] * grid[:, None] + inverse[1, 2]
-    # only the pixels some output reads (each position reads floor(p) and floor(p) + 1) are converted
-    x_low = int(np.clip(np.floor(source_x.min()), 0, width - 1))
-    x_high = int(np.clip(np.floor(source_x.max()) + 1, x_low, width - 1))
-    y_low = int(np.clip(np.floor(source_y.min()), 0, height - 1))
-    y_high = int(np.clip(np.floor(source_y.max()) + 1, y_low, height - 1))
+    # only the pixels some output reads (each position reads floor(p) and floor(p) + 1) are
+    # converted: the box of the output square's corners in the image (an affine map takes its
+    # extremes at them), in Python floats (numpy's call overhead dominates on four points)
+    last = size - 1.0
+    (a, b, c), (d, e, f) = inverse.tolist()
+    xs = (c, a * last + c, b * last + c, (a + b) * last + c)
+    ys = (f, d * last + f, e * last + f, (d + e) * last + f)
+    x_low = int(min(max(math.floor(min(xs)), 0), width - 1))
+    x_high = int(min(max(math.floor(max(xs)) + 1, x_low), width - 1))
+    y_low = int(min(max(math.floor(min(ys)), 0), height - 1))
+    y_high = int(min(max(math.floor(max(ys)) + 1, y_low), height - 1))
     # the part inside a frame of zeros one pixel wide: the image's zero surround where the part
-    # meets the image's edge (grid_sample's own zero padding then only serves positions beyond it)
+    # meets the image's edge (grid_sample's own zero padding serves positions beyond it)
     channels = image.shape[2] if image.ndim == 3 else 1
     framed = np.zeros((y_high - y_low + 3, x_high - x_low + 3, channels), dtype=np.uint8)
     framed[1:-1, 1:-1] = image[y_low:y_high + 1, x_low:x_high + 1].reshape(framed.shape[0] - 2, -1, channels)
     part = torch.from_numpy(framed).permute(2, 0, 1)[None].float()
-    # grid_sample's coordinates with align_corners=True: −1 and 1 are the centres of the first
-    # and last pixel of the framed part
-    normalised = np.stack([_normalise(source_x - x_low + 1, framed.shape[1] - 1),
-                           _normalise(source_y - y_low + 1, framed.shape[0] - 1)], axis=-1)
-    sampled = F.grid_sample(part, torch.from_numpy(normalised.astype(np.float32))[None], mode="bilinear",
-                            padding_mode="zeros", align_corners=True)
+    # grid_sample's coordinates with align_corners=True: −1 and 1 are the centres of the first and
+    # last pixel, of the output (u, v) as of the framed part; output (x, y) = (u + 1)·(size − 1)/2,
+    # its position in the part p = M⁻¹·(x, y, 1) − (x_low, y_low) + 1, normalised 2p/(side − 1) − 1
+    half = (size - 1) / 2.0
+    theta = np.empty((2, 3))
+    for axis, (low, side) in enumerate(((x_low, framed.shape[1]), (y_low, framed.shape[0]))):
+        scale = 2.0 / (side - 1)
+        theta[axis, :2] = scale * half * inverse[axis, :2]
+        theta[axis, 2] = scale * (half * inverse[axis, :2].sum() + inverse[axis, 2] - low + 1) - 1.0
+    grid = torch.mm(torch.from_numpy(theta).float(), _output_grid(size)).t().reshape(1, size, size, 2)
+    # far-away positions read zeros either way; clamped so that no index computation can overflow
+    sampled = F.grid_sample(part, grid.clamp_(-2.0, 2.0), mode="bilinear", padding_mode="zeros",
+                            align_corners=True)
     out = sampled[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
     return out if image.ndim == 3 else out[..., 0]
 
@@ -125,10 +137,14 @@ def _warp_opencv4(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarra
     return out if image.ndim == 3 else out[..., 0]
 
 
-def _normalise(position: np.ndarray, last: int) -> np.ndarray:
-    """Pixel positions over [0, last] as grid_sample's [−1, 1]; positions beyond the zero frame
-    are clipped to it (they read zeros either way)."""
-    return np.clip(position, 0.0, float(last)) * (2.0 / last) - 1.0
+@functools.lru_cache(maxsize=8)
+def _output_grid(size: int) -> torch.Tensor:
+    """float32 [3, size·size]: (u, v, 1) of each output pixel, row by row, u and v from −1 to 1
+    (``affine_grid``'s base grid with align_corners=True, transposed; made once per size)."""
+    steps = torch.linspace(-1.0, 1.0, size, dtype=torch.float64) if size > 1 else torch.full((1,), -1.0,
+                                                                                              dtype=torch.float64)
+    v, u = torch.meshgrid(steps, steps, indexing="ij")
+    return torch.stack([u.reshape(-1), v.reshape(-1), torch.ones(size * size, dtype=torch.float64)]).float()
 
 
 def align_face_cv(image: np.ndarray, landmarks: np.ndarray, size: int = 112, *,

@@ -227,24 +227,25 @@ def _extract_share(model: EmbeddingModel, share: FaceDataset, count: int, larges
         num_workers = 0   # one batch: starting a worker process would cost more than decoding it here
     loader = torch.utils.data.DataLoader(
         share, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        collate_fn=_collate, worker_init_fn=functools.partial(_worker_init, rank_pid=os.getpid()) if num_workers else None)
+        collate_fn=_collate,
+        worker_init_fn=functools.partial(_worker_init, rank_pid=os.getpid()) if num_workers else None)
     batches = iter(loader)
     bar = tqdm(total=count, desc="features", unit="img", disable=not progress, smoothing=0.05)
     try:
         for _ in range(math.ceil(largest_share / batch_size)):
             error = None
-            batch = next(batches, None)
-            if batch is not None:
-                indices, faces, message = batch
-                if message is not None:
-                    error = DataError(message)
-                else:
-                    try:
+            try:   # a failure here (a worker that died, the model) is raised on every rank below
+                batch = next(batches, None)
+                if batch is not None:
+                    indices, faces, message = batch
+                    if message is not None:
+                        error = DataError(message)
+                    else:
                         x = to_model_input(faces)
                         output = model(x) + model(torch.flip(x, dims=[3])) if flip else model(x)
                         features[indices.numpy()] = output.numpy()
-                    except Exception as exc:   # the model failed here: raised on every rank below
-                        error = exc
+            except Exception as exc:
+                error = exc
             agree_on_error(error, "extracting features", group)
             bar.update(min(batch_size * world_size, bar.total - bar.n))
     finally:

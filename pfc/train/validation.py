@@ -80,12 +80,12 @@ def read_ijb_set(config: TrainConfig, check_images: bool) -> IjbSet:
     if not os.path.isdir(config.eval.ijb):
         raise DataError(f"eval.ijb {config.eval.ijb} is not a folder")
     meta = read_ijb_meta(config.eval.ijb, config.eval.ijb_target)
-    items = [FaceItem(meta.layout.image(name), landmarks)
-             for name, landmarks in zip(meta.faces.names.tolist(), meta.faces.landmarks)]
+    items = [FaceItem(meta.layout.image(name), landmarks, line=line)     # line: of the 5-point file
+             for line, (name, landmarks) in enumerate(zip(meta.faces.names.tolist(), meta.faces.landmarks), start=1)]
     if check_images:
-        for row, item in enumerate(items, 1):
+        for item in items:
             if not os.path.isfile(item.path):
-                raise DataError(f"{meta.layout.faces_file}: face {row}'s image {item.path} does not exist")
+                raise DataError(f"{meta.layout.faces_file}:{item.line}: image {item.path} does not exist")
     return IjbSet(meta, items)
 
 
