@@ -331,6 +331,12 @@ def test_the_tool_on_images_pt_and_onnx_agree_and_a_rerun_reads_the_cache(ijb_ro
     assert json.loads((tmp_path / "unflipped" / "ijb_result.json").read_text())["flip"] is False
     assert np.abs(np.load(tmp_path / "unflipped" / "scores.npy") - scores).max() > 1e-3
 
+    assert eval_ijb.main(["--model", backbone, "--root", ijb_root, "--output", str(tmp_path / "opencv4"),
+                          "--workers", "0", "--resampling", "opencv4"]) == 0
+    assert json.loads((tmp_path / "opencv4" / "ijb_result.json").read_text())["resampling"] == "opencv4"
+    fixed_point = np.load(tmp_path / "opencv4" / "scores.npy")        # OpenCV <= 4's arithmetic: other
+    assert 0 < np.abs(fixed_point - scores).max() < 2e-3                # pixels, scores within the issue's 2e-3
+
     pytest.importorskip("onnxruntime")
     from pfc.evaluation.export import load_backbone
     from pfc.evaluation.onnx_export import export_onnx

@@ -1,6 +1,7 @@
 """IJB-B / IJB-C evaluation of a face model with insightface's protocol; writes DIR/ijb_result.json.
 
     pfc-eval-ijb --model backbone.pt --root IJB_ROOT --target IJBC --output DIR [--batch-size N] [--no-flip]
+                 [--resampling float|opencv4]
     torchrun --nproc_per_node=4 tools/eval_ijb.py --model model.onnx --root … --output DIR
 
 IJB_ROOT in insightface's layout (meta/ and loose_crop/, see pfc/evaluation/ijb/meta.py).
@@ -34,6 +35,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=128, help="faces per forward pass (default 128)")
     parser.add_argument("--no-flip", action="store_true", help="f(x) instead of f(x) + f(flipped x)")
     parser.add_argument("--workers", type=int, default=2, help="loader processes per rank (decode, align)")
+    parser.add_argument("--resampling", choices=["float", "opencv4"], default="float",
+                        help="alignment's bilinear: float (OpenCV 5's warpAffine, default) or opencv4 "
+                             "(OpenCV <= 4's 5-bit fixed point, bit for bit)")
     parser.add_argument("--label", help="the method's name in the table (default: the model's file name)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -62,7 +66,7 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             evaluation = evaluate_ijb(meta, features)
             evaluation.result.update(model=os.path.abspath(args.model), flip=not args.no_flip,
-                                     root=os.path.abspath(args.root))
+                                     resampling=args.resampling, root=os.path.abspath(args.root))
             label = args.label or os.path.basename(args.model)
             paths = write_ijb_outputs(args.output, evaluation, label)
             print(format_ijb_table({label: evaluation.result}))
@@ -86,7 +90,8 @@ def _extract(args, meta, rank: int):
     items = [FaceItem(meta.layout.image(name), landmarks, line=line)     # line: of the 5-point file
              for line, (name, landmarks) in enumerate(zip(meta.faces.names.tolist(), meta.faces.landmarks), start=1)]
     return extract_features(model, items, batch_size=args.batch_size, flip=not args.no_flip,
-                            num_workers=args.workers, cache_dir=args.output, progress=rank == 0)
+                            num_workers=args.workers, cache_dir=args.output, progress=rank == 0,
+                            resampling=args.resampling)
 
 
 if __name__ == "__main__":
