@@ -49,7 +49,7 @@ class Job:
     head's rows per chunk (``head.chunk_rows``); None or 0: automatic, as on a GPU. ``logits``: the
     head's ``head.logits`` (keep the ``[S, B]`` block for the backward, or recompute it: one GEMM
     more; auto decides by memory, see :class:`pfc.head.PartialFC`). ``grad_checkpointing``: the
-backbone's ``backbone.grad_checkpointing`` (activations recomputed in the backward)."""
+    backbone's ``backbone.grad_checkpointing`` (activations recomputed in the backward)."""
 
     num_classes: int
     gpus: int
