@@ -22,7 +22,8 @@ from pfc.train.config import (
 config = TrainConfig(
     output="runs/wf42m_pfc03_vit_b",
     data=DataConfig(batch_size=256),
-    backbone=BackboneConfig(network="vit_b_dp005_mask_005", embedding_size=512, precision="fp16"),
+    backbone=BackboneConfig(network="vit_b_dp005_mask_005", embedding_size=512, precision="fp16",
+                            grad_checkpointing=True),   # insightface builds vit_b/l/h with using_checkpoint=True
     head=HeadConfig(sample_rate=0.3, optimizer="adamw", margin=MarginConfig(s=64.0, m1=1.0, m2=0.0, m3=0.4)),
     optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1, grad_clip=5.0, grad_accumulation=12),
     schedule=ScheduleConfig(num_epochs=40, warmup_steps=6912, kind="poly", power=2.0),

@@ -51,7 +51,6 @@ VIT_RECIPES = {  # size: insightface's network name, batch per GPU, accumulated 
 
 @pytest.mark.parametrize("size", sorted(VIT_RECIPES))
 def test_the_vit_recipes_carry_insightfaces_wf42m_pfc03_hyper_parameters(size):
-    """Needs the ViT backbones (branch vit) and the centers' AdamW (branch adamw): fails before they are merged."""
     network, batch, accumulation, warmup = VIT_RECIPES[size]
     config = load_config(recipe(f"wf42m_pfc03_vit_{size}"))
     assert (config.backbone.network, config.data.batch_size, config.optim.grad_accumulation) == (network, batch,
@@ -64,6 +63,8 @@ def test_the_vit_recipes_carry_insightfaces_wf42m_pfc03_hyper_parameters(size):
     assert (config.schedule.num_epochs, config.schedule.warmup_steps, config.schedule.kind, config.schedule.power) == (
         40, warmup, "poly", 2.0)
     assert (config.backbone.precision, config.backbone.embedding_size) == ("fp16", 512)
+    # insightface builds vit_b, vit_l (and vit_h) with using_checkpoint=True, vit_t and vit_s without
+    assert config.backbone.grad_checkpointing == (size in ("b", "l"))
 
 
 def test_the_fine_tune_recipe_freezes_the_backbone_first():
