@@ -1,109 +1,56 @@
-"""Row-sparse SGD for the class centers.
+"""Row-sparse optimizers for the class centers: the shared machinery, and SGD.
 
 Partial FC touches only the sampled rows of the center matrix each step. ``SparseRowSGD``
 updates exactly those rows (weights and momentum of every other row stay bit-identical) and
 never materialises a dense gradient; its work and memory traffic scale with the sampled rows.
-The seam through which the head's backward applies it instead of returning the rows' gradient
-(``PartialFC.optimizer(update_in_backward=True)``) is :mod:`pfc.head.update_in_backward`.
+:class:`SparseRowOptimizer` is what it shares with :class:`pfc.head.adamw.SparseRowAdamW`:
+the gradient's rows, chunks, storage types and rounding streams, the on-device skip, loss
+unscaling, the update counter and the old rows for the rollback; a subclass says which per-row
+states it keeps (:attr:`SparseRowOptimizer.ROW_STATES`), how one update starts and which row
+kernel applies it. The seam through which the head's backward applies it instead of returning
+the rows' gradient (``PartialFC.optimizer(update_in_backward=True)``) is
+:mod:`pfc.head.update_in_backward`.
 """
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
 from pfc.distributed.collectives import get_rank
 from pfc.head.kernels import KERNEL_CHOICES, resolve_kernels
-from pfc.head.kernels.rows import RowStep, counter_seed, row_kernels
+from pfc.head.kernels.rows import AdamWStep, RowStep, counter_seed, row_kernels
 from pfc.head.rounding import check_rounding, is_narrow
 from pfc.head.scratch import ScratchBlocks
 from pfc.torch_private import uncoalesced_rows
 
+CenterOptimizer = Literal["sgd", "adamw"]
+CENTER_OPTIMIZERS: tuple[str, ...] = get_args(CenterOptimizer)   # SparseRowSGD, pfc.head.adamw.SparseRowAdamW
 
-class SparseRowSGD(torch.optim.Optimizer):
-    """SGD with momentum and weight decay, applied row by row to the rows that have a gradient.
 
-    For every row ``j`` present in ``p.grad`` (a sparse COO tensor over rows, or dense = all rows):
+class SparseRowOptimizer(torch.optim.Optimizer):
+    """What the row-sparse optimizers share (see :class:`SparseRowSGD` for the contract of each
+    part: ``found_inf``, ``grad_unscale``, :meth:`update_rows`, :meth:`nonfinite_gradients`,
+    :meth:`keep_old_rows`, the seeded rounding streams, ``kernels``).
 
-        d_j = grad_j + weight_decay · w_j
-        v_j = momentum · v_j + d_j           (v starts at 0, as torch.optim.SGD's first step)
-        w_j = w_j − lr · v_j
-
-    Each chunk is one pass of torch's fused SGD kernel. With a dense gradient the result is
-    bit-identical to ``torch.optim.SGD(lr, momentum, weight_decay=weight_decay)`` on the CPU when
-    the row width D is a multiple of 16 (128, 512, ...: every chunk is whole vectors); otherwise
-    the kernel's scalar tail may round a multiply-add once instead of twice (within an ulp), and
-    results then depend on where chunks end. On CUDA the arithmetic is ``SGD(fused=True)``'s.
-    Duplicate rows in an uncoalesced sparse gradient (gradient accumulation) are summed first.
-    The momentum buffer is allocated eagerly as
-    ``state[p]["momentum_buffer"]`` (dense, same shape as ``p``).
-
-    Storage types: the parameter's dtype is the weights' storage (float32, or bfloat16 / float16
-    for narrow class centers), ``momentum_dtype`` the momentum's (default: the parameter's). The
-    update is computed in float32 (float64 for a float64 parameter) chunk by chunk: the rows are
-    gathered, widened, updated with the formulas above, and written back rounded into their
-    storage types (:mod:`pfc.head.rounding`): ``rounding="stochastic"`` (default; unbiased, so
-    updates below the type's spacing are kept on average) or ``"nearest"``. float32 storage
-    keeps the in-place float32 arithmetic bit for bit. The random numbers of stochastic
-    rounding come from a generator on the parameter's device seeded by ``(seed, rank, update,
-    parameter)``, ``update`` the optimizer's own counter (:attr:`updates`, in its state dict):
-    a run resumed from a checkpoint rounds as the uninterrupted run would.
-
-    Skipping without a host sync: ``optimizer.found_inf``, when set to a 0-d tensor on the
-    parameters' device, makes every update leave the rows (weights and momentum) unchanged
-    where it is nonzero, decided on the device: each chunk's update is one pass of torch's fused
-    SGD kernel, which takes it as its ``found_inf`` (as torch's fused optimizers do under
-    GradScaler; narrow storage then rounds the unchanged values back to themselves, exactly);
-    the caller clears it (None).
-
-    Loss scaling (fp16, :class:`pfc.train.runners.ddp.DDPRunner`): ``optimizer.grad_unscale``,
-    when set to a 0-d float32 tensor on the parameters' device (the inverse of the loss scale),
-    multiplies every gradient in the compute type inside the update, so a narrow gradient (stored
-    in the parameter's type, scaled) is unscaled without underflowing in its own type (exact for
-    a power-of-two scale); :meth:`nonfinite_gradients` is the overflow check that goes with it
-    (one read of the stored gradients, on the device). The caller clears it (None).
-
-    :meth:`update_rows` applies the same update to given rows and their gradient directly: the
-    head calls it inside its backward when built with
-    ``PartialFC.optimizer(update_in_backward=True)`` (no gradient stored, ``p.grad`` stays None),
-    with a bit-identical result for float32 storage (D a multiple of 16, see above; the update in
-    the backward works in the head's chunks). For narrow storage the two differ by
-    rounding: ``p.grad`` is stored in the parameter's type (autograd rounds the head's gradient to
-    it), while the backward hands its float32 gradient over directly.
-
-    ``kernels``: the implementation of the row update (:mod:`pfc.head.kernels.rows`): ``"torch"``
-    (the reference; each chunk as described above) or ``"triton"`` (one kernel per call that
-    gathers, widens, updates, rounds and scatters; its stochastic rounding draws from Philox keyed
-    by the same ``(seed, rank, update, parameter)`` instead of the generator), or ``"auto"``
-    (:func:`pfc.head.kernels.resolve_kernels` on the parameters' device), resolved once into
-    :attr:`kernels`. ``PartialFC.optimizer`` passes the head's own choice.
-
-    No method reads a tensor value on the host for the head's gradients: a sparse gradient that
-    reaches the parameter flagged coalesced (the head's) while ``p.grad`` is None is noted on its
-    way in (a gradient hook) and used as it is; any other sparse gradient is checked (one host
-    read) and coalesced when needed.
+    A subclass names its per-row states in :attr:`ROW_STATES` (tensors whose first dimension is
+    the parameter's rows, created by :meth:`_init_row_states`; the checkpoint reshards them with
+    the centers and the rollback restores their sampled rows), builds one update's
+    :class:`RowUpdate` in :meth:`_start` and applies it in :meth:`apply_rows`.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 momentum_dtype: torch.dtype | None = None, chunk_rows: int = 1024,
-                 rounding: str = "stochastic", seed: int = 0, kernels: str = "torch"):
-        if not lr >= 0:
-            raise ValueError(f"learning rate {lr} must be >= 0")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum {momentum} outside [0, 1)")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay {weight_decay} must be >= 0")
+    ROW_STATES: tuple[str, ...] = ()
+
+    def __init__(self, params, defaults: dict, *, chunk_rows: int, rounding: str, seed: int, kernels: str):
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows {chunk_rows} must be >= 1")
         check_rounding(rounding)
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
-        if momentum_dtype is not None and not momentum_dtype.is_floating_point:
-            raise ValueError(f"momentum_dtype {momentum_dtype} is not a floating-point type")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.momentum_dtype = momentum_dtype
+        super().__init__(params, defaults)
         self.chunk_rows = chunk_rows
         self.rounding = rounding
         self.seed = int(seed)
@@ -119,14 +66,20 @@ class SparseRowSGD(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.dtype not in _STORAGE_DTYPES:
                     raise ValueError(f"parameter dtype {param.dtype} is not one of float32, float64, bfloat16, float16")
-                if group["momentum"]:
-                    self.state[param]["momentum_buffer"] = torch.zeros_like(
-                        param, dtype=momentum_dtype or param.dtype, memory_format=torch.contiguous_format)
+                self._init_row_states(param, group)
                 if param.requires_grad:
                     _note_gradients_of(self, param)
         first = next((p for group in self.param_groups for p in group["params"]), None)
         self.kernels = resolve_kernels(kernels, None if first is None else first.device)
         self.row_kernels = row_kernels(self.kernels)
+
+    def _init_row_states(self, param: torch.Tensor, group: dict) -> None:
+        """Create ``param``'s per-row states in ``self.state[param]`` (the subclass's)."""
+
+    def row_states(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``param``'s per-row states by name (:attr:`ROW_STATES` that it has)."""
+        state = self.state.get(param, {})
+        return {name: state[name] for name in self.ROW_STATES if isinstance(state.get(name), torch.Tensor)}
 
     def state_dict(self):
         state = super().state_dict()
@@ -134,20 +87,21 @@ class SparseRowSGD(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict):
-        """Restore the state; each momentum buffer keeps its storage type and is cast from the
-        saved one directly (a float32 buffer saved beside bfloat16 centers is not rounded twice)."""
+        """Restore the state; each per-row state keeps its type and is cast from the saved one
+        directly (a float32 buffer saved beside bfloat16 centers is not rounded twice; integer
+        step counts stay integers)."""
         state_dict = dict(state_dict)
         self.updates = int(state_dict.pop("updates", 0))
         params = [param for group in self.param_groups for param in group["params"]]
-        wanted = {index: self.state[param]["momentum_buffer"].dtype for index, param in enumerate(params)
-                  if "momentum_buffer" in self.state[param]}
-        saved = {int(key): entry.get("momentum_buffer") for key, entry in state_dict.get("state", {}).items()}
+        wanted = {(index, name): tensor.dtype for index, param in enumerate(params)
+                  for name, tensor in self.row_states(param).items()}
+        saved = {int(key): entry for key, entry in state_dict.get("state", {}).items()}
         super().load_state_dict(state_dict)   # it casts every state to its parameter's dtype
-        for index, param in enumerate(params):
-            buffer = saved.get(index)
-            if buffer is not None and index in wanted:
-                self.state[param]["momentum_buffer"] = buffer.to(device=param.device, dtype=wanted[index],
-                                                                 memory_format=torch.contiguous_format)
+        for (index, name), dtype in wanted.items():
+            value = saved.get(index, {}).get(name)
+            if value is not None:
+                self.state[params[index]][name] = value.to(device=params[index].device, dtype=dtype,
+                                                           memory_format=torch.contiguous_format)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -231,26 +185,138 @@ class SparseRowSGD(torch.optim.Optimizer):
         """Stop writing the old rows (see :meth:`keep_old_rows`)."""
         self.old_rows = None
 
-    def _start(self, param, index, update, skip) -> RowUpdate:
-        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
-        masks = [mask for mask in (self.found_inf, skip) if mask is not None]
+    def _skip_mask(self, skip: torch.Tensor | None, device) -> torch.Tensor | None:
+        """:attr:`found_inf` or ``skip`` (either nonzero: leave the rows as they are) as a 0-d
+        float32 tensor on ``device``, None when neither is set; decided on the device."""
         combined = None
-        for mask in masks:
+        for mask in (self.found_inf, skip):
+            if mask is None:
+                continue
             mask = mask.to(torch.bool) if mask.dtype == torch.bool else mask != 0
             combined = mask if combined is None else combined | mask
+        return None if combined is None else combined.to(device=device, dtype=torch.float32)
+
+    def _rounding_stream(self, param: torch.Tensor, index: int, update: int, narrow: bool) -> torch.Generator | None:
+        """The torch path's generator for update ``update`` of parameter ``index``, seeded by
+        ``(seed, rank, update, index)``; None unless something is stored narrow (``narrow``) and
+        rounded stochastically."""
+        if self.rounding != "stochastic" or not narrow:
+            return None
+        generator = self._generators.get(param.device)
+        if generator is None:
+            generator = self._generators[param.device] = torch.Generator(device=param.device)
+        generator.manual_seed(int(np.random.SeedSequence([self.seed, self.rank, update, index]).generate_state(1)[0]))
+        return generator
+
+    def _philox_seed(self, index: int, update: int) -> int:
+        """The Triton path's key for the same update (0 on the torch path)."""
+        return counter_seed(self.seed, self.rank, update, index) if self.kernels == "triton" else 0
+
+    def _start(self, param, index, update, skip) -> RowUpdate:
+        """One update's :class:`RowUpdate` (the subclass's arithmetic)."""
+        raise NotImplementedError
+
+    def apply_rows(self, param, rows, grad, update: RowUpdate, weight_rows=None, wide_rows=None, old_rows=None,
+                   chunk_rows=None, radial=None) -> None:
+        """Apply ``update`` to ``rows`` of ``param`` and its row states (the subclass's kernel)."""
+        raise NotImplementedError
+
+
+class SparseRowSGD(SparseRowOptimizer):
+    """SGD with momentum and weight decay, applied row by row to the rows that have a gradient.
+
+    For every row ``j`` present in ``p.grad`` (a sparse COO tensor over rows, or dense = all rows):
+
+        d_j = grad_j + weight_decay · w_j
+        v_j = momentum · v_j + d_j           (v starts at 0, as torch.optim.SGD's first step)
+        w_j = w_j − lr · v_j
+
+    Each chunk is one pass of torch's fused SGD kernel. With a dense gradient the result is
+    bit-identical to ``torch.optim.SGD(lr, momentum, weight_decay=weight_decay)`` on the CPU when
+    the row width D is a multiple of 16 (128, 512, ...: every chunk is whole vectors); otherwise
+    the kernel's scalar tail may round a multiply-add once instead of twice (within an ulp), and
+    results then depend on where chunks end. On CUDA the arithmetic is ``SGD(fused=True)``'s.
+    Duplicate rows in an uncoalesced sparse gradient (gradient accumulation) are summed first.
+    The momentum buffer is allocated eagerly as
+    ``state[p]["momentum_buffer"]`` (dense, same shape as ``p``).
+
+    Storage types: the parameter's dtype is the weights' storage (float32, or bfloat16 / float16
+    for narrow class centers), ``momentum_dtype`` the momentum's (default: the parameter's). The
+    update is computed in float32 (float64 for a float64 parameter) chunk by chunk: the rows are
+    gathered, widened, updated with the formulas above, and written back rounded into their
+    storage types (:mod:`pfc.head.rounding`): ``rounding="stochastic"`` (default; unbiased, so
+    updates below the type's spacing are kept on average) or ``"nearest"``. float32 storage
+    keeps the in-place float32 arithmetic bit for bit. The random numbers of stochastic
+    rounding come from a generator on the parameter's device seeded by ``(seed, rank, update,
+    parameter)``, ``update`` the optimizer's own counter (:attr:`updates`, in its state dict):
+    a run resumed from a checkpoint rounds as the uninterrupted run would.
+
+    Skipping without a host sync: ``optimizer.found_inf``, when set to a 0-d tensor on the
+    parameters' device, makes every update leave the rows (weights and momentum) unchanged
+    where it is nonzero, decided on the device: each chunk's update is one pass of torch's fused
+    SGD kernel, which takes it as its ``found_inf`` (as torch's fused optimizers do under
+    GradScaler; narrow storage then rounds the unchanged values back to themselves, exactly);
+    the caller clears it (None).
+
+    Loss scaling (fp16, :class:`pfc.train.runners.ddp.DDPRunner`): ``optimizer.grad_unscale``,
+    when set to a 0-d float32 tensor on the parameters' device (the inverse of the loss scale),
+    multiplies every gradient in the compute type inside the update, so a narrow gradient (stored
+    in the parameter's type, scaled) is unscaled without underflowing in its own type (exact for
+    a power-of-two scale); :meth:`nonfinite_gradients` is the overflow check that goes with it
+    (one read of the stored gradients, on the device). The caller clears it (None).
+
+    :meth:`update_rows` applies the same update to given rows and their gradient directly: the
+    head calls it inside its backward when built with
+    ``PartialFC.optimizer(update_in_backward=True)`` (no gradient stored, ``p.grad`` stays None),
+    with a bit-identical result for float32 storage (D a multiple of 16, see above; the update in
+    the backward works in the head's chunks). For narrow storage the two differ by
+    rounding: ``p.grad`` is stored in the parameter's type (autograd rounds the head's gradient to
+    it), while the backward hands its float32 gradient over directly.
+
+    ``kernels``: the implementation of the row update (:mod:`pfc.head.kernels.rows`): ``"torch"``
+    (the reference; each chunk as described above) or ``"triton"`` (one kernel per call that
+    gathers, widens, updates, rounds and scatters; its stochastic rounding draws from Philox keyed
+    by the same ``(seed, rank, update, parameter)`` instead of the generator), or ``"auto"``
+    (:func:`pfc.head.kernels.resolve_kernels` on the parameters' device), resolved once into
+    :attr:`kernels`. ``PartialFC.optimizer`` passes the head's own choice.
+
+    No method reads a tensor value on the host for the head's gradients: a sparse gradient that
+    reaches the parameter flagged coalesced (the head's) while ``p.grad`` is None is noted on its
+    way in (a gradient hook) and used as it is; any other sparse gradient is checked (one host
+    read) and coalesced when needed.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 momentum_dtype: torch.dtype | None = None, chunk_rows: int = 1024,
+                 rounding: str = "stochastic", seed: int = 0, kernels: str = "torch"):
+        if not lr >= 0:
+            raise ValueError(f"learning rate {lr} must be >= 0")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum {momentum} outside [0, 1)")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay {weight_decay} must be >= 0")
+        if momentum_dtype is not None and not momentum_dtype.is_floating_point:
+            raise ValueError(f"momentum_dtype {momentum_dtype} is not a floating-point type")
+        self.momentum_dtype = momentum_dtype
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), chunk_rows=chunk_rows,
+                         rounding=rounding, seed=seed, kernels=kernels)
+
+    ROW_STATES = ("momentum_buffer",)
+
+    def _init_row_states(self, param: torch.Tensor, group: dict) -> None:
+        if group["momentum"]:
+            self.state[param]["momentum_buffer"] = torch.zeros_like(
+                param, dtype=self.momentum_dtype or param.dtype, memory_format=torch.contiguous_format)
+
+    def _start(self, param, index, update, skip) -> RowUpdate:
+        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
         buffer = self.state[param].get("momentum_buffer")
-        generator = None
-        if self.rounding == "stochastic" and (is_narrow(param.dtype) or (buffer is not None and is_narrow(buffer.dtype))):
-            generator = self._generators.get(param.device)
-            if generator is None:
-                generator = self._generators[param.device] = torch.Generator(device=param.device)
-            generator.manual_seed(int(np.random.SeedSequence([self.seed, self.rank, update, index]).generate_state(1)[0]))
-        found_inf = None if combined is None else combined.to(device=param.device, dtype=torch.float32)
+        narrow = is_narrow(param.dtype) or (buffer is not None and is_narrow(buffer.dtype))
         step = RowStep(lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
-                       rounding=self.rounding, found_inf=found_inf, generator=generator,
-                       seed=counter_seed(self.seed, self.rank, update, index) if self.kernels == "triton" else 0,
-                       unscale=self.grad_unscale)
-        return RowUpdate(step, buffer)
+                       rounding=self.rounding, found_inf=self._skip_mask(skip, param.device),
+                       generator=self._rounding_stream(param, index, update, narrow),
+                       seed=self._philox_seed(index, update), unscale=self.grad_unscale)
+        return RowUpdate(step, {"momentum_buffer": buffer})
 
     def apply_rows(self, param, rows, grad, update: RowUpdate, weight_rows=None, wide_rows=None, old_rows=None,
                    chunk_rows=None, radial=None) -> None:
@@ -274,40 +340,55 @@ _STORAGE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 @dataclass(frozen=True)
 class RowUpdate:
     """One update of one parameter: its arithmetic, skip mask and randomness
-    (:class:`pfc.head.kernels.rows.RowStep`, fixed when the update starts: an LR scheduler's
-    change shows at the next update) and its momentum buffer (None without momentum)."""
+    (:class:`pfc.head.kernels.rows.RowStep` or :class:`pfc.head.kernels.rows.AdamWStep`, fixed
+    when the update starts: an LR scheduler's change shows at the next update) and its per-row
+    states by name (:attr:`SparseRowOptimizer.ROW_STATES`; a value None: not kept, e.g. SGD
+    without momentum)."""
 
-    step: RowStep
-    buffer: torch.Tensor | None
+    step: RowStep | AdamWStep
+    states: dict[str, torch.Tensor | None]
+
+    @property
+    def buffer(self) -> torch.Tensor | None:
+        """SGD's momentum buffer (None without momentum, or for another optimizer)."""
+        return self.states.get("momentum_buffer")
 
 
 class OldRows:
-    """The values the rows of the last update in the backward had before it (:meth:`SparseRowSGD.keep_old_rows`):
-    ``rows`` the row ids updated (None: all rows), ``weight`` and ``momentum`` (None without a
-    momentum buffer) ``[n, D]`` in their storage types, in the order of ``rows``; ``filled`` says
-    whether an update wrote them since the owner last cleared it. The blocks are reused across
-    updates (grown when too small)."""
+    """The values the rows of the last update in the backward had before it
+    (:meth:`SparseRowOptimizer.keep_old_rows`): ``rows`` the row ids updated (None: all rows),
+    ``weight`` ``[n, D]`` and ``states`` (each per-row state's rows by name: SGD's momentum,
+    AdamW's moments and step counts; None where the optimizer keeps none) in their storage types,
+    in the order of ``rows``; ``filled`` says whether an update wrote them since the owner last
+    cleared it. The blocks are reused across updates (grown when too small)."""
 
     def __init__(self):
         self.rows: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None
-        self.momentum: torch.Tensor | None = None
+        self.states: dict[str, torch.Tensor | None] = {}
         self.filled = False
         self._blocks = ScratchBlocks()
 
-    def prepare(self, weight: torch.Tensor, momentum: torch.Tensor | None,
-                index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Blocks for an update of rows ``index`` (None: all rows) of ``weight`` and ``momentum``,
-        marked filled (the update writes them before it writes anything else)."""
+    @property
+    def momentum(self) -> torch.Tensor | None:
+        """SGD's momentum rows (None without momentum)."""
+        return self.states.get("momentum_buffer")
+
+    def prepare(self, weight: torch.Tensor, states: dict[str, torch.Tensor | None],
+                index: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """Blocks for an update of rows ``index`` (None: all rows) of ``weight`` and of each of
+        ``states`` (by name), marked filled (the update writes them before it writes anything
+        else): ``(weight block, *state blocks)`` in the order of ``states``."""
         count = weight.shape[0] if index is None else index.numel()
         self.rows = index
         self.weight = self._blocks.get("weight", count, weight)
-        self.momentum = None if momentum is None else self._blocks.get("momentum", count, momentum)
+        self.states = {name: None if live is None else self._blocks.get(name, count, live)
+                       for name, live in states.items()}
         self.filled = True
-        return self.weight, self.momentum
+        return (self.weight, *self.states.values())
 
 
-def _note_gradients_of(optimizer: SparseRowSGD, param: torch.Tensor) -> None:
+def _note_gradients_of(optimizer: SparseRowOptimizer, param: torch.Tensor) -> None:
     """Note each gradient on its way into ``param.grad``: a sparse one flagged coalesced (sorted,
     distinct rows: the head's) arriving while ``param.grad`` is None is then used as it is,
     although autograd drops the flag when it stores it. Weak references: the hook keeps neither

@@ -46,7 +46,9 @@ class Job:
     """One data-parallel backbone + Partial-FC job: ``gpus`` ranks, ``batch_size`` per rank.
     ``kernels``: the head's kernels (``head.kernels``); "triton" is what a CUDA run with triton
     installed resolves "auto" to, so it is the default for a planned GPU job. ``chunk_rows``: the
-    head's rows per chunk (``head.chunk_rows``); None or 0: automatic, as on a GPU. ``logits``: the
+    head's rows per chunk (``head.chunk_rows``); None or 0: automatic, as on a GPU.
+    ``head_optimizer``: the centers' ``head.optimizer`` (sgd | adamw; the planner runs the real
+    optimizer, so its states are what it allocates). ``logits``: the
     head's ``head.logits`` (keep the ``[S, B]`` block for the backward, or recompute it: one GEMM
     more; auto decides by memory, see :class:`pfc.head.PartialFC`)."""
 
@@ -57,6 +59,7 @@ class Job:
     sample_rate: float = 0.1
     precision: str = "bf16"
     center_dtype: str = "fp32"
+    head_optimizer: str = "sgd"
     engine: str = "ddp"
     kernels: str = "triton"
     embedding_size: int = 512
@@ -114,6 +117,7 @@ def train_config(job: Job) -> TrainConfig:
     config.head.kernels = job.kernels
     config.head.chunk_rows = job.chunk_rows or 0
     config.head.logits = job.logits
+    config.head.optimizer = job.head_optimizer
     config.schedule.max_steps = 1000
     config.checkpoint.every_minutes = 0
     if centers_configurable():
