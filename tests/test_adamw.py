@@ -261,3 +261,101 @@ def test_config_chooses_the_centers_optimizer_its_lr_and_weight_decay_and_defaul
                           (["--head.lr", "0"], "'head.lr'"), (["--head.betas", "a,b"], "comma-separated numbers")]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["--network", "tiny", *argv])
+
+
+# ------------------------------------------------------------------ checkpoints across world sizes
+
+RESUME_CLASSES, RESUME_DIM = 11, 4     # 11 % 2 != 0 and 11 % 3 != 0
+
+
+def _adamw_state(seed: int = 0):
+    from pfc.head.margins import ArcFace
+    from pfc.train.runners.ddp import DDPRunner
+    from pfc.train.state import TrainState
+
+    head = PartialFC(RESUME_CLASSES, RESUME_DIM, margin=ArcFace(s=8.0, m=0.3), seed=seed)
+    optimizer = head.adamw(lr=0.01, betas=(0.9, 0.99), weight_decay=0.1)
+    backbone = torch.nn.Linear(3, RESUME_DIM)
+    runner = DDPRunner(backbone, torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9), wrap=False)
+    return TrainState(runner=runner, head=head, head_optimizer=optimizer, schedulers={})
+
+
+def _global_adamw_state() -> dict:
+    """Centers, moments and step counts 0–3 that differ row by row (moments 0 where the count is)."""
+    generator = torch.Generator().manual_seed(3)
+    counts = (torch.arange(RESUME_CLASSES) % 4).to(torch.int32)
+    seen = (counts > 0).float()[:, None]
+    return dict(weight=torch.randn(RESUME_CLASSES, RESUME_DIM, generator=generator),
+                exp_avg=0.01 * torch.randn(RESUME_CLASSES, RESUME_DIM, generator=generator) * seen,
+                exp_avg_sq=1e-4 * torch.rand(RESUME_CLASSES, RESUME_DIM, generator=generator) * seen,
+                row_steps=counts)
+
+
+def _view(state) -> dict:
+    head, optimizer = state.head, state.head_optimizer
+    return {"class_start": head.class_start, "weight": head.weight.detach().clone(),
+            **{name: tensor.clone() for name, tensor in optimizer.row_states(head.weight).items()}}
+
+
+def _continue(state, rank: int, world_size: int, steps: int = 2) -> dict:
+    """``steps`` steps of the head (ρ = 1) on fixed global batches split over the ranks."""
+    for step in range(steps):
+        generator = torch.Generator().manual_seed(50 + step)
+        features = torch.randn(6, RESUME_DIM, generator=generator)
+        labels = torch.tensor([0, 5, 6, 10, 3, 7])          # on both sides of every shard boundary
+        rows = slice(rank * 6 // world_size, (rank + 1) * 6 // world_size)
+        state.head(features[rows], labels[rows]).backward()
+        state.head_optimizer.step()
+        state.head_optimizer.zero_grad()
+    return _view(state)
+
+
+def _save_and_continue(rank: int, world_size: int, output_dir: str) -> dict:
+    from pfc.train.checkpoint import save_checkpoint
+
+    state = _adamw_state()
+    rows = slice(state.head.class_start, state.head.class_start + state.head.num_local)
+    with torch.no_grad():
+        for name, value in _global_adamw_state().items():
+            target = state.head.weight if name == "weight" else state.head_optimizer.state[state.head.weight][name]
+            target.copy_(value[rows])
+    state.head_optimizer.updates, state.step = 7, 3
+    state.runner.model(torch.ones(2, 3)).sum().backward()   # the backbone's optimizer gets a state to save
+    state.runner.optimizer.step()
+    save_checkpoint(output_dir, state)
+    return _continue(state, rank, world_size)
+
+
+def _load_and_continue(rank: int, world_size: int, output_dir: str) -> dict:
+    from pfc.train.checkpoint import find_latest, load_checkpoint
+
+    state = _adamw_state(seed=9)
+    load_checkpoint(find_latest(output_dir), state)
+    return {"loaded": _view(state), "updates": state.head_optimizer.updates,
+            "continued": _continue(state, rank, world_size)}
+
+
+def test_adamw_state_saved_by_two_ranks_resumes_on_three_and_one_as_the_uninterrupted_run(tmp_path):
+    from pfc.train.checkpoint import find_latest, load_checkpoint, read_checkpoint_tensors
+
+    output_dir = str(tmp_path)
+    straight = run_ranks(_save_and_continue, 2, output_dir)
+    expected = {key: _assemble(straight, key) for key in ("weight", "exp_avg", "exp_avg_sq", "row_steps")}
+    assert torch.equal(expected["row_steps"], _global_adamw_state()["row_steps"] + 2)
+    saved = read_checkpoint_tensors(find_latest(output_dir))
+    assert saved["head_optimizer.state.0.row_steps"].dtype == torch.int32
+
+    on_three = run_ranks(_load_and_continue, 3, output_dir)
+    single = _adamw_state(seed=9)                   # one process, no process group
+    load_checkpoint(find_latest(output_dir), single)
+    on_one = [{"loaded": _view(single), "updates": single.head_optimizer.updates,
+               "continued": _continue(single, 0, 1)}]
+    for resumed in (on_three, on_one):
+        assert all(r["updates"] == 7 for r in resumed)
+        loaded = [r["loaded"] for r in resumed]
+        for key, value in _global_adamw_state().items():
+            assert torch.equal(_assemble(loaded, key), value), key
+        continued = [r["continued"] for r in resumed]
+        assert torch.equal(_assemble(continued, "row_steps"), expected["row_steps"])
+        for key in ("weight", "exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(_assemble(continued, key), expected[key], rtol=1e-5, atol=1e-7)
