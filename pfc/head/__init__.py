@@ -8,7 +8,7 @@ margins, regularisers and the row-sparse center optimizer. Usable without the tr
     gemm.py          GEMMs against centers stored in bf16/fp16, with fp32 results
     margins.py       target-logit margins in closed form (CombinedMargin and presets, SphereFace)
     regularizers.py  MHE (its math, forward and backward), AngularTriplet
-    optim.py         SparseRowSGD (and what the row optimizers share); adamw.py SparseRowAdamW;
+    optim.py         SparseRowSGD; adamw.py SparseRowAdamW; row_optimizer.py what they share;
                      update_in_backward.py the seam the backward applies them through
     partition.py     which rows of the centers each rank owns
     scratch.py       scratch memory; norms.py the norm floor (torch internals: pfc/torch_private.py)

@@ -2,7 +2,7 @@
 
 ``SparseRowAdamW`` is :class:`pfc.head.optim.SparseRowSGD`'s sibling: the same chunks, storage
 types and stochastic rounding, on-device skip, loss unscaling, update in the backward and old
-rows for the rollback (:class:`pfc.head.optim.SparseRowOptimizer`), with AdamW's arithmetic and
+rows for the rollback (:class:`pfc.head.row_optimizer.SparseRowOptimizer`), with AdamW's arithmetic and
 a step count per row (:mod:`pfc.head.kernels.rows_adamw`).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pfc.head.kernels.rows import AdamWStep
-from pfc.head.optim import RowUpdate, SparseRowOptimizer
+from pfc.head.row_optimizer import RowUpdate, SparseRowOptimizer
 from pfc.head.rounding import is_narrow
 
 
@@ -52,7 +52,9 @@ class SparseRowAdamW(SparseRowOptimizer):
     Everything else (``found_inf``, ``grad_unscale``, :meth:`update_rows`, the update in the head's
     backward, :meth:`keep_old_rows`, the seeded rounding streams, ``kernels``) is as
     :class:`pfc.head.optim.SparseRowSGD` documents it; a skipped update leaves weights, moments
-    and counts unchanged. ``kernels="triton"`` runs the torch row update (no AdamW kernel yet).
+    and counts unchanged. ``kernels="triton"``: one Triton kernel per call
+    (:mod:`pfc.head.kernels.rows_adamw_triton`, ``pfc::apply_adamw_rows``; tested in Triton's
+    interpreter against the torch path, not yet run on a GPU).
     """
 
     ROW_STATES = ("exp_avg", "exp_avg_sq", "row_steps")

@@ -44,7 +44,8 @@ from pfc.head.kernels import KERNEL_CHOICES, resolve_kernels
 from pfc.head.margins import ArcFace, Margin
 from pfc.head.norms import NORM_EPS
 from pfc.head.adamw import SparseRowAdamW
-from pfc.head.optim import SparseRowOptimizer, SparseRowSGD
+from pfc.head.optim import SparseRowSGD
+from pfc.head.row_optimizer import SparseRowOptimizer
 from pfc.head.partition import class_partition
 from pfc.head.regularizers import MHE, AngularTriplet
 from pfc.head.sampling import hashed_normal, sample_classes

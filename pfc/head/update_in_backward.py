@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pfc.head.optim import RowUpdate, SparseRowOptimizer
+from pfc.head.row_optimizer import RowUpdate, SparseRowOptimizer
 
 
 @dataclass(frozen=True)

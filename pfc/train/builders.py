@@ -10,7 +10,7 @@ from torch import nn
 from pfc.backbones import build_backbone
 from pfc.errors import ConfigError
 from pfc.head.kernels import resolve_kernels
-from pfc.head.optim import SparseRowOptimizer
+from pfc.head.row_optimizer import SparseRowOptimizer
 from pfc.head.partial_fc import PartialFC
 from pfc.train.cli import check_component
 from pfc.train.config import TrainConfig

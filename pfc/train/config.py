@@ -25,7 +25,8 @@ from pfc.backbones import available_backbones
 from pfc.errors import ConfigError
 from pfc.head.margins import CombinedMargin, Margin, SphereFace
 from pfc.head.adamw import SparseRowAdamW
-from pfc.head.optim import CENTER_OPTIMIZERS, SparseRowSGD
+from pfc.head.optim import SparseRowSGD
+from pfc.head.row_optimizer import CENTER_OPTIMIZERS
 from pfc.head.partial_fc import PartialFC
 from pfc.head.regularizers import MHE, AngularTriplet
 from pfc.train import cli

@@ -21,7 +21,7 @@ states stay. Two things change anyway, before the decision can be taken:
   after the head has updated its sampled rows. The values the sampled rows of the centers and of
   their optimizer state (SGD's momentum; AdamW's two moments and per-row step counts) had before
   the update are therefore kept and written back by :meth:`restore`:
-  the update itself writes them (:meth:`pfc.head.optim.SparseRowOptimizer.keep_old_rows`) from the
+  the update itself writes them (:meth:`pfc.head.row_optimizer.SparseRowOptimizer.keep_old_rows`) from the
   rows it has just read, ``2 · S_r · D`` values written per step with SGD (``3 · S_r · D + S_r`` with
   AdamW; S_r sampled rows on the rank)
   and no pass of its own (the Triton update writes them from registers; the torch one copies
@@ -81,7 +81,7 @@ class StepRollback:
 
     def _live_rows(self) -> dict[str, torch.Tensor]:
         """The centers and the optimizer's per-row states (SGD's momentum; AdamW's moments and step
-        counts), by the names :class:`pfc.head.optim.OldRows` keeps their old rows under."""
+        counts), by the names :class:`pfc.head.row_optimizer.OldRows` keeps their old rows under."""
         weight = self.head.weight
         return {"weight": weight, **self.head_optimizer.row_states(weight)}
 

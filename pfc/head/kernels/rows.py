@@ -114,7 +114,8 @@ RoundInto = Callable[..., torch.Tensor]
 @dataclass(frozen=True)
 class RowKernels:
     """The row update's implementation: ``apply_rows`` and ``round_into`` (module docstring), and
-    AdamW's row update ``apply_adamw_rows`` (:mod:`pfc.head.kernels.rows_adamw`)."""
+    AdamW's row update ``apply_adamw_rows`` (:mod:`pfc.head.kernels.rows_adamw`; Triton:
+    :mod:`pfc.head.kernels.rows_adamw_triton`)."""
 
     name: str
     apply_rows: ApplyRows
@@ -131,6 +132,6 @@ def row_kernels(name: str) -> RowKernels:
         from pfc.head.rounding import round_into
         return RowKernels("torch", rows_torch.apply_rows, round_into, rows_adamw.apply_adamw_rows)
     if name == "triton":
-        from pfc.head.kernels import rows_adamw, rows_triton
-        return RowKernels("triton", rows_triton.apply_rows, rows_triton.round_into, rows_adamw.apply_adamw_rows)
+        from pfc.head.kernels import rows_adamw_triton, rows_triton
+        return RowKernels("triton", rows_triton.apply_rows, rows_triton.round_into, rows_adamw_triton.apply_adamw_rows)
     raise ValueError(f"row kernels {name!r}: not 'torch' or 'triton' (resolve 'auto' with resolve_kernels first)")

@@ -1,6 +1,5 @@
-"""AdamW's row update in torch (:class:`pfc.head.adamw.SparseRowAdamW`): the reference, the CPU path,
-and for now the CUDA path too (``kernels="triton"`` runs these torch ops: there is no AdamW
-Triton kernel yet, and the planner, which runs the real code, charges them as they are).
+"""AdamW's row update in torch (:class:`pfc.head.adamw.SparseRowAdamW`): the reference and the CPU
+path (``kernels="triton"``: one kernel, :mod:`pfc.head.kernels.rows_adamw_triton`).
 
     apply_adamw_rows(weight, exp_avg, exp_avg_sq, row_steps, rows, grad, step, old_rows=(w, m, v, t))
 
