@@ -359,3 +359,10 @@ def test_adamw_state_saved_by_two_ranks_resumes_on_three_and_one_as_the_uninterr
         assert torch.equal(_assemble(continued, "row_steps"), expected["row_steps"])
         for key in ("weight", "exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(_assemble(continued, key), expected[key], rtol=1e-5, atol=1e-7)
+
+
+def test_a_state_saved_by_the_other_center_optimizer_is_refused_by_name():
+    param = torch.nn.Parameter(torch.randn(4, 3))
+    sgd = PartialFC(4, 3).optimizer(lr=0.1)
+    with pytest.raises(ValueError, match="holds momentum_buffer, not exp_avg, exp_avg_sq, row_steps"):
+        SparseRowAdamW([param]).load_state_dict(sgd.state_dict())

@@ -90,6 +90,12 @@ class SparseRowOptimizer(torch.optim.Optimizer):
         wanted = {(index, name): tensor.dtype for index, param in enumerate(params)
                   for name, tensor in self.row_states(param).items()}
         saved = {int(key): entry for key, entry in state_dict.get("state", {}).items()}
+        for index, name in wanted:
+            found = sorted(saved.get(index, {}))
+            if name not in saved.get(index, {}) and found:
+                raise ValueError(f"the saved optimizer state of parameter {index} holds {', '.join(found)}, not "
+                                 f"{', '.join(self.ROW_STATES)}: it was saved by another center optimizer "
+                                 f"({type(self).__name__} needs its own; head.optimizer)")
         super().load_state_dict(state_dict)   # it casts every state to its parameter's dtype
         for (index, name), dtype in wanted.items():
             value = saved.get(index, {}).get(name)
