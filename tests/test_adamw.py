@@ -366,3 +366,18 @@ def test_a_state_saved_by_the_other_center_optimizer_is_refused_by_name():
     sgd = PartialFC(4, 3).optimizer(lr=0.1)
     with pytest.raises(ValueError, match="holds momentum_buffer, not exp_avg, exp_avg_sq, row_steps"):
         SparseRowAdamW([param]).load_state_dict(sgd.state_dict())
+
+
+def test_a_loss_scaled_gradient_with_its_unscale_gives_the_unscaled_update_bit_for_bit():
+    """fp16 loss scaling: ``grad_unscale`` multiplies the gradient in fp32 inside the update (a
+    power of two: exact), so the moments see the true gradient, not 1024 times it."""
+    start, grad = torch.randn(6, 8), torch.randn(6, 8)
+    results = []
+    for scale in (1.0, 1024.0):
+        param = torch.nn.Parameter(start.clone())
+        optimizer = SparseRowAdamW([param], lr=0.01, weight_decay=0.1)
+        optimizer.grad_unscale = None if scale == 1.0 else torch.tensor(1 / scale)
+        param.grad = grad * scale
+        optimizer.step()
+        results.append([param.detach().clone(), *optimizer.row_states(param).values()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

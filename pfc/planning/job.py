@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pfc.errors import ConfigError
 from pfc.head.chunking import auto_chunk_rows
 from pfc.head.kernels import KERNEL_CHOICES
+from pfc.head.row_optimizer import CENTER_OPTIMIZERS
 from pfc.head.softmax import LOGITS_MODES
 from pfc.train.config import STORAGE_DTYPES, HeadConfig, TrainConfig, validate
 
@@ -96,6 +97,8 @@ def train_config(job: Job) -> TrainConfig:
         raise ConfigError(f"{job.num_classes} classes cannot be sharded over {job.gpus} GPUs (fewer than one each)")
     if job.center_dtype not in CENTER_DTYPES:
         raise ConfigError(f"--center-dtype {job.center_dtype!r} is not one of {', '.join(CENTER_DTYPES)}")
+    if job.head_optimizer not in CENTER_OPTIMIZERS:
+        raise ConfigError(f"--head-optimizer {job.head_optimizer!r} is not one of {', '.join(CENTER_OPTIMIZERS)}")
     if job.kernels not in KERNEL_CHOICES:
         raise ConfigError(f"--kernels {job.kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
     if job.logits not in LOGITS_MODES:
