@@ -52,12 +52,33 @@ def _assemble(per_rank: list[dict], key: str) -> torch.Tensor:
     return torch.cat([r[key] for r in sorted(per_rank, key=lambda r: r["class_start"])])
 
 
-@pytest.mark.parametrize("world_size, in_backward", [(2, False), (3, True)])
-def test_rows_sampled_at_different_rates_follow_the_float64_row_sparse_adamw(world_size, in_backward):
-    """Through the head (sampled softmax, ρ = 0.2): each step's sampled rows take the update of a
-    float64 reference written from the formulas, with each row's own step count in its bias
-    correction; rows never sampled keep their initial values and zero state bit for bit."""
-    per_rank = run_ranks(_train_head, world_size, in_backward)
+def _on_two_ranks(rank: int, world_size: int, output_dir: str) -> dict:
+    """The head trained with backward + step(); an AdamW state saved and continued (one group)."""
+    return {"train": _train_head(rank, world_size, in_backward=False),
+            "resume": _save_and_continue(rank, world_size, output_dir)}
+
+
+def _on_three_ranks(rank: int, world_size: int, output_dir: str) -> dict:
+    """The head trained with the update in the backward; the two ranks' checkpoint resumed."""
+    return {"train": _train_head(rank, world_size, in_backward=True),
+            "resume": _load_and_continue(rank, world_size, output_dir)}
+
+
+@pytest.fixture(scope="module")
+def on_ranks(tmp_path_factory):
+    """Results of 2 and 3 gloo ranks (one process group each: spawning is the slow part)."""
+    output_dir = str(tmp_path_factory.mktemp("adamw_checkpoints"))
+    two = run_ranks(_on_two_ranks, 2, output_dir, timeout=300)
+    return {2: two, 3: run_ranks(_on_three_ranks, 3, output_dir, timeout=300), "output_dir": output_dir}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rows_sampled_at_different_rates_follow_the_float64_row_sparse_adamw(on_ranks, world_size):
+    """Through the head (sampled softmax, ρ = 0.2; 2 ranks: backward + step(), 3 ranks: the update
+    in the backward): each step's sampled rows take the update of a float64 reference written from
+    the formulas, with each row's own step count in its bias correction; rows never sampled keep
+    their initial values and zero state bit for bit."""
+    per_rank = [result["train"] for result in on_ranks[world_size]]
     weight = init_centers(CLASSES, DIM, 0, CLASSES, SEED).double()
     exp_avg, exp_avg_sq = torch.zeros_like(weight), torch.zeros_like(weight)
     steps = torch.zeros(CLASSES, dtype=torch.int64)
@@ -335,17 +356,17 @@ def _load_and_continue(rank: int, world_size: int, output_dir: str) -> dict:
             "continued": _continue(state, rank, world_size)}
 
 
-def test_adamw_state_saved_by_two_ranks_resumes_on_three_and_one_as_the_uninterrupted_run(tmp_path):
+def test_adamw_state_saved_by_two_ranks_resumes_on_three_and_one_as_the_uninterrupted_run(on_ranks):
     from pfc.train.checkpoint import find_latest, load_checkpoint, read_checkpoint_tensors
 
-    output_dir = str(tmp_path)
-    straight = run_ranks(_save_and_continue, 2, output_dir)
+    output_dir = on_ranks["output_dir"]
+    straight = [result["resume"] for result in on_ranks[2]]
     expected = {key: _assemble(straight, key) for key in ("weight", "exp_avg", "exp_avg_sq", "row_steps")}
     assert torch.equal(expected["row_steps"], _global_adamw_state()["row_steps"] + 2)
     saved = read_checkpoint_tensors(find_latest(output_dir))
     assert saved["head_optimizer.state.0.row_steps"].dtype == torch.int32
 
-    on_three = run_ranks(_load_and_continue, 3, output_dir)
+    on_three = [result["resume"] for result in on_ranks[3]]
     single = _adamw_state(seed=9)                   # one process, no process group
     load_checkpoint(find_latest(output_dir), single)
     on_one = [{"loaded": _view(single), "updates": single.head_optimizer.updates,

@@ -83,6 +83,8 @@ class SparseRowSGD(SparseRowOptimizer):
     read) and coalesced when needed.
     """
 
+    ROW_STATES = ("momentum_buffer",)
+
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                  momentum_dtype: torch.dtype | None = None, chunk_rows: int = 1024,
                  rounding: str = "stochastic", seed: int = 0, kernels: str = "torch"):
@@ -97,8 +99,6 @@ class SparseRowSGD(SparseRowOptimizer):
         self.momentum_dtype = momentum_dtype
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay), chunk_rows=chunk_rows,
                          rounding=rounding, seed=seed, kernels=kernels)
-
-    ROW_STATES = ("momentum_buffer",)
 
     def _init_row_states(self, param: torch.Tensor, group: dict) -> None:
         if group["momentum"]:

@@ -26,9 +26,9 @@ CENTER_OPTIMIZERS: tuple[str, ...] = get_args(CenterOptimizer)   # SparseRowSGD,
 
 
 class SparseRowOptimizer(torch.optim.Optimizer):
-    """What the row-sparse optimizers share (see :class:`SparseRowSGD` for the contract of each
-    part: ``found_inf``, ``grad_unscale``, :meth:`update_rows`, :meth:`nonfinite_gradients`,
-    :meth:`keep_old_rows`, the seeded rounding streams, ``kernels``).
+    """What the row-sparse optimizers share (see :class:`pfc.head.optim.SparseRowSGD` for the
+    contract of each part: ``found_inf``, ``grad_unscale``, :meth:`update_rows`,
+    :meth:`nonfinite_gradients`, :meth:`keep_old_rows`, the seeded rounding streams, ``kernels``).
 
     A subclass names its per-row states in :attr:`ROW_STATES` (tensors whose first dimension is
     the parameter's rows, created by :meth:`_init_row_states`; the checkpoint reshards them with
