@@ -402,3 +402,33 @@ def test_a_loss_scaled_gradient_with_its_unscale_gives_the_unscaled_update_bit_f
         optimizer.step()
         results.append([param.detach().clone(), *optimizer.row_states(param).values()])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_the_trainer_trains_and_resumes_with_adamw_centers_in_the_backward_and_by_step(tmp_path, monkeypatch):
+    """``--head.optimizer adamw`` end to end in one process: the update in the backward
+    (grad_accumulation 1) and by ``step()`` (accumulation 2), a checkpoint and its resume."""
+    from pfc.train import loop
+    from tests.train_fixtures import make_config, write_shards
+
+    data = write_shards(str(tmp_path / "data"), num_classes=6, per_class=4)
+    head = {"head.optimizer": "adamw", "head.lr": 0.01, "head.weight_decay": 0.05, "optimizer": "adamw",
+            "lr": 1e-3, "save_every": 2, "max_steps": 2, "warmup_steps": 0}
+    seen = []
+    original = loop.build_train_state
+
+    def build(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(loop, "build_train_state", build)
+    for accumulation in (1, 2):
+        output = str(tmp_path / f"run{accumulation}")
+        first = loop.train(make_config(data, output, grad_accumulation=accumulation, **head))
+        again = loop.train(make_config(data, output, grad_accumulation=accumulation, resume="auto",
+                                       **{**head, "max_steps": 3}))
+        assert first.steps == 2 and again.steps == 3 and math.isfinite(again.final_loss)
+    assert len(seen) == 4
+    for state in seen:
+        assert type(state.head_optimizer) is SparseRowAdamW
+        assert state.head_optimizer.param_groups[0]["weight_decay"] == 0.05
+        assert int(state.head_optimizer.state[state.head.weight]["row_steps"].max()) >= 2

@@ -156,12 +156,11 @@ class HeadConfig:
     center_dtype: str = "fp32"
     """fp32 | bf16 | fp16: storage of the class centers (bf16: half the memory; see README "Center storage type")"""
     momentum_dtype: str = ""
-    """fp32 | bf16 | fp16: storage of the centers' momentum; "": the centers' type"""
+    """fp32 | bf16 | fp16: storage of the centers' momentum (adamw: both moments, fp16 refused); "": the centers' type"""
     rounding: str = "stochastic"
     """stochastic | nearest: how updates are rounded into bf16/fp16 centers and momentum"""
     optimizer: str = "sgd"
-    """sgd | adamw: the centers' row-sparse optimizer (sgd: optim.momentum; adamw: lazy, a step count per row,
-    moments stored as momentum_dtype says, fp16 refused)"""
+    """sgd | adamw: the centers' row-sparse optimizer (sgd: optim.momentum; adamw: lazy, a step count per row)"""
     lr: float | None = None
     """the centers' base learning rate (the backbone's schedule multiplies it); none: optim.lr"""
     weight_decay: float | None = None
