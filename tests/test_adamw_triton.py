@@ -4,6 +4,11 @@ storage rounded stochastically and reproducibly, the op under fake tensors and i
 and the head's update in the backward either way."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from pfc.head.kernels.costs import declared_cost
@@ -107,3 +112,46 @@ def test_the_heads_update_in_the_backward_with_the_triton_kernel_follows_the_tor
     assert torch.equal(results["torch"][3], results["triton"][3])
     for ours, theirs in zip(results["triton"][:3], results["torch"][:3]):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pfc.head.kernels import _adamw_triton_kernels as kernels
+
+def adamw_rows(arch, weight, moments, weight_mode, moment_mode):
+    pointers = dict(W=weight, M=moments, V=moments, G="fp32", ROWS="i64", FOUND_INF="fp32", OLD_W=weight,
+                    OLD_M=moments, OLD_V=moments, UNSCALE="fp32", RADIAL="fp32", STEP_SIZE="fp32", CORRECTION2="fp32")
+    scalars = dict(num_rows="i32", row_start="i64", D="i32", w_stride="i32", m_stride="i32", v_stride="i32",
+                   g_stride="i32", old_stride="i32", decay="fp32", one_minus_beta1="fp32", beta2="fp32",
+                   one_minus_beta2="fp32", eps="fp32", seed="i64")
+    constexprs = dict(HAS_ROWS=True, HAS_SKIP=True, HAS_UNSCALE=True, HAS_RADIAL=True, SAVE=True, W_MODE=weight_mode,
+                      M_MODE=moment_mode, BLOCK_R=2, BLOCK_D=512)
+    signature = {**{k: "*" + v for k, v in pointers.items()}, **scalars, **{k: "constexpr" for k in constexprs}}
+    compiled = triton.compile(ASTSource(kernels.adamw_row_kernel, signature, constexprs),
+                              target=GPUTarget("cuda", arch, 32))
+    assert compiled.asm["cubin"]
+
+adamw_rows(90, "fp32", "fp32", 0, 0)
+adamw_rows(90, "bf16", "bf16", 2, 2)
+adamw_rows(70, "fp16", "fp32", 1, 0)
+print("compiled")
+"""
+
+
+@pytest.mark.slow   # a fresh process and Triton's compiler
+def test_the_kernel_compiles_for_nvidia_gpus_without_one():
+    """The interpreter runs the kernel's Python, not Triton's compiler: here it is compiled to PTX and
+    cubin for an H100 (sm_90) and a V100 (sm_70), every storage type and rounding mode among the calls."""
+    pytest.importorskip("triton")
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton has no bundled ptxas")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root, TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]

@@ -54,7 +54,7 @@ class SparseRowAdamW(SparseRowOptimizer):
     :class:`pfc.head.optim.SparseRowSGD` documents it; a skipped update leaves weights, moments
     and counts unchanged. ``kernels="triton"``: one Triton kernel per call
     (:mod:`pfc.head.kernels.rows_adamw_triton`, ``pfc::apply_adamw_rows``; tested in Triton's
-    interpreter against the torch path, not yet run on a GPU).
+    interpreter against the torch path and compiled for sm_90/sm_70; not yet run on a GPU).
     """
 
     ROW_STATES = ("exp_avg", "exp_avg_sq", "row_steps")
