@@ -11,8 +11,8 @@ checkpoint planner excepted: :mod:`pfc.train.checkpoint.dcp_planner` lists those
   gradient block every backward, slower by its page faults, the same results.
 - ``Tensor._indices()`` / ``Tensor._values()`` of a sparse COO tensor (:func:`uncoalesced_rows`):
   its indices and values as stored, without the coalescing that the public ``indices()`` /
-  ``values()`` require. :class:`pfc.head.optim.SparseRowSGD` uses them for a gradient whose rows
-  are already sorted and distinct (the head's, after autograd drops its coalesced flag), which
+  ``values()`` require. The row-sparse center optimizers (:mod:`pfc.head.row_optimizer`) use them
+  for a gradient whose rows are already sorted and distinct (the head's, after autograd drops its coalesced flag), which
   then needs no copy. It relies on them returning the stored tensors themselves, not copies.
   Missing: the function returns None and the optimizer coalesces (one sort and copy of the
   gradient, the same values).

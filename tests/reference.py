@@ -34,3 +34,21 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Norm-wise relative error ``‖a − e‖ / ‖e‖``."""
     actual = actual.to_dense() if actual.is_sparse else actual
     return float((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-300))
+
+
+def reference_adamw_rows(weight, exp_avg, exp_avg_sq, steps, rows, grad, lr, betas, eps, weight_decay) -> None:
+    """Row-sparse ("lazy") AdamW from the formulas, in place, row by row: only ``rows`` (distinct
+    ids, in the order of ``grad``'s rows) change, and each row's bias correction uses its own count
+    ``steps[j]``: t ← t + 1, w ← w − lr·wd·w, m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g²,
+    w ← w − lr · (m / (1 − β1^t)) / (sqrt(v / (1 − β2^t)) + eps)."""
+    beta1, beta2 = betas
+    for position, row in enumerate(rows.tolist()):
+        g = grad[position]
+        steps[row] += 1
+        t = int(steps[row])
+        weight[row] = weight[row] - lr * weight_decay * weight[row]
+        exp_avg[row] = beta1 * exp_avg[row] + (1 - beta1) * g
+        exp_avg_sq[row] = beta2 * exp_avg_sq[row] + (1 - beta2) * g * g
+        first = exp_avg[row] / (1 - beta1 ** t)
+        second = exp_avg_sq[row] / (1 - beta2 ** t)
+        weight[row] = weight[row] - lr * first / (torch.sqrt(second) + eps)

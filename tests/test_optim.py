@@ -92,12 +92,12 @@ def test_bad_hyper_parameters():
 def test_without_the_private_sparse_accessors_the_update_is_the_same(monkeypatch):
     """pfc.torch_private.uncoalesced_rows may find no ``_indices``/``_values`` in another
     torch: the optimizer then coalesces, with the same result bit for bit."""
-    import pfc.head.optim
+    import pfc.head.row_optimizer
 
     results = []
     for private in (True, False):
         if not private:
-            monkeypatch.setattr(pfc.head.optim, "uncoalesced_rows", lambda grad: None)
+            monkeypatch.setattr(pfc.head.row_optimizer, "uncoalesced_rows", lambda grad: None)
         param, _ = _pair(seed=3)
         optimizer = SparseRowSGD([param], lr=0.1, momentum=0.9, weight_decay=5e-4)
         values = torch.randn(3, param.shape[1], generator=torch.Generator().manual_seed(4))

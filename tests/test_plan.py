@@ -211,7 +211,8 @@ def test_help_shows_every_default(capsys):
     for flag, default in (("--gpus", "8"), ("--gpu-memory", "the --gpu kind's"), ("--gpu", "the one kind"),
                           ("--network", "iresnet100"), ("--batch-size", "128"), ("--sample-rate", "0.1"),
                           ("--center-dtype", "fp32"), ("--precision", "bf16"), ("--kernels", "triton"),
-                          ("--chunk-rows", "0"), ("--logits", "auto"), ("--engine", "ddp")):
+                          ("--chunk-rows", "0"), ("--logits", "auto"), ("--engine", "ddp"),
+                          ("--head-optimizer", "sgd")):
         upper = flag[2:].upper().replace("-", "_")
         after = text.split(f"{flag} {upper} ", 1)[1]
         assert after.split(" --", 1)[0].count("(default: ") == 1 and f"(default: {default}" in after, flag
@@ -232,6 +233,8 @@ def test_help_shows_every_default(capsys):
     (["--classes", "1M", "--network", "resnet9000"], "unknown network 'resnet9000'"),
     (["--classes", "1M", "--gpu", "x100"], "--gpu 'x100' is not one of"),
     (["--classes", "1M", "--center-dtype", "fp8"], "--center-dtype 'fp8' is not one of"),
+    (["--classes", "1M", "--head-optimizer", "lamb"], "--head-optimizer 'lamb' is not one of sgd, adamw"),
+    (["--classes", "1M", "--head-optimizer", "adamw", "--center-dtype", "fp16"], "'head.momentum_dtype'"),
     (["--classes", "0.5"], "must be a whole number"),
     (["--gpus", "8"], "the following arguments are required: --classes"),
 ])

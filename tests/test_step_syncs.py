@@ -42,7 +42,7 @@ def center_optimizer_skips_on_device() -> bool:
 HOST_BY_DESIGN = ("at data/loader.py",)
 # Until the center optimizer of issue 12 (branch center-dtype): its own reads (the update in the
 # backward's loss check) and the host read of the mask in masked_step (stored gradients).
-CENTER_OPTIMIZER_SITES = ("at head/optim.py", "at train/runners/ddp.py")
+CENTER_OPTIMIZER_SITES = ("at head/optim.py", "at head/row_optimizer.py", "at train/runners/ddp.py")
 
 
 def tolerated(site: str) -> bool:

@@ -43,7 +43,9 @@ from pfc.head.chunking import auto_chunk_rows
 from pfc.head.kernels import KERNEL_CHOICES, resolve_kernels
 from pfc.head.margins import ArcFace, Margin
 from pfc.head.norms import NORM_EPS
+from pfc.head.adamw import SparseRowAdamW
 from pfc.head.optim import SparseRowSGD
+from pfc.head.row_optimizer import SparseRowOptimizer
 from pfc.head.partition import class_partition
 from pfc.head.regularizers import MHE, AngularTriplet
 from pfc.head.sampling import hashed_normal, sample_classes
@@ -171,7 +173,7 @@ class PartialFC(nn.Module):
         self._forwards_this_iteration = 0
         self._stats: dict[str, torch.Tensor] = {}
         self._workspace = Workspace()
-        self._optimizer_in_backward: SparseRowSGD | None = None
+        self._optimizer_in_backward: SparseRowOptimizer | None = None
         self.last_sample: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
     @staticmethod
@@ -248,6 +250,19 @@ class PartialFC(nn.Module):
             raise ValueError("the head's optimizer runs the head's kernels: choose them with PartialFC(kernels=...)")
         optimizer = SparseRowSGD([self.weight], lr=lr, momentum=momentum, weight_decay=weight_decay,
                                  kernels=self.kernels, **options)
+        self._optimizer_in_backward = optimizer if update_in_backward else None
+        return optimizer
+
+    def adamw(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+              weight_decay: float = 1e-2, update_in_backward: bool = False, **options) -> SparseRowAdamW:
+        """The center optimizer as row-sparse AdamW: moments, step counts and the update only on
+        the rows sampled this step, bias-corrected by each row's own count (see
+        :class:`pfc.head.adamw.SparseRowAdamW`; ``options``: ``moment_dtype``, ``chunk_rows``,
+        ``rounding``, ``seed``). ``update_in_backward`` as for :meth:`optimizer`."""
+        if "kernels" in options:
+            raise ValueError("the head's optimizer runs the head's kernels: choose them with PartialFC(kernels=...)")
+        optimizer = SparseRowAdamW([self.weight], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                   kernels=self.kernels, **options)
         self._optimizer_in_backward = optimizer if update_in_backward else None
         return optimizer
 

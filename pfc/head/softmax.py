@@ -51,7 +51,7 @@ from pfc.head.gemm import StorageGemm
 from pfc.head.kernels.softmax_chunk import FILTER_MODES, ChunkFilter, softmax_kernels
 from pfc.head.margins import Margin
 from pfc.head.norms import inverse_norms
-from pfc.head.optim import SparseRowSGD
+from pfc.head.row_optimizer import SparseRowOptimizer
 from pfc.head.update_in_backward import UpdateInBackward
 from pfc.head.regularizers import MHE
 from pfc.head.scratch import Workspace
@@ -75,7 +75,7 @@ class SoftmaxOptions:
     workspace: Workspace = field(default_factory=Workspace)
     filter_threshold: float | None = None
     mhe: MHE | None = None
-    optimizer: SparseRowSGD | None = None
+    optimizer: SparseRowOptimizer | None = None
     filter_mode: str = "exclude"
     keep_logits: bool = True
     check_upstream: bool = True
@@ -318,7 +318,7 @@ def _begin_update(options, weight, index, upstream, loss, by_chunk):
 def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
                            target: torch.Tensor, margin: Margin, group=None, chunk_rows: int = 2048,
                            workspace: Workspace | None = None, filter_threshold: float | None = None,
-                           mhe: MHE | None = None, optimizer: SparseRowSGD | None = None, *,
+                           mhe: MHE | None = None, optimizer: SparseRowOptimizer | None = None, *,
                            filter_mode: str = "exclude", keep_logits: bool = True, check_upstream: bool = True,
                            keep_rows: bool = True, kernels: str = "torch"):
     """Margin softmax cross-entropy over class centers sharded across the ranks of ``group``.
@@ -337,7 +337,7 @@ def sharded_margin_softmax(features: torch.Tensor, weight: torch.Tensor, index: 
             adds exp(0)); no gradient reaches a filtered cell either way.
         mhe: the MHE energy of the sampled centers (:class:`pfc.head.regularizers.MHE`), computed in
             the same pass.
-        optimizer: a :class:`pfc.head.optim.SparseRowSGD` over ``weight`` that the backward applies
+        optimizer: a :class:`pfc.head.row_optimizer.SparseRowOptimizer` over ``weight`` that the backward applies
             to the sampled rows instead of returning their gradient (see
             :meth:`pfc.head.PartialFC.optimizer`, ``update_in_backward``).
         keep_logits: keep the ``[S, B]`` logits for the backward (True) or recompute each chunk's

@@ -1,5 +1,6 @@
-"""The update-in-backward seam: the head's backward applies :class:`pfc.head.optim.SparseRowSGD`
-to the sampled rows chunk by chunk instead of returning their gradient
+"""The update-in-backward seam: the head's backward applies its row-sparse optimizer
+(:class:`pfc.head.optim.SparseRowSGD`, :class:`pfc.head.adamw.SparseRowAdamW`) to the sampled
+rows chunk by chunk instead of returning their gradient
 (``PartialFC.optimizer(update_in_backward=True)``).
 """
 from __future__ import annotations
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pfc.head.optim import RowUpdate, SparseRowSGD
+from pfc.head.row_optimizer import RowUpdate, SparseRowOptimizer
 
 
 @dataclass(frozen=True)
@@ -25,19 +26,19 @@ class UpdateInBackward:
     no gradient block is needed); otherwise (MHE adds to the positive rows after the loop) it
     fills a gradient block and calls :meth:`finish` once. A non-finite loss (or the optimizer's
     ``found_inf``) updates nothing, decided on the device: no host sync. When the optimizer keeps
-    the old rows (:meth:`SparseRowSGD.keep_old_rows`), the update writes them in the same pass
+    the old rows (:meth:`SparseRowOptimizer.keep_old_rows`), the update writes them in the same pass
     (``old``).
     """
 
-    optimizer: SparseRowSGD
+    optimizer: SparseRowOptimizer
     weight: torch.Tensor
     index: torch.Tensor | None
     update: RowUpdate
     by_chunk: bool
-    old: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    old: tuple[torch.Tensor | None, ...] | None = None
 
     @classmethod
-    def begin(cls, optimizer: SparseRowSGD, weight: torch.Tensor, index: torch.Tensor | None,
+    def begin(cls, optimizer: SparseRowOptimizer, weight: torch.Tensor, index: torch.Tensor | None,
               upstream: torch.Tensor, loss: torch.Tensor, by_chunk: bool,
               check_upstream: bool = True) -> UpdateInBackward:
         """Start the update of this backward. ``check_upstream``: check on the host that the loss
@@ -51,7 +52,7 @@ class UpdateInBackward:
         number = optimizer.updates
         optimizer.updates += 1
         update = optimizer.start_update(weight, number, skip=~torch.isfinite(loss))
-        old = None if optimizer.old_rows is None else optimizer.old_rows.prepare(weight, update.buffer, index)
+        old = None if optimizer.old_rows is None else optimizer.old_rows.prepare(weight, update.states, index)
         return cls(optimizer, weight, index, update, by_chunk, old)
 
     @property
@@ -73,8 +74,7 @@ class UpdateInBackward:
         wide_rows = wide_rows if wide_rows is not None and wide_rows.dtype != rows.dtype else None
         # the head's chunk in one piece: its rows are in cache, and fewer, larger ops
         where = slice(start, stop) if self.index is None else self.index[start:stop]
-        old = None if self.old is None else (self.old[0][start:stop],
-                                             None if self.old[1] is None else self.old[1][start:stop])
+        old = None if self.old is None else tuple(None if block is None else block[start:stop] for block in self.old)
         self.optimizer.apply_rows(self.weight, where, grad_rows, self.update, None if self.index is None else rows,
                                   wide_rows, old, chunk_rows=stop - start, radial=radial)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pfc.errors import ConfigError
 from pfc.head.chunking import auto_chunk_rows
 from pfc.head.kernels import KERNEL_CHOICES
+from pfc.head.row_optimizer import CENTER_OPTIMIZERS
 from pfc.head.softmax import LOGITS_MODES
 from pfc.train.config import STORAGE_DTYPES, HeadConfig, TrainConfig, validate
 
@@ -46,7 +47,9 @@ class Job:
     """One data-parallel backbone + Partial-FC job: ``gpus`` ranks, ``batch_size`` per rank.
     ``kernels``: the head's kernels (``head.kernels``); "triton" is what a CUDA run with triton
     installed resolves "auto" to, so it is the default for a planned GPU job. ``chunk_rows``: the
-    head's rows per chunk (``head.chunk_rows``); None or 0: automatic, as on a GPU. ``logits``: the
+    head's rows per chunk (``head.chunk_rows``); None or 0: automatic, as on a GPU.
+    ``head_optimizer``: the centers' ``head.optimizer`` (sgd | adamw; the planner runs the real
+    optimizer, so its states are what it allocates). ``logits``: the
     head's ``head.logits`` (keep the ``[S, B]`` block for the backward, or recompute it: one GEMM
     more; auto decides by memory, see :class:`pfc.head.PartialFC`). ``grad_checkpointing``: the
     backbone's ``backbone.grad_checkpointing`` (activations recomputed in the backward)."""
@@ -58,6 +61,7 @@ class Job:
     sample_rate: float = 0.1
     precision: str = "bf16"
     center_dtype: str = "fp32"
+    head_optimizer: str = "sgd"
     engine: str = "ddp"
     kernels: str = "triton"
     embedding_size: int = 512
@@ -95,6 +99,8 @@ def train_config(job: Job) -> TrainConfig:
         raise ConfigError(f"{job.num_classes} classes cannot be sharded over {job.gpus} GPUs (fewer than one each)")
     if job.center_dtype not in CENTER_DTYPES:
         raise ConfigError(f"--center-dtype {job.center_dtype!r} is not one of {', '.join(CENTER_DTYPES)}")
+    if job.head_optimizer not in CENTER_OPTIMIZERS:
+        raise ConfigError(f"--head-optimizer {job.head_optimizer!r} is not one of {', '.join(CENTER_OPTIMIZERS)}")
     if job.kernels not in KERNEL_CHOICES:
         raise ConfigError(f"--kernels {job.kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
     if job.logits not in LOGITS_MODES:
@@ -117,6 +123,7 @@ def train_config(job: Job) -> TrainConfig:
     config.head.kernels = job.kernels
     config.head.chunk_rows = job.chunk_rows or 0
     config.head.logits = job.logits
+    config.head.optimizer = job.head_optimizer
     config.schedule.max_steps = 1000
     config.checkpoint.every_minutes = 0
     if centers_configurable():

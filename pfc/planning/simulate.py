@@ -132,7 +132,7 @@ def _instrument(state, phases: _Phases, tracker: MemoryTracker, job: Job, world_
         for optimizer in (state.runner.optimizer, head_optimizer):
             for values in optimizer.state.values():
                 for value in values.values():
-                    if isinstance(value, torch.Tensor) and value is not _momentum(state):
+                    if isinstance(value, torch.Tensor) and not any(value is kept for kept in _center_states(state)):
                         tracker.tag(value, "optimizer state")
         phases.set("other", "other")
         return applied
@@ -145,8 +145,10 @@ def _instrument(state, phases: _Phases, tracker: MemoryTracker, job: Job, world_
     return handles
 
 
-def _momentum(state):
-    return state.head_optimizer.state.get(state.head.weight, {}).get("momentum_buffer")
+def _center_states(state) -> list[torch.Tensor]:
+    """The centers' per-row optimizer states (SGD's momentum; AdamW's two moments and step
+    counts): the "momentum" category, which grows with the classes as the centers do."""
+    return list(state.head_optimizer.row_states(state.head.weight).values())
 
 
 @contextlib.contextmanager
@@ -309,7 +311,8 @@ def _tag_state(state, tracker: MemoryTracker) -> None:
     for tensor in list(model.parameters()) + list(model.buffers()):
         tracker.tag(tensor, "backbone parameters")
     tracker.tag(state.head.weight, "centers")
-    tracker.tag(_momentum(state), "momentum")
+    for tensor in _center_states(state):
+        tracker.tag(tensor, "momentum")
 
 
 def simulate(job: Job, *, steps: int = 2, progress=None, counter=WorkCounter) -> RankResult:

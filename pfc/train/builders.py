@@ -10,6 +10,7 @@ from torch import nn
 from pfc.backbones import build_backbone
 from pfc.errors import ConfigError
 from pfc.head.kernels import resolve_kernels
+from pfc.head.row_optimizer import SparseRowOptimizer
 from pfc.head.partial_fc import PartialFC
 from pfc.train.cli import check_component
 from pfc.train.config import TrainConfig, check_freeze
@@ -45,6 +46,25 @@ def build_backbone_optimizer(config: TrainConfig, backbone: nn.Module) -> torch.
         return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay, fused=fused)
     return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
                            fused=fused)
+
+
+def build_head_optimizer(config: TrainConfig, head: PartialFC, update_in_backward: bool) -> SparseRowOptimizer:
+    """The centers' row-sparse optimizer (``head.optimizer``): SGD with the backbone's momentum, or
+    AdamW with ``head.betas``/``head.eps``; at ``head.lr`` and ``head.weight_decay``, each the
+    backbone's (``optim.lr``, ``optim.weight_decay``) when not set. Centers and momentum (AdamW:
+    both moments) in their storage types (``center_dtype``, ``momentum_dtype``), updates rounded
+    into them as ``head.rounding`` says, seeded by the run's seed. ``update_in_backward``: the
+    update inside the head's backward (no stored gradient, four random passes over the sampled
+    rows instead of six), possible when the runner backpropagates the loss as it is."""
+    head_config, optim = config.head, config.optim
+    lr = optim.lr if head_config.lr is None else head_config.lr
+    weight_decay = optim.weight_decay if head_config.weight_decay is None else head_config.weight_decay
+    common = dict(rounding=head_config.rounding, seed=config.seed, update_in_backward=update_in_backward)
+    if head_config.optimizer == "adamw":
+        return head.adamw(lr=lr, betas=tuple(head_config.betas), eps=head_config.eps, weight_decay=weight_decay,
+                          moment_dtype=head_config.momentum_storage_dtype, **common)
+    return head.optimizer(lr=lr, momentum=optim.momentum, weight_decay=weight_decay,
+                          momentum_dtype=head_config.momentum_storage_dtype, **common)
 
 
 def deepspeed_settings(config: TrainConfig, runtime: Runtime) -> dict:
@@ -117,13 +137,7 @@ def build_train_state(config: TrainConfig, runtime: Runtime, image_size: int, st
     head = build_head(config, runtime)
     backbone_optimizer = build_backbone_optimizer(config, model)
     runner = build_runner(config, runtime, model, backbone_optimizer)
-    # the centers' update inside the head's backward: no stored gradient, four random passes over
-    # the sampled rows instead of six; possible when the runner backpropagates the loss as it is
-    # centers and momentum in their storage types (center_dtype, momentum_dtype); updates rounded
-    # into them as config.head.rounding says, seeded by the run's seed
-    head_optimizer = head.optimizer(lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
-                                    momentum_dtype=config.head.momentum_storage_dtype, rounding=config.head.rounding,
-                                    seed=config.seed, update_in_backward=runner.head_update_in_backward)
+    head_optimizer = build_head_optimizer(config, head, runner.head_update_in_backward)
     schedulers = {"backbone": torch.optim.lr_scheduler.LambdaLR(runner.optimizer, backbone_schedule),
                   "head": torch.optim.lr_scheduler.LambdaLR(head_optimizer, schedule)}
     return TrainState(runner=runner, head=head, head_optimizer=head_optimizer, schedulers=schedulers,

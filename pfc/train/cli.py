@@ -19,6 +19,7 @@ import inspect
 import math
 import re
 import textwrap
+import types
 import typing
 
 from pfc.errors import ConfigError
@@ -64,24 +65,46 @@ def groups(config, prefix: str = "") -> list[str]:
     return found
 
 
+def _optional(annotation):
+    """``X`` for an annotation ``X | None`` (a field whose None means "taken from elsewhere"), else None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        rest = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(rest) == 1 and len(typing.get_args(annotation)) == 2:
+            return rest[0]
+    return None
+
+
 def _is_range(annotation) -> bool:
     """``tuple[float, float]``: a (low, high) range, written ``LOW,HIGH`` on the command line."""
     return typing.get_origin(annotation) is tuple and typing.get_args(annotation) == (float, float)
 
 
+def _item_type(annotation):
+    """The item type of ``tuple[X, ...]`` (``str`` or ``float``)."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not Ellipsis]
+    return args[0] if args else str
+
+
 def type_name(annotation) -> str:
-    """``int``, ``float``, ``str``, ``bool``, ``LOW,HIGH`` (two numbers) or ``LIST`` (a
-    comma-separated tuple of strings)."""
+    """``int``, ``float``, ``str``, ``bool``, ``LOW,HIGH`` (two numbers), ``LIST`` (a
+    comma-separated tuple of strings), ``FLOATS`` (of numbers), or ``float|none`` for an optional field."""
+    inner = _optional(annotation)
+    if inner is not None:
+        return f"{type_name(inner)}|none"
     if _is_range(annotation):
         return "LOW,HIGH"
     if typing.get_origin(annotation) is tuple:
-        return "LIST"
+        return "FLOATS" if _item_type(annotation) is float else "LIST"
     return getattr(annotation, "__name__", str(annotation))
 
 
 def convert(label: str, text: str, annotation):
     """Parse the command-line string ``text`` as ``annotation`` (int, float, str, bool,
-    tuple[float, float] from ``LOW,HIGH``, tuple[str, ...] from comma-separated strings)."""
+    tuple[float, float] from ``LOW,HIGH``, tuple[str, ...], tuple[float, ...], or ``X | None``:
+    ``none`` is None)."""
+    inner = _optional(annotation)
+    if inner is not None:
+        return None if text.strip().lower() in ("none", "") else convert(label, text, inner)
     if annotation is bool:
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -106,20 +129,35 @@ def convert(label: str, text: str, annotation):
             pass
         raise ConfigError(f"--{label}: expected two numbers LOW,HIGH, got {text!r}")
     if typing.get_origin(annotation) is tuple:
-        return tuple(part for part in text.split(",") if part)
+        parts = tuple(part for part in text.split(",") if part)
+        if _item_type(annotation) is float:
+            try:
+                return tuple(float(part) for part in parts)
+            except ValueError:
+                raise ConfigError(f"--{label}: expected comma-separated numbers, got {text!r}") from None
+        return parts
     raise ConfigError(f"--{label}: cannot be set from the command line (type {annotation})")
 
 
 def check_type(path: str, value, annotation) -> None:
-    """ConfigError unless ``value`` has the field's type (an int is accepted for a float) and,
-    for a number, is finite."""
+    """ConfigError unless ``value`` has the field's type (an int is accepted for a float; None
+    for ``X | None``) and, for a number, is finite."""
+    inner = _optional(annotation)
+    if inner is not None:
+        if value is not None:
+            check_type(path, value, inner)
+        return
     if _is_range(annotation):
         ok = (isinstance(value, tuple) and len(value) == 2
               and all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in value))
         if ok and not all(math.isfinite(item) for item in value):
             raise ConfigError(f"config field {path!r} must be two finite numbers, got {value!r}")
     elif typing.get_origin(annotation) is tuple:
-        ok = isinstance(value, tuple) and all(isinstance(item, str) for item in value)
+        item = _item_type(annotation)
+        accepted = (int, float) if item is float else item
+        ok = isinstance(value, tuple) and all(isinstance(x, accepted) and not isinstance(x, bool) for x in value)
+        if ok and item is float and not all(math.isfinite(x) for x in value):
+            raise ConfigError(f"config field {path!r} must hold finite numbers, got {value!r}")
     elif annotation in (int, float):
         accepted = (int, float) if annotation is float else int
         ok = isinstance(value, accepted) and not isinstance(value, bool)
@@ -227,7 +265,7 @@ def help_text(config, aliases: dict[str, str], width: int = 100) -> str:
             title = (type(owner).__doc__ or "").strip().splitlines()[0]
             lines += ["", f"[{group or 'run'}] {title}"]
         value = getattr(owner, name)
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        shown = ",".join(str(item) for item in value) if isinstance(value, tuple) else value
         lines.append(f"  --{path} {type_name(annotation)} (default: {shown!r})")
         doc = field_docs(type(owner)).get(name, "")
         lines += textwrap.wrap(doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6)

@@ -26,7 +26,9 @@ from pfc.data.augment import Augmentation
 from pfc.errors import ConfigError
 from pfc.evaluation.ijb.meta import TARGETS as IJB_TARGETS
 from pfc.head.margins import CombinedMargin, Margin, SphereFace
+from pfc.head.adamw import SparseRowAdamW
 from pfc.head.optim import SparseRowSGD
+from pfc.head.row_optimizer import CENTER_OPTIMIZERS
 from pfc.head.partial_fc import PartialFC
 from pfc.head.regularizers import MHE, AngularTriplet
 from pfc.train import cli
@@ -178,7 +180,7 @@ def _enabled(regularizer):
 
 @dataclass
 class HeadConfig:
-    """The Partial-FC head: sharded class centers, sampling, margin and regularisers."""
+    """The Partial-FC head: sharded class centers, sampling, margin, regularisers and the centers' optimizer."""
 
     sample_rate: float = 1.0
     """ρ in (0, 1]: share of each rank's negative centers sampled per step (1: full softmax)"""
@@ -197,9 +199,19 @@ class HeadConfig:
     center_dtype: str = "fp32"
     """fp32 | bf16 | fp16: storage of the class centers (bf16: half the memory; see README "Center storage type")"""
     momentum_dtype: str = ""
-    """fp32 | bf16 | fp16: storage of the centers' momentum; "": the centers' type"""
+    """fp32 | bf16 | fp16: storage of the centers' momentum (adamw: both moments, fp16 refused); "": the centers' type"""
     rounding: str = "stochastic"
     """stochastic | nearest: how updates are rounded into bf16/fp16 centers and momentum"""
+    optimizer: str = "sgd"
+    """sgd | adamw: the centers' row-sparse optimizer (sgd: optim.momentum; adamw: lazy, a step count per row)"""
+    lr: float | None = None
+    """the centers' base learning rate (the backbone's schedule multiplies it); none: optim.lr"""
+    weight_decay: float | None = None
+    """the centers' weight decay (sgd: L2; adamw: decoupled, w −= lr·wd·w); none: optim.weight_decay"""
+    betas: tuple[float, ...] = (0.9, 0.999)
+    """adamw: β1,β2 (torch.optim.AdamW's defaults)"""
+    eps: float = 1e-8
+    """adamw: the denominator's epsilon"""
     margin: MarginConfig = field(default_factory=MarginConfig)
     mhe: MHE = field(default_factory=lambda: MHE(weight=0.0))
     triplet: AngularTriplet = field(default_factory=lambda: AngularTriplet(weight=0.0))
@@ -215,7 +227,16 @@ class HeadConfig:
         return STORAGE_DTYPES[self.momentum_dtype] if self.momentum_dtype else self.storage_dtype
 
     def check(self, embedding_size: int) -> None:
-        """The head's own option checks (:meth:`PartialFC.check_options`)."""
+        """The head's own option checks (:meth:`PartialFC.check_options`) and its optimizer's, on a 1×1 parameter."""
+        if self.optimizer == "adamw":
+            SparseRowAdamW([torch.zeros(1, 1)], lr=self.lr or 0.0, betas=self.betas, eps=self.eps,
+                           weight_decay=self.weight_decay or 0.0, moment_dtype=self.momentum_storage_dtype)
+        elif self.optimizer != "sgd":
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of {', '.join(CENTER_OPTIMIZERS)}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr {self.lr} must be > 0 (none: optim.lr)")
+        if self.weight_decay is not None and not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay {self.weight_decay} must be >= 0 (none: optim.weight_decay)")
         PartialFC.check_options(sample_rate=self.sample_rate, embedding_size=embedding_size,
                                 chunk_rows=self.chunk_rows or None, interclass_filter=self.interclass_filter or None,
                                 interclass_filter_mode=self.interclass_filter_mode, logits=self.logits,
@@ -236,13 +257,13 @@ class OptimConfig:
     """Optimizers: the backbone's (SGD or AdamW) and the centers' row-sparse SGD."""
 
     name: str = "sgd"
-    """backbone optimizer: sgd | adamw (the centers always use row-sparse SGD)"""
+    """backbone optimizer: sgd | adamw (the centers': head.optimizer)"""
     lr: float = 0.1
-    """base learning rate of both optimizers"""
+    """base learning rate of the backbone, and of the centers unless head.lr is set"""
     momentum: float = 0.9
-    """SGD momentum, in [0, 1)"""
+    """SGD momentum, in [0, 1) (the backbone's, and the centers' with head.optimizer sgd)"""
     weight_decay: float = 5e-4
-    """L2 weight decay on every parameter and center"""
+    """weight decay on every parameter, and on the centers unless head.weight_decay is set"""
     grad_clip: float = 5.0
     """max L2 norm of the backbone gradient; 0: off"""
     grad_accumulation: int = 1
@@ -374,7 +395,8 @@ def validate(config: TrainConfig) -> None:
                                  ("optim.name", config.optim.name, OPTIMIZERS),
                                  ("head.center_dtype", config.head.center_dtype, tuple(STORAGE_DTYPES)),
                                  ("head.momentum_dtype", config.head.momentum_dtype, ("", *STORAGE_DTYPES)),
-                                 ("head.rounding", config.head.rounding, ROUNDINGS)):
+                                 ("head.rounding", config.head.rounding, ROUNDINGS),
+                                 ("head.optimizer", config.head.optimizer, CENTER_OPTIMIZERS)):
         if value not in allowed:
             raise ConfigError(f"config field {path!r}: {value!r} is not one of {', '.join(allowed)}")
     at_least = {"data.batch_size": 1, "optim.grad_accumulation": 1, "schedule.num_epochs": 1, "log_every": 1,
@@ -410,7 +432,8 @@ def validate(config: TrainConfig) -> None:
         ("head.margin", head.margin.build, {"m": "m1"}),
         ("head.mhe", lambda: dataclasses.replace(head.mhe), {}),
         ("head.triplet", lambda: dataclasses.replace(head.triplet), {}),
-        ("head", lambda: head.check(config.backbone.embedding_size), {"embedding_size": "backbone.embedding_size"}),
+        ("head", lambda: head.check(config.backbone.embedding_size), {"embedding_size": "backbone.embedding_size",
+                                                                        "moment_dtype": "momentum_dtype"}),
         ("optim", config.optim.check, {"learning rate": "lr"}),
         ("schedule", lambda: schedule.build(total_steps, lr), {"total_steps": "max_steps", "min_ratio": "min_lr"}))
     for group, check, renames in components:

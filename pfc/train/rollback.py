@@ -19,9 +19,11 @@ states stay. Two things change anyway, before the decision can be taken:
   loss is identical on every rank, so a non-finite loss updates no center anywhere; but a NaN
   that appears only in some rank's backbone gradient (the loss finite) is seen by the guard only
   after the head has updated its sampled rows. The values the sampled rows of the centers and of
-  their momentum had before the update are therefore kept and written back by :meth:`restore`:
-  the update itself writes them (:meth:`pfc.head.optim.SparseRowSGD.keep_old_rows`) from the
-  rows it has just read, ``2 · S_r · D`` values written per step (S_r sampled rows on the rank)
+  their optimizer state (SGD's momentum; AdamW's two moments and per-row step counts) had before
+  the update are therefore kept and written back by :meth:`restore`:
+  the update itself writes them (:meth:`pfc.head.row_optimizer.SparseRowOptimizer.keep_old_rows`) from the
+  rows it has just read, ``2 · S_r · D`` values written per step with SGD (``3 · S_r · D + S_r`` with
+  AdamW; S_r sampled rows on the rank)
   and no pass of its own (the Triton update writes them from registers; the torch one copies
   each chunk it gathered, in cache).
 
@@ -78,12 +80,10 @@ class StepRollback:
             self._old_rows.filled = False
 
     def _live_rows(self) -> dict[str, torch.Tensor]:
+        """The centers and the optimizer's per-row states (SGD's momentum; AdamW's moments and step
+        counts), by the names :class:`pfc.head.row_optimizer.OldRows` keeps their old rows under."""
         weight = self.head.weight
-        live = {"weight": weight}
-        momentum = self.head_optimizer.state.get(weight, {}).get("momentum_buffer")
-        if momentum is not None:
-            live["momentum"] = momentum
-        return live
+        return {"weight": weight, **self.head_optimizer.row_states(weight)}
 
     @torch.no_grad()
     def restore(self, skip: torch.Tensor | bool = True) -> None:
@@ -107,7 +107,7 @@ class StepRollback:
             return
         rows = old.rows
         for name, live in self._live_rows().items():
-            saved = getattr(old, name)
+            saved = old.weight if name == "weight" else old.states.get(name)
             if saved is None:
                 continue
             if rows is None:  # every row was updated: one pass over the shard

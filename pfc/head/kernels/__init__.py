@@ -6,7 +6,7 @@ Triton implementation for CUDA beside it):
 - the softmax chunk: the forward epilogue of each chunk's GEMM (scale, target cells, inter-class
   filter, running max and sum of exps) and the backward prologue (the gradient block with the
   target terms);
-- the row update: gather → momentum SGD → rounding → scatter of the sampled rows, and the values
+- the row update: gather → momentum SGD (or AdamW) → rounding → scatter of the sampled rows, and the values
   the rollback needs;
 - rounding fp32 values into bf16/fp16 storage.
 

@@ -67,6 +67,24 @@ class RowStep:
     unscale: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class AdamWStep:
+    """One AdamW update's arithmetic and randomness (:func:`pfc.head.kernels.rows_adamw.apply_adamw_rows`),
+    fixed when the update starts: ``lr``, ``betas``, ``eps``, ``weight_decay`` the param group's at
+    that moment; ``rounding``, ``found_inf``, ``generator``, ``seed``, ``unscale`` as in
+    :class:`RowStep`."""
+
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    rounding: str = "stochastic"
+    found_inf: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    seed: int = 0
+    unscale: torch.Tensor | None = None
+
+
 def counter_seed(*key: int) -> int:
     """The Philox key of the Triton path for ``key`` (e.g. (seed, rank, update, parameter)): 62
     bits from numpy's SeedSequence with bit 62 set, so that it is always passed as an int64."""
@@ -95,11 +113,14 @@ RoundInto = Callable[..., torch.Tensor]
 
 @dataclass(frozen=True)
 class RowKernels:
-    """The row update's implementation: ``apply_rows`` and ``round_into`` (module docstring)."""
+    """The row update's implementation: ``apply_rows`` and ``round_into`` (module docstring), and
+    AdamW's row update ``apply_adamw_rows`` (:mod:`pfc.head.kernels.rows_adamw`; Triton:
+    :mod:`pfc.head.kernels.rows_adamw_triton`)."""
 
     name: str
     apply_rows: ApplyRows
     round_into: RoundInto
+    apply_adamw_rows: ApplyRows
 
 
 def row_kernels(name: str) -> RowKernels:
@@ -107,10 +128,10 @@ def row_kernels(name: str) -> RowKernels:
     :func:`pfc.head.kernels.resolve_kernels` returns). Importing the Triton one does not import
     ``triton``: its kernels are loaded when first launched."""
     if name == "torch":
-        from pfc.head.kernels import rows_torch
+        from pfc.head.kernels import rows_adamw, rows_torch
         from pfc.head.rounding import round_into
-        return RowKernels("torch", rows_torch.apply_rows, round_into)
+        return RowKernels("torch", rows_torch.apply_rows, round_into, rows_adamw.apply_adamw_rows)
     if name == "triton":
-        from pfc.head.kernels import rows_triton
-        return RowKernels("triton", rows_triton.apply_rows, rows_triton.round_into)
+        from pfc.head.kernels import rows_adamw_triton, rows_triton
+        return RowKernels("triton", rows_triton.apply_rows, rows_triton.round_into, rows_adamw_triton.apply_adamw_rows)
     raise ValueError(f"row kernels {name!r}: not 'torch' or 'triton' (resolve 'auto' with resolve_kernels first)")

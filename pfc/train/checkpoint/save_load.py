@@ -51,9 +51,12 @@ class LoadedCheckpoint:
     backbone_optimizer_restored: bool = True
 
 
-def _row_shard_or_value(value, head):
-    """Wrap tensors with the head weight's shape as :class:`RowShard` (they are per-class rows)."""
-    if isinstance(value, torch.Tensor) and value.shape == head.weight.shape:
+def _row_shard_or_value(value, head, per_row: bool = False):
+    """Wrap tensors with the head weight's shape as :class:`RowShard` (they are per-class rows),
+    and with ``per_row`` (an optimizer's per-row state, e.g. AdamW's step counts) any tensor whose
+    first dimension is the head's rows."""
+    if isinstance(value, torch.Tensor) and (value.shape == head.weight.shape or (
+            per_row and value.dim() >= 1 and value.shape[0] == head.weight.shape[0])):
         return dcp_planner.RowShard(value.detach(), int(head.class_start), int(head.num_classes))
     return value
 
@@ -61,7 +64,9 @@ def _row_shard_or_value(value, head):
 def _state_tree(state: TrainState, rank: int) -> dict[str, Any]:
     head = state.head
     head_optimizer = state.head_optimizer.state_dict()
-    head_optimizer["state"] = {str(key): {name: _row_shard_or_value(value, head) for name, value in entry.items()}
+    per_row = set(getattr(state.head_optimizer, "ROW_STATES", ()))
+    head_optimizer["state"] = {str(key): {name: _row_shard_or_value(value, head, name in per_row)
+                                          for name, value in entry.items()}
                                for key, entry in head_optimizer["state"].items()}
     return {
         "head": {name: _row_shard_or_value(value, head) for name, value in head.state_dict().items()},
@@ -227,14 +232,16 @@ def _restore_schedulers(path: Path, saved: dict[str, Any], schedulers: dict[str,
 
 
 def _storage_casts(metadata, state: TrainState) -> list[str]:
-    """``"centers float32 → bfloat16"`` for each of the head's row tensors (centers, momentum)
-    that the checkpoint stores in another type than the model now does."""
+    """``"centers float32 → bfloat16"`` for each of the head's row tensors (centers, momentum,
+    AdamW's moments) that the checkpoint stores in another type than the model now does."""
     head, optimizer = state.head, state.head_optimizer
     current = {"head.weight": ("centers", head.weight.dtype)}
+    names = {"momentum_buffer": "momentum", "exp_avg": "first moment", "exp_avg_sq": "second moment"}
     for index, param in enumerate(p for group in optimizer.param_groups for p in group["params"]):
-        buffer = optimizer.state.get(param, {}).get("momentum_buffer")
-        if param is head.weight and isinstance(buffer, torch.Tensor):
-            current[f"head_optimizer.state.{index}.momentum_buffer"] = ("momentum", buffer.dtype)
+        for name, what in names.items():
+            buffer = optimizer.state.get(param, {}).get(name)
+            if param is head.weight and isinstance(buffer, torch.Tensor):
+                current[f"head_optimizer.state.{index}.{name}"] = (what, buffer.dtype)
     notes = []
     for fqn, (what, dtype) in current.items():
         saved = getattr(getattr(metadata.state_dict_metadata.get(fqn), "properties", None), "dtype", None)
