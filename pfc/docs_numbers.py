@@ -8,6 +8,7 @@ neither):
     <!-- end: demo -->
 
     replace_block(text, "demo", body)   # text with the block's lines replaced by body
+    write_or_check_block(path, "demo", body, check=True, remedy="make …")   # a generator's --write/--check
     read_block(text, "demo")            # the block's lines, as replace_block wrote them
     block_names(text)                   # ["demo", …] in the order they appear
 
@@ -39,7 +40,9 @@ and then calls ``write_readme()``. The test then covers the new block with no ch
 """
 from __future__ import annotations
 
+import difflib
 import re
+import sys
 
 _NAME = r"[A-Za-z0-9_.-]+"
 _MARKER = re.compile(rf"^<!-- (generated|end): ({_NAME}) -->[ \t]*$")
@@ -112,3 +115,26 @@ def replace_block(text: str, name: str, body: str) -> str:
     start, end = spans[name]
     lines = text.split("\n")
     return "\n".join(lines[:start] + ([body] if body else []) + lines[end:])
+
+
+def write_or_check_block(path: str, name: str, body: str, check: bool, remedy: str) -> int:
+    """What a generator's ``--write FILE`` / ``--check FILE`` does with the fresh ``body`` of block
+    ``name``: check: 0 when the file's block is ``body`` already, else print the unified diff and
+    ``remedy`` (the command that rewrites it) and return 1; write: replace the block in the file
+    (atomically, :func:`pfc.files.write_atomic`) and return 0."""
+    from pfc.files import write_atomic
+
+    with open(path, encoding="utf-8") as f:
+        current = f.read()
+    updated = replace_block(current, name, body)
+    if check:
+        if updated == current:
+            print(f"{path}: the {name} block is up to date")
+            return 0
+        sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), updated.splitlines(True), path,
+                                                   f"{path} (regenerated)"))
+        print(f"{path}: the {name} block is stale: run {remedy}", file=sys.stderr)
+        return 1
+    write_atomic(path, updated)
+    print(f"{path}: {name} block written")
+    return 0

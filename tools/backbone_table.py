@@ -18,7 +18,6 @@ in the file (the fast check of tests/test_backbone_table.py compares the other c
 from __future__ import annotations
 
 import argparse
-import difflib
 import functools
 import os
 import re
@@ -28,8 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools._cli import one_line_errors  # noqa: E402
 
-from pfc.docs_numbers import read_block, replace_block  # noqa: E402
-from pfc.files import write_atomic  # noqa: E402
+from pfc.docs_numbers import read_block, write_or_check_block  # noqa: E402
 
 BLOCK = "backbones"
 GIB = 2**30
@@ -146,29 +144,17 @@ def main(argv=None) -> int:
                         help="keep the memory columns of FILE's block (no planner runs; new rows get '?')")
     args = parser.parse_args(argv)
     path = args.write or args.check
-    current, previous = None, ""
+    previous = ""
     if path is not None:
         with open(path, encoding="utf-8") as f:
-            current = f.read()
-        previous = read_block(current, BLOCK)   # the markers are checked before minutes of planning
+            previous = read_block(f.read(), BLOCK)   # the markers are checked before minutes of planning
     fresh = block(memory=not args.no_memory, previous_block=previous,
                   progress=lambda name: print(f"  {name}", file=sys.stderr, flush=True))
     if path is None:
         print(fresh)
         return 0
-    updated = replace_block(current, BLOCK, fresh)
-    if args.check:
-        if updated == current:
-            print(f"{path}: the backbone block is up to date")
-            return 0
-        sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), updated.splitlines(True), path,
-                                                   f"{path} (regenerated)"))
-        print(f"{path}: the backbone block is stale: run python tools/backbone_table.py --write {path}",
-              file=sys.stderr)
-        return 1
-    write_atomic(path, updated)
-    print(f"{path}: backbone block written")
-    return 0
+    return write_or_check_block(path, BLOCK, fresh, check=bool(args.check),
+                                remedy=f"python tools/backbone_table.py --write {path}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ H100; about a minute on two cores.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
 
@@ -23,8 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools._cli import one_line_errors  # noqa: E402
 
-from pfc.docs_numbers import read_block, replace_block  # noqa: E402
-from pfc.files import write_atomic  # noqa: E402
+from pfc.docs_numbers import read_block, write_or_check_block  # noqa: E402
 
 BLOCK = "capacity"
 GIB = 2**30
@@ -127,27 +125,14 @@ def main(argv=None) -> int:
     group.add_argument("--check", metavar="FILE", help="exit 1 when FILE's block differs from a fresh one")
     args = parser.parse_args(argv)
     path = args.write or args.check
-    current = None
     if path is not None:
         with open(path, encoding="utf-8") as f:
-            current = f.read()
-        read_block(current, BLOCK)   # the markers are checked before a minute of planning
+            read_block(f.read(), BLOCK)   # the markers are checked before a minute of planning
     fresh = block()
     if path is None:
         print(fresh)
         return 0
-    updated = replace_block(current, BLOCK, fresh)
-    if args.check:
-        if updated == current:
-            print(f"{path}: the capacity block is up to date")
-            return 0
-        sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), updated.splitlines(True), path,
-                                                   f"{path} (regenerated)"))
-        print(f"{path}: the capacity block is stale: run make readme-capacity", file=sys.stderr)
-        return 1
-    write_atomic(path, updated)
-    print(f"{path}: capacity block written")
-    return 0
+    return write_or_check_block(path, BLOCK, fresh, check=bool(args.check), remedy="make readme-capacity")
 
 
 if __name__ == "__main__":
