@@ -198,3 +198,27 @@ def test_other_image_sizes_change_the_patch_grid_and_wrong_inputs_are_refused():
         model(torch.rand(2, 3, 112, 112))
     with pytest.raises(ValueError, match="image_size 8 is smaller than one 9×9 patch"):
         build_backbone("vit_cpu", image_size=8)
+
+
+def _two_ddp_training_steps(rank: int, world_size: int, network: str) -> list[str]:
+    """Two training forward/backward passes of ``network`` wrapped in DDP (as the trainer's DDP
+    runner wraps it, without unused-parameter detection); the parameters left without a gradient."""
+    torch.manual_seed(0)
+    model = build_backbone(network, embedding_size=8, image_size=27)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    for _ in range(2):   # DDP notices a parameter that took no part in the loss only at the second
+        wrapped.train()(torch.rand(2, 3, 27, 27)).sum().backward()
+    return sorted(name for name, p in model.named_parameters() if p.requires_grad and p.grad is None)
+
+
+@pytest.mark.parametrize("network", ["vit_t_dp005_mask0", "vit_cpu"])
+def test_every_trainable_parameter_takes_part_so_that_ddp_trains_vits_without_masking(network):
+    # without masking (the ViT-T / ViT-S recipes' networks, vit_h) the mask token is never used:
+    # it must not be a trainable parameter, or DDP stops at the second step ("parameters that
+    # were not used in producing loss"); it stays in the state dict (insightface's keys)
+    from tests.distributed import run_ranks
+
+    model = build_backbone(network, embedding_size=8, image_size=27)
+    assert "mask_token" in model.state_dict()
+    assert model.mask_token.requires_grad is (VIT_SETTINGS[network].mask_ratio > 0)
+    assert run_ranks(_two_ddp_training_steps, 2, network, timeout=240) == [[], []]

@@ -11,7 +11,9 @@ pfc supports):
    4 pixel rows and columns are not seen, as in insightface), L = 144 tokens; no class token;
 2. a learned position embedding ``[1, L, dim]`` is added;
 3. training only, ``mask_ratio > 0``: token masking. Each sample keeps the ``⌊L·(1 − ratio)⌋``
-   tokens of lowest uniform noise; the blocks see only those;
+   tokens of lowest uniform noise; the blocks see only those (with ``mask_ratio = 0`` the
+   ``mask_token`` is never used and is not trainable: DDP, which pfc runs without unused-parameter
+   detection, would stop at the second step on a trainable parameter without a gradient);
 4. ``depth`` pre-norm blocks ``x + drop_path(attn(LN(x)))``, ``x + drop_path(mlp(LN(x)))``:
    multi-head self-attention (``num_heads`` heads, qkv without bias, output projection with
    bias), MLP ``dim → 4·dim → dim`` with ReLU6; drop-path (stochastic depth, per sample) at a
@@ -213,7 +215,10 @@ class VisionTransformer(nn.Module):
             nn.Linear(dim, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size, eps=2e-5),
         )
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # without masking the token is never used: not trainable, so that DDP (which expects a
+        # gradient for every trainable parameter) and the optimizers leave it alone; kept as a
+        # parameter for insightface's state_dict keys
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim), requires_grad=self.mask_ratio > 0)
         self._init_weights()
 
     def _init_weights(self) -> None:
