@@ -55,3 +55,23 @@ def test_vit_simulates_with_fused_attention_and_checkpointing_trades_memory_for_
     # the recompute: one more forward of the blocks, about a third of their forward + backward
     assert 1.1 * plain.flops["backbone"] < checkpointed.flops["backbone"] < 1.5 * plain.flops["backbone"]
     assert checkpointed.flops["head"] == plain.flops["head"]
+
+
+def _optimizer_state_per_backbone_optimizer():
+    import dataclasses
+
+    from pfc.planning.simulate import simulate
+
+    return {name: simulate(dataclasses.replace(VIT, optimizer=name)).phase_peaks["optimizer"]["optimizer state"]
+            for name in ("sgd", "adamw")}
+
+
+def test_the_backbones_optimizer_is_simulated_adamw_keeping_two_moments(capsys):
+    # the ViT recipes train the backbone with AdamW: two states per parameter, SGD's one momentum
+    from tools.plan import main
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        state = pool.apply(_optimizer_state_per_backbone_optimizer)
+    assert state["adamw"] > 1.9 * state["sgd"] > 0
+    assert main(["--classes", "1M", "--optimizer", "lamb"]) == 2
+    assert "--optimizer 'lamb' is not one of sgd, adamw" in capsys.readouterr().err

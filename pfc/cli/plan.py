@@ -1,7 +1,7 @@
 """Will my job fit? One rank of an N-GPU Partial-FC job, simulated on this CPU with pfc's own code.
 
     pfc-plan --classes 100M --gpus 8 --gpu h100 --network iresnet100 [--grad-checkpointing] \
-        --batch-size 128 --sample-rate 0.1 --center-dtype bf16 --precision bf16 [--head-optimizer adamw]
+        --batch-size 128 --sample-rate 0.1 --center-dtype bf16 --precision bf16 [--optimizer adamw] [--head-optimizer adamw]
         [--max-classes] [--json]
 
 --gpu names the GPU kind (its memory and its speed); --gpu-memory alone picks the kind of that
@@ -49,6 +49,9 @@ def parse_args(argv):
     parser.add_argument("--head-optimizer", default="sgd",
                         help="the centers' optimizer: sgd (one momentum per center) | adamw (two moments and a step "
                              "count per center) (default: sgd)")
+    parser.add_argument("--optimizer", default="sgd",
+                        help="the backbone's optimizer (optim.name): sgd (one momentum per parameter) | adamw (two "
+                             "moments per parameter, as the ViT recipes) (default: sgd)")
     parser.add_argument("--precision", default="bf16",
                         help=f"backbone autocast: {' | '.join(PRECISIONS)} (fp16 with a GradScaler) (default: bf16)")
     parser.add_argument("--kernels", default="triton",
@@ -98,7 +101,7 @@ def main(argv=None) -> int:
     job = Job(num_classes=parse_count(args.classes, "--classes"), gpus=_number(args.gpus, "--gpus", int, 1),
               network=args.network, batch_size=_number(args.batch_size, "--batch-size", int, 1),
               sample_rate=_number(args.sample_rate, "--sample-rate"), precision=args.precision,
-              center_dtype=args.center_dtype, head_optimizer=args.head_optimizer, engine=args.engine, kernels=args.kernels,
+              center_dtype=args.center_dtype, head_optimizer=args.head_optimizer, optimizer=args.optimizer, engine=args.engine, kernels=args.kernels,
               chunk_rows=_number(args.chunk_rows, "--chunk-rows", int, 0), logits=args.logits,
               grad_checkpointing=args.grad_checkpointing)
     baseline_classes = parse_count(args.compare_classes, "--compare-classes") if args.compare_classes else None

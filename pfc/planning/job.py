@@ -18,7 +18,7 @@ from pfc.head.chunking import auto_chunk_rows
 from pfc.head.kernels import KERNEL_CHOICES
 from pfc.head.row_optimizer import CENTER_OPTIMIZERS
 from pfc.head.softmax import LOGITS_MODES
-from pfc.train.config import STORAGE_DTYPES, HeadConfig, TrainConfig, validate
+from pfc.train.config import OPTIMIZERS, STORAGE_DTYPES, HeadConfig, TrainConfig, validate
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 _COUNT = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([kmbg]?)\s*$", re.IGNORECASE)
@@ -48,8 +48,9 @@ class Job:
     ``kernels``: the head's kernels (``head.kernels``); "triton" is what a CUDA run with triton
     installed resolves "auto" to, so it is the default for a planned GPU job. ``chunk_rows``: the
     head's rows per chunk (``head.chunk_rows``); None or 0: automatic, as on a GPU.
-    ``head_optimizer``: the centers' ``head.optimizer`` (sgd | adamw; the planner runs the real
-    optimizer, so its states are what it allocates). ``logits``: the
+    ``optimizer``: the backbone's ``optim.name`` (sgd: one momentum per parameter | adamw: two
+    moments, as the ViT recipes). ``head_optimizer``: the centers' ``head.optimizer`` (sgd | adamw;
+    the planner runs the real optimizers, so their states are what they allocate). ``logits``: the
     head's ``head.logits`` (keep the ``[S, B]`` block for the backward, or recompute it: one GEMM
     more; auto decides by memory, see :class:`pfc.head.PartialFC`). ``grad_checkpointing``: the
     backbone's ``backbone.grad_checkpointing`` (activations recomputed in the backward)."""
@@ -62,6 +63,7 @@ class Job:
     precision: str = "bf16"
     center_dtype: str = "fp32"
     head_optimizer: str = "sgd"
+    optimizer: str = "sgd"
     engine: str = "ddp"
     kernels: str = "triton"
     embedding_size: int = 512
@@ -101,6 +103,8 @@ def train_config(job: Job) -> TrainConfig:
         raise ConfigError(f"--center-dtype {job.center_dtype!r} is not one of {', '.join(CENTER_DTYPES)}")
     if job.head_optimizer not in CENTER_OPTIMIZERS:
         raise ConfigError(f"--head-optimizer {job.head_optimizer!r} is not one of {', '.join(CENTER_OPTIMIZERS)}")
+    if job.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer {job.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if job.kernels not in KERNEL_CHOICES:
         raise ConfigError(f"--kernels {job.kernels!r} is not one of {', '.join(KERNEL_CHOICES)}")
     if job.logits not in LOGITS_MODES:
@@ -124,6 +128,7 @@ def train_config(job: Job) -> TrainConfig:
     config.head.chunk_rows = job.chunk_rows or 0
     config.head.logits = job.logits
     config.head.optimizer = job.head_optimizer
+    config.optim.name = job.optimizer
     config.schedule.max_steps = 1000
     config.checkpoint.every_minutes = 0
     if centers_configurable():

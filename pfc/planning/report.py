@@ -52,7 +52,8 @@ def summary(plan: Plan, gpu_memory_gib: float, gpu: str, max_classes: int | None
     result = {
         "job": {"classes": job.num_classes, "gpus": job.gpus, "network": job.network, "batch_size": job.batch_size,
                 "sample_rate": job.sample_rate, "precision": job.precision, "center_dtype": job.center_dtype,
-                "engine": job.engine, "kernels": job.kernels, "grad_checkpointing": job.grad_checkpointing},
+                "engine": job.engine, "kernels": job.kernels, "grad_checkpointing": job.grad_checkpointing,
+                "optimizer": job.optimizer, "head_optimizer": job.head_optimizer},
         "peak_bytes": plan.peak_bytes, "peak_phase": plan.peak_phase,
         "categories": plan.categories,
         "bytes_per_identity": round(plan.bytes_per_identity),
@@ -102,7 +103,8 @@ def format_report(result: dict) -> str:
     checkpointing = " (gradient checkpointing)" if job.get("grad_checkpointing") else ""
     lines = [f"one rank of {job['gpus']} × {job['network']}{checkpointing}, batch {job['batch_size']}/GPU, "
              f"{job['classes']:,} classes, ρ = {job['sample_rate']}, {job['precision']} autocast, "
-             f"{job['center_dtype']} centers, {job['engine']}, {job['kernels']} head kernels",
+             f"{job['center_dtype']} centers, {job['engine']}, {job['kernels']} head kernels, "
+             f"{job.get('optimizer', 'sgd')} backbone, {job.get('head_optimizer', 'sgd')} centers' optimizer",
              f"{'category':<26}{'GiB':>9}{'share':>8}"]
     peak = result["peak_bytes"] or 1
     for name in CATEGORIES:
