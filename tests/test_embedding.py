@@ -141,3 +141,27 @@ def test_unusable_models_and_images_name_the_file(faces, tmp_path):
         extract_features(model, [FaceItem(items[0].path, np.zeros((4, 2)), line=3)], num_workers=0, progress=False)
     with pytest.raises(ConfigError, match="batch size"):
         extract_features(model, items, batch_size=0)
+
+
+def test_an_image_replaced_in_place_is_extracted_again_not_read_from_the_cache(faces, tmp_path):
+    # the key covers what the features depend on: a face file rewritten under the same name
+    # (another crop of the release, a re-download) must not bring back the old face's features
+    model_file, items = faces
+    folder = tmp_path / "images"
+    folder.mkdir()
+    copies = []
+    for index, item in enumerate(items[:2]):
+        target = folder / f"{index}{os.path.splitext(item.path)[1]}"
+        target.write_bytes(open(item.path, "rb").read())
+        copies.append(FaceItem(str(target), item.landmarks))
+    model = load_embedding_model(model_file)
+    cache = str(tmp_path / "cache")
+    before = extract_features(model, copies, cache_dir=cache, num_workers=0, progress=False)
+    replacement = items[2] if items[2].landmarks is None else items[3]
+    if copies[0].landmarks is None and replacement.landmarks is None:
+        Image.open(replacement.path).save(copies[0].path)
+    else:
+        pytest.skip("fixture layout changed")
+    after = extract_features(model, copies, cache_dir=cache, num_workers=0, progress=False)
+    assert not np.allclose(after[0], before[0])
+    np.testing.assert_allclose(after, expected_features(model_file, copies, flip=True), rtol=1e-5, atol=1e-5)

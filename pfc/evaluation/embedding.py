@@ -23,7 +23,8 @@ pfc's trainer and tools create it. After each batch the ranks agree on errors
 rank, never a hang.
 
 With ``cache_dir`` the array is kept in ``cache_dir/features-KEY.npy``, KEY a digest of the model
-file's sha256, the items (path, landmarks, encoded bytes) and ``flip``; a later call with the
+file's sha256, the items (path, landmarks, encoded bytes or the image file's size and
+modification time) and ``flip``; a later call with the
 same key reads it instead of extracting (on every rank, when every rank finds it). Written
 atomically by rank 0.
 """
@@ -157,14 +158,25 @@ def share_bounds(count: int, world_size: int, rank: int) -> tuple[int, int]:
 
 def items_key(items: list[FaceItem], model: EmbeddingModel, flip: bool, resampling: Resampling = "float") -> str:
     """sha256 (hex) of the model file's digest, ``flip``, ``resampling``, the input size and every
-    item's path, landmarks and encoded bytes: what the features depend on."""
+    item's path, landmarks and image: its encoded bytes when given, else the file's size and
+    modification time (a file rewritten in place gets a new key without the cost of reading
+    every image twice): what the features depend on."""
     digest = hashlib.sha256(f"{model.digest}\0{flip}\0{resampling}\0{model.image_size}\0{len(items)}\0".encode())
     for item in items:
         digest.update(item.path.encode() + b"\0")
         if item.landmarks is not None:
             digest.update(np.ascontiguousarray(item.landmarks, dtype=np.float64).tobytes())
-        digest.update(b"\1" if item.data is None else hashlib.sha256(item.data).digest())
+        digest.update(_file_stamp(item.path) if item.data is None else hashlib.sha256(item.data).digest())
     return digest.hexdigest()
+
+
+def _file_stamp(path: str) -> bytes:
+    """``size:mtime_ns`` of the file at ``path`` (a missing file: a marker; extraction names it)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return b"\1missing"
+    return f"\1{stat.st_size}:{stat.st_mtime_ns}".encode()
 
 
 def _read_cache(path: str, shape: tuple[int, int]) -> np.ndarray | None:
@@ -200,7 +212,11 @@ def extract_features(model: EmbeddingModel, items: list[FaceItem], *, batch_size
     shape = (len(items), model.embedding_size)
     cache_file = None
     if cache_dir is not None:
-        cache_file = os.path.join(cache_dir, f"features-{items_key(items, model, flip, resampling)[:24]}.npy")
+        key = [items_key(items, model, flip, resampling) if rank == 0 else None]
+        if world_size > 1:   # rank 0's key names the file on every rank (files stamped alike or not)
+            dist.broadcast_object_list(key, src=dist.get_global_rank(group, 0) if group is not None else 0,
+                                       group=group)
+        cache_file = os.path.join(cache_dir, f"features-{key[0][:24]}.npy")
         cached = _read_cache(cache_file, shape)
         missing = agree_on_error(None, "reading the feature cache", group, flags={"missing": int(cached is None)})
         if not missing["missing"]:
