@@ -7,9 +7,9 @@
 Linear → BN → Linear → BN feature head, drop-path and token masking) at width 64 and depth 4
 (0.85 M parameters, 0.08 GFLOPs per image against vit_t's 3.0). The backbone trains with AdamW
 as insightface's ViT recipes (lr 1e-3, weight decay 0.1, gradient clipping at 5, a warmup); the
-demo's margin and scale, so its accuracy compares with the demo's. The centers take pfc's
-row-sparse SGD at the same learning rate (1e-3: the centers stay near their initialisation and
-the backbone learns to place the identities at them). Results and timing: docs/benchmarks.md,
+demo's margin and scale, so its accuracy compares with the demo's. The centers take AdamW too
+(``head.optimizer="adamw"``, at the backbone's lr and weight decay, as insightface's one AdamW
+over both; at ρ = 1 the row-sparse AdamW is dense AdamW). Results and timing: docs/benchmarks.md,
 "A small ViT on CPU".
 """
 from pfc.train.config import (
@@ -22,7 +22,7 @@ config = TrainConfig(
     log_every=10,
     data=DataConfig(root="demo/shards", batch_size=64, num_workers=1),
     backbone=BackboneConfig(network="vit_cpu", embedding_size=128),
-    head=HeadConfig(sample_rate=1.0, margin=MarginConfig(s=32.0, m1=1.0, m2=0.3, m3=0.0)),
+    head=HeadConfig(sample_rate=1.0, optimizer="adamw", margin=MarginConfig(s=32.0, m1=1.0, m2=0.3, m3=0.0)),
     optim=OptimConfig(name="adamw", lr=1e-3, weight_decay=0.1, grad_clip=5.0),
     schedule=ScheduleConfig(num_epochs=6, warmup_steps=20),
     eval=EvalConfig(pairs="demo/heldout/pairs.txt", batch_size=128),

@@ -205,7 +205,7 @@ class HeadConfig:
     optimizer: str = "sgd"
     """sgd | adamw: the centers' row-sparse optimizer (sgd: optim.momentum; adamw: lazy, a step count per row)"""
     lr: float | None = None
-    """the centers' base learning rate (the backbone's schedule multiplies it); none: optim.lr"""
+    """the centers' base learning rate, times the run's schedule from step 0 (frozen steps included); none: optim.lr"""
     weight_decay: float | None = None
     """the centers' weight decay (sgd: L2; adamw: decoupled, w −= lr·wd·w); none: optim.weight_decay"""
     betas: tuple[float, ...] = (0.9, 0.999)

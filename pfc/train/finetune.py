@@ -5,7 +5,7 @@
 
 ``backbone.init`` (``--init_backbone PATH``) names a ``backbone.pt`` (or a training output folder
 holding one), read as :func:`pfc.evaluation.export.load_backbone` reads it: its sha256 checked,
-inf/NaN refused; a file without a checksum (imported weights) is used with a note. The run then
+inf/NaN refused; a file without a checksum (one written before pfc checksummed them) is used with a note. The run then
 starts from those weights with freshly initialised class centers and optimizer states. The
 file must be made for the run's network, embedding size and image size (a network of another
 name is accepted when its weights fit the configured one exactly, key for key and shape for

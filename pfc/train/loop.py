@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -286,6 +287,12 @@ def train_step(state: TrainState, config: TrainConfig, runtime: Runtime, loader,
     found_inf = guard.found_inf(step_loss, state.runner.gradients_finite(), rollback.buffers_finite())
     applied = state.runner.step(state.head_optimizer, found_inf)
     rollback.restore(~applied if isinstance(applied, torch.Tensor) else not applied)
-    for scheduler in state.schedulers.values():
-        scheduler.step()
+    with warnings.catch_warnings():
+        # a frozen backbone's optimizer is not stepped, yet its schedule counts the step (its warmup
+        # starts after the frozen steps): torch's "lr_scheduler.step() before optimizer.step()"
+        # warning does not apply (the rates are those of the schedule, none skipped)
+        if state.runner.frozen:
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        for scheduler in state.schedulers.values():
+            scheduler.step()
     return step_loss, stats, decision
